@@ -1,0 +1,74 @@
+"""The JPEG degradations of FBCNN, as pure functions shared by training and testing.
+
+This module owns how a clean uint8 image becomes its JPEG-compressed counterpart, with OpenCV as
+in the paper: colour images are RGB (converted to BGR for the codec and back), grayscale images
+are HxW and are encoded single-channel. The test runner and the training datasets both call these
+functions, so both degrade images the same way. Functions that draw random numbers take an
+explicit `numpy.random.Generator`.
+"""
+import cv2
+import numpy as np
+
+__all__ = ["jpeg_encode", "jpeg_decode", "jpeg", "double_jpeg", "shift_crop", "qf_to_label",
+           "label_to_qf"]
+
+
+def _check_qf(qf):
+    if int(qf) != qf or not 0 <= qf <= 100:
+        raise ValueError(f"JPEG quality factor must be an integer in [0, 100], got {qf!r}")
+    return int(qf)
+
+
+def jpeg_encode(img, qf):
+    """Encode a uint8 RGB (HxWx3) or grayscale (HxW) image as JPEG bytes at quality `qf`."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"jpeg_encode expects uint8 pixels, got {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    elif img.ndim != 2:
+        raise ValueError(f"jpeg_encode expects HxW or HxWx3 images, got shape {img.shape}")
+    ok, buf = cv2.imencode(".jpg", img, [int(cv2.IMWRITE_JPEG_QUALITY), _check_qf(qf)])
+    if not ok:
+        raise ValueError(f"OpenCV could not JPEG-encode an image of shape {img.shape}")
+    return buf.tobytes()
+
+
+def jpeg_decode(data, n_channels):
+    """Decode JPEG bytes to uint8 RGB HxWx3 (n_channels 3) or grayscale HxW (n_channels 1)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if n_channels == 1:
+        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def jpeg(img, qf):
+    """Compress and decompress once at quality `qf`; the layout (RGB or gray) is kept."""
+    n_channels = 1 if img.ndim == 2 else img.shape[2]
+    out = jpeg_decode(jpeg_encode(img, qf), 1 if n_channels == 1 else 3)
+    return out[:, :, None] if img.ndim == 3 and n_channels == 1 else out
+
+
+def shift_crop(img, shift):
+    """Drop the first `shift` rows and columns (an int, or a (rows, cols) pair)."""
+    dy, dx = (shift, shift) if np.isscalar(shift) else shift
+    return img[dy:, dx:]
+
+
+def double_jpeg(img, qf1, qf2, shift=4):
+    """Non-aligned double JPEG: `jpeg(qf1)`, crop `shift` rows/columns, `jpeg(qf2)`.
+
+    The result is aligned with `shift_crop(img, shift)`, the matching ground truth.
+    """
+    return jpeg(shift_crop(jpeg(img, qf1), shift), qf2)
+
+
+def qf_to_label(qf):
+    """The network's QF target, `1 - QF/100` (the original's `(100 - QF) / 100`)."""
+    return (100.0 - qf) / 100.0
+
+
+def label_to_qf(label):
+    """The displayed QF of a predicted label: `round(100 * (1 - label))`."""
+    return int(round(100.0 * (1.0 - float(label))))

@@ -1,0 +1,226 @@
+"""Model names, downloads and safe loading of FBCNN weights.
+
+This module owns how a `--model` argument becomes a network ready to run:
+- a registered name (`fbcnn_color`, `fbcnn_gray`, `fbcnn_gray_double`) is looked up in
+  `model_zoo/`, downloaded from the official release on first use (progress bar, timeout,
+  sha256 check, written to a temporary file and renamed into place only once verified);
+- a path to a `.pth`/`.pt` or `.safetensors` state dict is loaded without running pickled code
+  (`torch.load(weights_only=True)` or safetensors), and the architecture (in/out channels,
+  nc, nb, act/down/upsample modes) is inferred from its keys and shapes;
+- the name `jpeg` is a pseudo-model that returns its input, for the JPEG rows of the tables.
+"""
+import hashlib
+import http.client
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from models.network_fbcnn import FBCNN
+from utils.errors import UserError
+
+__all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "resolve_weights",
+           "load_state_dict_file", "infer_fbcnn_kwargs", "load_model", "DEFAULT_MODEL_DIR"]
+
+RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "model_zoo")
+JPEG_MODEL = "jpeg"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A released weight file: where it comes from and how to verify it."""
+    filename: str
+    sha256: str
+    in_nc: int
+
+
+MODEL_ZOO = {
+    "fbcnn_color": ZooEntry("fbcnn_color.pth",
+                            "8b0e4ef23d59cf7ac934a342cb31a17619e4fa4a0b3374a9d78c5174312387e8", 3),
+    "fbcnn_gray": ZooEntry("fbcnn_gray.pth",
+                           "7beec25b883a6c3bd7d103429b78a2371f7e85c1f5261a6e2e5d0702d9e9f977", 1),
+    "fbcnn_gray_double": ZooEntry("fbcnn_gray_double.pth",
+                                  "4444b8b2393649a4acd5d8730410ec3106d15b6e262a49081e4e87b44cfa5cea", 1),
+}
+
+
+def _sha256_file(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, dest, sha256, timeout=30.0, progress=True):
+    """Download `url` to `dest`, verifying its sha256; `dest` appears only once verified.
+
+    The bytes go to a temporary file beside `dest` that is removed on any failure (network
+    error, timeout, truncated transfer, hash mismatch). Raises UserError with the URL and the
+    place to put a manual download.
+    """
+    manual = (f"download {url} by hand and put it at {dest} "
+              f"(its sha256 must be {sha256})")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = f"{dest}.part-{os.getpid()}"
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                total = response.headers.get("Content-Length")
+                total = int(total) if total and total.isdigit() else None
+                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=os.path.basename(dest), disable=not progress or None) as bar:
+                    while True:
+                        block = response.read(1 << 20)
+                        if not block:
+                            break
+                        out.write(block)
+                        digest.update(block)
+                        received += len(block)
+                        bar.update(len(block))
+                if total is not None and received != total:
+                    raise UserError(f"download of {url} was cut short ({received} of {total} "
+                                    f"bytes); try again, or {manual}")
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise UserError(f"cannot download {url} ({reason}); {manual}") from None
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise UserError(f"{url} downloaded with sha256 {actual}, expected {sha256}; "
+                            f"the file was not kept; {manual}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=30.0):
+    """Path of the verified weight file for a registered name, downloading it if missing.
+
+    `base_url` (or the environment variable FBCNN_MODEL_URL) replaces the release URL, for
+    mirrors. An existing file is checked against its sha256 before use.
+    """
+    entry = MODEL_ZOO[name]
+    model_dir = model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
+    base_url = base_url or os.environ.get("FBCNN_MODEL_URL") or RELEASE_URL
+    path = os.path.join(model_dir, entry.filename)
+    url = base_url.rstrip("/") + "/" + entry.filename
+    if os.path.isfile(path):
+        actual = _sha256_file(path)
+        if actual != entry.sha256:
+            raise UserError(f"{path} has sha256 {actual}, expected {entry.sha256} for {name}; "
+                            f"delete it to download again from {url}")
+        return path
+    return download(url, path, entry.sha256, timeout=timeout, progress=progress)
+
+
+def _strip_wrappers(state_dict):
+    for key in ("params_ema", "params", "state_dict", "netG", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_state_dict_file(path):
+    """Load a state dict from `.safetensors` or a torch file, never running pickled code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such weight file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state_dict = load_file(path, device="cpu")
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated or unsafe files all land here
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: not a loadable state dict ({first_line[:200]})") from None
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
+    state_dict = _strip_wrappers(state_dict)
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    return state_dict
+
+
+def infer_fbcnn_kwargs(state_dict, source="state dict"):
+    """FBCNN constructor arguments that reproduce the keys and shapes of `state_dict`."""
+    required = ("m_head.weight", "m_tail.weight", "m_down2.0.res.0.weight",
+                "m_down3.0.res.0.weight", "m_body_encoder.0.res.0.weight")
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise UserError(f"{source}: not an FBCNN state dict (missing {', '.join(missing)})")
+    nb = len({m.group(1) for k in state_dict
+              for m in [re.match(r"m_body_encoder\.(\d+)\.", k)] if m})
+    if f"m_down1.{nb}.weight" in state_dict and state_dict[f"m_down1.{nb}.weight"].shape[-1] == 2:
+        downsample_mode = "strideconv"
+    else:
+        downsample_mode = "avgpool"  # avg and max pooling have the same (parameter-free) keys
+    if "m_up3.0.weight" in state_dict:
+        upsample_mode = "convtranspose"
+    elif "m_up3.0.1.weight" in state_dict:
+        upsample_mode = "upconv"
+    else:
+        upsample_mode = "pixelshuffle"
+    act_mode = "BR" if "m_down1.0.res.1.running_mean" in state_dict else "R"
+    head, tail = state_dict["m_head.weight"], state_dict["m_tail.weight"]
+    nc = [head.shape[0], state_dict["m_down2.0.res.0.weight"].shape[0],
+          state_dict["m_down3.0.res.0.weight"].shape[0],
+          state_dict["m_body_encoder.0.res.0.weight"].shape[0]]
+    return dict(in_nc=head.shape[1], out_nc=tail.shape[0], nc=[int(c) for c in nc], nb=nb,
+                act_mode=act_mode, downsample_mode=downsample_mode, upsample_mode=upsample_mode)
+
+
+def build_from_state_dict(state_dict, source="state dict"):
+    """An FBCNN in eval mode holding `state_dict` (loaded strictly)."""
+    kwargs = infer_fbcnn_kwargs(state_dict, source)
+    net = FBCNN(**kwargs)
+    try:
+        net.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"{source}: keys or shapes do not match FBCNN{kwargs} ({detail})") from None
+    return net.eval()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to restore: `net` is None for the `jpeg` pseudo-model (identity)."""
+    name: str
+    net: object
+    in_nc: object  # 1 or 3, None when any channel count works (the jpeg pseudo-model)
+
+
+def model_label(name_or_path):
+    """A short name for results folders: the registered name or the file's stem."""
+    if name_or_path in MODEL_ZOO or name_or_path == JPEG_MODEL:
+        return name_or_path
+    return os.path.splitext(os.path.basename(name_or_path.rstrip("/")))[0]
+
+
+def load_model(name_or_path, device="cpu", model_dir=None, progress=True):
+    """Resolve `--model` (a zoo name, `jpeg`, or a weight file path) to a LoadedModel."""
+    label = model_label(name_or_path)
+    if name_or_path == JPEG_MODEL:
+        return LoadedModel(label, None, None)
+    if name_or_path in MODEL_ZOO:
+        path = resolve_weights(name_or_path, model_dir=model_dir, progress=progress)
+    elif os.path.isfile(name_or_path):
+        path = name_or_path
+    else:
+        known = ", ".join([JPEG_MODEL, *MODEL_ZOO])
+        raise UserError(f"--model {name_or_path!r}: not a known model name ({known}) "
+                        f"nor an existing .pth/.safetensors file")
+    net = build_from_state_dict(load_state_dict_file(path), source=path).to(device)
+    return LoadedModel(label, net, net.in_nc)
