@@ -1,0 +1,29 @@
+"""Shared fixtures: the repository root on sys.path and the locations of the test data."""
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def testsets_dir():
+    return os.path.join(REPO_ROOT, "testsets")
+
+
+@pytest.fixture(scope="session")
+def shared_testsets():
+    """../shared/testsets (BSDS500 and McMaster live only there)."""
+    path = os.path.join(SHARED, "testsets")
+    if not os.path.isdir(path):
+        pytest.skip(f"{path} is not present beside the repository")
+    return path
