@@ -90,7 +90,10 @@ def download(url, dest, sha256, timeout=30.0, progress=True):
                     raise UserError(f"download of {url} was cut short ({received} of {total} "
                                     f"bytes); try again, or {manual}")
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
+            if isinstance(exc, urllib.error.HTTPError):
+                reason = f"HTTP {exc.code} {exc.reason}"
+            else:
+                reason = getattr(exc, "reason", None) or exc
             raise UserError(f"cannot download {url} ({reason}); {manual}") from None
         actual = digest.hexdigest()
         if actual != sha256:

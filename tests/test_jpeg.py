@@ -1,0 +1,69 @@
+"""data/jpeg.py: the OpenCV JPEG protocol for colour, gray and shifted double JPEG."""
+import cv2
+import numpy as np
+import pytest
+
+from data.jpeg import (double_jpeg, jpeg, jpeg_decode, jpeg_encode, label_to_qf, qf_to_label,
+                       shift_crop)
+
+
+@pytest.fixture
+def rgb():
+    rng = np.random.default_rng(0)
+    base = cv2.resize(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8), (40, 32))
+    return base
+
+
+def test_colour_is_rgb_encoded_as_bgr(rgb):
+    """Our RGB path equals OpenCV's BGR path of the original scripts, channel-swapped."""
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    _, enc = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), 30])
+    expected = cv2.cvtColor(cv2.imdecode(enc, 1), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(jpeg(rgb, 30), expected)
+
+
+def test_gray_is_encoded_single_channel(rgb):
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    _, enc = cv2.imencode(".jpg", gray, [int(cv2.IMWRITE_JPEG_QUALITY), 10])
+    out = jpeg(gray, 10)
+    assert out.shape == gray.shape
+    np.testing.assert_array_equal(out, cv2.imdecode(enc, 0))
+    assert jpeg(gray[:, :, None], 10).shape == gray.shape + (1,)
+
+
+def test_quality_changes_error(rgb):
+    err = [np.abs(jpeg(rgb, q).astype(int) - rgb).mean() for q in (10, 50, 95)]
+    assert err[0] > err[1] > err[2]
+
+
+def test_encode_decode_round_trip(rgb):
+    smooth = cv2.GaussianBlur(rgb, (0, 0), 3)  # smooth colour survives chroma subsampling
+    data = jpeg_encode(smooth, 100)
+    assert data[:2] == b"\xff\xd8"
+    out = jpeg_decode(data, 3)
+    assert np.abs(out.astype(int) - smooth).max() <= 6
+
+
+def test_double_jpeg_is_aligned_with_shift_crop(rgb):
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    out = double_jpeg(gray, 10, 30, 4)
+    assert out.shape == shift_crop(gray, 4).shape == (28, 36)
+    np.testing.assert_array_equal(out, jpeg(jpeg(gray, 10)[4:, 4:], 30))
+    assert shift_crop(gray, (1, 2)).shape == (31, 38)
+
+
+@pytest.mark.parametrize("bad", [-1, 101, 10.5])
+def test_quality_out_of_range(rgb, bad):
+    with pytest.raises(ValueError, match="quality factor"):
+        jpeg(rgb, bad)
+
+
+def test_rejects_non_uint8(rgb):
+    with pytest.raises(TypeError, match="uint8"):
+        jpeg(rgb.astype(np.float32), 10)
+
+
+def test_labels_round_trip():
+    for qf in range(0, 101):
+        assert label_to_qf(qf_to_label(qf)) == qf
+    assert qf_to_label(10) == pytest.approx(0.9)

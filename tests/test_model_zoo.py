@@ -1,0 +1,223 @@
+"""models/model_zoo.py: downloads against a local HTTP server, safe loading, arch inference."""
+import hashlib
+import http.server
+import os
+import pickle
+import socket
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models import model_zoo
+from models.model_zoo import (MODEL_ZOO, ZooEntry, build_from_state_dict, download,
+                              infer_fbcnn_kwargs, load_model, load_state_dict_file,
+                              resolve_weights)
+from models.network_fbcnn import FBCNN
+from utils.errors import UserError
+
+PAYLOAD = os.urandom(300_000)
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.endswith("/truncated.bin"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            self.wfile.write(PAYLOAD[:1000])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if self.path.endswith("/missing.bin"):
+            self.send_error(404)
+            return
+        name = self.path.rsplit("/", 1)[-1]
+        body = self.server.files.get(name, PAYLOAD)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.files = {}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_good_file(server, tmp_path):
+    _, url = server
+    dest = tmp_path / "zoo" / "good.bin"
+    assert download(f"{url}/good.bin", str(dest), PAYLOAD_SHA, progress=False) == str(dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert os.listdir(tmp_path / "zoo") == ["good.bin"]  # no temporary file left
+
+
+def test_download_wrong_hash_keeps_nothing(server, tmp_path):
+    _, url = server
+    dest = tmp_path / "bad.bin"
+    with pytest.raises(UserError) as err:
+        download(f"{url}/bad.bin", str(dest), "0" * 64, progress=False)
+    message = str(err.value)
+    assert f"{url}/bad.bin" in message and str(dest) in message and "not kept" in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_truncated_transfer_keeps_nothing(server, tmp_path):
+    _, url = server
+    dest = tmp_path / "cut.bin"
+    with pytest.raises(UserError, match="truncated.bin"):
+        download(f"{url}/truncated.bin", str(dest), PAYLOAD_SHA, progress=False, timeout=5)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_server_down(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/fbcnn_color.pth"
+    dest = tmp_path / "fbcnn_color.pth"
+    with pytest.raises(UserError) as err:
+        download(url, str(dest), PAYLOAD_SHA, progress=False, timeout=5)
+    assert url in str(err.value) and "by hand" in str(err.value) and str(dest) in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_http_error(server, tmp_path):
+    _, url = server
+    with pytest.raises(UserError, match="404"):
+        download(f"{url}/missing.bin", str(tmp_path / "m.bin"), PAYLOAD_SHA, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch, server, tmp_path):
+    """Register a tiny FBCNN under the name fbcnn_color, served by the local server."""
+    httpd, url = server
+    torch.manual_seed(0)
+    net = FBCNN(nc=[8, 16, 32, 64], nb=1)
+    path = tmp_path / "src.pth"
+    torch.save(net.state_dict(), path)
+    data = path.read_bytes()
+    httpd.files["fbcnn_color.pth"] = data
+    monkeypatch.setitem(MODEL_ZOO, "fbcnn_color",
+                        ZooEntry("fbcnn_color.pth", hashlib.sha256(data).hexdigest(), 3))
+    monkeypatch.setenv("FBCNN_MODEL_URL", url)
+    model_dir = tmp_path / "model_zoo"
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(model_dir))
+    return net, model_dir
+
+
+def test_load_model_by_name_downloads_once(tiny_zoo):
+    net, model_dir = tiny_zoo
+    model = load_model("fbcnn_color", progress=False)
+    assert (model_dir / "fbcnn_color.pth").is_file()
+    for key, value in net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[key], value)
+    assert model.in_nc == 3 and model.name == "fbcnn_color" and not model.net.training
+    mtime = os.path.getmtime(model_dir / "fbcnn_color.pth")
+    load_model("fbcnn_color", progress=False)  # verified and reused, not downloaded again
+    assert os.path.getmtime(model_dir / "fbcnn_color.pth") == mtime
+
+
+def test_existing_file_with_wrong_hash_is_an_error(tiny_zoo):
+    _, model_dir = tiny_zoo
+    model_dir.mkdir()
+    (model_dir / "fbcnn_color.pth").write_bytes(b"not the weights")
+    with pytest.raises(UserError, match="expected"):
+        resolve_weights("fbcnn_color", progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_load_model_by_path_infers_architecture(tmp_path, suffix):
+    torch.manual_seed(1)
+    net = FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 48], nb=2).eval()
+    path = tmp_path / f"mine{suffix}"
+    if suffix == ".pth":
+        torch.save(net.state_dict(), path)
+    else:
+        save_file(net.state_dict(), str(path))
+    model = load_model(str(path))
+    assert model.in_nc == 1 and model.name == "mine"
+    x = torch.rand(1, 1, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x)[0], net(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(act_mode="BR"), dict(downsample_mode="avgpool", upsample_mode="upconv"),
+    dict(upsample_mode="pixelshuffle", nb=3), dict(in_nc=1, out_nc=3, nc=[4, 8, 12, 16]),
+])
+def test_infer_kwargs_round_trip(kwargs):
+    full = dict(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1, act_mode="R",
+                downsample_mode="strideconv", upsample_mode="convtranspose")
+    full.update(kwargs)
+    assert infer_fbcnn_kwargs(FBCNN(**full).state_dict()) == full
+
+
+def test_wrapped_and_ddp_prefixed_state_dicts_load(tmp_path):
+    net = FBCNN(nc=[8, 16, 32, 64], nb=1)
+    wrapped = {"params": {f"module.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "w.pth")
+    loaded = load_state_dict_file(str(tmp_path / "w.pth"))
+    assert set(loaded) == set(net.state_dict())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("evil.pth", "wb") as f:
+        pickle.dump({"m_head.weight": _Evil()}, f)
+    with pytest.raises(UserError, match="evil.pth"):
+        load_state_dict_file("evil.pth")
+    assert not os.path.exists("pwned")
+
+
+def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"\x80\x02garbage" * 10)
+    with pytest.raises(UserError, match="corrupt.pth: not a loadable state dict"):
+        load_state_dict_file(str(corrupt))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(UserError, match="not an FBCNN state dict"):
+        build_from_state_dict(load_state_dict_file(str(foreign)), str(foreign))
+    broken = FBCNN(nc=[8, 16, 32, 64], nb=1).state_dict()
+    broken["m_tail.bias"] = torch.zeros(5)
+    with pytest.raises(UserError, match="do not match"):
+        build_from_state_dict(broken)
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(UserError) as err:
+        load_model("fbcnn_colour")
+    assert "fbcnn_color" in str(err.value) and "jpeg" in str(err.value)
+
+
+def test_jpeg_pseudo_model():
+    model = load_model("jpeg")
+    assert model.net is None and model.in_nc is None
+
+
+def test_release_urls_follow_the_spec():
+    assert model_zoo.RELEASE_URL == "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
+    assert {e.filename for e in MODEL_ZOO.values()} >= {
+        "fbcnn_color.pth", "fbcnn_gray.pth", "fbcnn_gray_double.pth"}

@@ -1,0 +1,134 @@
+"""models/network_fbcnn.py: the official layout, the variants, and agreement with spandrel."""
+import json
+import os
+
+import pytest
+import torch
+
+from models.network_fbcnn import FBCNN
+from tests.conftest import SHARED
+
+SPEC_PATH = os.path.join(SHARED, "reference", "official_state_dict_spec.json")
+TINY = dict(nc=[8, 16, 32, 64], nb=1)
+
+
+@pytest.fixture(scope="module")
+def official_spec():
+    if not os.path.isfile(SPEC_PATH):
+        pytest.skip(f"{SPEC_PATH} is not present")
+    with open(SPEC_PATH) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("kind,channels", [("color", 3), ("gray", 1)])
+def test_state_dict_equals_official_layout(official_spec, kind, channels):
+    net = FBCNN(in_nc=channels, out_nc=channels)
+    ours = {k: list(v.shape) for k, v in net.state_dict().items()}
+    assert list(ours) == list(official_spec[kind])  # same keys in the same order
+    assert ours == official_spec[kind]
+
+
+def test_official_parameter_count():
+    assert sum(p.numel() for p in FBCNN().parameters()) == 71_921_796
+
+
+@pytest.mark.parametrize("kind,channels", [("color", 3), ("gray", 1)])
+def test_state_dict_built_from_spec_loads_strictly(official_spec, kind, channels):
+    gen = torch.Generator().manual_seed(0)
+    state_dict = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in official_spec[kind].items()}
+    net = FBCNN(in_nc=channels, out_nc=channels)
+    result = net.load_state_dict(state_dict, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(net.m_up1[4].res[2].bias, state_dict["m_up1.4.res.2.bias"])
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (13, 21), (1, 1), (7, 9)])
+def test_output_shape_and_qf_range(h, w):
+    net = FBCNN(**TINY).eval()
+    with torch.no_grad():
+        restored, qf = net(torch.rand(2, 3, h, w))
+    assert restored.shape == (2, 3, h, w)
+    assert qf.shape == (2, 1)
+    assert torch.all((qf >= 0) & (qf <= 1))
+
+
+def test_padding_is_replicate_then_crop():
+    """Padding to a multiple of 8 replicates the last row/column, so a padded input is the same."""
+    net = FBCNN(**TINY).eval()
+    x = torch.rand(1, 3, 13, 21)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate")
+    with torch.no_grad():
+        a, qa = net(x)
+        b, qb = net(padded)
+    torch.testing.assert_close(a, b[..., :13, :21], rtol=0, atol=1e-6)
+    torch.testing.assert_close(qa, qb, rtol=0, atol=1e-6)
+
+
+def test_qf_input_overrides_prediction():
+    torch.manual_seed(0)
+    net = FBCNN(**TINY).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        blind, qf = net(x)
+        same, _ = net(x, qf_input=qf)
+        other, qf_other = net(x, qf_input=torch.tensor([[0.05]]))
+    torch.testing.assert_close(blind, same, rtol=0, atol=0)
+    assert not torch.allclose(blind, other)
+    torch.testing.assert_close(qf, qf_other)  # the prediction is reported either way
+
+
+def test_other_widths_take_qf_pred_width_from_nc():
+    net = FBCNN(nc=[16, 32, 64, 128], nb=4)
+    assert net.qf_pred[6].in_features == 128
+    assert sum(p.numel() for p in net.parameters()) == 5_375_652
+
+
+@pytest.mark.parametrize("act_mode,down,up,keys", [
+    ("BR", "strideconv", "convtranspose", ["m_down1.0.res.1.running_mean", "m_down1.0.res.3.weight"]),
+    ("R", "avgpool", "upconv", ["m_down1.2.weight", "m_up3.0.1.weight"]),
+    ("R", "maxpool", "pixelshuffle", ["m_down1.2.weight", "m_up3.0.0.weight"]),
+])
+def test_variants_build_and_run(act_mode, down, up, keys):
+    net = FBCNN(nc=[8, 16, 32, 64], nb=1, act_mode=act_mode, downsample_mode=down,
+                upsample_mode=up).eval()
+    state_dict = net.state_dict()
+    for key in keys:
+        assert key in state_dict
+    with torch.no_grad():
+        restored, _ = net(torch.rand(1, 3, 24, 17))
+    assert restored.shape == (1, 3, 24, 17)
+
+
+def test_pixelshuffle_upsampling_width():
+    net = FBCNN(nc=[8, 16, 32, 64], nb=1, upsample_mode="pixelshuffle")
+    assert net.m_up3[0][0].out_channels == 32 * 4
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(act_mode="X"), "act_mode"), (dict(downsample_mode="bilinear"), "downsample_mode"),
+    (dict(upsample_mode="nearest"), "upsample_mode"), (dict(nc=[8, 16, 32]), "nc"),
+    (dict(nb=0), "nb"),
+])
+def test_invalid_arguments_name_the_argument(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        FBCNN(**kwargs)
+
+
+def test_spandrel_loads_our_state_dict_and_agrees(tmp_path):
+    spandrel = pytest.importorskip("spandrel")
+    torch.manual_seed(0)
+    net = FBCNN(in_nc=3, out_nc=3, nc=[16, 32, 64, 512], nb=2).eval()
+    path = tmp_path / "fbcnn_small.pth"
+    torch.save(net.state_dict(), path)
+    descriptor = spandrel.ModelLoader(device="cpu").load_from_file(str(path))
+    assert descriptor.architecture.id == "FBCNN"
+    assert (descriptor.input_channels, descriptor.output_channels) == (3, 3)
+    descriptor.model.eval()
+    x = torch.rand(1, 3, 37, 29)
+    with torch.no_grad():
+        ours, qf_ours = net(x)
+        theirs = descriptor(x)  # spandrel's call clamps to [0, 1]
+        raw_theirs, qf_theirs = descriptor.model(x)
+    assert (ours - raw_theirs).abs().max().item() < 1e-5
+    assert (ours.clamp(0, 1) - theirs).abs().max().item() < 1e-5
+    assert (qf_ours - qf_theirs).abs().max().item() < 1e-5
