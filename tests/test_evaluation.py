@@ -1,0 +1,197 @@
+"""utils/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
+outputs on disk, and one clear error line for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.network_fbcnn import FBCNN
+from tests.conftest import REPO_ROOT
+from utils.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
+from utils.image import imread_uint, imwrite
+
+
+def _script(name, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, name), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _rounded(summary):
+    return round(summary["psnr"], 2), round(summary["ssim"], 3), round(summary["psnrb"], 2)
+
+
+def test_gray_script_reproduces_classic5_jpeg_rows(tmp_path):
+    out = _script("main_test_fbcnn_gray.py", "--model", "jpeg", "--testset", "Classic5",
+                  "--qf", "10", "40", "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "27.82|0.760|25.21" in out.stdout and "32.43|0.885|29.92" in out.stdout
+    summaries = json.loads((tmp_path / "r.json").read_text())
+    assert [s["qf"] for s in summaries] == [10, 40]
+    assert [_rounded(s) for s in summaries] == [(27.82, 0.760, 25.21), (32.43, 0.885, 29.92)]
+    for s in summaries:
+        assert s["testset"] == "Classic5" and s["model"] == "jpeg" and s["n_images"] == 5
+        assert s["qf_pred_mean"] is None
+    assert len(os.listdir(tmp_path / "test_results" / "Classic5_jpeg_qf10")) == 5
+    assert (tmp_path / "test_results" / "Classic5_jpeg.log").is_file()
+
+
+def test_color_script_reproduces_live1_jpeg_row(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(COLOR, ["--model", "jpeg", "--qf", "10", "--json", str(path),
+                        "--results", str(tmp_path), "--no-save-images"]) == 0
+    (summary,) = json.loads(path.read_text())
+    assert summary["testset"] == "LIVE1_color" and summary["n_images"] == 29
+    assert _rounded(summary) == (25.69, 0.743, 24.20)
+    assert not (tmp_path / "LIVE1_color_jpeg_qf10").exists()
+
+
+def test_color_script_reproduces_bsds500_jpeg_row(tmp_path, shared_testsets):
+    path = tmp_path / "r.json"
+    assert main(COLOR, ["--model", "jpeg", "--testset", "BSDS500_color", "--testsets-root",
+                        shared_testsets, "--qf", "10", "--json", str(path),
+                        "--results", str(tmp_path), "--no-save-images"]) == 0
+    (summary,) = json.loads(path.read_text())
+    assert summary["n_images"] == 200
+    assert _rounded(summary) == (25.84, 0.741, 24.12)
+
+
+def test_double_jpeg_script_reproduces_jpeg_inputs(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(GRAY_DOUBLE, ["--model", "jpeg", "--qf1", "10", "30", "--qf2", "30", "10",
+                              "--json", str(path), "--results", str(tmp_path),
+                              "--no-save-images"]) == 0
+    rows = {(s["qf1"], s["qf2"]): s for s in json.loads(path.read_text())}
+    assert set(rows) == {(10, 30), (10, 10), (30, 30), (30, 10)}
+    assert round(rows[10, 30]["psnr"], 2) == 27.55  # the paper's JPEG input rows
+    assert round(rows[30, 10]["psnr"], 2) == 27.49
+    assert all(s["shift"] == 4 for s in rows.values())
+
+
+@pytest.fixture
+def tiny_models(tmp_path):
+    torch.manual_seed(0)
+    paths = {}
+    for channels in (1, 3):
+        net = FBCNN(in_nc=channels, out_nc=channels, nc=[8, 16, 32, 64], nb=1)
+        paths[channels] = tmp_path / f"tiny{channels}.pth"
+        torch.save(net.state_dict(), paths[channels])
+    return paths
+
+
+@pytest.fixture
+def small_set(tmp_path, testsets_dir):
+    """Two small crops of LIVE1_color, plus a broken .png and a text file."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for name in ("monarch.png", "parrots.png"):
+        img = imread_uint(os.path.join(testsets_dir, "LIVE1_color", name), 3)
+        imwrite(str(folder / name), img[:45, :61])
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path, small_set, tiny_models, capsys):
+    path = tmp_path / "r.json"
+    code = main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(small_set),
+                        "--qf", "20", "--json", str(path), "--results", str(tmp_path / "res")])
+    assert code == 0
+    (summary,) = json.loads(path.read_text())
+    assert summary["n_images"] == 2 and summary["skipped"] == ["broken.png", "notes.txt"]
+    assert 0 <= summary["qf_pred_mean"] <= 100 and summary["psnr"] > 0
+    stdout = capsys.readouterr().out
+    assert "broken.png" in stdout and "notes.txt" in stdout
+    written = sorted(os.listdir(tmp_path / "res" / "small_tiny3_qf20"))
+    assert written == ["monarch.png", "parrots.png"]
+    restored = imread_uint(str(tmp_path / "res" / "small_tiny3_qf20" / "monarch.png"), 3)
+    assert restored.shape == (45, 61, 3)
+
+
+def test_real_script_writes_blind_and_controlled_results(tmp_path, small_set, tiny_models):
+    path = tmp_path / "r.json"
+    assert main(COLOR_REAL, ["--model", str(tiny_models[3]), "--testset", str(small_set),
+                             "--qf-control", "10", "90", "--json", str(path),
+                             "--results", str(tmp_path / "res")]) == 0
+    summaries = json.loads(path.read_text())
+    assert [s["qf_control"] for s in summaries] == [None, 10, 90]
+    assert all(s["psnr"] is None and s["n_images"] == 2 for s in summaries)
+    a = imread_uint(str(tmp_path / "res" / "small_tiny3_qf10" / "monarch.png"), 3)
+    b = imread_uint(str(tmp_path / "res" / "small_tiny3_qf90" / "monarch.png"), 3)
+    assert not np.array_equal(a, b)  # the QF control changes the output
+
+
+def _one_error_line(out):
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_missing_testset_is_one_error_line(tmp_path):
+    line = _one_error_line(_script("main_test_fbcnn_color.py", "--model", "jpeg", "--testset",
+                                   "NoSuchSet", "--results", str(tmp_path)))
+    assert "NoSuchSet" in line and "LIVE1_color" in line
+
+
+def test_unknown_model_is_one_error_line(tmp_path):
+    line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "fbcnn_grey",
+                                   "--results", str(tmp_path)))
+    assert "fbcnn_grey" in line and "fbcnn_gray" in line
+
+
+def test_corrupt_checkpoint_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", str(bad),
+                                   "--results", str(tmp_path)))
+    assert "bad.pth" in line
+
+
+def test_gray_model_on_colour_set_is_one_error_line(tmp_path, tiny_models):
+    line = _one_error_line(_script("main_test_fbcnn_color.py", "--model", str(tiny_models[1]),
+                                   "--results", str(tmp_path)))
+    assert "grayscale" in line and "main_test_fbcnn_gray.py" in line
+
+
+def test_bad_quality_factor_is_rejected(tmp_path):
+    out = _script("main_test_fbcnn_gray.py", "--model", "jpeg", "--qf", "0",
+                  "--results", str(tmp_path))
+    assert out.returncode == 2 and "outside the JPEG quality range" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_defaults_are_the_originals():
+    from utils.evaluation import build_parser
+    color = build_parser(COLOR).parse_args([])
+    assert (color.testset, color.model, color.qf) == ("LIVE1_color", "fbcnn_color",
+                                                      list(range(10, 100, 10)))
+    gray = build_parser(GRAY).parse_args([])
+    assert (gray.testset, gray.model) == ("Classic5", "fbcnn_gray")
+    double = build_parser(GRAY_DOUBLE).parse_args([])
+    assert (double.testset, double.qf1, double.qf2, double.shift) == (
+        "LIVE1_gray", [10, 30, 50], [10, 30, 50], 4)
+    real = build_parser(COLOR_REAL).parse_args([])
+    assert (real.testset, real.qf_control) == ("Real", [5, 10, 30, 50, 70, 90])
+
+
+def test_testsets_are_copies_of_shared(testsets_dir, shared_testsets):
+    for name in ("Classic5", "LIVE1_color", "LIVE1_gray", "Real"):
+        ours = sorted(os.listdir(os.path.join(testsets_dir, name)))
+        assert ours == sorted(os.listdir(os.path.join(shared_testsets, name)))
+        for file in ours:
+            with open(os.path.join(testsets_dir, name, file), "rb") as a, \
+                    open(os.path.join(shared_testsets, name, file), "rb") as b:
+                assert a.read() == b.read(), f"{name}/{file} differs"
+
+
+def test_scripts_are_thin():
+    for name in ("main_test_fbcnn_color.py", "main_test_fbcnn_gray.py",
+                 "main_test_fbcnn_gray_doublejpeg.py", "main_test_fbcnn_color_real.py"):
+        with open(os.path.join(REPO_ROOT, name)) as f:
+            code = [l for l in f if l.strip() and not l.startswith((" ", '"', "#"))]
+        assert len(code) <= 4, name

@@ -1,0 +1,35 @@
+"""README.md: the quick start is what CI runs, and the documented commands parse."""
+import os
+import re
+import shlex
+
+from tests.conftest import REPO_ROOT
+
+
+def _quick_start():
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_two_commands():
+    commands = _quick_start()
+    assert len(commands) == 2
+    assert "pytest" in commands[1] and "pytest" not in commands[0]
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
+        ci_lines = [line.strip() for line in f]
+    assert _quick_start()[1] in ci_lines
+
+
+def test_quick_start_main_job_needs_no_download():
+    words = shlex.split(_quick_start()[0].split("&&")[-1])
+    assert words[1].startswith("main_test_fbcnn_") and "--model" in words
+    model = words[words.index("--model") + 1]
+    from models.model_zoo import MODEL_ZOO
+    assert model not in MODEL_ZOO or os.path.isfile(
+        os.path.join(REPO_ROOT, "model_zoo", MODEL_ZOO[model].filename))
