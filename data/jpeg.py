@@ -72,3 +72,54 @@ def qf_to_label(qf):
 def label_to_qf(label):
     """The displayed QF of a predicted label: `round(100 * (1 - label))`."""
     return int(round(100.0 * (1.0 - float(label))))
+
+
+# Training-side sampling: QF draws, crops and flips, each taking an explicit Generator so that a
+# training sample is a pure function of its seed (this is what makes resumed runs repeat exactly).
+
+__all__ += ["sample_qf", "random_offset", "crop", "random_crop", "augment_img"]
+
+
+def sample_qf(rng, uniform_range, choices, uniform_prob):
+    """A QF: with probability `uniform_prob` uniform in the inclusive `uniform_range`, else one of
+    `choices`."""
+    if rng.random() < uniform_prob:
+        return int(rng.integers(uniform_range[0], uniform_range[1] + 1))
+    return int(choices[int(rng.integers(len(choices)))])
+
+
+def random_offset(rng, max_offset):
+    """A (row, column) offset, each uniform in [0, max_offset]; (0, 0) when max_offset <= 0."""
+    if max_offset <= 0:
+        return 0, 0
+    return int(rng.integers(0, max_offset + 1)), int(rng.integers(0, max_offset + 1))
+
+
+def crop(img, top, left, size):
+    """The `size` x `size` window of `img` whose top-left corner is (top, left)."""
+    return img[top:top + size, left:left + size]
+
+
+def random_crop(img, size, rng):
+    """A `size` x `size` window at a uniform position (KAIR's `randint(0, H - size)`, inclusive)."""
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"cannot crop {size}x{size} from an image of {h}x{w}")
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    return crop(img, top, left, size)
+
+
+def augment_img(img, mode):
+    """One of KAIR's 8 flip/rotate modes (0 is the identity), returned contiguous."""
+    ops = {0: lambda a: a,
+           1: lambda a: np.flipud(np.rot90(a)),
+           2: np.flipud,
+           3: lambda a: np.rot90(a, k=3),
+           4: lambda a: np.flipud(np.rot90(a, k=2)),
+           5: np.rot90,
+           6: lambda a: np.rot90(a, k=2),
+           7: lambda a: np.flipud(np.rot90(a, k=3))}
+    if mode not in ops:
+        raise ValueError(f"augment mode must be in 0..7, got {mode}")
+    return np.ascontiguousarray(ops[mode](img))

@@ -1,0 +1,127 @@
+"""One-off preparation of a training set: cut large clean images into overlapping sub-images.
+
+Decoding a whole 2K PNG (about 2040x1400 pixels) for every 96-pixel patch starves a GPU; a 480x480
+sub-image has 12 times fewer pixels to decode and still leaves room for the random 112x112 crops
+of the double-JPEG presets.
+Usage (from the repository root):
+
+    python -m data.prepare_subimages ../trainsets/Data_DIV2K_Flickr2K ../trainsets/DF2K_sub480 \
+        --size 480 --step 240 --workers 8
+
+Windows start every `step` pixels; a last window is added flush with the right/bottom edge when
+the remainder exceeds `thresh`, so nothing large is lost. Images smaller than `size` are kept
+whole. Outputs are PNG (lossless) named `<stem>_s<row>_<col>.png`, written atomically; files that
+already exist are skipped, so an interrupted run can simply be restarted.
+"""
+import argparse
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+
+from data.dataset_jpeg import list_images_recursive
+from utils.errors import UserError
+from utils.image import ImageReadError, imread_uint
+
+__all__ = ["window_starts", "cut_image", "prepare", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def window_starts(length, size, step, thresh):
+    """Start offsets of the windows along one axis (a single 0 when length <= size)."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, step))
+    if length - (starts[-1] + size) > thresh:
+        starts.append(length - size)
+    return starts
+
+
+def cut_image(path, dst, size, step, thresh, compression=3):
+    """Cut one image into sub-images in `dst`; returns (written, skipped)."""
+    img = imread_uint(path, 3)
+    h, w = img.shape[:2]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    written = skipped = 0
+    for i, top in enumerate(window_starts(h, size, step, thresh)):
+        for j, left in enumerate(window_starts(w, size, step, thresh)):
+            out = os.path.join(dst, f"{stem}_s{i:03d}_{j:03d}.png")
+            if os.path.exists(out):
+                skipped += 1
+                continue
+            tmp = os.path.join(dst, f".{stem}_s{i:03d}_{j:03d}.tmp.png")
+            sub = img[top:top + size, left:left + size]
+            ok, buf = cv2.imencode(".png", cv2.cvtColor(sub, cv2.COLOR_RGB2BGR),
+                                   [int(cv2.IMWRITE_PNG_COMPRESSION), compression])
+            if not ok:
+                raise OSError(f"{path}: OpenCV could not encode a sub-image as PNG")
+            buf.tofile(tmp)
+            os.replace(tmp, out)
+            written += 1
+    return written, skipped
+
+
+def _cut(args):
+    return cut_image(*args)
+
+
+def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, progress=True):
+    """Cut every image below `src` into `dst`; returns (images, sub-images written, skipped)."""
+    from tqdm import tqdm
+
+    if not os.path.isdir(src):
+        raise UserError(f"{src}: no such folder")
+    if size < 1 or step < 1 or thresh < 0:
+        raise UserError(f"--size and --step must be positive and --thresh >= 0 "
+                        f"(got {size}, {step}, {thresh})")
+    paths = list_images_recursive(src)
+    if not paths:
+        raise UserError(f"{src}: no images found")
+    os.makedirs(dst, exist_ok=True)
+    jobs = [(p, dst, size, step, thresh, compression) for p in paths]
+    written = skipped = 0
+    bar = tqdm(total=len(jobs), unit="img", desc="sub-images", disable=not progress or None)
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for w, s in pool.map(_cut, jobs, chunksize=4):
+                    written, skipped = written + w, skipped + s
+                    bar.update(1)
+        else:
+            for job in jobs:
+                w, s = _cut(job)
+                written, skipped = written + w, skipped + s
+                bar.update(1)
+    finally:
+        bar.close()
+    return len(paths), written, skipped
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Cut training images into sub-images.")
+    parser.add_argument("src", help="folder of clean images (searched recursively)")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--size", type=int, default=480, help="sub-image side (default 480)")
+    parser.add_argument("--step", type=int, default=240, help="window stride (default 240)")
+    parser.add_argument("--thresh", type=int, default=48,
+                        help="add an edge-aligned window when more than this many pixels remain")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--compression", type=int, default=3, help="PNG compression 0-9")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        n, written, skipped = prepare(args.src, args.dst, args.size, args.step, args.thresh,
+                                      args.workers, args.compression)
+    except (UserError, ImageReadError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    logger.info("%d images -> %d sub-images written, %d already there, in %s", n, written,
+                skipped, args.dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Train FBCNN: `python main_train_fbcnn.py -opt options/train_fbcnn_color.json [--set KEY=VALUE]`.
+
+Several GPUs: `torchrun --nproc_per_node N main_train_fbcnn.py -opt ...`. A run resumes by itself
+from its newest complete checkpoint. See docs/training.md; the work happens in utils.training.
+"""
+import argparse
+import sys
+
+from utils.errors import UserError
+from utils.options import load_options
+from utils.training import train
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train FBCNN from a JSON option file.")
+    parser.add_argument("-opt", "--opt", required=True, help="path to the option JSON file")
+    parser.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE",
+                        help="override an option; VALUE is parsed as JSON, else taken as a string "
+                             "(repeatable), e.g. --set train.total_iter=1000")
+    args = parser.parse_args(argv)
+    try:
+        train(load_options(args.opt, args.set))
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""FBCNN's training logic, apart from the network: losses, optimiser, scheduler and the step.
+
+This module owns what one training iteration does to `netG`:
+- loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
+  where the QF loss is averaged over the samples whose label is not NaN (double JPEG samples have
+  no single QF and contribute nothing; the original checked only a batch's first sample);
+- Adam and MultiStepLR (stepped once per iteration, after the optimiser);
+- optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
+  would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
+- mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
+  channels_last, both off by default;
+- DistributedDataParallel wrapping when the run has several processes.
+The loop around it (data, validation, checkpoints, logging) lives in `utils.training`.
+"""
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from models.model_zoo import load_state_dict_file
+from models.select_network import define_G, merge_bn
+from utils.errors import UserError
+
+__all__ = ["ModelFBCNN", "image_loss", "masked_qf_loss", "regularizer_orth", "regularizer_clip"]
+
+logger = logging.getLogger(__name__)
+
+
+def _charbonnier(x, y, eps=1e-9):
+    diff = x - y
+    return torch.mean(torch.sqrt(diff * diff + eps))
+
+
+def image_loss(kind):
+    """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2 or Charbonnier."""
+    losses = {"l1": F.l1_loss, "l2": F.mse_loss,
+              "l2sum": lambda x, y: F.mse_loss(x, y, reduction="sum"),
+              "charbonnier": _charbonnier}
+    if kind not in losses:
+        raise UserError(f"train.G_lossfn_type {kind!r} is unknown; known: {', '.join(losses)}")
+    return losses[kind]
+
+
+def masked_qf_loss(qf_est, qf_label, kind="l1"):
+    """QF loss averaged over the samples whose label is not NaN; 0 (with a graph) if none is.
+
+    Returns `(loss, number of labelled samples)`. With every label present this equals
+    `F.l1_loss` (or `F.mse_loss`) of the whole batch.
+    """
+    valid = ~torch.isnan(qf_label)
+    diff = qf_est - torch.nan_to_num(qf_label, nan=0.0)
+    err = diff.abs() if kind == "l1" else diff * diff
+    count = valid.sum()
+    return (err * valid).sum() / count.clamp(min=1), count
+
+
+@torch.no_grad()
+def regularizer_orth(m):
+    """KAIR: nudge singular values of each conv weight (as a matrix) towards [0.5, 1.5]."""
+    if m.__class__.__name__.find("Conv") != -1:
+        w = m.weight.data
+        c_out, c_in, f1, f2 = w.size()
+        mat = w.permute(2, 3, 1, 0).reshape(f1 * f2 * c_in, c_out)
+        u, s, v = torch.svd(mat.float())
+        s[s > 1.5] = s[s > 1.5] - 1e-4
+        s[s < 0.5] = s[s < 0.5] + 1e-4
+        mat = torch.mm(torch.mm(u, torch.diag(s)), v.t()).to(w.dtype)
+        m.weight.data.copy_(mat.view(f1, f2, c_in, c_out).permute(3, 2, 0, 1))
+
+
+@torch.no_grad()
+def regularizer_clip(m):
+    """KAIR: nudge conv/linear weights and biases outside [-1.5, 1.5] back by 1e-4."""
+    name = m.__class__.__name__
+    if name.find("Conv") != -1 or name.find("Linear") != -1:
+        for p in (m.weight, m.bias):
+            if p is not None:
+                p.data[p.data > 1.5] -= 1e-4
+                p.data[p.data < -1.5] += 1e-4
+
+
+class ModelFBCNN:
+    """Holds netG with its optimiser, scheduler and gradient scaler, and runs training steps.
+
+    `netG` is what forward/backward run through (DDP-wrapped in distributed runs); `bare` is
+    the plain FBCNN, used for saving, loading and validation.
+    """
+
+    def __init__(self, opt, device, distributed=False, merged=False):
+        self.opt, self.opt_train = opt, opt["train"]
+        self.device, self.distributed = device, distributed
+        self.amp = self.opt_train["amp"]
+        self.channels_last = self.opt_train["channels_last"]
+        bare = define_G(opt["netG"], initialize=True)
+        if merged:
+            bare = merge_bn(bare)
+        self._set_network(bare)
+        self.G_lossfn = image_loss(self.opt_train["G_lossfn_type"])
+        self.G_lossfn_weight = self.opt_train["G_lossfn_weight"]
+        self.QF_lossfn_type = self.opt_train["QF_lossfn_type"]
+        self.QF_lossfn_weight = self.opt_train["QF_lossfn_weight"]
+        self.define_optimizer()
+        self.define_scheduler()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.grad_norm = None
+        self.log_dict = {}
+
+    def _set_network(self, bare):
+        bare = bare.to(self.device)
+        if self.channels_last:
+            bare = bare.to(memory_format=torch.channels_last)
+        self.bare = bare
+        if self.distributed:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.netG = DistributedDataParallel(bare, device_ids=device_ids)
+        else:
+            self.netG = bare
+        self.bare.train()
+
+    def define_optimizer(self, lr=None):
+        t = self.opt_train
+        params = [p for p in self.bare.parameters() if p.requires_grad]
+        self.G_optimizer = torch.optim.Adam(params, lr=t["G_optimizer_lr"],
+                                            betas=tuple(t["G_optimizer_betas"]),
+                                            weight_decay=t["G_optimizer_wd"])
+        if lr is not None:
+            for group in self.G_optimizer.param_groups:
+                group["lr"] = lr
+
+    def define_scheduler(self):
+        self.G_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.G_optimizer, self.opt_train["G_scheduler_milestones"],
+            self.opt_train["G_scheduler_gamma"])
+
+    def load_network(self, path):
+        """Load a pretrained state dict (`path.pretrained_netG`) into netG, strictly."""
+        state = load_state_dict_file(path)
+        try:
+            self.bare.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise UserError(f"path.pretrained_netG {path}: does not fit netG ({detail})") from None
+
+    def autocast(self):
+        """The forward-pass precision context `train.amp` asks for."""
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _to_input(self, img):
+        img = img.to(self.device, non_blocking=True).float().div_(255.0)
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return img
+
+    def feed_data(self, data):
+        """Take a batch: uint8 `L`, `H` (N, C, H, W) and float `qf` labels (N, 1)."""
+        self.L = self._to_input(data["L"])
+        self.H = self._to_input(data["H"])
+        self.qf = data["qf"].to(self.device, non_blocking=True).float().view(-1, 1)
+
+    def optimize_parameters(self, current_step):
+        """One forward/backward/update; the losses stay on the device in `log_dict`."""
+        self.G_optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            E, QF_est = self.netG(self.L)
+        self.E, self.QF_est = E.float(), QF_est.float()
+        G_loss = self.G_lossfn_weight * self.G_lossfn(self.E, self.H)
+        QF_loss, n_labelled = masked_qf_loss(self.QF_est, self.qf, self.QF_lossfn_type)
+        loss = G_loss + self.QF_lossfn_weight * QF_loss
+        self.scaler.scale(loss).backward()
+        clip = self.opt_train["G_optimizer_clipgrad"]
+        if clip:
+            self.scaler.unscale_(self.G_optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.bare.parameters(), max_norm=clip,
+                                                            norm_type=2)
+        self.scaler.step(self.G_optimizer)
+        self.scaler.update()
+        self._regularize(current_step)
+        self.log_dict = {"loss": loss.detach(), "G_loss": G_loss.detach(),
+                         "QF_loss": QF_loss.detach(), "QF_labelled": n_labelled.detach()}
+        return self.log_dict
+
+    def _regularize(self, current_step):
+        t = self.opt_train
+        on_save = current_step % t["checkpoint_save"] == 0
+        if t["G_regularizer_orthstep"] and current_step % t["G_regularizer_orthstep"] == 0 \
+                and not on_save:
+            self.bare.apply(regularizer_orth)
+        if t["G_regularizer_clipstep"] and current_step % t["G_regularizer_clipstep"] == 0 \
+                and not on_save:
+            self.bare.apply(regularizer_clip)
+
+    def update_learning_rate(self):
+        self.G_scheduler.step()
+
+    def current_learning_rate(self):
+        return self.G_optimizer.param_groups[0]["lr"]
+
+    def merge_bnorm(self):
+        """Fold BatchNorm into the convolutions; the optimiser restarts, the schedule goes on."""
+        lr = self.current_learning_rate()
+        scheduler_state = self.G_scheduler.state_dict()
+        self._set_network(merge_bn(self.bare.eval()))
+        self.define_optimizer(lr=lr)
+        self.define_scheduler()
+        self.G_scheduler.load_state_dict(scheduler_state)
+
+    @torch.no_grad()
+    def test(self, L):
+        """Blind restoration of one uint8 (1, C, H, W) tensor in eval mode: (E, predicted label)."""
+        self.bare.eval()
+        try:
+            E, QF_est = self.bare(self._to_input(L))
+        finally:
+            self.bare.train()
+        return E.float(), QF_est.float()
+
+    def network_state(self):
+        """netG as a plain CPU state dict (no DDP prefix), loadable by the test scripts."""
+        return {k: v.detach().to("cpu", copy=True).contiguous()
+                for k, v in self.bare.state_dict().items()}
+
+    def training_state(self):
+        """Optimiser, scheduler and scaler state; the milestones come from the options."""
+        scheduler = {k: v for k, v in self.G_scheduler.state_dict().items() if k != "milestones"}
+        return {"optimizer": self.G_optimizer.state_dict(), "scheduler": scheduler,
+                "scaler": self.scaler.state_dict()}
+
+    def load_state(self, net_state, training_state):
+        self.bare.load_state_dict(net_state, strict=True)
+        self.G_optimizer.load_state_dict(training_state["optimizer"])
+        scheduler = dict(self.G_scheduler.state_dict())
+        scheduler.update(training_state["scheduler"])
+        self.G_scheduler.load_state_dict(scheduler)
+        if training_state.get("scaler"):
+            self.scaler.load_state_dict(training_state["scaler"])
+
+    def parameter_fingerprint(self):
+        """Per-tensor sums of the parameters and buffers in float64, to compare processes."""
+        return [float(v.detach().double().sum()) for v in self.bare.state_dict().values()
+                if v.is_floating_point()]
+
+    @staticmethod
+    def describe(net):
+        """One line: the network class and its parameter count."""
+        n = sum(p.numel() for p in net.parameters())
+        return f"{net.__class__.__name__}: {n:,} parameters"
+

@@ -1,0 +1,200 @@
+"""Tests of data/dataset_jpeg.py, data/prepare_subimages.py and the sampling in data/jpeg.py."""
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data import prepare_subimages
+from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
+                               SampleKey, define_dataset, rgb_to_training_gray)
+from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, sample_qf
+from utils.errors import UserError
+from utils.image import imread_uint, rgb2y_matlab
+
+P = 16
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Four smooth random colour PNGs of 40x48 pixels."""
+    folder = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(7)
+    for i in range(4):
+        img = cv2.GaussianBlur((rng.random((40, 48, 3)) * 255).astype(np.uint8), (5, 5), 1.5)
+        cv2.imwrite(str(folder / f"img{i}.png"), img)
+    return folder
+
+
+def _dataset(image_dir, name, **kwargs):
+    return DatasetJPEG(str(image_dir), DATASET_PRESETS[name], patch_size=P, seed=3, **kwargs)
+
+
+def _labels(dataset, n, double=False):
+    return [float(dataset[SampleKey(i % len(dataset), i, double)]["qf"]) for i in range(n)]
+
+
+def test_presets_follow_spec_section_2():
+    color, gray, gray2, color2 = (DATASET_PRESETS[n] for n in
+                                  ("jpeg", "jpeggray", "jpeggraydouble", "jpegdouble"))
+    assert (color.gray, color.qf_range, color.qf_choices, color.double_prob) == \
+        (False, (8, 96), (10, 20, 30, 40, 50, 60), 0.0)
+    assert (gray.gray, gray.qf_range, gray.qf_choices, gray.double_prob) == \
+        (True, (5, 95), (10, 20, 30, 40, 50, 60), 0.0)
+    assert (gray2.gray, gray2.qf_range, gray2.qf_choices, gray2.double_prob) == \
+        (True, (5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5)
+    assert (gray2.double_qf_range, gray2.double_qf_choices, gray2.double_qf_uniform_prob) == \
+        ((5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5)
+    assert color2 == Degradation(**{**gray2.__dict__, "gray": False})
+    for d in (color, gray, gray2, color2):
+        assert (d.qf_uniform_prob, d.y_prob, d.shift_prob, d.max_shift) == (0.25, 0.75, 0.5, 8)
+
+
+def test_sample_qf_mixes_uniform_and_choices():
+    rng = np.random.default_rng(0)
+    qfs = np.array([sample_qf(rng, (8, 96), (10, 20, 30, 40, 50, 60), 0.25) for _ in range(20000)])
+    assert qfs.min() >= 8 and qfs.max() <= 96 and {8, 96} <= set(qfs.tolist())
+    off_choice = np.mean(~np.isin(qfs, [10, 20, 30, 40, 50, 60]))
+    assert abs(off_choice - 0.25 * (1 - 6 / 89)) < 0.015
+
+
+def test_training_gray_is_matlab_y_three_times_in_four():
+    img = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    y, cv_gray = rgb2y_matlab(img), cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+    assert not np.array_equal(y, cv_gray)
+    rng = np.random.default_rng(2)
+    outs = [rgb_to_training_gray(img, rng) for _ in range(4000)]
+    assert all(np.array_equal(o, y) or np.array_equal(o, cv_gray) for o in outs)
+    assert abs(np.mean([np.array_equal(o, y) for o in outs]) - 0.75) < 0.03
+
+
+def test_augment_modes_are_the_eight_symmetries():
+    img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    outs = [augment_img(img, m) for m in range(8)]
+    assert np.array_equal(outs[0], img) and np.array_equal(outs[2], img[::-1])
+    assert len({o.tobytes() + bytes(o.shape) for o in outs}) == 8
+    assert all(o.flags["C_CONTIGUOUS"] for o in outs)
+
+
+@pytest.mark.parametrize("name,channels", [("jpeg", 3), ("jpeggray", 1), ("jpeggraydouble", 1),
+                                           ("jpegdouble", 3)])
+def test_training_items_shapes_labels_and_determinism(image_dir, name, channels):
+    ds = _dataset(image_dir, name)
+    item = ds[SampleKey(1, 5, False)]
+    assert item["L"].shape == item["H"].shape == (channels, P, P)
+    assert item["L"].dtype == item["H"].dtype == torch.uint8
+    assert not torch.equal(item["L"], item["H"])
+    again = ds[SampleKey(1, 5, False)]
+    assert torch.equal(again["L"], item["L"]) and torch.equal(again["H"], item["H"])
+    assert not torch.equal(ds[SampleKey(1, 6, False)]["H"], item["H"])
+    lo, hi = DATASET_PRESETS[name].qf_range
+    qfs = [round(100 - 100 * label) for label in _labels(ds, 60)]
+    assert all(lo <= q <= hi for q in qfs)
+
+
+def test_double_samples_have_nan_labels_and_a_second_jpeg(image_dir):
+    ds = _dataset(image_dir, "jpeggraydouble")
+    single, double = ds[SampleKey(0, 9, False)], ds[SampleKey(0, 9, True)]
+    assert math.isnan(float(double["qf"])) and not math.isnan(float(single["qf"]))
+    assert double["L"].shape == single["L"].shape == (1, P, P)
+    assert not torch.equal(double["L"], single["L"])
+    assert all(math.isnan(v) for v in _labels(ds, 10, double=True))
+
+
+def test_patch_is_jpeg_of_its_clean_patch(image_dir):
+    """Gray, aligned, fixed QF: L must be exactly data.jpeg.jpeg(H) (8x8 blocks are independent)."""
+    fixed = Degradation(gray=True, qf_range=(30, 30), qf_choices=(30,), shift_prob=0.0)
+    ds = DatasetJPEG(str(image_dir), fixed, patch_size=P, seed=0)
+    for position in range(6):
+        item = ds[SampleKey(position % 4, position, False)]
+        H = item["H"][0].numpy()
+        assert np.array_equal(item["L"][0].numpy(), jpeg(H, 30))
+        assert float(item["qf"]) == pytest.approx(qf_to_label(30))
+
+
+def test_test_phase_follows_the_net_channels(image_dir):
+    for channels in (1, 3):
+        ds = define_dataset({"dataset_type": "jpeg", "dataroot_H": str(image_dir), "qf": 20},
+                            "test", n_channels=channels)
+        item = ds[2]
+        H = imread_uint(ds.paths_H[2], channels)
+        assert item["H"].shape == (channels, 40, 48)
+        got_H = item["H"].permute(1, 2, 0).numpy().squeeze()
+        assert np.array_equal(got_H, H)
+        assert np.array_equal(item["L"].permute(1, 2, 0).numpy().squeeze(), jpeg(H, 20))
+        assert float(item["qf"]) == pytest.approx(0.8)
+
+
+def test_memory_cache_gives_the_same_items(image_dir):
+    disk, cached = _dataset(image_dir, "jpeg"), _dataset(image_dir, "jpeg", cache="memory")
+    assert cached.images is not None and len(cached.images) == 4
+    for key in (SampleKey(0, 0, False), SampleKey(3, 17, False)):
+        assert torch.equal(disk[key]["L"], cached[key]["L"])
+
+
+def test_unknown_dataset_type_and_small_images(image_dir):
+    with pytest.raises(UserError, match="'jpg' is unknown; known: jpeg, jpeggray"):
+        define_dataset({"dataset_type": "jpg", "dataroot_H": str(image_dir)}, "train", 3)
+    ds = DatasetJPEG(str(image_dir), DATASET_PRESETS["jpegdouble"], patch_size=32)
+    with pytest.raises(UserError, match=r"img0\.png: 40x48 pixels is smaller than the 48x48"):
+        ds[0]
+
+
+def test_sampler_is_resumable_and_splits_ranks():
+    full = IterationBatchSampler(10, 4, seed=5, double_prob=0.5)
+    resumed = IterationBatchSampler(10, 4, seed=5, double_prob=0.5, start_iter=7)
+    it_full, it_resumed = iter(full), iter(resumed)
+    batches = [next(it_full) for _ in range(9)]
+    assert [next(it_resumed) for _ in range(3)] == batches[6:9]
+    ranks = [IterationBatchSampler(10, 4, rank=r, world_size=2, seed=5, double_prob=0.5)
+             for r in (0, 1)]
+    for t in range(1, 10):
+        assert ranks[0].batch(t) + ranks[1].batch(t) == full.batch(t)
+    epoch0 = [k.index for t in (1, 2) for k in full.batch(t)] + [full.batch(3)[0].index,
+                                                                 full.batch(3)[1].index]
+    assert sorted(epoch0) == list(range(10)) and epoch0 != list(range(10))
+    doubles = [full.is_double(t) for t in range(1, 401)]
+    assert 0.4 < np.mean(doubles) < 0.6
+    assert all(len({k.double for k in full.batch(t)}) == 1 for t in range(1, 20))
+    assert not any(IterationBatchSampler(10, 4, double_prob=0.0).is_double(t) for t in range(50))
+
+
+def test_loader_workers_do_not_change_the_batches(image_dir):
+    ds = _dataset(image_dir, "jpeggraydouble")
+    outs = []
+    for workers in (0, 2):
+        sampler = IterationBatchSampler(len(ds), 4, seed=1, double_prob=0.5)
+        loader = iter(DataLoader(ds, batch_sampler=sampler, num_workers=workers))
+        outs.append([next(loader) for _ in range(3)])
+    for a, b in zip(*outs):
+        assert torch.equal(a["L"], b["L"]) and torch.equal(a["H"], b["H"])
+        assert torch.equal(torch.nan_to_num(a["qf"], 9.0), torch.nan_to_num(b["qf"], 9.0))
+
+
+def test_random_crop_stays_inside():
+    img = np.arange(20 * 30).reshape(20, 30)
+    rng = np.random.default_rng(0)
+    corners = {tuple(np.argwhere(img == random_crop(img, 8, rng)[0, 0])[0]) for _ in range(500)}
+    assert max(c[0] for c in corners) == 12 and max(c[1] for c in corners) == 22
+    assert min(c[0] for c in corners) == 0 and min(c[1] for c in corners) == 0
+
+
+def test_prepare_subimages_cuts_and_skips_existing(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    img = np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    cv2.imwrite(str(src / "a.png"), img)
+    assert prepare_subimages.window_starts(130, 48, 24, 5) == [0, 24, 48, 72, 82]
+    assert prepare_subimages.window_starts(130, 48, 24, 10) == [0, 24, 48, 72]
+    assert prepare_subimages.window_starts(100, 48, 24, 5) == [0, 24, 48]
+    assert prepare_subimages.window_starts(40, 48, 24, 5) == [0]
+    assert prepare_subimages.main([str(src), str(dst), "--size", "48", "--step", "24",
+                                   "--thresh", "5", "--workers", "1"]) == 0
+    outs = sorted(p.name for p in dst.iterdir())
+    assert len(outs) == 15 and outs[0] == "a_s000_000.png"
+    sub = cv2.imread(str(dst / "a_s002_004.png"))
+    assert np.array_equal(sub, img[48:96, 82:130])
+    assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
+                                     progress=False) == (1, 0, 15)

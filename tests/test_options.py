@@ -1,0 +1,189 @@
+"""Tests of utils/options.py: the shipped option files, `//` comments, overrides and validation."""
+import json
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import main_train_fbcnn
+from utils.errors import UserError
+from utils.options import (SCHEMA, Section, _all_paths, apply_overrides, load_options,
+                           parse_json_with_comments, parse_override, validate)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTION_FILES = {name: os.path.join(ROOT, "options", f"train_fbcnn_{name}.json")
+                for name in ("color", "gray", "graydouble")}
+
+
+def _raw(name="color"):
+    with open(OPTION_FILES[name], encoding="utf-8") as f:
+        return parse_json_with_comments(f.read(), OPTION_FILES[name])
+
+
+def _minimal(tmp_path):
+    train = tmp_path / "train"
+    train.mkdir(exist_ok=True)
+    return {"task": "t", "datasets": {"train": {"dataset_type": "jpeg",
+                                                "dataroot_H": str(train)}}}
+
+
+@pytest.mark.parametrize("name,dataset_type,in_nc", [("color", "jpeg", 3),
+                                                     ("gray", "jpeggray", 1),
+                                                     ("graydouble", "jpeggraydouble", 1)])
+def test_shipped_option_files_load_unchanged_with_spec_values(name, dataset_type, in_nc):
+    opt = load_options(OPTION_FILES[name], check_paths=False)
+    train_set, net, train = opt["datasets"]["train"], opt["netG"], opt["train"]
+    assert train_set["dataset_type"] == dataset_type
+    assert (net["in_nc"], net["out_nc"], opt["n_channels"]) == (in_nc, in_nc, 3)
+    assert (train_set["H_size"], train_set["dataloader_batch_size"],
+            train_set["dataloader_num_workers"]) == (96, 128, 16)
+    assert (net["nc"], net["nb"], net["act_mode"], net["init_type"], net["init_bn_type"],
+            net["init_gain"]) == ([64, 128, 256, 512], 4, "BR", "orthogonal", "uniform", 0.2)
+    assert (train["G_optimizer_lr"], train["QF_lossfn_weight"], train["G_scheduler_gamma"]) == \
+        (2e-5, 0.001, 0.5)
+    assert train["G_scheduler_milestones"] == [200000, 400000, 1200000, 1600000, 1800000]
+    assert (train["checkpoint_test"], train["checkpoint_save"], train["checkpoint_print"]) == \
+        (2500, 5000, 500)
+    assert opt["datasets"]["test"]["dataset_type"] == "jpeg"  # gray nets: follows in_nc instead
+    assert train["total_iter"] is None and train["amp"] == "off"
+
+
+def test_comment_markers_inside_strings_are_kept():
+    text = '{"url": "http://example.com//x", // a comment\n "q": "a \\" // b"} // end'
+    assert parse_json_with_comments(text) == {"url": "http://example.com//x", "q": 'a " // b'}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=12), st.integers()),
+                       max_size=5))
+def test_comments_never_change_the_data(data):
+    lines = json.dumps(data, indent=1).split("\n")
+    commented = "\n".join(line + "  // note: \"quoted\" // and more" for line in lines)
+    assert parse_json_with_comments(commented) == data
+
+
+def test_invalid_json_names_file_line_and_column():
+    with pytest.raises(UserError, match=r"x\.json: invalid JSON at line 3 column"):
+        parse_json_with_comments('{\n  "a": 1 // ok\n  "b": 2\n}', "x.json")
+
+
+def test_duplicate_keys_are_errors():
+    with pytest.raises(UserError, match="'a' appears twice"):
+        parse_json_with_comments('{"a": 1, "a": 2}')
+
+
+def test_unknown_key_names_dotted_path_and_nearest_valid_key():
+    raw = _raw()
+    raw["train"]["totl_iter"] = 10
+    with pytest.raises(UserError) as err:
+        validate(raw, "opts.json", check_paths=False)
+    assert str(err.value) == ("opts.json: train.totl_iter: unknown key 'train.totl_iter'; "
+                              "did you mean 'train.total_iter'?")
+
+
+def test_misplaced_key_is_found_in_another_section():
+    raw = _raw()
+    raw["H_size"] = 64
+    with pytest.raises(UserError, match="did you mean 'datasets.train.H_size'"):
+        validate(raw, check_paths=False)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("datasets.train.H_size", "96", r"datasets\.train\.H_size: expected an integer"),
+    ("datasets.train.H_size", -8, r"datasets\.train\.H_size: must be >= 1, got -8"),
+    ("netG.nb", True, r"netG\.nb: expected an integer, got true"),
+    ("netG.nc", [64, 128], r"netG\.nc: expected a list of 4 integers"),
+    ("train.G_optimizer_lr", 0, r"train\.G_optimizer_lr: must be > 0"),
+    ("train.amp", "fp32", r'train\.amp: "fp32" is not one of "off", "bf16", "fp16"'),
+    ("train.G_scheduler_milestones", [5, 3], r"increasing order"),
+    ("datasets.train.dataset_type", "jpg", r"unknown dataset type 'jpg'; did you mean 'jpeg'\? "
+                                           r"known: jpeg, jpeggray, jpeggraydouble, jpegdouble"),
+    ("netG.net_type", "unet", r"unknown network type 'unet'; known: fbcnn"),
+    ("netG.in_nc", 1, r"netG\.in_nc: dataset type 'jpeg' yields 3-channel patches"),
+    ("merge_bn", True, None),
+])
+def test_wrong_values_name_the_key(key, value, message):
+    raw = _raw()
+    touched = apply_overrides(raw, [f"{key}={json.dumps(value)}"])
+    if message is None:  # merge_bn with act_mode BR and a start point is valid
+        assert validate(raw, check_paths=False, overridden=touched)["merge_bn"] is True
+        return
+    with pytest.raises(UserError, match=message) as err:
+        validate(raw, "o.json", overridden=touched, check_paths=False)
+    assert str(err.value).startswith(f"--set {key}")
+
+
+def test_missing_required_key_and_missing_folder(tmp_path):
+    raw = _minimal(tmp_path)
+    del raw["datasets"]["train"]["dataset_type"]
+    with pytest.raises(UserError, match=r"f\.json: datasets\.train\.dataset_type: missing "):
+        validate(raw, "f.json")
+    raw = _minimal(tmp_path)
+    raw["datasets"]["train"]["dataroot_H"] = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=r"dataroot_H: training folder .*nowhere' does not exist"):
+        validate(raw, "f.json")
+    raw = _minimal(tmp_path)
+    raw["datasets"]["test"] = {"dataroot_H": str(tmp_path / "no_test")}
+    with pytest.raises(UserError, match=r"datasets\.test\.dataroot_H: test folder"):
+        validate(raw, "f.json")
+
+
+def test_batch_size_must_divide_among_processes(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["datasets"]["train"]["dataloader_batch_size"] = 6
+    assert validate(raw, world_size=3)["datasets"]["train"]["dataloader_batch_size"] == 6
+    with pytest.raises(UserError, match="6 is not divisible by the 4 training processes"):
+        validate(raw, world_size=4)
+
+
+def test_defaults_fill_every_missing_key(tmp_path):
+    opt = validate(_minimal(tmp_path))
+    assert opt["train"]["total_iter"] is None and opt["train"]["manual_seed"] is None
+    assert opt["datasets"]["test"] is None  # optional section: no validation
+    assert opt["netG"]["act_mode"] == "R" and opt["path"]["root"] == "deblocking"
+    for path, spec in _all_paths(SCHEMA):
+        if isinstance(spec, Section) or path.startswith("datasets.test."):
+            continue
+        node = opt
+        for part in path.split("."):
+            assert part in node, path
+            node = node[part]
+
+
+def test_gray_net_validates_on_gray_reads_of_a_jpeg_test_entry(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["datasets"]["train"]["dataset_type"] = "jpeggray"
+    raw["netG"] = {"in_nc": 1, "out_nc": 1}
+    raw["datasets"]["test"] = {"dataset_type": "jpeg", "dataroot_H": str(tmp_path)}
+    opt = validate(raw)
+    assert opt["datasets"]["test"]["qf"] == 10 and opt["netG"]["in_nc"] == 1
+
+
+def test_override_values_are_json_or_strings():
+    assert parse_override("train.total_iter=10") == (["train", "total_iter"], 10)
+    assert parse_override("netG.nc=[8,16,32,64]") == (["netG", "nc"], [8, 16, 32, 64])
+    assert parse_override("path.root=runs/a=b") == (["path", "root"], "runs/a=b")
+    assert parse_override("path.pretrained_netG=null") == (["path", "pretrained_netG"], None)
+    with pytest.raises(UserError, match="expected dotted.key=value"):
+        parse_override("train.total_iter")
+
+
+def test_override_into_a_non_object_is_an_error():
+    with pytest.raises(UserError, match="task is not an object"):
+        apply_overrides({"task": "x"}, ["task.name=1"])
+
+
+def test_main_reports_one_line_and_exit_status_2(capsys):
+    status = main_train_fbcnn.main(["-opt", OPTION_FILES["gray"], "--set", "netG.nb=0"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == "error: --set netG.nb: must be >= 1, got 0\n"
+
+
+def test_docs_list_every_option():
+    with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
+        docs = f.read()
+    missing = [path for path, spec in _all_paths(SCHEMA)
+               if not isinstance(spec, Section) and f"`{path}`" not in docs]
+    assert not missing

@@ -1,0 +1,391 @@
+"""Tests of the training half: utils/training.py, models/model_fbcnn.py, models/select_network.py,
+utils/checkpoint.py, utils/dist.py and main_train_fbcnn.py, on tiny networks and images (CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+import main_train_fbcnn
+from data.dataset_jpeg import IterationBatchSampler, define_dataset
+from data.jpeg import jpeg
+from models.inference import restore
+from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
+from models.model_zoo import LoadedModel, build_from_state_dict, load_state_dict_file
+from models.network_fbcnn import FBCNN
+from models.select_network import define_G, init_weights, merge_bn
+from utils import checkpoint as ckpt
+from utils.errors import UserError
+from utils.image import imread_uint
+from utils.logger import progress_bar
+from utils.metrics import psnr, psnrb, ssim
+from utils.options import load_options
+from utils.training import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(ROOT, "main_train_fbcnn.py")
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread; two threads on two busy cores spin and stall."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _write_images(folder, count, shape, seed):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        img = cv2.GaussianBlur((rng.random(shape) * 255).astype(np.uint8), (5, 5), 1.5)
+        cv2.imwrite(str(folder / f"im{i}.png"), img)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def option_file(tmp_path_factory):
+    """A tiny colour run: nc [8,16,32,64], nb 1, 16x16 patches, batch 4, lr halved after 3."""
+    base = tmp_path_factory.mktemp("train")
+    opt = {
+        "task": "tiny", "gpu_ids": [],
+        "path": {"root": str(base / "runs")},
+        "datasets": {
+            "train": {"dataset_type": "jpeg", "H_size": 16, "dataloader_batch_size": 4,
+                      "dataloader_num_workers": 0,
+                      "dataroot_H": _write_images(base / "train", 6, (40, 48, 3), 1)},
+            "test": {"dataset_type": "jpeg", "name": "tinytest",
+                     "dataroot_H": _write_images(base / "test", 2, (24, 32, 3), 2)}},
+        "netG": {"nc": [8, 16, 32, 64], "nb": 1, "act_mode": "R"},
+        "train": {"G_optimizer_lr": 1e-3, "G_scheduler_milestones": [3], "total_iter": 6,
+                  "checkpoint_print": 1, "checkpoint_save": 2, "checkpoint_test": 3,
+                  "manual_seed": 11}}
+    path = base / "tiny.json"
+    path.write_text("// tiny test run\n" + json.dumps(opt, indent=1))
+    return str(path)
+
+
+def _run(option_file, root, *overrides):
+    return train(load_options(option_file, [f"path.root={root}", *overrides]))
+
+
+def _records(run_dir, kind):
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def _losses(run_dir):
+    return [(r["iter"], r["loss"]) for r in _records(run_dir, "train")]
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "train.log"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def reference_run(option_file, tmp_path_factory):
+    """The uninterrupted 6-iteration run every other run is compared with."""
+    root = tmp_path_factory.mktemp("reference")
+    assert _run(option_file, root) == {"start": 0, "end": 6}
+    return os.path.join(root, "tiny")
+
+
+def test_smoke_run_writes_checkpoints_logs_and_validation(reference_run):
+    models = os.path.join(reference_run, "models")
+    assert ckpt.complete_checkpoints(models) == [2, 4, 6]
+    losses = _losses(reference_run)
+    assert [i for i, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(v) for _, v in losses)
+    lrs = [r["lr"] for r in _records(reference_run, "train")]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 5e-4, 5e-4])
+    tests = _records(reference_run, "test")
+    assert [r["iter"] for r in tests] == [3, 6]
+    avg = tests[-1]["average"]
+    assert set(avg) >= {"psnr", "ssim", "psnrb", "qf", "jpeg_psnr"} and avg["jpeg_psnr"] > 20
+    assert len(tests[-1]["images"]) == 2
+    assert os.path.isfile(os.path.join(reference_run, "images", "im0", "im0_6.png"))
+    log = _log(reference_run)
+    assert "starting from scratch" in log and "tinytest at QF 10: Average PSNR" in log
+    assert os.listdir(os.path.join(reference_run, "options"))
+
+
+def test_resume_continues_with_identical_losses(option_file, reference_run, tmp_path):
+    assert _run(option_file, tmp_path, "train.total_iter=4") == {"start": 0, "end": 4}
+    assert _run(option_file, tmp_path) == {"start": 4, "end": 6}
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert "resuming from iteration 4" in _log(run_dir)
+    assert _losses(run_dir) == _losses(reference_run)  # exact equality, lr drop included
+    resumed = load_state_dict_file(os.path.join(run_dir, "models", "6_G.pth"))
+    reference = load_state_dict_file(os.path.join(reference_run, "models", "6_G.pth"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option_file,
+                                                                         reference_run):
+    path = os.path.join(reference_run, "models", "6_G.pth")
+    net = build_from_state_dict(load_state_dict_file(path), source=path)
+    assert (net.nc, net.nb, net.in_nc) == ([8, 16, 32, 64], 1, 3)
+    first = load_state_dict_file(os.path.join(reference_run, "models", "2_G.pth"))
+    assert not torch.equal(first["m_head.weight"], net.state_dict()["m_head.weight"])
+    state = torch.load(os.path.join(reference_run, "models", "6_state.pth"), weights_only=True)
+    assert state["iteration"] == 6 and json.loads(state["options"])["train"]["manual_seed"] == 11
+    record = _records(reference_run, "test")[-1]
+    test_dir = load_options(option_file)["datasets"]["test"]["dataroot_H"]
+    for row in record["images"]:
+        H = imread_uint(os.path.join(test_dir, f"{row['name']}.png"), 3)
+        E, qf = restore(LoadedModel("tiny", net, 3), jpeg(H, 10))
+        assert (psnr(E, H), ssim(E, H), psnrb(E, H), qf) == \
+            pytest.approx((row["psnr"], row["ssim"], row["psnrb"], row["qf"]), abs=1e-9)
+
+
+@pytest.mark.parametrize("overrides,rel", [(["train.amp=bf16"], 3e-2),
+                                           (["train.channels_last=true"], 1e-4)])
+def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides, rel):
+    _run(option_file, tmp_path, "train.total_iter=3", "datasets.test=null", *overrides)
+    fast = _losses(os.path.join(tmp_path, "tiny"))
+    ref = _losses(reference_run)[:3]
+    assert [v for _, v in fast] == pytest.approx([v for _, v in ref], rel=rel)
+
+
+def test_ddp_two_processes_with_gloo(option_file, reference_run, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}",
+           "--set", "train.total_iter=2", "--set", "train.checkpoint_test=2"]
+    result = subprocess.run(cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = os.path.join(tmp_path, "tiny")
+    log = _log(run_dir)
+    assert "batch 4 on 2 process(es)" in log
+    assert "parameters identical on all 2 processes" in log
+    assert [i for i, _ in _losses(run_dir)] == [1, 2]  # rank 0 alone writes
+    assert [v for _, v in _losses(run_dir)] == pytest.approx(
+        [v for _, v in _losses(reference_run)[:2]], rel=1e-5)
+    assert [r["iter"] for r in _records(run_dir, "test")] == [2]
+    ddp = load_state_dict_file(os.path.join(run_dir, "models", "2_G.pth"))
+    single = load_state_dict_file(os.path.join(reference_run, "models", "2_G.pth"))
+    assert not any(k.startswith("module.") for k in ddp)
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6)
+
+
+def _wait_for(predicate, timeout, proc):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def test_sigkill_while_saving_resumes_from_last_complete_checkpoint(option_file, tmp_path):
+    args = [sys.executable, MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}",
+            "--set", "train.manual_seed=null", "--set", "datasets.test=null"]
+    run_dir = os.path.join(tmp_path, "tiny")
+    models = os.path.join(run_dir, "models")
+    env = {**SUBPROCESS_ENV, ckpt.PAUSE_ENV: "4_state.pth"}
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            paused = _wait_for(lambda: os.path.exists(os.path.join(run_dir, "train.log"))
+                               and "pausing before moving" in _log(run_dir), 180, proc)
+            assert paused, (tmp_path / "first.err").read_text()[-3000:]
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert os.path.isfile(os.path.join(models, "4_G.pth"))  # in place, but no marker
+    assert any(n.startswith(".4_state.pth.tmp-") for n in os.listdir(models))
+    assert ckpt.latest_checkpoint(models) == 2
+
+    result = subprocess.run(args, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _log(run_dir)
+    assert "resuming from iteration 2" in log and "removed 1 temporary file" in log
+    assert ckpt.complete_checkpoints(models) == [2, 4, 6]
+    assert not [n for n in os.listdir(models) if ".tmp-" in n]
+    losses = _losses(run_dir)
+    assert [i for i, _ in losses] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert losses[2:4] == losses[4:6]  # redone iterations repeat exactly, with the stored seed
+
+
+def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
+    status = main_train_fbcnn.main(["-opt", option_file, "--set", f"path.root={tmp_path}",
+                                    "--set", "datasets.train.dataroot_H=/no/such/folder"])
+    assert status == 2
+    assert "datasets.train.dataroot_H: training folder '/no/such/folder' does not exist" in \
+        capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
+    common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=3",
+              "train.checkpoint_keep=1", "train.checkpoint_test=4"]
+    _run(option_file, tmp_path, "train.total_iter=2", *common)
+    models = os.path.join(tmp_path, "tiny", "models")
+    assert build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.pth"))) \
+        .m_down1[0].res[1].__class__.__name__ == "BatchNorm2d"
+    _run(option_file, tmp_path, "train.total_iter=4", *common)
+    _run(option_file, tmp_path, "train.total_iter=5", *common)
+    assert ckpt.complete_checkpoints(models) == [5]
+    net = build_from_state_dict(load_state_dict_file(os.path.join(models, "5_G.pth")))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    log = _log(os.path.join(tmp_path, "tiny"))
+    assert "BatchNorm folded" in log and "resuming from iteration 4" in log
+    assert all(np.isfinite(v) for _, v in _losses(os.path.join(tmp_path, "tiny")))
+
+
+def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
+    pretrained = os.path.join(reference_run, "models", "6_G.pth")
+    _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",
+         f"path.pretrained_netG={pretrained}")
+    (_, logged), = _losses(os.path.join(tmp_path, "tiny"))
+    opt = load_options(option_file)
+    dataset = define_dataset(opt["datasets"]["train"], "train", 3, seed=11)
+    batch = default_collate([dataset[k] for k in IterationBatchSampler(6, 4, seed=11).batch(1)])
+    net = build_from_state_dict(load_state_dict_file(pretrained)).train()
+    with torch.no_grad():
+        E, qf = net(batch["L"].float() / 255)
+    expected = F.l1_loss(E, batch["H"].float() / 255) + 0.001 * F.l1_loss(qf, batch["qf"])
+    assert logged == pytest.approx(float(expected), rel=1e-5)
+    assert "starting from pretrained netG" in _log(os.path.join(tmp_path, "tiny"))
+
+
+def test_masked_qf_loss_skips_nan_labels():
+    est = torch.tensor([[0.2], [0.5], [0.9]], requires_grad=True)
+    loss, count = masked_qf_loss(est, torch.tensor([[0.3], [float("nan")], [0.5]]))
+    assert loss.item() == pytest.approx((0.1 + 0.4) / 2) and int(count) == 2
+    loss.backward()
+    assert est.grad.flatten().tolist() == pytest.approx([-0.5, 0.0, 0.5])
+    est.grad = None
+    loss, count = masked_qf_loss(est, torch.full((3, 1), float("nan")))
+    loss.backward()
+    assert loss.item() == 0 and int(count) == 0 and torch.all(est.grad == 0)
+    labels = torch.tensor([[0.1], [0.2], [0.3]])
+    assert masked_qf_loss(est, labels)[0].item() == pytest.approx(F.l1_loss(est, labels).item())
+    assert masked_qf_loss(est, labels, "l2")[0].item() == \
+        pytest.approx(F.mse_loss(est, labels).item())
+
+
+def _tiny_model(option_file, *overrides):
+    opt = load_options(option_file, list(overrides))
+    torch.manual_seed(0)
+    model = ModelFBCNN(opt, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    H = (torch.rand(2, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    model.feed_data({"H": H, "L": (H.float() * 0.9).to(torch.uint8),
+                     "qf": torch.tensor([[0.5], [float("nan")]])})
+    return model
+
+
+def test_gradient_clipping_bounds_the_update(option_file):
+    clipped = _tiny_model(option_file, "train.G_optimizer_clipgrad=0.001")
+    clipped.optimize_parameters(1)
+    after = torch.norm(torch.stack([p.grad.norm() for p in clipped.bare.parameters()]))
+    assert float(clipped.grad_norm) > 0.001 >= float(after) * (1 - 1e-5)
+    free = _tiny_model(option_file)
+    free.optimize_parameters(1)
+    free_norm = torch.norm(torch.stack([p.grad.norm() for p in free.bare.parameters()]))
+    assert float(free_norm) == pytest.approx(float(clipped.grad_norm), rel=1e-5)
+    assert free.grad_norm is None
+
+
+def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
+    model = _tiny_model(option_file, "train.QF_lossfn_weight=0.5")
+    with torch.no_grad():
+        E, qf = model.bare(model.L)
+    logs = model.optimize_parameters(1)
+    expected = F.l1_loss(E, model.H) + 0.5 * (qf[0, 0] - 0.5).abs()
+    assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert int(logs["QF_labelled"]) == 1
+
+
+@pytest.mark.parametrize("init_type", ["orthogonal", "normal", "uniform", "xavier_normal",
+                                       "xavier_uniform", "kaiming_normal", "kaiming_uniform"])
+def test_init_types_as_kair(init_type):
+    torch.manual_seed(0)
+    net = init_weights(FBCNN(3, 3, [8, 16, 32, 64], 1, act_mode="BR"), init_type, "uniform", 0.2)
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    weights = [m.weight.detach() for m in layers]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in layers)
+    bns = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(0.1 <= float(w.min()) and float(w.max()) <= 1.0 for w in bns)
+    if init_type == "orthogonal":
+        w = net.qf_embed[2].weight.detach()
+        torch.testing.assert_close(w @ w.T, 0.04 * torch.eye(512), atol=1e-5, rtol=0)
+    elif init_type == "uniform":
+        assert max(float(w.abs().max()) for w in weights) <= 0.2 * 0.2
+    elif init_type in ("normal", "kaiming_normal"):
+        assert max(float(w.abs().max()) for w in weights) <= 0.2 + 1e-6
+    elif init_type == "xavier_normal":
+        assert max(float(w.abs().max()) for w in weights) <= 1.0
+
+
+def test_registry_and_merge_bn_equivalence():
+    with pytest.raises(UserError, match="'dncnn' is unknown; known: fbcnn"):
+        define_G({"net_type": "dncnn"})
+    net = define_G({"net_type": "fbcnn", "in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1,
+                    "act_mode": "BR", "downsample_mode": "strideconv",
+                    "upsample_mode": "convtranspose"})
+    x = torch.rand(3, 1, 24, 24)
+    with torch.no_grad():
+        net(x)  # training-mode pass moves the running statistics away from their init
+        net.eval()
+        (e1, q1), (e2, q2) = net(x), merge_bn(net).eval()(x)
+    torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(q1, q2, atol=1e-6, rtol=1e-5)
+
+
+def test_regularizer_clip_nudges_large_weights():
+    layer = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0, 0.5]]))
+        layer.bias.fill_(-3.0)
+    regularizer_clip(layer)
+    assert layer.weight.tolist()[0] == pytest.approx([2.0 - 1e-4, 0.5])
+    assert layer.bias.item() == pytest.approx(-3.0 + 1e-4)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    assert progress_bar(0, 10) is None  # pytest captures stderr: not a terminal
+
+    class FakeTTY:
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", FakeTTY())
+    bar = progress_bar(3, 10)
+    assert bar is not None and bar.n == 3 and bar.total == 10
+    bar.close()
+
+
+def test_double_jpeg_iterations_skip_the_qf_loss(option_file, tmp_path):
+    _run(option_file, tmp_path, "datasets.train.dataset_type=jpeggraydouble", "netG.in_nc=1",
+         "netG.out_nc=1", "train.total_iter=8", "train.checkpoint_save=8", "datasets.test=null")
+    sampler = IterationBatchSampler(6, 4, seed=11, double_prob=0.5)
+    doubles = [sampler.is_double(t) for t in range(1, 9)]
+    assert any(doubles) and not all(doubles)
+    records = _records(os.path.join(tmp_path, "tiny"), "train")
+    for record, double in zip(records, doubles):
+        assert np.isfinite(record["loss"])
+        assert (record["QF_loss"] == 0) == double

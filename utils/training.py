@@ -1,0 +1,376 @@
+"""The training runner behind `main_train_fbcnn.py`: validated options in, checkpoints out.
+
+This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
+- the run folder `<path.root>/<task>/` with `models/`, `images/`, `options/`, `train.log` and
+  `metrics.jsonl`;
+- resuming by itself from the newest complete checkpoint (the seed, optimiser, scheduler and
+  iteration come back, and the data sampler continues at the next iteration, so on the CPU a
+  resumed run computes exactly the losses of an uninterrupted one);
+- the data loader (`IterationBatchSampler`, per-process share of batch and workers, pinned memory,
+  persistent workers);
+- logging the losses every `checkpoint_print`, saving every `checkpoint_save` (and at
+  `total_iter`), validating every `checkpoint_test`;
+- distributed runs: every process trains, rank 0 alone logs, validates and saves.
+"""
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from data.dataset_jpeg import IterationBatchSampler, define_dataset, worker_init_fn
+from data.jpeg import label_to_qf
+from models.model_fbcnn import ModelFBCNN
+from models.select_network import net_act_mode
+from utils import checkpoint as ckpt
+from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
+from utils.errors import UserError
+from utils.image import imwrite, tensor2uint
+from utils.logger import MetricsWriter, progress_bar, setup_logging
+from utils.metrics import psnr, psnrb, ssim
+from utils.options import dataset_channels
+
+__all__ = ["RunDirs", "train", "validate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    """The folders and files of a run: `<path.root>/<task>/...`."""
+    task_dir: str
+
+    @classmethod
+    def from_options(cls, opt):
+        return cls(os.path.join(opt["path"]["root"], opt["task"]))
+
+    @property
+    def models(self):
+        return os.path.join(self.task_dir, "models")
+
+    @property
+    def images(self):
+        return os.path.join(self.task_dir, "images")
+
+    @property
+    def options(self):
+        return os.path.join(self.task_dir, "options")
+
+    @property
+    def log(self):
+        return os.path.join(self.task_dir, "train.log")
+
+    @property
+    def metrics(self):
+        return os.path.join(self.task_dir, "metrics.jsonl")
+
+    @property
+    def tensorboard(self):
+        return os.path.join(self.task_dir, "tensorboard")
+
+
+def _broadcast_int(value, info):
+    """Rank 0's integer (or None, sent as -1) on every process."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([-1 if value is None else value], dtype=torch.int64, device=info.device)
+    dist.broadcast(t, src=0)
+    return None if int(t) < 0 else int(t)
+
+
+def _seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _uint8_image(chw):
+    img = chw.permute(1, 2, 0).numpy()
+    return img[:, :, 0] if img.shape[2] == 1 else img
+
+
+def _measure(E, H):
+    return {"psnr": psnr(E, H), "ssim": ssim(E, H), "psnrb": psnrb(E, H)}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
+    """Restore every test image blind; per-image and average PSNR/SSIM/PSNR-B and predicted QF.
+
+    `jpeg_cache` (a dict kept between calls) holds the metrics of the unrestored JPEG inputs,
+    measured once, so each result can be read against the JPEG baseline.
+    """
+    rows = []
+    for index in range(len(test_set)):
+        item = test_set[index]
+        E, qf_est = model.test(item["L"][None])
+        img_E, img_H = tensor2uint(E), _uint8_image(item["H"])
+        name = os.path.splitext(os.path.basename(item["H_path"]))[0]
+        row = {"name": name, **_measure(img_E, img_H), "qf": label_to_qf(qf_est[0, 0])}
+        if jpeg_cache is not None:
+            if name not in jpeg_cache:
+                jpeg_cache[name] = _measure(_uint8_image(item["L"]), img_H)
+            row.update({f"jpeg_{k}": v for k, v in jpeg_cache[name].items()})
+        rows.append(row)
+        logger.info("%4d--> %20s | PSNR %.2fdB | SSIM %.4f | PSNR-B %.2fdB | QF %d",
+                    index + 1, name, row["psnr"], row["ssim"], row["psnrb"], row["qf"])
+        if image_dir is not None:
+            folder = os.path.join(image_dir, name)
+            os.makedirs(folder, exist_ok=True)
+            imwrite(os.path.join(folder, f"{name}_{step}.png"), img_E)
+    keys = [k for k in rows[0] if k != "name"] if rows else []
+    average = {k: _mean([r[k] for r in rows]) for k in keys}
+    return rows, average
+
+
+def _make_loader(dataset, sampler, train_opt, info):
+    workers = train_opt["dataloader_num_workers"] // info.world_size
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"persistent_workers": train_opt["dataloader_persistent_workers"],
+                  "prefetch_factor": train_opt["dataloader_prefetch_factor"],
+                  "worker_init_fn": worker_init_fn}
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                      pin_memory=train_opt["dataloader_pin_memory"] and info.device.type == "cuda",
+                      **kwargs)
+
+
+def _resume_point(dirs, info):
+    latest = None
+    if info.is_main:
+        stale = ckpt.remove_stale_temporaries(dirs.models)
+        if stale:
+            logger.warning("removed %d temporary file(s) of an interrupted save: %s", len(stale),
+                           ", ".join(stale))
+        latest = ckpt.latest_checkpoint(dirs.models)
+    return _broadcast_int(latest, info)
+
+
+def _format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _Trainer:
+    def __init__(self, opt, info, dirs):
+        self.opt, self.info, self.dirs = opt, info, dirs
+        self.t = opt["train"]
+        self.metrics = None
+        self.jpeg_cache = {}
+
+    def setup(self):
+        opt, info, t = self.opt, self.info, self.t
+        latest = _resume_point(self.dirs, info)
+        saved = None
+        if latest is not None:
+            try:
+                saved = ckpt.load_training_state(self.dirs.models, latest)
+            except UserError as exc:
+                if info.world_size > 1 and not info.is_main:
+                    raise UserError(f"{exc}; multi-node runs need the run folder on a shared "
+                                    f"filesystem to resume") from None
+                raise
+            saved_opt = json.loads(saved[1]["options"])
+            if t["manual_seed"] is None:
+                t["manual_seed"] = saved_opt["train"]["manual_seed"]
+            elif t["manual_seed"] != saved_opt["train"]["manual_seed"]:
+                logger.warning("train.manual_seed %d differs from the checkpoint's %d: the data "
+                               "stream will not continue as before", t["manual_seed"],
+                               saved_opt["train"]["manual_seed"])
+        if t["manual_seed"] is None:
+            t["manual_seed"] = _broadcast_int(random.SystemRandom().randrange(2 ** 31)
+                                              if info.is_main else 0, info)
+        seed = t["manual_seed"]
+        _seed_everything(seed)
+        if info.device.type == "cuda":
+            torch.backends.cudnn.benchmark = t["cudnn_benchmark"]
+
+        train_opt = opt["datasets"]["train"]
+        self.train_set = define_dataset(train_opt, "train", opt["n_channels"], seed=seed,
+                                        progress=info.is_main)
+        self.test_set = None
+        test_opt = opt["datasets"]["test"]
+        self.has_test = test_opt is not None
+        if self.has_test and info.is_main:
+            self.test_set = define_dataset(test_opt, "test", opt["netG"]["in_nc"])
+            if dataset_channels(test_opt["dataset_type"]) != opt["netG"]["in_nc"]:
+                logger.info("datasets.test.dataset_type %r does not match netG.in_nc %d: the "
+                            "test images are read with %d channel(s)", test_opt["dataset_type"],
+                            opt["netG"]["in_nc"], opt["netG"]["in_nc"])
+        for phase, entry in (("train", train_opt), ("test", test_opt)):
+            if entry is not None and entry["dataroot_L"] is not None and info.is_main:
+                logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
+                            "the fly", phase)
+
+        merged = bool(opt["merge_bn"] and latest is not None
+                      and latest >= opt["merge_bn_startpoint"])
+        self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
+        self.start = latest or 0
+        if saved is not None:
+            try:
+                self.model.load_state(saved[0], saved[1])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise UserError(f"{self.dirs.models}: checkpoint {latest} does not fit the "
+                                f"netG/train options ({detail})") from None
+            ckpt.set_rng_state(saved[1]["rng"])
+            logger.info("resuming from iteration %d: %s", latest,
+                        os.path.join(self.dirs.models, f"{latest}_G.pth"))
+        elif opt["path"]["pretrained_netG"]:
+            self.model.load_network(opt["path"]["pretrained_netG"])
+            logger.info("starting from pretrained netG %s", opt["path"]["pretrained_netG"])
+        else:
+            logger.info("starting from scratch (init_type %s)", opt["netG"]["init_type"])
+
+        self.sampler = IterationBatchSampler(
+            len(self.train_set), train_opt["dataloader_batch_size"], info.rank, info.world_size,
+            seed=seed, shuffle=train_opt["dataloader_shuffle"],
+            double_prob=self.train_set.degradation.double_prob, start_iter=self.start + 1)
+        self.loader = _make_loader(self.train_set, self.sampler, train_opt, info)
+
+        if info.is_main:
+            for folder in (self.dirs.models, self.dirs.images, self.dirs.options):
+                os.makedirs(folder, exist_ok=True)
+            stamp = time.strftime("%y%m%d_%H%M%S")
+            with open(os.path.join(self.dirs.options, f"train_{stamp}.json"), "w",
+                      encoding="utf-8") as f:
+                json.dump(opt, f, indent=2)
+            self.metrics = MetricsWriter(self.dirs.metrics, self.dirs.tensorboard)
+            logger.info("options: %s", json.dumps(opt))
+            logger.info("netG %s, act_mode %s; %d training images in %s, batch %d on %d "
+                        "process(es), device %s", ModelFBCNN.describe(self.model.bare),
+                        net_act_mode(self.model.bare), len(self.train_set),
+                        train_opt["dataroot_H"], train_opt["dataloader_batch_size"],
+                        info.world_size, info.device)
+
+    def log_train(self, step, timer):
+        values = {k: float(v) for k, v in self.model.log_dict.items()}
+        means = all_reduce_mean([values["loss"], values["G_loss"], values["QF_loss"]],
+                                self.info.device)
+        if not self.info.is_main:
+            return
+        elapsed = time.time() - timer["time"]
+        it_per_s = (step - timer["step"]) / elapsed if elapsed > 0 else float("nan")
+        batch = self.opt["datasets"]["train"]["dataloader_batch_size"]
+        record = {"kind": "train", "iter": step, "epoch": self.sampler.epoch(step),
+                  "lr": self.model.current_learning_rate(), "loss": means[0],
+                  "G_loss": means[1], "QF_loss": means[2], "it_per_s": it_per_s,
+                  "patches_per_s": it_per_s * batch, "time": time.time()}
+        eta = ""
+        total = self.t["total_iter"]
+        if total is not None and it_per_s > 0:
+            eta = f", ETA {_format_eta((total - step) / it_per_s)}"
+        logger.info("<epoch:%3d, iter:%8d, lr:%.3e> loss: %.4e G_loss: %.4e QF_loss: %.4e | "
+                    "%.2f it/s, %.0f patches/s%s", record["epoch"], step, record["lr"],
+                    means[0], means[1], means[2], it_per_s, record["patches_per_s"], eta)
+        self.metrics.write(record, {"train/loss": means[0], "train/G_loss": means[1],
+                                    "train/QF_loss": means[2], "train/lr": record["lr"],
+                                    "train/patches_per_s": record["patches_per_s"]}, step)
+
+    def save(self, step):
+        if self.info.is_main:
+            state = {"iteration": step, **self.model.training_state(), "rng": ckpt.rng_state(),
+                     "options": json.dumps(self.opt),
+                     "act_mode": net_act_mode(self.model.bare)}
+            path = ckpt.save_checkpoint(self.dirs.models, step, self.model.network_state(), state)
+            logger.info("saved checkpoint %d: %s", step, path)
+            keep = self.t["checkpoint_keep"]
+            if keep:
+                for old in ckpt.complete_checkpoints(self.dirs.models)[:-keep]:
+                    ckpt.remove_checkpoint(self.dirs.models, old)
+        if self.info.distributed:
+            prints = all_gather_floats(self.model.parameter_fingerprint(), self.info.device)
+            if self.info.is_main:
+                diff = max(max(abs(a - b) for a, b in zip(p, prints[0])) for p in prints)
+                if diff == 0:
+                    logger.info("parameters identical on all %d processes", len(prints))
+                else:
+                    logger.error("parameters differ between processes (max sum difference "
+                                 "%.3e)", diff)
+        barrier()
+
+    def test(self, step):
+        if self.info.is_main:
+            test_opt = self.opt["datasets"]["test"]
+            image_dir = self.dirs.images if test_opt["save_images"] else None
+            rows, avg = validate(self.model, self.test_set, step, image_dir, self.jpeg_cache)
+            logger.info("<epoch:%3d, iter:%8d> %s at QF %d: Average PSNR %.2fdB (JPEG %.2fdB), "
+                        "SSIM %.4f, PSNR-B %.2fdB, QF %.1f", self.sampler.epoch(step), step,
+                        test_opt["name"], test_opt["qf"], avg["psnr"], avg["jpeg_psnr"],
+                        avg["ssim"], avg["psnrb"], avg["qf"])
+            record = {"kind": "test", "iter": step, "set": test_opt["name"],
+                      "input_qf": test_opt["qf"], "average": avg, "images": rows}
+            self.metrics.write(record, {f"test/{k}": v for k, v in avg.items()}, step)
+        barrier()
+
+    def run(self):
+        t, model = self.t, self.model
+        total = t["total_iter"]
+        step = self.start
+        if total is not None and step >= total:
+            logger.info("iteration %d already reached train.total_iter %d: nothing to do",
+                        step, total)
+            return step
+        bar = progress_bar(step, total, enabled=self.info.is_main)
+        timer = {"time": time.time(), "step": step}
+        batches = iter(self.loader)
+        try:
+            while total is None or step < total:
+                data = next(batches)
+                step += 1
+                if self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]:
+                    model.merge_bnorm()
+                    logger.info("iteration %d: BatchNorm folded into the convolutions "
+                                "(act_mode now %s)", step, net_act_mode(model.bare))
+                model.feed_data(data)
+                model.optimize_parameters(step)
+                model.update_learning_rate()
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{float(model.log_dict['loss']):.4e}")
+                if step % t["checkpoint_print"] == 0:
+                    self.log_train(step, timer)
+                    timer = {"time": time.time(), "step": step}
+                if step % t["checkpoint_save"] == 0 or step == total:
+                    self.save(step)
+                if self.has_test and step % t["checkpoint_test"] == 0:
+                    self.test(step)
+        finally:
+            if bar is not None:
+                bar.close()
+        logger.info("stopped at iteration %d (train.total_iter)", step)
+        return step
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def train(opt):
+    """Train as the validated options `opt` say; returns {"start": iteration, "end": iteration}.
+
+    Launched by torchrun, each process calls this; without it, one process trains.
+    """
+    info = init_distributed(opt["gpu_ids"])
+    dirs = RunDirs.from_options(opt)
+    undo_logging = setup_logging(dirs.log, info.is_main)
+    trainer = _Trainer(opt, info, dirs)
+    try:
+        trainer.setup()
+        end = trainer.run()
+        return {"start": trainer.start, "end": end}
+    finally:
+        trainer.close()
+        undo_logging()
+        cleanup()
