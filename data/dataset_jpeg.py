@@ -9,6 +9,12 @@ This module owns how training patches and validation images are made from clean 
   iteration gets, and whether the whole iteration is double JPEG (the original meant a per-batch
   draw; here it is one draw per iteration, shared by all processes of a distributed run).
 
+Bad files are found before training starts: `DatasetJPEG` reads the header of every image (not
+its pixels) and refuses, with one error naming the first bad file, a set holding files that are
+not images, are empty, claim too many pixels or are smaller than the crop. A file that passes
+the header check but fails to decode later (say, truncated) costs one image, not the run: the
+next readable image of the set takes its place, with a warning.
+
 Every random draw of a training sample comes from a Generator seeded with `(seed, position)`,
 where `position` is the sample's place in the run's global stream of samples. A sample is thus a
 pure function of the seed and the iteration: independent of loader workers, of the number of
@@ -28,7 +34,8 @@ from tqdm import tqdm
 
 from data.jpeg import augment_img, crop, jpeg, qf_to_label, random_crop, random_offset, sample_qf
 from utils.errors import UserError
-from utils.image import IMG_EXTENSIONS, imread_uint, rgb2y_matlab
+from utils.image import (IMG_EXTENSIONS, ImageReadError, display_path, imread_uint,
+                         read_image_header, rgb2y_matlab)
 
 __all__ = ["Degradation", "DATASET_PRESETS", "SampleKey", "DatasetJPEG", "IterationBatchSampler",
            "define_dataset", "list_images_recursive", "rgb_to_training_gray", "uint8_to_chw",
@@ -131,6 +138,8 @@ class DatasetJPEG(Dataset):
             raise UserError(f"{dataroot_H}: no images found (extensions: "
                             f"{', '.join(IMG_EXTENSIONS)})")
         self.crop_size = patch_size + (16 if degradation.double else 8)
+        self._check_headers(progress)
+        self._reported = set()
         self.images = None
         if cache == "memory":
             self.images = [imread_uint(p, n_channels) for p in
@@ -139,10 +148,46 @@ class DatasetJPEG(Dataset):
     def __len__(self):
         return len(self.paths_H)
 
+    def _small_message(self, path, h, w):
+        return (f"{display_path(path)}: {h}x{w} pixels is smaller than the {self.crop_size}x"
+                f"{self.crop_size} crop that H_size {self.patch_size} needs")
+
+    def _check_headers(self, progress):
+        """Refuse the set, naming the first bad file, if a header is unusable (train: too small)."""
+        problems = []
+        for path in tqdm(self.paths_H, desc="checking image headers", unit="img",
+                         disable=not progress or None):
+            try:
+                header = read_image_header(path)
+            except ImageReadError as exc:
+                problems.append(str(exc))
+                continue
+            if self.phase == "train" and min(header.width, header.height) < self.crop_size:
+                problems.append(self._small_message(path, header.height, header.width))
+        for problem in problems[1:]:
+            logger.warning("%s", problem)
+        if problems:
+            more = "" if len(problems) == 1 else (f" ({len(problems) - 1} more of the "
+                                                  f"{len(self.paths_H)} files have problems; "
+                                                  f"see the log)")
+            raise UserError(f"{problems[0]}{more}")
+
     def _read(self, index):
         if self.images is not None:
             return self.images[index]
         return imread_uint(self.paths_H[index], self.n_channels)
+
+    def _read_or_substitute(self, index):
+        """(image, index read): the image, or the next readable one if it fails to decode."""
+        for step in range(len(self.paths_H)):
+            candidate = (index + step) % len(self.paths_H)
+            try:
+                return self._read(candidate), candidate
+            except ImageReadError as exc:
+                if candidate not in self._reported:
+                    self._reported.add(candidate)
+                    logger.warning("%s; training uses the next readable image in its place", exc)
+        raise UserError(f"{self.dataroot_H}: none of the {len(self.paths_H)} images can be read")
 
     def __getitem__(self, key):
         if self.phase == "test":
@@ -167,11 +212,10 @@ class DatasetJPEG(Dataset):
     def _train_item(self, key):
         deg, size = self.degradation, self.patch_size
         rng = self._rng(key.position)
-        img = self._read(key.index)
+        img, index = self._read_or_substitute(key.index)
         h, w = img.shape[:2]
         if h < self.crop_size or w < self.crop_size:
-            raise UserError(f"{self.paths_H[key.index]}: {h}x{w} pixels is smaller than the "
-                            f"{self.crop_size}x{self.crop_size} crop that H_size {size} needs")
+            raise UserError(self._small_message(self.paths_H[index], h, w))
         patch_H = augment_img(random_crop(img, self.crop_size, rng), int(rng.integers(8)))
         if deg.gray and patch_H.ndim == 3:
             patch_H = rgb_to_training_gray(patch_H, rng, deg.y_prob)
@@ -190,7 +234,7 @@ class DatasetJPEG(Dataset):
         return {"L": uint8_to_chw(crop(patch_L, top, left, size)),
                 "H": uint8_to_chw(crop(patch_H, top, left, size)),
                 "qf": torch.tensor([label], dtype=torch.float32),
-                "H_path": self.paths_H[key.index]}
+                "H_path": self.paths_H[index]}
 
 
 class IterationBatchSampler:

@@ -9,21 +9,26 @@ This module owns what one training iteration does to `netG`:
   would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
 - mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
   channels_last, both off by default;
-- DistributedDataParallel wrapping when the run has several processes.
+- DistributedDataParallel wrapping when the run has several processes;
+- non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
+  backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
+  iterations in a row stop the run with a `NonFiniteLossError` (one clear line).
 The loop around it (data, validation, checkpoints, logging) lives in `utils.training`.
 """
 import contextlib
 import logging
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from models.model_zoo import load_state_dict_file
-from models.select_network import define_G, merge_bn
+from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
+from models.select_network import define_G, merge_bn, net_act_mode
 from utils.errors import UserError
 
-__all__ = ["ModelFBCNN", "image_loss", "masked_qf_loss", "regularizer_orth", "regularizer_clip"]
+__all__ = ["ModelFBCNN", "NonFiniteLossError", "image_loss", "masked_qf_loss",
+           "regularizer_orth", "regularizer_clip"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,10 @@ def regularizer_clip(m):
                 p.data[p.data < -1.5] += 1e-4
 
 
+class NonFiniteLossError(UserError):
+    """Too many consecutive iterations had a NaN or infinite loss: the run stops."""
+
+
 class ModelFBCNN:
     """Holds netG with its optimiser, scheduler and gradient scaler, and runs training steps.
 
@@ -106,6 +115,9 @@ class ModelFBCNN:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
         self.grad_norm = None
         self.log_dict = {}
+        self.max_nonfinite_steps = self.opt_train["max_nonfinite_steps"]
+        self.nonfinite_streak = 0  # consecutive skipped iterations
+        self.skipped_steps = 0  # skipped iterations since this process started
 
     def _set_network(self, bare):
         bare = bare.to(self.device)
@@ -163,7 +175,11 @@ class ModelFBCNN:
         self.qf = data["qf"].to(self.device, non_blocking=True).float().view(-1, 1)
 
     def optimize_parameters(self, current_step):
-        """One forward/backward/update; the losses stay on the device in `log_dict`."""
+        """One forward/backward/update; the losses stay on the device in `log_dict`.
+
+        A NaN or infinite loss (on any process) skips the backward pass and the update; see
+        `_skip_nonfinite`. Checking it costs one device synchronisation per iteration.
+        """
         self.G_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             E, QF_est = self.netG(self.L)
@@ -171,6 +187,12 @@ class ModelFBCNN:
         G_loss = self.G_lossfn_weight * self.G_lossfn(self.E, self.H)
         QF_loss, n_labelled = masked_qf_loss(self.QF_est, self.qf, self.QF_lossfn_type)
         loss = G_loss + self.QF_lossfn_weight * QF_loss
+        self.log_dict = {"loss": loss.detach(), "G_loss": G_loss.detach(),
+                         "QF_loss": QF_loss.detach(), "QF_labelled": n_labelled.detach()}
+        if not self._all_finite(loss):
+            self._skip_nonfinite(current_step)
+            return self.log_dict
+        self.nonfinite_streak = 0
         self.scaler.scale(loss).backward()
         clip = self.opt_train["G_optimizer_clipgrad"]
         if clip:
@@ -180,9 +202,35 @@ class ModelFBCNN:
         self.scaler.step(self.G_optimizer)
         self.scaler.update()
         self._regularize(current_step)
-        self.log_dict = {"loss": loss.detach(), "G_loss": G_loss.detach(),
-                         "QF_loss": QF_loss.detach(), "QF_labelled": n_labelled.detach()}
         return self.log_dict
+
+    def _all_finite(self, loss):
+        """Whether the loss is finite on every process (all must agree to skip, or DDP hangs)."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def _skip_nonfinite(self, current_step):
+        """Skip this iteration's update; stop the run after too many in a row."""
+        self.nonfinite_streak += 1
+        self.skipped_steps += 1
+        if bool(torch.isfinite(self.log_dict["loss"])):
+            where = "on another process"
+        else:
+            where = "(" + ", ".join(f"{k} {float(self.log_dict[k]):.4g}"
+                                    for k in ("loss", "G_loss", "QF_loss")) + ")"
+        logger.warning("iteration %d: non-finite loss %s; update skipped (%d in a row, the run "
+                       "stops at %d: train.max_nonfinite_steps)", current_step, where,
+                       self.nonfinite_streak, self.max_nonfinite_steps)
+        if self.nonfinite_streak >= self.max_nonfinite_steps:
+            first = current_step - self.nonfinite_streak + 1
+            raise NonFiniteLossError(
+                f"train.max_nonfinite_steps: the loss was NaN or infinite in "
+                f"{self.nonfinite_streak} consecutive iterations ({first} to {current_step}); "
+                f"stopping. The network was not updated by them; restarting resumes from the "
+                f"last complete checkpoint. Check the training images, or lower "
+                f"train.G_optimizer_lr, or use train.amp \"off\" if it is fp16")
 
     def _regularize(self, current_step):
         t = self.opt_train
@@ -223,6 +271,15 @@ class ModelFBCNN:
         """netG as a plain CPU state dict (no DDP prefix), loadable by the test scripts."""
         return {k: v.detach().to("cpu", copy=True).contiguous()
                 for k, v in self.bare.state_dict().items()}
+
+    def network_kwargs(self):
+        """FBCNN constructor arguments of netG (stored with checkpoints): read from the weights,
+        with the activation and the downsampling mode, which the keys cannot tell apart
+        (ReLU/LeakyReLU, average/max pooling), from the network and the options."""
+        kwargs = infer_fbcnn_kwargs(self.bare.state_dict(), "netG")
+        kwargs["act_mode"] = net_act_mode(self.bare)
+        kwargs["downsample_mode"] = self.opt["netG"]["downsample_mode"]
+        return kwargs
 
     def training_state(self):
         """Optimiser, scheduler and scaler state; the milestones come from the options."""

@@ -6,11 +6,14 @@ This module owns how a `--model` argument becomes a network ready to run:
   sha256 check, written to a temporary file and renamed into place only once verified);
 - a path to a `.pth`/`.pt` or `.safetensors` state dict is loaded without running pickled code
   (`torch.load(weights_only=True)` or safetensors), and the architecture (in/out channels,
-  nc, nb, act/down/upsample modes) is inferred from its keys and shapes;
+  nc, nb, act/down/upsample modes) is inferred from its keys and shapes, or read from the
+  `fbcnn_kwargs` metadata of a `.safetensors` file (training checkpoints write it; it also
+  tells ReLU from LeakyReLU and average from max pooling, which the keys cannot);
 - the name `jpeg` is a pseudo-model that returns its input, for the JPEG rows of the tables.
 """
 import hashlib
 import http.client
+import json
 import os
 import re
 import urllib.error
@@ -24,7 +27,8 @@ from models.network_fbcnn import FBCNN
 from utils.errors import UserError
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "resolve_weights",
-           "load_state_dict_file", "infer_fbcnn_kwargs", "load_model", "DEFAULT_MODEL_DIR"]
+           "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model",
+           "DEFAULT_MODEL_DIR"]
 
 RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -185,10 +189,45 @@ def infer_fbcnn_kwargs(state_dict, source="state dict"):
                 act_mode=act_mode, downsample_mode=downsample_mode, upsample_mode=upsample_mode)
 
 
-def build_from_state_dict(state_dict, source="state dict"):
-    """An FBCNN in eval mode holding `state_dict` (loaded strictly)."""
-    kwargs = infer_fbcnn_kwargs(state_dict, source)
-    net = FBCNN(**kwargs)
+def read_fbcnn_kwargs(path):
+    """The FBCNN constructor arguments in a `.safetensors` file's metadata, or None."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get("fbcnn_kwargs")
+    except Exception:  # an unreadable file is reported by load_state_dict_file
+        return None
+    if not text:
+        return None
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata fbcnn_kwargs is not valid JSON") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{path}: metadata fbcnn_kwargs is not a JSON object")
+    return kwargs
+
+
+def build_from_state_dict(state_dict, source="state dict", kwargs=None):
+    """An FBCNN in eval mode holding `state_dict` (loaded strictly).
+
+    The architecture is inferred from the keys and shapes; `kwargs` (stored metadata) override
+    the inferred values, and the strict load checks that they fit the weights.
+    """
+    inferred = infer_fbcnn_kwargs(state_dict, source)
+    if kwargs:
+        unknown = sorted(set(kwargs) - set(inferred))
+        if unknown:
+            raise UserError(f"{source}: metadata fbcnn_kwargs has unknown keys "
+                            f"{', '.join(unknown)}; known: {', '.join(inferred)}")
+        inferred.update(kwargs)
+    kwargs = inferred
+    try:
+        net = FBCNN(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{source}: cannot build FBCNN{kwargs} ({exc})") from None
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -225,5 +264,7 @@ def load_model(name_or_path, device="cpu", model_dir=None, progress=True):
         known = ", ".join([JPEG_MODEL, *MODEL_ZOO])
         raise UserError(f"--model {name_or_path!r}: not a known model name ({known}) "
                         f"nor an existing .pth/.safetensors file")
-    net = build_from_state_dict(load_state_dict_file(path), source=path).to(device)
+    state_dict = load_state_dict_file(path)
+    net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))
+    net = net.to(device)
     return LoadedModel(label, net, net.in_nc)

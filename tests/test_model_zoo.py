@@ -1,6 +1,7 @@
 """models/model_zoo.py: downloads against a local HTTP server, safe loading, arch inference."""
 import hashlib
 import http.server
+import json
 import os
 import pickle
 import socket
@@ -15,6 +16,7 @@ from models.model_zoo import (MODEL_ZOO, ZooEntry, build_from_state_dict, downlo
                               infer_fbcnn_kwargs, load_model, load_state_dict_file,
                               resolve_weights)
 from models.network_fbcnn import FBCNN
+from utils import checkpoint as ckpt
 from utils.errors import UserError
 
 PAYLOAD = os.urandom(300_000)
@@ -158,6 +160,32 @@ def test_load_model_by_path_infers_architecture(tmp_path, suffix):
         torch.testing.assert_close(model.net(x)[0], net(x)[0], rtol=0, atol=0)
 
 
+def test_safetensors_metadata_tells_what_the_keys_cannot(tmp_path):
+    """LeakyReLU and max pooling have the keys of ReLU and average pooling: only the metadata
+    written with training checkpoints tells them apart."""
+    torch.manual_seed(2)
+    kwargs = dict(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1, act_mode="L",
+                  downsample_mode="maxpool", upsample_mode="convtranspose")
+    net = FBCNN(**kwargs).eval()
+    with_meta, without = tmp_path / "meta.safetensors", tmp_path / "plain.safetensors"
+    save_file(net.state_dict(), str(with_meta), metadata={"fbcnn_kwargs": json.dumps(kwargs)})
+    save_file(net.state_dict(), str(without))
+    x = torch.rand(1, 1, 24, 24) - 0.5
+    with torch.no_grad():
+        expected = net(x)[0]
+        assert torch.equal(load_model(str(with_meta)).net(x)[0], expected)
+        assert not torch.allclose(load_model(str(without)).net(x)[0], expected, atol=1e-4)
+    bad = tmp_path / "bad.safetensors"
+    save_file(net.state_dict(), str(bad), metadata={"fbcnn_kwargs": '{"depth": 3}'})
+    with pytest.raises(UserError, match=r"bad\.safetensors: metadata fbcnn_kwargs has unknown "
+                                        r"keys depth"):
+        load_model(str(bad))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(net.state_dict(), str(wrong), metadata={"fbcnn_kwargs": '{"nb": 2}'})
+    with pytest.raises(UserError, match=r"wrong\.safetensors: keys or shapes do not match"):
+        load_model(str(wrong))
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(), dict(act_mode="BR"), dict(downsample_mode="avgpool", upsample_mode="upconv"),
     dict(upsample_mode="pixelshuffle", nb=3), dict(in_nc=1, out_nc=3, nc=[4, 8, 12, 16]),
@@ -189,6 +217,55 @@ def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="evil.pth"):
         load_state_dict_file("evil.pth")
     assert not os.path.exists("pwned")
+
+
+class _Sentinel:
+    """Unpickling this runs `touch PATH`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_torch_zip_file_with_a_malicious_pickle_is_refused_without_running_it(tmp_path):
+    sentinel = tmp_path / "pwned"
+    weights = FBCNN(nc=[8, 16, 32, 64], nb=1).state_dict()
+    evil = tmp_path / "evil.pth"
+    torch.save({**weights, "m_head.weight": _Sentinel(sentinel)}, evil)  # zip format, data.pkl
+    with open(evil, "rb") as f:
+        assert f.read(2) == b"PK"
+    with pytest.raises(UserError) as err:
+        load_state_dict_file(str(evil))
+    assert str(err.value).startswith(f"{evil}: not a loadable state dict")
+    assert not sentinel.exists()
+    disguised = tmp_path / "evil.safetensors"
+    disguised.write_bytes(evil.read_bytes())
+    with pytest.raises(UserError, match="evil.safetensors: not a loadable state dict"):
+        load_model(str(disguised))
+    assert not sentinel.exists()
+    # the unsafe loader would have run it: the test can fail
+    torch.load(evil, weights_only=False)
+    assert sentinel.exists()
+
+
+def test_tampered_training_state_is_refused_without_running_it(tmp_path):
+    sentinel = tmp_path / "pwned"
+    models = str(tmp_path / "models")
+    ckpt.save_checkpoint(models, 2, {"w": torch.zeros(3)}, {"iteration": 2})
+    state = os.path.join(models, "2_state.pth")
+    torch.save({"iteration": 2, "rng": _Sentinel(sentinel)}, state)
+    manifest = os.path.join(models, "2_done.json")
+    with open(manifest) as f:
+        data = json.load(f)
+    data["files"]["2_state.pth"] = os.path.getsize(state)  # as if the marker were forged too
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    assert ckpt.latest_checkpoint(models) == 2
+    with pytest.raises(UserError, match=r"2_state\.pth: cannot load checkpoint"):
+        ckpt.load_training_state(models, 2)
+    assert not sentinel.exists()
 
 
 def test_corrupt_and_foreign_files_are_clear_errors(tmp_path):

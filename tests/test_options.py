@@ -1,6 +1,8 @@
 """Tests of utils/options.py: the shipped option files, `//` comments, overrides and validation."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -187,3 +189,101 @@ def test_docs_list_every_option():
     missing = [path for path, spec in _all_paths(SCHEMA)
                if not isinstance(spec, Section) and f"`{path}`" not in docs]
     assert not missing
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("datasets.train.H_size", 0, r"must be >= 1, got 0"),
+    ("datasets.train.H_size", 96.5, r"expected an integer, got 96\.5"),
+    ("datasets.train.dataloader_batch_size", -4, r"must be >= 1, got -4"),
+    ("datasets.train.dataloader_num_workers", -1, r"must be >= 0, got -1"),
+    ("datasets.train.dataloader_prefetch_factor", 0, r"must be >= 1, got 0"),
+    ("datasets.train.dataloader_shuffle", "true", r'expected true or false, got "true"'),
+    ("datasets.train.dataroot_H", ["a"], r'expected a string, got \["a"\]'),
+    ("datasets.train.dataroot_H", None, r"expected a string, got null"),
+    ("datasets.test.qf", 101, r"must be <= 100, got 101"),
+    ("gpu_ids", [-1], r"gpu_ids\[0\]: must be >= 0, got -1"),
+    ("netG.nc", [8, -16, 32, 64], r"netG\.nc\[1\]: must be >= 1, got -16"),
+    ("netG.nc", "64", r"expected a list of 4 integers"),
+    ("merge_bn_startpoint", 0, r"must be >= 1, got 0"),
+    ("train.checkpoint_save", 0, r"must be >= 1, got 0"),
+    ("train.checkpoint_print", -1, r"must be >= 1, got -1"),
+    ("train.checkpoint_keep", 0, r"must be >= 1, got 0"),
+    ("train.total_iter", -5, r"must be >= 1, got -5"),
+    ("train.manual_seed", -1, r"must be >= 0, got -1"),
+    ("train.max_nonfinite_steps", 0, r"must be >= 1, got 0"),
+    ("train.G_optimizer_lr", -1e-4, r"must be > 0, got -0\.0001"),
+    ("train.G_optimizer_betas", [0.9, 1.0], r"each beta must be < 1"),
+    ("train", 5, r"train: expected an object, got 5"),
+    ("netG", [], r"netG: expected an object, got \[\]"),
+])
+def test_every_invalid_value_names_its_key(key, value, message):
+    raw = _raw()
+    touched = apply_overrides(raw, [f"{key}={json.dumps(value)}"])
+    with pytest.raises(UserError, match=message) as err:
+        validate(raw, "o.json", overridden=touched, check_paths=False)
+    assert str(err.value).startswith(f"--set {key}")
+    assert "\n" not in str(err.value)
+
+
+def test_every_schema_key_rejects_a_wrong_type():
+    """Each option, given a value of a type it cannot take, is refused naming that option."""
+    wrong = {"str": 1, "int": "1", "float": "x", "bool": 1, "list_int": {"a": 1},
+             "list_float": "x"}
+    for path, spec in _all_paths(SCHEMA):
+        if isinstance(spec, Section):
+            continue
+        raw = _raw()
+        touched = apply_overrides(raw, [f"{path}={json.dumps(wrong[spec.kind])}"])
+        with pytest.raises(UserError) as err:
+            validate(raw, "o.json", overridden=touched, check_paths=False)
+        assert str(err.value).startswith(f"--set {path}: expected "), path
+
+
+def test_option_file_problems_are_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"nowhere\.json: cannot read option file \(No such file"):
+        load_options(str(tmp_path / "nowhere.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"list\.json: expected a JSON object at the top level"):
+        load_options(str(tmp_path / "list.json"))
+
+
+def _bad_option_files(tmp_path):
+    unknown = _minimal(tmp_path)
+    unknown["train"] = {"totl_iter": 5}
+    broken = json.dumps(_minimal(tmp_path))[:-3]
+    missing_data = _minimal(tmp_path)
+    missing_data["datasets"]["train"]["dataroot_H"] = str(tmp_path / "no_images")
+    files = {"unknown.json": json.dumps(unknown), "broken.json": broken,
+             "missing_data.json": json.dumps(missing_data)}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    return {
+        "unknown.json": "unknown.json: train.totl_iter: unknown key 'train.totl_iter'; did you "
+                        "mean 'train.total_iter'?",
+        "broken.json": "broken.json: invalid JSON at line 1 column",
+        "missing_data.json": "missing_data.json: datasets.train.dataroot_H: training folder",
+        "absent.json": "absent.json: cannot read option file (No such file or directory)",
+    }
+
+
+def test_train_main_reports_each_bad_option_file_in_one_line(tmp_path, capsys):
+    for name, message in _bad_option_files(tmp_path).items():
+        status = main_train_fbcnn.main(["-opt", str(tmp_path / name), "--set",
+                                        f"path.root={tmp_path / 'runs'}"])
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), name
+        assert message in lines[0] and captured.out == "", name
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_train_script_prints_one_error_line_and_exits_2(tmp_path):
+    """The real command line, in a fresh process: no traceback, nothing written."""
+    message = _bad_option_files(tmp_path)["unknown.json"]
+    (tmp_path / "bad.json").write_text((tmp_path / "unknown.json").read_text())
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "main_train_fbcnn.py"), "-opt",
+                          "bad.json", "--set", f"path.root={tmp_path / 'runs'}"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "error: " + message.replace("unknown.json", "bad.json") + "\n"
+    assert not (tmp_path / "runs").exists()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.utils.data import default_collate
 
 import main_train_fbcnn
@@ -19,7 +20,8 @@ from data.dataset_jpeg import IterationBatchSampler, define_dataset
 from data.jpeg import jpeg
 from models.inference import restore
 from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
-from models.model_zoo import LoadedModel, build_from_state_dict, load_state_dict_file
+from models.model_zoo import (LoadedModel, build_from_state_dict, load_model, load_state_dict_file,
+                              read_fbcnn_kwargs)
 from models.network_fbcnn import FBCNN
 from models.select_network import define_G, init_weights, merge_bn
 from utils import checkpoint as ckpt
@@ -126,17 +128,24 @@ def test_resume_continues_with_identical_losses(option_file, reference_run, tmp_
     run_dir = os.path.join(tmp_path, "tiny")
     assert "resuming from iteration 4" in _log(run_dir)
     assert _losses(run_dir) == _losses(reference_run)  # exact equality, lr drop included
-    resumed = load_state_dict_file(os.path.join(run_dir, "models", "6_G.pth"))
-    reference = load_state_dict_file(os.path.join(reference_run, "models", "6_G.pth"))
+    resumed = load_state_dict_file(os.path.join(run_dir, "models", "6_G.safetensors"))
+    reference = load_state_dict_file(os.path.join(reference_run, "models", "6_G.safetensors"))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
 def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option_file,
                                                                          reference_run):
-    path = os.path.join(reference_run, "models", "6_G.pth")
+    path = os.path.join(reference_run, "models", "6_G.safetensors")
     net = build_from_state_dict(load_state_dict_file(path), source=path)
     assert (net.nc, net.nb, net.in_nc) == ([8, 16, 32, 64], 1, 3)
-    first = load_state_dict_file(os.path.join(reference_run, "models", "2_G.pth"))
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["iteration"] == "6"
+    assert read_fbcnn_kwargs(path) == {"in_nc": 3, "out_nc": 3, "nc": [8, 16, 32, 64], "nb": 1,
+                                       "act_mode": "R", "downsample_mode": "strideconv",
+                                       "upsample_mode": "convtranspose"}
+    loaded = load_model(path)
+    assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in net.state_dict().items())
+    first = load_state_dict_file(os.path.join(reference_run, "models", "2_G.safetensors"))
     assert not torch.equal(first["m_head.weight"], net.state_dict()["m_head.weight"])
     state = torch.load(os.path.join(reference_run, "models", "6_state.pth"), weights_only=True)
     assert state["iteration"] == 6 and json.loads(state["options"])["train"]["manual_seed"] == 11
@@ -173,8 +182,8 @@ def test_ddp_two_processes_with_gloo(option_file, reference_run, tmp_path):
     assert [v for _, v in _losses(run_dir)] == pytest.approx(
         [v for _, v in _losses(reference_run)[:2]], rel=1e-5)
     assert [r["iter"] for r in _records(run_dir, "test")] == [2]
-    ddp = load_state_dict_file(os.path.join(run_dir, "models", "2_G.pth"))
-    single = load_state_dict_file(os.path.join(reference_run, "models", "2_G.pth"))
+    ddp = load_state_dict_file(os.path.join(run_dir, "models", "2_G.safetensors"))
+    single = load_state_dict_file(os.path.join(reference_run, "models", "2_G.safetensors"))
     assert not any(k.startswith("module.") for k in ddp)
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6)
@@ -191,28 +200,49 @@ def _wait_for(predicate, timeout, proc):
     return False
 
 
+# Runs main_train_fbcnn.py with os.replace patched to block before moving argv[1] into place,
+# so the test can SIGKILL the process in the middle of a checkpoint (no hook in the product).
+_PAUSE_BEFORE_REPLACE = """
+import os, sys, time
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.fsdecode(dst)) == PAUSE_AT:
+        sys.stderr.write("PAUSED before moving %s into place\\n" % os.fsdecode(dst))
+        sys.stderr.flush()
+        while True:
+            time.sleep(1)
+    return real_replace(src, dst, *args, **kwargs)
+PAUSE_AT = sys.argv.pop(1)
+os.replace = replace
+import main_train_fbcnn
+sys.exit(main_train_fbcnn.main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_while_saving_resumes_from_last_complete_checkpoint(option_file, tmp_path):
-    args = [sys.executable, MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}",
-            "--set", "train.manual_seed=null", "--set", "datasets.test=null"]
+    opt_args = ["-opt", option_file, "--set", f"path.root={tmp_path}",
+                "--set", "train.manual_seed=null", "--set", "datasets.test=null"]
     run_dir = os.path.join(tmp_path, "tiny")
     models = os.path.join(run_dir, "models")
-    env = {**SUBPROCESS_ENV, ckpt.PAUSE_ENV: "4_state.pth"}
-    with open(tmp_path / "first.err", "w") as err:
-        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    err_path = tmp_path / "first.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSE_BEFORE_REPLACE, "4_state.pth",
+                                 *opt_args], env=SUBPROCESS_ENV, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
         try:
-            paused = _wait_for(lambda: os.path.exists(os.path.join(run_dir, "train.log"))
-                               and "pausing before moving" in _log(run_dir), 180, proc)
-            assert paused, (tmp_path / "first.err").read_text()[-3000:]
+            paused = _wait_for(lambda: "PAUSED before moving" in err_path.read_text(), 180, proc)
+            assert paused, err_path.read_text()[-3000:]
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert os.path.isfile(os.path.join(models, "4_G.pth"))  # in place, but no marker
+    assert os.path.isfile(os.path.join(models, "4_G.safetensors"))  # in place, but no marker
+    assert not os.path.exists(os.path.join(models, "4_state.pth"))
     assert any(n.startswith(".4_state.pth.tmp-") for n in os.listdir(models))
     assert ckpt.latest_checkpoint(models) == 2
 
-    result = subprocess.run(args, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([sys.executable, MAIN, *opt_args], env=SUBPROCESS_ENV, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     log = _log(run_dir)
     assert "resuming from iteration 2" in log and "removed 1 temporary file" in log
@@ -237,12 +267,13 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
               "train.checkpoint_keep=1", "train.checkpoint_test=4"]
     _run(option_file, tmp_path, "train.total_iter=2", *common)
     models = os.path.join(tmp_path, "tiny", "models")
-    assert build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.pth"))) \
+    assert build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.safetensors"))) \
         .m_down1[0].res[1].__class__.__name__ == "BatchNorm2d"
     _run(option_file, tmp_path, "train.total_iter=4", *common)
     _run(option_file, tmp_path, "train.total_iter=5", *common)
     assert ckpt.complete_checkpoints(models) == [5]
-    net = build_from_state_dict(load_state_dict_file(os.path.join(models, "5_G.pth")))
+    assert read_fbcnn_kwargs(os.path.join(models, "5_G.safetensors"))["act_mode"] == "R"
+    net = build_from_state_dict(load_state_dict_file(os.path.join(models, "5_G.safetensors")))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     log = _log(os.path.join(tmp_path, "tiny"))
     assert "BatchNorm folded" in log and "resuming from iteration 4" in log
@@ -250,7 +281,7 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
 
 
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
-    pretrained = os.path.join(reference_run, "models", "6_G.pth")
+    pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
     _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",
          f"path.pretrained_netG={pretrained}")
     (_, logged), = _losses(os.path.join(tmp_path, "tiny"))

@@ -1,75 +1,41 @@
 """Training checkpoints: atomic writes, completeness, discovery and safe loading.
 
 This module owns the on-disk layout of a run's `models/` folder. A checkpoint of iteration N is:
-- `N_G.pth`: the network as a plain state dict of tensors, which the test scripts load with
-  `--model PATH` (`models.model_zoo.load_state_dict_file`);
+- `N_G.safetensors`: the network (safetensors: tensors only, nothing executable), with metadata
+  `fbcnn_kwargs` (the FBCNN constructor arguments as JSON) and `iteration`; the test scripts
+  load it with `--model PATH` (`models.model_zoo.load_model`);
 - `N_state.pth`: optimizer, scheduler, gradient scaler, iteration, RNG states (python, numpy,
   torch, cuda) and the resolved options as JSON text: only tensors and plain Python values, so
   it loads with `torch.load(weights_only=True)`;
 - `N_done.json`: written last, listing the files and their sizes. Only a checkpoint with a
   matching `N_done.json` counts as complete.
-Each file is written to a temporary file in the same folder, flushed and fsynced, then moved into
-place with `os.replace`, and the folder is fsynced; a crash at any moment leaves the previous
-complete checkpoint usable.
+Each file is written with `utils.fileio.atomic_write` (temporary file, fsync, `os.replace`,
+folder fsync): a crash at any moment leaves the previous complete checkpoint usable, and a full
+disk raises a WriteError naming the file, with no partial file left. Checkpoints of earlier
+versions, whose network was `N_G.pth`, still load.
 """
 import json
 import logging
 import os
 import random
 import re
-import time
 
 import numpy as np
 import torch
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save as save_safetensors_bytes
 
 from utils.errors import UserError
+from utils.fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
 
 __all__ = ["atomic_write", "save_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "load_training_state", "remove_checkpoint", "remove_stale_temporaries",
-           "rng_state", "set_rng_state", "PAUSE_ENV"]
+           "rng_state", "set_rng_state", "network_file"]
 
 logger = logging.getLogger(__name__)
 
-# Test hook: when set to a file name (e.g. "4_state.pth"), saving that file stops after its
-# temporary file is complete and before it is moved into place, so a test can kill the process
-# in the middle of a checkpoint.
-PAUSE_ENV = "FBCNN_TEST_PAUSE_BEFORE_REPLACE"
-
 _DONE_RE = re.compile(r"^(\d+)_done\.json$")
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write):
-    """Create `path` atomically: `write(binary_file)` fills a temporary file, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.environ.get(PAUSE_ENV) == os.path.basename(path):
-            logger.warning("test hook %s: pausing before moving %s into place", PAUSE_ENV, path)
-            while True:
-                time.sleep(1)
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+_NETWORK_FILES = ("{}_G.safetensors", "{}_G.pth")  # current layout first, then the earlier one
 
 
 def rng_state():
@@ -92,18 +58,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def save_checkpoint(models_dir, iteration, net_state, training_state):
-    """Write checkpoint `iteration` (network, training state, then the completion marker)."""
+def save_checkpoint(models_dir, iteration, net_state, training_state, net_kwargs=None):
+    """Write checkpoint `iteration`: network, training state, then the completion marker.
+
+    `net_kwargs` (the FBCNN constructor arguments) go into the safetensors metadata. Returns the
+    network file's path. Raises WriteError when a file cannot be written.
+    """
     os.makedirs(models_dir, exist_ok=True)
-    files = {f"{iteration}_G.pth": net_state, f"{iteration}_state.pth": training_state}
-    sizes = {}
-    for name, obj in files.items():
-        path = os.path.join(models_dir, name)
-        atomic_write(path, lambda f, obj=obj: torch.save(obj, f))
-        sizes[name] = os.path.getsize(path)
+    metadata = {"format": "pt", "iteration": str(iteration)}
+    if net_kwargs is not None:
+        metadata["fbcnn_kwargs"] = json.dumps(net_kwargs, sort_keys=True)
+    net_name, state_name = f"{iteration}_G.safetensors", f"{iteration}_state.pth"
+    net_bytes = save_safetensors_bytes(net_state, metadata=metadata)
+    atomic_write_bytes(os.path.join(models_dir, net_name), net_bytes)
+    del net_bytes
+    atomic_write(os.path.join(models_dir, state_name), lambda f: torch.save(training_state, f))
+    sizes = {name: os.path.getsize(os.path.join(models_dir, name))
+             for name in (net_name, state_name)}
     manifest = json.dumps({"iteration": iteration, "files": sizes}, indent=1).encode()
-    atomic_write(os.path.join(models_dir, f"{iteration}_done.json"), lambda f: f.write(manifest))
-    return os.path.join(models_dir, f"{iteration}_G.pth")
+    atomic_write_bytes(os.path.join(models_dir, f"{iteration}_done.json"), manifest)
+    return os.path.join(models_dir, net_name)
 
 
 def _manifest(models_dir, iteration):
@@ -133,32 +107,42 @@ def latest_checkpoint(models_dir):
     return done[-1] if done else None
 
 
+def network_file(models_dir, iteration):
+    """Path of checkpoint `iteration`'s network file (`N_G.safetensors`, or an older `N_G.pth`)."""
+    for pattern in _NETWORK_FILES:
+        path = os.path.join(models_dir, pattern.format(iteration))
+        if os.path.isfile(path):
+            return path
+    return os.path.join(models_dir, _NETWORK_FILES[0].format(iteration))
+
+
+def _load(path, loader):
+    try:
+        return loader(path)
+    except Exception as exc:  # truncated or tampered files all land here
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{path}: cannot load checkpoint ({detail})") from None
+
+
+def _torch_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_training_state(models_dir, iteration):
-    """(network state dict, training state) of a complete checkpoint, loaded weights_only."""
-    loaded = []
-    for name in (f"{iteration}_G.pth", f"{iteration}_state.pth"):
-        path = os.path.join(models_dir, name)
-        try:
-            loaded.append(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as exc:  # truncated or tampered files all land here
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"{path}: cannot load checkpoint ({detail})") from None
-    return loaded[0], loaded[1]
+    """(network state dict, training state) of a complete checkpoint, loaded without running
+    pickled code (safetensors, and `torch.load(weights_only=True)`)."""
+    net_path = network_file(models_dir, iteration)
+    net_loader = load_safetensors_file if net_path.endswith(".safetensors") else _torch_load
+    net_state = _load(net_path, net_loader)
+    state = _load(os.path.join(models_dir, f"{iteration}_state.pth"), _torch_load)
+    return net_state, state
 
 
 def remove_checkpoint(models_dir, iteration):
     """Delete a checkpoint, its completion marker first so it never looks complete half-deleted."""
-    for name in (f"{iteration}_done.json", f"{iteration}_state.pth", f"{iteration}_G.pth"):
+    names = [f"{iteration}_done.json", f"{iteration}_state.pth",
+             *(pattern.format(iteration) for pattern in _NETWORK_FILES)]
+    for name in names:
         path = os.path.join(models_dir, name)
         if os.path.exists(path):
             os.remove(path)
-
-
-def remove_stale_temporaries(models_dir):
-    """Delete temporary files left by an interrupted save; returns their names."""
-    if not os.path.isdir(models_dir):
-        return []
-    stale = [n for n in os.listdir(models_dir) if n.startswith(".") and ".tmp-" in n]
-    for name in stale:
-        os.remove(os.path.join(models_dir, name))
-    return stale

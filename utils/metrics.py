@@ -55,8 +55,14 @@ def _ssim_channel(img, ref):
 
 
 def ssim(img, ref, border=0):
-    """SSIM with an 11x11 Gaussian window (sigma 1.5); colour: mean over the RGB channels."""
+    """SSIM with an 11x11 Gaussian window (sigma 1.5); colour: mean over the RGB channels.
+
+    NaN for images under 11 pixels on a side, which have no valid window position (the
+    original's mean over an empty map).
+    """
     img, ref = _prepare(img, ref, border)
+    if min(img.shape[:2]) < 11:
+        return float("nan")
     if img.ndim == 2:
         return float(_ssim_channel(img, ref))
     return float(np.mean([_ssim_channel(img[..., c], ref[..., c]) for c in range(img.shape[2])]))
@@ -76,6 +82,8 @@ def _bef(img, block=8):
     n_vb = w * (h / block - 1)
     n_hbc = h * (w - 1) - n_hb
     n_vbc = w * (h - 1) - n_vb
+    if min(h, w) < block or n_hb + n_vb <= 0:
+        return 0.0  # no block boundary inside the image: no blocking to measure
 
     d_b = (col_diff[:, col_boundary].sum() + row_diff[row_boundary, :].sum()) / (n_hb + n_vb)
     d_bc = (col_diff[:, ~col_boundary].sum() + row_diff[~row_boundary, :].sum()) / (n_hbc + n_vbc)

@@ -160,6 +160,9 @@ SCHEMA = Section({
                                "null: keep all", nullable=True, minimum=1),
         "total_iter": Key("int", None, "stop (and save) at this iteration; null: run until "
                           "stopped, as the original", nullable=True, minimum=1),
+        "max_nonfinite_steps": Key("int", 10, "an iteration with a NaN or infinite loss is "
+                                   "skipped with a warning; this many in a row stop the run",
+                                   minimum=1),
         "manual_seed": Key("int", None, "seed of the initialisation and of every training "
                            "sample; null: drawn once and stored with the run", nullable=True,
                            minimum=0),

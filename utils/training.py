@@ -31,7 +31,7 @@ from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
-from utils.image import imwrite, tensor2uint
+from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import MetricsWriter, progress_bar, setup_logging
 from utils.metrics import psnr, psnrb, ssim
 from utils.options import dataset_channels
@@ -112,7 +112,11 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
     """
     rows = []
     for index in range(len(test_set)):
-        item = test_set[index]
+        try:
+            item = test_set[index]
+        except ImageReadError as exc:  # a file damaged since the start: skip it, keep training
+            logger.warning("validation: skipped %s", exc)
+            continue
         E, qf_est = model.test(item["L"][None])
         img_E, img_H = tensor2uint(E), _uint8_image(item["H"])
         name = os.path.splitext(os.path.basename(item["H_path"]))[0]
@@ -225,7 +229,7 @@ class _Trainer:
                                 f"netG/train options ({detail})") from None
             ckpt.set_rng_state(saved[1]["rng"])
             logger.info("resuming from iteration %d: %s", latest,
-                        os.path.join(self.dirs.models, f"{latest}_G.pth"))
+                        ckpt.network_file(self.dirs.models, latest))
         elif opt["path"]["pretrained_netG"]:
             self.model.load_network(opt["path"]["pretrained_netG"])
             logger.info("starting from pretrained netG %s", opt["path"]["pretrained_netG"])
@@ -282,7 +286,8 @@ class _Trainer:
             state = {"iteration": step, **self.model.training_state(), "rng": ckpt.rng_state(),
                      "options": json.dumps(self.opt),
                      "act_mode": net_act_mode(self.model.bare)}
-            path = ckpt.save_checkpoint(self.dirs.models, step, self.model.network_state(), state)
+            path = ckpt.save_checkpoint(self.dirs.models, step, self.model.network_state(), state,
+                                        net_kwargs=self.model.network_kwargs())
             logger.info("saved checkpoint %d: %s", step, path)
             keep = self.t["checkpoint_keep"]
             if keep:

@@ -1,0 +1,122 @@
+"""Atomic file writes: a file appears complete under its name, or not at all.
+
+This module owns how the project writes files that other runs or people read (checkpoints,
+restored images, summaries): the bytes go to a temporary file beside the target, named
+`.<name>.tmp-<pid>-<thread>`, which is optionally flushed and fsynced and then moved into place
+with `os.replace` (atomic within a filesystem). On any failure (a full disk, a quota, an
+interruption) the temporary file is removed, the target keeps its previous content, and the
+error is a `WriteError` naming the file and the reason. A process killed outright (SIGKILL,
+power loss) can leave a temporary file behind, never a partial target; `remove_stale_temporaries`
+clears them.
+"""
+import os
+import threading
+
+from utils.errors import UserError
+
+__all__ = ["WriteError", "atomic_write", "atomic_write_bytes", "temporary_name",
+           "is_temporary_name", "remove_stale_temporaries"]
+
+_TMP_MARK = ".tmp-"
+
+
+class WriteError(UserError):
+    """A file could not be written (full disk, permissions, ...); nothing partial was left."""
+
+
+def temporary_name(path):
+    """The temporary file `atomic_write` uses for `path` in this process and thread."""
+    folder, name = os.path.split(os.fsdecode(path))
+    return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+
+
+def is_temporary_name(name):
+    """Whether a file name is one of `atomic_write`'s temporary files."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shown(path):
+    from utils.image import display_path  # late import: utils.image writes through this module
+    return display_path(path)
+
+
+class _RecordingFile:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports one as a
+    RuntimeError without the reason."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def atomic_write(path, write, fsync=True):
+    """Create or replace `path` atomically; `write(binary_file)` fills a temporary file.
+
+    `fsync` makes the content durable before the rename (checkpoints); without it the rename is
+    still atomic for other processes, which is enough for outputs that can be made again.
+    Raises WriteError (naming `path`) when the operating system refuses a write.
+    """
+    path = os.fsdecode(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temporary_name(path)
+    recorder = None
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _RecordingFile(f)
+            write(recorder)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(folder)
+    except Exception as exc:
+        if not isinstance(exc, OSError):
+            if recorder is None or recorder.error is None:
+                raise
+            exc = recorder.error
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise WriteError(f"{_shown(path)}: cannot write ({reason}); the file was not written "
+                         f"or keeps its previous content") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_bytes(path, data, fsync=True):
+    """`atomic_write` of a bytes-like object."""
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files an interrupted `atomic_write` left in `folder`; their names."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(n for n in os.listdir(folder) if is_temporary_name(n))
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
