@@ -1,0 +1,234 @@
+"""utils/demo.py without a browser: model discovery, reading uploads, restoring, callbacks.
+
+The restoration checks compare with `models.inference.restore` on the same tiny random FBCNN;
+the Gradio callbacks run only when gradio is importable.
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data.jpeg import jpeg, jpeg_encode
+from models.inference import restore
+from models.model_zoo import MODEL_ZOO
+from models.network_fbcnn import FBCNN
+from tests.conftest import REPO_ROOT
+from utils.demo import Demo, ModelChoices, find_models, main, prepare_samples
+from utils.errors import UserError
+from utils.image import imread_uint
+
+HAS_GRADIO = importlib.util.find_spec("gradio") is not None
+# Where FBCNN_REQUIRE_BROWSER is set (CI, after .ci/install_browser.sh) these run, and fail
+# without gradio, as the browser test does.
+needs_gradio = pytest.mark.skipif(
+    not HAS_GRADIO and not os.environ.get("FBCNN_REQUIRE_BROWSER"),
+    reason="gradio not installed (pip install -r requirements-demo.txt)")
+
+
+def _save_tiny(path, in_nc=3, seed=0):
+    torch.manual_seed(seed)
+    save_file(FBCNN(in_nc=in_nc, out_nc=in_nc, nc=[8, 16, 32, 64], nb=1).state_dict(), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.fixture
+def demo(tiny_path, tmp_path):
+    return Demo(ModelChoices(find_models(model_dir=str(tmp_path), requested=tiny_path)),
+                str(tmp_path / "work"))
+
+
+@pytest.fixture(scope="module")
+def jpeg_file(tmp_path_factory):
+    clean = imread_uint(os.path.join(REPO_ROOT, "testsets", "LIVE1_color", "parrots.png"))
+    path = tmp_path_factory.mktemp("inputs") / "parrots_qf20.jpg"
+    path.write_bytes(jpeg_encode(clean[:96, :136], 20))
+    return str(path)
+
+
+def test_find_models_prefers_requested_then_lite_then_released(tmp_path, tiny_path):
+    assert find_models(model_dir=str(tmp_path)) == {}
+    (tmp_path / MODEL_ZOO["fbcnn_gray"].filename).write_bytes(b"")
+    (tmp_path / MODEL_ZOO["fbcnn_color"].filename).write_bytes(b"")
+    if "fbcnn_color_lite" in MODEL_ZOO:
+        (tmp_path / MODEL_ZOO["fbcnn_color_lite"].filename).write_bytes(b"")
+        lite = "fbcnn_color_lite"
+    else:  # not registered yet: found by its file name
+        (tmp_path / "fbcnn_color_lite.safetensors").write_bytes(b"")
+        lite = str(tmp_path / "fbcnn_color_lite.safetensors")
+    found = find_models(model_dir=str(tmp_path))
+    assert list(found) == ["fbcnn_color_lite", "fbcnn_color", "fbcnn_gray"]
+    assert found["fbcnn_color_lite"] == lite and found["fbcnn_color"] == "fbcnn_color"
+    found = find_models(model_dir=str(tmp_path), requested=tiny_path)
+    assert list(found)[0] == "tiny" and found["tiny"] == tiny_path
+    assert list(find_models(model_dir=str(tmp_path), requested="fbcnn_color")) == \
+        ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"]
+
+
+def test_find_models_refuses_the_jpeg_pseudo_model(tmp_path):
+    with pytest.raises(UserError, match="needs a network"):
+        find_models(model_dir=str(tmp_path), requested="jpeg")
+
+
+def test_no_model_is_explained(tmp_path):
+    models = ModelChoices({})
+    assert models.default is None
+    assert "--model" in models.describe(None)
+    with pytest.raises(UserError, match="--model"):
+        Demo(models, str(tmp_path)).run(str(tmp_path / "x.jpg"), None)
+    with pytest.raises(UserError, match="not offered"):
+        models.get("fbcnn_color")
+
+
+def test_unloadable_model_is_described_not_raised(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    text = ModelChoices({"bad": str(bad)}).describe("bad")
+    assert "cannot be loaded" in text and "bad.pth" in text
+
+
+def test_samples_are_real_jpegs_and_a_live1_crop_at_qf10(tmp_path):
+    samples = prepare_samples(str(tmp_path))
+    real = sorted(n for n in os.listdir(os.path.join(REPO_ROOT, "testsets", "Real"))
+                  if n.endswith(".jpg"))
+    assert [label for label in samples if label.startswith("Real ")] == [f"Real {n}" for n in real]
+    monarch = imread_uint(os.path.join(REPO_ROOT, "testsets", "LIVE1_color", "monarch.png"))
+    crop = monarch[128:384, 256:512]
+    sample = imread_uint(samples["LIVE1 monarch crop, JPEG QF 10"])
+    assert np.array_equal(sample, jpeg(crop, 10))
+
+
+def test_blind_then_slider_match_restore(demo, jpeg_file):
+    model = demo.models.get("tiny")
+    img = imread_uint(jpeg_file)
+    expected, expected_qf = restore(model, img)
+    blind = demo.run(jpeg_file, "tiny")
+    assert blind.qf_pred == expected_qf and blind.qf_used is None and blind.tile is None
+    assert np.array_equal(blind.after, expected) and np.array_equal(blind.before, img)
+    assert np.array_equal(imread_uint(blind.png_path), expected)
+    assert os.path.basename(blind.png_path) == "parrots_qf20_tiny_blind.png"
+    assert f"Predicted QF: **{expected_qf}**" in blind.info_markdown()
+
+    qf = 90 if expected_qf < 50 else 10
+    controlled = demo.run(jpeg_file, "tiny", qf=qf)
+    assert np.array_equal(controlled.after, restore(model, img, qf=qf)[0])
+    assert not np.array_equal(controlled.after, blind.after)
+    assert controlled.qf_pred == expected_qf and controlled.qf_used == qf
+    assert f"QF {qf} (set by the slider)" in controlled.info_markdown()
+    with pytest.raises(UserError, match="between 1 and 100"):
+        demo.run(jpeg_file, "tiny", qf=0)
+
+
+def test_large_images_are_tiled(tiny_path, tmp_path, jpeg_file):
+    demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path), tile=64,
+                tile_above_megapixels=0.01)  # 96x136 = 0.013 MP is "large" here
+    result = demo.run(jpeg_file, "tiny")
+    assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
+    img = imread_uint(jpeg_file)
+    tiled = restore(demo.models.get("tiny"), img, tile=64, tile_overlap=32)[0]
+    assert np.array_equal(result.after, tiled)
+    assert not np.array_equal(result.after, restore(demo.models.get("tiny"), img)[0])
+
+
+def test_gray_model_reads_gray(tmp_path, jpeg_file):
+    gray_path = _save_tiny(tmp_path / "tiny_gray.safetensors", in_nc=1)
+    demo = Demo(ModelChoices(find_models(model_dir=str(tmp_path), requested=gray_path)),
+                str(tmp_path / "work"))
+    result = demo.run(jpeg_file, "tiny_gray")
+    gray = imread_uint(jpeg_file, n_channels=1)
+    assert np.array_equal(result.before, gray)
+    assert np.array_equal(result.after, restore(demo.models.get("tiny_gray"), gray)[0])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty file"),
+    (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt"),
+    (b"hello, not an image at all", "not an image"),
+    ("truncated", "truncated JPEG"),
+])
+def test_bad_uploads_name_the_file_not_its_folder(demo, tmp_path, jpeg_file, content, message):
+    path = tmp_path / "upload dir" / "bad.jpg"
+    path.parent.mkdir()
+    if content == "truncated":
+        data = open(jpeg_file, "rb").read()
+        content = data[:-100]  # inside the scan: no EOI marker
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as info:
+        demo.run(str(path), "tiny")
+    assert str(info.value).startswith("bad.jpg: ") and "upload dir" not in str(info.value)
+
+
+def test_uploads_over_the_limit_are_refused_before_decoding(tiny_path, tmp_path, jpeg_file):
+    demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path), max_megapixels=0.01)
+    with pytest.raises(UserError, match=r"136x96 pixels is over the demo's limit of 0.01"):
+        demo.run(jpeg_file, "tiny")
+
+
+@needs_gradio
+def test_callbacks_fill_the_page(demo, jpeg_file):
+    compare, download, info, error, slider = demo.on_input(jpeg_file, "tiny")
+    blind = demo.run(jpeg_file, "tiny")
+    assert np.array_equal(compare[1], blind.after) and np.array_equal(compare[0], blind.before)
+    assert download["interactive"] is True and os.path.isfile(download["value"])
+    assert np.array_equal(imread_uint(download["value"]), blind.after)
+    assert error == "" and f"Predicted QF: **{blind.qf_pred}**" in info
+    assert slider["value"] == blind.qf_pred  # the slider shows the prediction
+
+    compare, download, info, error, slider = demo.on_qf(jpeg_file, "tiny", 77)
+    assert slider["value"] == 77 and "QF 77 (set by the slider)" in info
+    assert np.array_equal(compare[1], demo.run(jpeg_file, "tiny", qf=77).after)
+
+    status, *outputs = demo.on_model(jpeg_file, "tiny")
+    assert "nc 8-16-32-64, nb 1" in status and "(blind)" in outputs[2]
+
+
+@needs_gradio
+def test_callbacks_report_bad_files_in_the_page(demo, tmp_path):
+    bad = tmp_path / "<b>broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0garbage")
+    with pytest.warns(UserWarning, match="&lt;b&gt;broken.jpg: corrupt"):  # the toast, escaped
+        compare, download, info, error, slider = demo.on_input(str(bad), "tiny")
+    assert compare is None and download["interactive"] is False and info == ""
+    assert error.startswith("**Error:** &lt;b&gt;broken.jpg: corrupt")
+    assert demo.on_input(None, "tiny")[3] == ""  # a cleared input is no error
+
+
+@needs_gradio
+def test_unexpected_failures_are_one_line_in_the_page(demo, jpeg_file, monkeypatch, caplog):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(demo, "run", fail)
+    with pytest.warns(UserWarning, match="RuntimeError: boom"):
+        compare, download, info, error, slider = demo.on_qf(jpeg_file, "tiny", 30)
+    assert compare is None and error.startswith("**Error:** restoring failed (RuntimeError: boom)")
+    assert "Traceback" not in error
+    assert any(r.exc_info for r in caplog.records)  # the traceback went to the server log
+
+
+@needs_gradio
+def test_page_has_the_controls_the_browser_test_uses(demo):
+    from utils.demo import build_ui
+    page = build_ui(demo, {"sample": os.path.join(REPO_ROOT, "testsets", "Real", "1.jpg")})
+    ids = {block.elem_id for block in page.blocks.values()}
+    assert {"upload", "sample", "model", "qf", "blind", "qf-info", "error", "download",
+            "compare", "model-status"} <= ids
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "jpeg"], "needs a network"),
+    (["--model", "no/such/file.pth"], "not a known model name"),
+    (["--tile", "12"], "--tile 12: must be a multiple of 8"),
+    (["--max-megapixels", "0"], "--max-megapixels must be positive"),
+])
+@needs_gradio
+def test_bad_options_stop_with_one_error_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
