@@ -1,28 +1,268 @@
 """Running a loaded model on one uint8 image: the step every script shares.
 
 This module owns the conversion uint8 image -> tensor -> network -> uint8 image, exactly as
-the original test scripts did it (`clip(0, 1) * 255`, rounded), and the meaning of a QF given
-by the user (`qf_input = 1 - QF/100`).
+the original test scripts did it (`clip(0, 1) * 255`, rounded), the meaning of a QF given by
+the user (`qf_input = 1 - QF/100`), and every way of running the network faster or in less
+memory than the faithful default (fp32, the whole image in one pass):
+
+- `precision`: "fp32", or "bf16" / "fp16" through `torch.autocast` (weights stay fp32, so the
+  model can switch back). Both work on CUDA and, with torch >= 2.4, on CPU; a CPU without native
+  bf16/fp16 arithmetic runs them slower than fp32, so there they serve to compare with fp32.
+- `channels_last` (NHWC activations and weights) and `compile` (`torch.compile`, compiled once
+  per network and kept while the network lives).
+- `tile`: tiled inference. The image is replicate-padded to a multiple of 8 (as the network pads
+  it) and cut into `tile` x `tile` tiles whose origins are multiples of 8, so the JPEG 8x8 grid and
+  the network's three 2x downsamplings line up in every tile as in the whole image. Tiles are
+  spread evenly so that neighbours overlap by at least `tile_overlap` pixels.
+  Blending: a tile's weight is 0 within `tile_overlap // 4` pixels of an edge where it was cut
+  (there the zero padding inside the network distorts it most), rises linearly over the next
+  `tile_overlap // 2` pixels, then stays 1; the weights are normalised to sum to 1 at every
+  pixel. So wherever the network's receptive field is smaller than `tile_overlap // 4`, the tiled
+  output equals the untiled one; otherwise the seams are feathered.
+  One QF per image: FBCNN's QF head is a global average pool followed by an MLP. Each tile's
+  QF feature map is weighted by the same partition-of-unity weights (taken at 1/8 scale) and
+  summed, which is the global average pool of the whole image's features; the MLP then gives one
+  qf, passed to every tile's decoder as `qf_input`, so all tiles are conditioned alike. In blind
+  mode this needs the encoder twice per tile (a QF pass, then the restoration pass; the last
+  tile's encoding is reused): 1.45x the convolution FLOPs of one untiled pass for full FBCNN,
+  plus the overlaps. With a QF given by the user it is a single pass.
+- Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
+  `DEFAULT_TILE["cuda"]` pixels, and any tiled pass that runs out of memory is retried with
+  tiles half as large, down to `MIN_TILE`. On CPU, running out of memory kills the process
+  instead of raising, so images above `max_untiled_megapixels` (default
+  `CPU_MAX_UNTILED_MEGAPIXELS`) are tiled from the start with `DEFAULT_TILE["cpu"]`.
 """
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass
+from types import SimpleNamespace
+
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from data.jpeg import label_to_qf, qf_to_label
 from utils.image import tensor2uint, uint2tensor
 
-__all__ = ["restore"]
+__all__ = ["restore", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
+           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS"]
+
+LOG = logging.getLogger("fbcnn.inference")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Full FBCNN in fp32 needs about 1.5 GiB per megapixel untiled; a 1024-pixel tile then fits
+# in about 1.5 GiB of GPU memory, a 512-pixel tile in well under 1 GiB of RAM.
+DEFAULT_TILE = {"cuda": 1024, "cpu": 512}
+MIN_TILE = 64
+CPU_MAX_UNTILED_MEGAPIXELS = 2.0
+
+_COMPILED = weakref.WeakKeyDictionary()  # net -> its torch.compile'd entry points
+
+
+def check_options(precision="fp32", tile=None, tile_overlap=32):
+    """Raise ValueError, naming the argument, unless the options are valid for `restore`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if tile_overlap is None or int(tile_overlap) != tile_overlap or tile_overlap < 0 \
+            or tile_overlap % 8:
+        raise ValueError(f"tile_overlap={tile_overlap!r}: must be 0 or a positive multiple of 8 "
+                         f"(tiles stay on the 8x8 JPEG grid)")
+    if tile is None:
+        return
+    if int(tile) != tile or tile < 16 or tile % 8:
+        raise ValueError(f"tile={tile!r}: must be a multiple of 8, at least 16 "
+                         f"(tiles stay on the 8x8 JPEG grid)")
+    if tile_overlap > tile // 2:
+        raise ValueError(f"tile_overlap={tile_overlap}: must be at most half the tile "
+                         f"(tile={tile}, so at most {tile // 2 // 8 * 8})")
+
+
+def _network_fns(net, compile):
+    """The network's entry points, compiled once per network when asked."""
+    if not compile:
+        return SimpleNamespace(forward=net, encode=net.encode, decode=net.decode,
+                               qf_features=net.qf_features, qf_from_pooled=net.qf_from_pooled)
+    fns = _COMPILED.get(net)
+    if fns is None:
+        fns = SimpleNamespace(forward=torch.compile(net), encode=torch.compile(net.encode),
+                              decode=torch.compile(net.decode),
+                              qf_features=torch.compile(net.qf_features),
+                              qf_from_pooled=net.qf_from_pooled)  # a tiny MLP: not worth it
+        _COMPILED[net] = fns
+    return fns
+
+
+def _set_memory_format(net, channels_last):
+    """Put the weights in the asked layout; a no-op when they already are."""
+    if getattr(net, "_fbcnn_channels_last", False) != channels_last:
+        net.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        net._fbcnn_channels_last = channels_last
+
+
+def _autocast(device, precision):
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class _Span:
+    """One tile along one axis: pixels [start, start + size) and its blending weights."""
+    start: int
+    size: int
+    weight: torch.Tensor  # (size,), sums to 1 over the tiles covering a pixel
+    weight8: torch.Tensor  # (size // 8,), the same at the network's 1/8 scale
+
+    @property
+    def slice(self):
+        return slice(self.start, self.start + self.size)
+
+
+def tile_starts(length, tile, overlap):
+    """Origins (multiples of 8) of `tile`-pixel tiles covering [0, length), spread evenly so
+    that neighbours overlap by at least `overlap`; `length` and `tile` are multiples of 8."""
+    if length <= tile:
+        return [0]
+    n = 1 + -(-(length - tile) // (tile - overlap))  # fewest tiles with stride <= tile - overlap
+    span = (length - tile) // 8
+    return [8 * (k * span // (n - 1)) for k in range(n)]
+
+
+def tile_spans(length, tile, overlap):
+    """The tiles along one axis with their normalised blending weights (see the module doc)."""
+    size = min(tile, length)
+    margin, ramp = overlap // 4, overlap // 2
+    starts = tile_starts(length, tile, overlap)
+    index = torch.arange(size, dtype=torch.float64)
+    raw = []
+    for start in starts:
+        inf = torch.full_like(index, float("inf"))
+        to_cut = torch.minimum(index if start > 0 else inf,
+                               (size - 1 - index) if start + size < length else inf)
+        raw.append(((to_cut - margin + 1) / (ramp + 1)).clamp(0, 1))
+    total = torch.zeros(length, dtype=torch.float64)
+    for start, w in zip(starts, raw):
+        total[start:start + size] += w
+    spans = []
+    for start, w in zip(starts, raw):
+        w = (w / total[start:start + size]).float()
+        spans.append(_Span(start, size, w, w.view(-1, 8).mean(1)))
+    return spans
+
+
+def forward_tiled(fns, x, qf_input, tile, overlap):
+    """Tiled forward pass with one QF for the whole image; returns (restored, qf) as the
+    network's forward does. `fns` is an FBCNN, or the compiled entry points of one."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate")
+    rows, cols = (tile_spans(n, tile, overlap) for n in x.shape[-2:])
+    tiles = [(r, c) for r in rows for c in cols]
+    if len(tiles) == 1:  # the tile holds the image: the untiled pass, bit for bit
+        restored, qf = fns.forward(x, qf_input)
+        return restored[..., :h, :w], qf
+    dev = x.device
+    n_cells = x.shape[-2] * x.shape[-1] / 64
+
+    def encode(r, c):
+        return fns.encode(x[..., r.slice, c.slice], predict_qf=False)[0]
+
+    def pooled_features(skips, r, c):
+        weight = (r.weight8[:, None] * c.weight8[None, :]).to(dev)
+        return (fns.qf_features(skips[-1]).float() * weight).sum((2, 3))
+
+    bar = tqdm(total=len(tiles) * (2 if qf_input is None else 1), desc="tiles", unit="tile",
+               leave=False, disable=None if len(tiles) > 4 else True)
+    pooled, skips = 0.0, None
+    if qf_input is None:  # the QF pass: encoder only, features pooled over the whole image
+        for r, c in tiles:
+            skips = None  # free the previous tile's activations before the next encoding
+            skips = encode(r, c)
+            pooled = pooled + pooled_features(skips, r, c)
+            bar.update()
+        qf_input = fns.qf_from_pooled(pooled / n_cells)
+        qf = qf_input
+    else:
+        qf = None
+    out = None
+    for r, c in reversed(tiles):  # reversed, so the QF pass's last encoding is used first
+        if skips is None:
+            skips = encode(r, c)
+            if qf is None:
+                pooled = pooled + pooled_features(skips, r, c)
+        y = fns.decode(skips, qf_input, (r.size, c.size)).float()
+        skips = None
+        if out is None:
+            out = torch.zeros((x.shape[0], y.shape[1], *x.shape[-2:]), device=dev)
+        out[..., r.slice, c.slice] += y * (r.weight[:, None] * c.weight[None, :]).to(dev)
+        bar.update()
+    bar.close()
+    if qf is None:
+        qf = fns.qf_from_pooled(pooled / n_cells)
+    return out[..., :h, :w], qf
+
+
+def _release_cached_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _forward(fns, x, qf_input, tile, overlap, device):
+    """Untiled or tiled pass, falling back to (smaller) tiles when CUDA runs out of memory."""
+    if tile is None:
+        try:
+            return fns.forward(x, qf_input)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leaving the except clause frees the failed pass's tensors first
+        tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cuda"])
+        overlap = min(overlap, tile // 2 // 8 * 8)
+        _release_cached_memory(device)
+        LOG.warning("out of memory on a %dx%d image; retrying with %d-pixel tiles (overlap %d)",
+                    x.shape[-1], x.shape[-2], tile, overlap)
+    while True:
+        try:
+            return forward_tiled(fns, x, qf_input, tile, overlap)
+        except torch.cuda.OutOfMemoryError:
+            if tile <= MIN_TILE:
+                raise
+        tile = max(MIN_TILE, tile // 2 // 8 * 8)
+        overlap = min(overlap, tile // 2 // 8 * 8)
+        _release_cached_memory(device)
+        LOG.warning("out of memory with tiles; retrying with %d-pixel tiles (overlap %d)",
+                    tile, overlap)
 
 
 @torch.no_grad()
-def restore(model, img, qf=None, device="cpu"):
+def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
+            channels_last=False, compile=False, max_untiled_megapixels=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
 
     `model` is a LoadedModel (its `net` None for the `jpeg` pseudo-model, which returns the
     input). `qf`, when given, is the integer QF fed to the network as `qf_input`; the predicted
-    QF is reported either way.
+    QF is reported either way. The defaults are the faithful path (fp32, untiled); the other
+    options are described in the module docstring. `max_untiled_megapixels` applies on CPU
+    only (default `CPU_MAX_UNTILED_MEGAPIXELS`; `float("inf")` never tiles automatically).
     """
+    check_options(precision, tile, tile_overlap)
     if model.net is None:
         return img, None
+    device = torch.device(device)
+    net = model.net
+    _set_memory_format(net, channels_last)
+    fns = _network_fns(net, compile)
     x = uint2tensor(img).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     qf_input = None if qf is None else torch.full((x.shape[0], 1), qf_to_label(qf), device=device)
-    restored, qf_pred = model.net(x, qf_input)
+    if tile is None and device.type == "cpu":
+        limit = CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None \
+            else max_untiled_megapixels
+        if img.shape[0] * img.shape[1] > limit * 1e6:
+            tile = DEFAULT_TILE["cpu"]
+            tile_overlap = min(tile_overlap, tile // 2)
+            LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
+                     "bound memory", img.shape[1], img.shape[0], limit, tile, tile_overlap)
+    with _autocast(device, precision):
+        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device)
     return tensor2uint(restored), label_to_qf(qf_pred[0, 0])

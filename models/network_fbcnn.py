@@ -9,7 +9,6 @@ Deliberate differences from the original code, all identical for the released we
 - `avgpool`/`maxpool` downsampling is a 2x2 pool followed by a 3x3 conv that changes the width
   (the original dropped that conv and crashed on the next block).
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -132,8 +131,12 @@ class FBCNN(nn.Module):
         self.to_gamma_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Sigmoid())
         self.to_beta_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Tanh())
 
-    def encode(self, x):
-        """Pad to a multiple of 8 and run the encoder; returns the skips and the predicted qf."""
+    def encode(self, x, predict_qf=True):
+        """Pad to a multiple of 8 and run the encoder; returns the skips and the predicted qf.
+
+        With `predict_qf=False` the QF head is skipped and None is returned in its place (tiled
+        inference pools the QF features over the whole image instead, see `qf_features`).
+        """
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate")
         x1 = self.m_head(x)
@@ -141,7 +144,19 @@ class FBCNN(nn.Module):
         x3 = self.m_down2(x2)
         x4 = self.m_down3(x3)
         b = self.m_body_encoder(x4)
-        return (x1, x2, x3, x4, b), self.qf_pred(b)
+        return (x1, x2, x3, x4, b), (self.qf_pred(b) if predict_qf else None)
+
+    def qf_features(self, b):
+        """The QF head's feature map before global pooling, (N, nc[3], H/8, W/8).
+
+        `qf_pred(b) == qf_from_pooled(qf_features(b).mean((2, 3)))`: the split lets tiled
+        inference average the features of all tiles, so the whole image gets one QF.
+        """
+        return self.qf_pred[:self.nb](b)
+
+    def qf_from_pooled(self, pooled):
+        """The QF head after global pooling: (N, nc[3]) pooled features -> qf, (N, 1)."""
+        return self.qf_pred[self.nb + 2:](pooled)
 
     def decode(self, skips, qf, size):
         """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1))."""

@@ -115,8 +115,6 @@ def test_runner_goes_on_past_a_folder_named_like_an_image(set_with_a_folder, tin
     assert os.listdir(tmp_path / "res" / "set_tiny3_qf20") == ["rgb.png"]
 
 
-@pytest.mark.xfail(strict=True, reason="utils/evaluation._read_testset drops folders silently "
-                   "(fix: list names with an image extension too, see docs/robustness.md)")
 def test_runner_reports_a_folder_named_like_an_image(set_with_a_folder, tiny_weights, tmp_path,
                                                      capsys):
     summary_path = tmp_path / "r.json"
@@ -128,9 +126,6 @@ def test_runner_reports_a_folder_named_like_an_image(set_with_a_folder, tiny_wei
     assert json.loads(summary_path.read_text())[0]["skipped"] == ["folder.png"]
 
 
-@pytest.mark.xfail(strict=True, reason="utils/evaluation.py logs raw file names; its console "
-                   "handler raises UnicodeEncodeError on a surrogate-escaped name (fix: log "
-                   "through utils.image.printable, see docs/robustness.md)")
 def test_runner_restores_a_file_whose_name_is_not_utf8(bad_set, tiny_weights, tmp_path, capsys):
     folder = tmp_path / "set"
     folder.mkdir()
@@ -148,9 +143,6 @@ def test_runner_restores_a_file_whose_name_is_not_utf8(bad_set, tiny_weights, tm
     assert summary["n_images"] == 1 and summary["skipped"] == ["bad\udcff.jpg"]
 
 
-@pytest.mark.xfail(strict=True, reason="utils/metrics.ssim is NaN below 11x11 pixels and "
-                   "utils/evaluation._mean averages it in (fix: skip NaN, see "
-                   "docs/robustness.md)")
 def test_tiny_images_leave_the_average_ssim_defined(bad_set, tiny_weights, tmp_path):
     summary_path = tmp_path / "r.json"
     assert main(COLOR, ["--model", tiny_weights[3], "--testset", str(bad_set), "--qf", "20",
@@ -194,9 +186,6 @@ def test_runner_full_disk_is_one_error_line_and_no_partial_file(bad_set, tiny_we
     assert not summary_path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="utils/evaluation._write_json writes with open(): on a "
-                   "full disk a traceback and a .part file (fix: utils.fileio.atomic_write_bytes, "
-                   "see docs/robustness.md)")
 def test_runner_full_disk_on_the_summary_is_one_error_line(bad_set, tiny_weights, tmp_path,
                                                            monkeypatch, capsys):
     full = _FullDisk(10)

@@ -5,10 +5,13 @@ how they are degraded (single JPEG, shifted double JPEG, or real JPEGs restored 
 control), the per-image and average PSNR / SSIM / PSNR-B lines, the restored PNGs and log under
 the results folder, and the `--json` summaries. The model is loaded once per run; the scripts
 are presets (`Preset`) that fix the mode, the channel count and the defaults of the original.
+Inputs are degraded ahead, and results scored and written behind the network, on worker threads
+(utils/pipeline.py); the output is the same as a serial run's (`--workers 0`), in the same order.
 """
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,16 +21,19 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
-from models.inference import restore
+from models.inference import PRECISIONS, check_options, restore
 from models.model_zoo import load_model
 from utils.errors import UserError
-from utils.image import ImageReadError, imread_uint, imwrite
+from utils.fileio import atomic_write_bytes
+from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
 from utils.metrics import psnr, psnrb, ssim
+from utils.pipeline import Pipeline, StageClock
 
 __all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser", "run", "main"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG = logging.getLogger("fbcnn.test")
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,17 @@ def _quality(text):
     return value
 
 
+def _tile_size(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 16 or value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 of at least 16 "
+                                         f"(tiles follow the 8x8 JPEG grid)")
+    return value
+
+
 def build_parser(preset, prog=None):
     """The command line of a test script; defaults are the preset's (the original's)."""
     p = argparse.ArgumentParser(prog=prog, description=preset.description)
@@ -93,6 +110,21 @@ def build_parser(preset, prog=None):
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    speed = p.add_argument_group("speed and memory (the defaults are the faithful path)")
+    speed.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                       help="network arithmetic: fp32, or bf16/fp16 autocast (default %(default)s)")
+    speed.add_argument("--tile", type=_tile_size, default=None, metavar="N",
+                       help="restore in N x N tiles (a multiple of 8) with one QF for the whole "
+                            "image; default: whole images, tiling only when memory runs out")
+    speed.add_argument("--tile-overlap", type=int, default=32, metavar="M",
+                       help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
+                            "(default %(default)s)")
+    speed.add_argument("--channels-last", action="store_true",
+                       help="NHWC memory layout for the network")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
+    speed.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                       help="threads that prepare JPEG inputs and write results while the network "
+                            "runs; 0 runs every stage in turn (default %(default)s)")
     p.add_argument("--results", default="test_results",
                    help="folder for restored images and logs (default %(default)s)")
     p.add_argument("--no-save-images", action="store_true", help="do not write restored PNGs")
@@ -165,29 +197,46 @@ def _setup_logging(log_path):
         LOG.removeHandler(handler)
         handler.close()
 
+    class PrintableFormatter(logging.Formatter):
+        """File names need not be valid UTF-8: log them escaped, never crash on them."""
+        def format(self, record):
+            return printable(super().format(record))
+
     class TqdmHandler(logging.Handler):
         def emit(self, record):
-            tqdm.write(self.format(record), file=sys.stdout)
+            try:
+                tqdm.write(self.format(record), file=sys.stdout)
+            except Exception:
+                self.handleError(record)
 
     console = TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(PrintableFormatter("%(message)s"))
     LOG.addHandler(console)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    to_file = logging.FileHandler(log_path)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    to_file = logging.FileHandler(log_path, encoding="utf-8")
+    to_file.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(to_file)
 
 
-def _read_testset(folder, n_channels):
+def _read_image(path, n_channels):
+    try:
+        return imread_uint(path, n_channels), None
+    except ImageReadError as exc:
+        return None, exc
+
+
+def _read_testset(folder, n_channels, pipe):
     """The readable images of `folder` as (name, uint8 array); unreadable files are skipped."""
-    names = sorted(n for n in os.listdir(folder)
-                   if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and (
+        os.path.isfile(os.path.join(folder, n)) or n.lower().endswith(IMG_EXTENSIONS)))
     images, skipped = [], []
-    for name in names:
-        try:
-            images.append((name, imread_uint(os.path.join(folder, name), n_channels)))
-        except ImageReadError as exc:
-            LOG.warning("skipped %s", exc)
+    read = pipe.map_prepared(lambda name: _read_image(os.path.join(folder, name), n_channels),
+                             names)
+    for name, (img, error) in zip(names, read):
+        if error is None:
+            images.append((name, img))
+        else:
+            LOG.warning("skipped %s", error)
             skipped.append(name)
     if not images:
         raise UserError(f"--testset {folder}: no readable images")
@@ -199,67 +248,119 @@ def _fmt(value, digits):
 
 
 def _mean(values):
-    values = [v for v in values if v is not None]
+    values = [v for v in values if v is not None and not math.isnan(v)]  # NaN: SSIM under 11 px
     return float(np.mean(values)) if values else None
 
 
 def _write_json(path, summaries):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summaries, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(summaries, indent=2) + "\n").encode(), fsync=False)
 
 
-def run(preset, args):
-    """Evaluate one model on one test set for every setting; returns the summaries."""
+def _scores(img_E, img_H, clock):
+    with clock("metrics"):
+        return psnr(img_E, img_H), ssim(img_E, img_H), psnrb(img_E, img_H)
+
+
+def _write_png(path, img_E, clock):
+    with clock("write"):
+        imwrite(path, img_E)
+
+
+def _log_image(setting, name, qf_pred, scores, written):
+    """Log one image's line and keep its scores (in order, on the finishing thread)."""
+    qf_text = "" if qf_pred is None else f"; predicted QF: {qf_pred}"
+    if scores is None:
+        scores = (None, None, None, qf_pred)
+        LOG.info("%s%s", name, qf_text)
+    else:
+        scores = (*scores.result(), qf_pred)
+        LOG.info("%s - PSNR: %s dB; SSIM: %.4f; PSNRB: %s dB%s", name,
+                 _fmt(scores[0], 2), scores[1], _fmt(scores[2], 2), qf_text)
+    setting.scores.append(scores)
+    if written is not None:
+        written.result()  # a failed write stops the run here
+
+
+def _summarize(setting, testset, model_name, skipped, summaries):
+    """Average one setting's scores and log its line (on the finishing thread, after its images)."""
+    columns = list(zip(*setting.scores))
+    summary = {"testset": testset, "model": model_name, **setting.keys,
+               "n_images": len(setting.scores), "psnr": _mean(columns[0]),
+               "ssim": _mean(columns[1]), "psnrb": _mean(columns[2]),
+               "qf_pred_mean": _mean(columns[3]), "skipped": skipped}
+    if summary["psnr"] is not None:
+        LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%.3f|%s", setting.name,
+                 _fmt(summary["psnr"], 2), summary["ssim"], _fmt(summary["psnrb"], 2))
+    elif summary["qf_pred_mean"] is not None:
+        LOG.info("Average predicted QF - %s -: %.1f", setting.name, summary["qf_pred_mean"])
+    summaries.append(summary)
+
+
+def run(preset, args, clock=None):
+    """Evaluate one model on one test set for every setting; returns the summaries.
+
+    `clock`, a StageClock, receives the seconds spent loading the model, reading images,
+    making JPEGs, in the network, on metrics and on writes (for benchmarks).
+    """
+    clock = clock if clock is not None else StageClock()
     testset_dir = _resolve_testset(args.testset, args.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
     device = _resolve_device(args.device)
-    model = load_model(args.model, device=device)
+    try:
+        check_options(args.precision, args.tile, args.tile_overlap)
+    except ValueError as exc:
+        raise UserError(f"--precision/--tile/--tile-overlap: {exc}") from None
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
+    with clock("load_model"):
+        model = load_model(args.model, device=device)
     _check_channels(model, preset.n_channels, args.model)
     prefix = f"{testset}_{model.name}"
     _setup_logging(os.path.join(args.results, f"{prefix}.log"))
-    LOG.info("model %s on %s (%s), device %s", args.model, testset, testset_dir, device)
+    LOG.info("model %s on %s (%s), device %s, %s%s", args.model, testset, testset_dir, device,
+             args.precision, "" if args.tile is None else
+             f", tiles {args.tile} (overlap {args.tile_overlap})")
     settings = _settings(preset, args, prefix)
-    images, skipped = _read_testset(testset_dir, preset.n_channels)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
+    speed = dict(device=device, precision=args.precision, tile=args.tile,
+                 tile_overlap=args.tile_overlap, channels_last=args.channels_last,
+                 compile=args.compile)
 
     summaries = []
-    for setting in settings:
-        out_dir = os.path.join(args.results, setting.name)
-        if not args.no_save_images:
-            os.makedirs(out_dir, exist_ok=True)
-        for name, img_H in tqdm(images, desc=setting.name, unit="img", leave=False,
-                                disable=None):
-            stem = os.path.splitext(name)[0]
+    with Pipeline(args.workers) as pipe:
+        with clock("read"):
+            images, skipped = _read_testset(testset_dir, preset.n_channels, pipe)
+
+        def degrade(job):
+            setting, _, img_H = job
             if setting.degrade is None:  # real JPEGs: restore the file as it is
-                img_L, img_H = img_H, None
-            else:
-                img_L, img_H = setting.degrade(img_H)
-            img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, device=device)
-            qf_text = "" if qf_pred is None else f"; predicted QF: {qf_pred}"
-            if img_H is None:
-                scores = (None, None, None, qf_pred)
-                LOG.info("%s%s", name, qf_text)
-            else:
-                scores = (psnr(img_E, img_H), ssim(img_E, img_H), psnrb(img_E, img_H), qf_pred)
-                LOG.info("%s - PSNR: %s dB; SSIM: %.4f; PSNRB: %s dB%s", name,
-                         _fmt(scores[0], 2), scores[1], _fmt(scores[2], 2), qf_text)
-            setting.scores.append(scores)
-            if not args.no_save_images:
-                imwrite(os.path.join(out_dir, stem + ".png"), img_E)
-        columns = list(zip(*setting.scores))
-        summary = {"testset": testset, "model": model.name, **setting.keys,
-                   "n_images": len(setting.scores), "psnr": _mean(columns[0]),
-                   "ssim": _mean(columns[1]), "psnrb": _mean(columns[2]),
-                   "qf_pred_mean": _mean(columns[3]), "skipped": skipped}
-        if summary["psnr"] is not None:
-            LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%.3f|%s", setting.name,
-                     _fmt(summary["psnr"], 2), summary["ssim"], _fmt(summary["psnrb"], 2))
-        elif summary["qf_pred_mean"] is not None:
-            LOG.info("Average predicted QF - %s -: %.1f", setting.name, summary["qf_pred_mean"])
-        summaries.append(summary)
+                return img_H, None
+            with clock("jpeg"):
+                return setting.degrade(img_H)
+
+        jobs = [(setting, name, img) for setting in settings for name, img in images]
+        bar = None
+        for i, ((setting, name, _), (img_L, img_H)) in enumerate(
+                zip(jobs, pipe.map_prepared(degrade, jobs))):
+            index = i % len(images)
+            out_dir = None if args.no_save_images else os.path.join(args.results, setting.name)
+            if index == 0:
+                if out_dir is not None:
+                    os.makedirs(out_dir, exist_ok=True)
+                bar = tqdm(total=len(images), desc=setting.name, unit="img", leave=False,
+                           disable=None)
+            with clock("network"):
+                img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
+            scores = None if img_H is None else pipe.submit(_scores, img_E, img_H, clock)
+            written = None if out_dir is None else pipe.submit(
+                _write_png, os.path.join(out_dir, os.path.splitext(name)[0] + ".png"), img_E, clock)
+            pipe.finish(_log_image, setting, name, qf_pred, scores, written)
+            bar.update()
+            if index == len(images) - 1:
+                bar.close()
+                pipe.finish(_summarize, setting, testset, model.name, skipped, summaries)
     if skipped:
         LOG.warning("%d file(s) skipped: %s", len(skipped), ", ".join(skipped))
     if args.json:

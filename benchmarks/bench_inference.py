@@ -1,0 +1,174 @@
+"""Inference speed and memory of `models.inference.restore`, per precision, untiled vs tiled.
+
+Measures forward passes only (the JPEG inputs are made before the clock starts), on a test set
+(default LIVE1_color at QF 10) and on a synthetic photo of `--synthetic-mp` megapixels (a mosaic
+of the test set's images, JPEG-compressed at the same QF). For every precision and layout it
+runs the untiled and the tiled path in the same process, one after the other, and reports
+megapixels/s, achieved TFLOP/s (convolution FLOPs of one untiled pass, counted analytically for
+the model's widths; tiled rows do more work than that, so theirs is the useful rate), peak
+memory, and the largest difference in grey levels from the fp32 untiled output.
+
+    python benchmarks/bench_inference.py --model fbcnn_color --device cuda --json r.json
+    python benchmarks/bench_inference.py --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
+        --precision fp32 bf16 --limit 4 --synthetic-mp 2 --tile 256
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+from benchlib import (PeakMemory, add_model_args, build_model, device_name, fbcnn_conv_flops,
+                    print_table, write_json)
+from data.jpeg import jpeg
+from models.inference import CPU_MAX_UNTILED_MEGAPIXELS, PRECISIONS, restore
+from utils.image import imread_uint, list_images
+
+COLUMNS = [("input", "input", "{}"), ("precision", "precision", "{}"), ("layout", "layout", "{}"),
+           ("tiling", "tiling", "{}"), ("megapixels", "MP", "{:.2f}"),
+           ("seconds", "s", "{:.2f}"), ("mp_per_s", "MP/s", "{:.3f}"),
+           ("tflops", "TFLOP/s", "{:.3f}"), ("peak_gib", "peak GiB", "{:.2f}"),
+           ("max_diff", "max |diff| vs fp32", "{}"), ("qf_pred", "QF", "{}")]
+
+
+def synthetic_photo(images, megapixels, seed=0):
+    """A 4:3 mosaic of `megapixels` cut from the given images (cycled square crops), so the
+    content has real edges and textures, unlike noise or an upscaled image."""
+    height = int(round(math.sqrt(megapixels * 1e6 * 3 / 4)))
+    width = int(round(height * 4 / 3))
+    block = min(480, *(min(img.shape[:2]) for img in images))
+    rng = np.random.default_rng(seed)
+    rows = []
+    k = 0
+    for _ in range(-(-height // block)):
+        row = []
+        for _ in range(-(-width // block)):
+            img = images[k % len(images)]
+            k += 1
+            y = rng.integers(0, img.shape[0] - block + 1)
+            x = rng.integers(0, img.shape[1] - block + 1)
+            row.append(img[y:y + block, x:x + block])
+        rows.append(np.concatenate(row, axis=1))
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:height, :width])
+
+
+def measure(model, inputs, device, reference=None, warmup=0, **options):
+    """Restore every input once (timed, memory tracked) after `warmup` untimed passes; returns
+    the row and the outputs."""
+    for _ in range(warmup):
+        for img in inputs:
+            restore(model, img, device=device, **options)
+    outputs, qfs = [], []
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        for img in inputs:
+            img_E, qf = restore(model, img, device=device, **options)
+            outputs.append(img_E)
+            qfs.append(qf)
+        seconds = time.perf_counter() - start
+    pixels = sum(img.shape[0] * img.shape[1] for img in inputs)
+    flops = sum(fbcnn_conv_flops(model.net, *img.shape[:2]) for img in inputs)
+    row = {"megapixels": pixels / 1e6, "seconds": seconds, "mp_per_s": pixels / 1e6 / seconds,
+           "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
+           "peak_kind": memory.kind, "qf_pred": round(float(np.mean(qfs)), 1)}
+    if reference is not None:
+        row["max_diff"] = int(max(np.abs(a.astype(np.int16) - b).max()
+                                  for a, b in zip(outputs, reference)))
+    return row, outputs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS),
+                   default=list(PRECISIONS))
+    p.add_argument("--layout", nargs="+", choices=("contiguous", "channels_last"),
+                   default=["contiguous"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--testset", default=os.path.join(benchlib.REPO_ROOT, "testsets", "LIVE1_color"))
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--crop", type=int, default=None, metavar="N",
+                   help="use each image's top-left N x N pixels only (quick CPU runs)")
+    p.add_argument("--qf", type=int, default=10, help="JPEG quality of the inputs")
+    p.add_argument("--synthetic-mp", type=float, default=12.0,
+                   help="megapixels of the synthetic photo; 0 skips it (default %(default)s)")
+    p.add_argument("--tile", type=int, default=1024, help="tile size of the tiled rows; 0 skips")
+    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument("--untiled-max-mp", type=float, default=None,
+                   help="skip untiled rows of larger images (default: no limit on CUDA, where "
+                        f"OOM falls back to tiles; {CPU_MAX_UNTILED_MEGAPIXELS} on CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed passes over the inputs before each timed one (default: 1 on "
+                        "CUDA, where cudnn.benchmark tunes per shape; 0 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else int(args.device.startswith("cuda"))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    untiled_max = args.untiled_max_mp if args.untiled_max_mp is not None else (
+        math.inf if device.type == "cuda" else CPU_MAX_UNTILED_MEGAPIXELS)
+    model = build_model(args, device)
+    n_channels = model.net.in_nc
+    paths = list_images(args.testset)[:args.limit]
+    clean = [imread_uint(path, n_channels) for path in paths]
+    crop = "" if args.crop is None else f", {args.crop}x{args.crop} crops"
+    sets = [(f"{os.path.basename(os.path.normpath(args.testset))} ({len(clean)} images{crop})",
+             [jpeg(img[:args.crop, :args.crop], args.qf) for img in clean])]
+    if args.synthetic_mp > 0:
+        photo = synthetic_photo(clean, args.synthetic_mp)
+        sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
+    tilings = [None] + ([args.tile] if args.tile else [])
+
+    rows = []
+    for name, inputs in sets:
+        reference = None
+        for precision in args.precision:
+            for layout in args.layout:
+                for tile in tilings:
+                    megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
+                    label = "untiled" if tile is None else f"{tile}/{args.tile_overlap}"
+                    base = {"input": name, "precision": precision, "layout": layout,
+                            "tiling": label}
+                    if tile is None and megapixels > untiled_max:
+                        rows.append({**base, "note": f"skipped: over {untiled_max} MP untiled"})
+                        print(f"{base}: skipped, over {untiled_max} MP", file=sys.stderr)
+                        continue
+                    row, outputs = measure(model, inputs, device, reference, warmup,
+                                           precision=precision, tile=tile,
+                                           tile_overlap=args.tile_overlap,
+                                           channels_last=layout == "channels_last",
+                                           compile=args.compile,
+                                           max_untiled_megapixels=math.inf)
+                    if reference is None:  # the first row: fp32 untiled when not skipped
+                        reference = outputs
+                        row["max_diff"] = 0
+                        base["reference"] = True
+                    rows.append({**base, **row})
+                    print(f"{base}: {row['mp_per_s']:.3f} MP/s, peak {row['peak_gib']:.2f} GiB",
+                          file=sys.stderr, flush=True)
+    tflop_per_mp = fbcnn_conv_flops(model.net, 1000, 1000) / 1e12
+    print(f"\nDevice: {device_name(device)}. Model: {model.name} ({tflop_per_mp:.3f} TFLOP per "
+          f"megapixel). Differences are against the first row of each input.\n")
+    print_table(rows, COLUMNS)
+    if args.json:
+        write_json(args.json, {"device": device_name(device), "model": model.name,
+                               "tflop_per_megapixel": tflop_per_mp,
+                               "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Training speed: patches/s of `ModelFBCNN.optimize_parameters`, per mixed-precision mode.
+
+Builds the model from an option file exactly as main_train_fbcnn.py does (`--set` overrides
+as there), feeds it synthetic uint8 batches of the configured patch size (the step's cost does
+not depend on pixel values; the data pipeline is not part of this measurement), and times
+`--steps` iterations after `--warmup` ones for each `train.amp` mode, in one process. Achieved
+TFLOP/s counts a training step as 3x the forward convolution FLOPs (forward, and a backward
+pass for activations and weights).
+
+    python benchmarks/bench_train.py --device cuda --amp off bf16 fp16 --json train.json
+    python benchmarks/bench_train.py --device cpu --set netG.nc=[16,32,64,128] --set netG.nb=2 \\
+        --set datasets.train.dataloader_batch_size=4 --amp off --steps 3
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+from benchlib import PeakMemory, device_name, fbcnn_conv_flops, print_table, write_json
+from models.model_fbcnn import ModelFBCNN
+from utils.options import load_options
+
+COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
+           ("batch", "batch", "{}"), ("patch", "patch", "{}"), ("seconds", "s", "{:.2f}"),
+           ("patches_per_s", "patches/s", "{:.2f}"), ("tflops", "TFLOP/s (3x fwd)", "{:.3f}"),
+           ("peak_gib", "peak GiB", "{:.2f}")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--opt", default=os.path.join(benchlib.REPO_ROOT, "options",
+                                                 "train_fbcnn_color.json"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="option overrides, as main_train_fbcnn.py takes them")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    rows = []
+    for amp in args.amp:
+        overrides = [*args.set, f"train.amp={amp}",
+                     f"train.channels_last={'true' if args.channels_last else 'false'}"]
+        opt = load_options(args.opt, overrides, world_size=1, check_paths=False)
+        torch.manual_seed(0)
+        model = ModelFBCNN(opt, device)
+        batch = opt["datasets"]["train"]["dataloader_batch_size"]
+        patch = opt["datasets"]["train"]["H_size"]
+        channels = opt["netG"]["in_nc"]
+        generator = torch.Generator().manual_seed(0)
+        data = {"L": torch.randint(0, 256, (batch, channels, patch, patch), dtype=torch.uint8,
+                                   generator=generator),
+                "H": torch.randint(0, 256, (batch, channels, patch, patch), dtype=torch.uint8,
+                                   generator=generator),
+                "qf": torch.rand(batch, 1, generator=generator)}
+        for step in range(args.warmup):
+            model.feed_data(data)
+            model.optimize_parameters(step)
+        with PeakMemory(device) as memory:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for step in range(args.steps):
+                model.feed_data(data)
+                model.optimize_parameters(args.warmup + step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        flops = 3 * fbcnn_conv_flops(model.bare, patch, patch) * batch * args.steps
+        rows.append({"amp": amp, "channels_last": args.channels_last, "batch": batch,
+                     "patch": patch, "seconds": seconds,
+                     "patches_per_s": batch * args.steps / seconds,
+                     "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
+                     "peak_kind": memory.kind})
+        print(f"amp {amp}: {rows[-1]['patches_per_s']:.2f} patches/s", file=sys.stderr,
+              flush=True)
+    nc, nb = model.bare.nc, model.bare.nb
+    print(f"\nDevice: {device_name(device)}. Network: nc {nc}, nb {nb}, options {args.opt} "
+          f"{' '.join(args.set)}.\n")
+    print_table(rows, COLUMNS)
+    if args.json:
+        write_json(args.json, {"device": device_name(device), "nc": nc, "nb": nb,
+                               "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""benchmarks/: the analytic FLOP count, peak-memory reading and a tiny end-to-end run of the
+inference benchmark (its table and JSON)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+import bench_inference  # noqa: E402
+from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
+
+from models.network_fbcnn import FBCNN  # noqa: E402
+
+
+def _hooked_conv_flops(net, height, width):
+    """FLOPs of every convolution of one forward pass, read from the layers' real shapes."""
+    total = []
+
+    def count(module, inputs, output):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        positions = (inputs[0] if isinstance(module, torch.nn.ConvTranspose2d) else output)
+        total.append(2 * module.in_channels * module.out_channels * k
+                     * positions.shape[-2] * positions.shape[-1])
+
+    hooks = [m.register_forward_hook(count) for m in net.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    with torch.no_grad():
+        net(torch.rand(1, net.in_nc, height, width))
+    for hook in hooks:
+        hook.remove()
+    return sum(total)
+
+
+def test_conv_flops_match_the_layers_and_the_reference_cost():
+    net = FBCNN(in_nc=1, out_nc=1, nc=(8, 16, 24, 40), nb=2)
+    assert fbcnn_conv_flops(net, 37, 50) == _hooked_conv_flops(net, 37, 50)
+    full = FBCNN()  # nc 64..512, nb 4: the issue's 5.41 TFLOP per megapixel
+    assert fbcnn_conv_flops(full, 1000, 1000) / 1e12 == pytest.approx(5.41, abs=0.01)
+    assert fbcnn_conv_flops(full, 1000, 1000, with_qf_head=False) \
+        < fbcnn_conv_flops(full, 1000, 1000)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with PeakMemory("cpu") as small:
+        np.ones(1 << 20, dtype=np.uint8)
+    with PeakMemory("cpu") as large:
+        block = np.ones(256 << 20, dtype=np.uint8)  # 256 MiB, touched
+        del block
+    assert large.peak - small.peak > 200 << 20
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_inference_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_threads):
+    path = tmp_path / "bench.json"
+    assert bench_inference.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
+                                 "--device", "cpu", "--precision", "fp32", "--limit", "1",
+                                 "--synthetic-mp", "0.05", "--tile", "128", "--threads", "1",
+                                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["input"].split()[0], r["tiling"]) for r in rows] == [
+        ("LIVE1_color", "untiled"), ("LIVE1_color", "128/32"),
+        ("synthetic", "untiled"), ("synthetic", "128/32")]
+    assert rows[0]["max_diff"] == 0 and all(r["max_diff"] <= 1 for r in rows)
+    assert rows[2]["megapixels"] == pytest.approx(0.05, rel=0.02)
+    assert all(r["mp_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
+    assert "| LIVE1_color (1 images) | fp32" in capsys.readouterr().out

@@ -1,0 +1,356 @@
+"""models/inference.py: every fast or memory-bounded path against the faithful one (fp32,
+untiled), and the pipelined test runner against the serial one.
+
+Random-weight networks stand in for the released ones (not available offline). Small widths keep
+the file fast on 2 CPU cores; default PyTorch initialisation keeps each residual branch small, so
+the network's effective receptive field is small too, as a trained network's is."""
+import json
+import logging
+import math
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import models.inference as inference
+from data.jpeg import jpeg, label_to_qf, qf_to_label
+from models.inference import check_options, forward_tiled, restore, tile_spans, tile_starts
+from models.model_zoo import LoadedModel
+from models.network_fbcnn import FBCNN
+from utils.evaluation import COLOR, main
+from utils.image import imread_uint, imwrite
+from utils.pipeline import Pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tensors are small, and on a busy 2-core machine a second
+    OpenMP thread makes small convolutions ten times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(nc=(8, 16, 32, 64), nb=1, channels=3, seed=0):
+    torch.manual_seed(seed)
+    net = FBCNN(in_nc=channels, out_nc=channels, nc=nc, nb=nb).eval()
+    return LoadedModel("random", net, channels)
+
+
+@pytest.fixture(scope="module")
+def photo(testsets_dir):
+    """A 200x264 crop of LIVE1 monarch at QF 10: real edges and real blocking artifacts."""
+    img = imread_uint(os.path.join(testsets_dir, "LIVE1_color", "monarch.png"), 3)
+    return jpeg(np.ascontiguousarray(img[100:300, 200:464]), 10)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def faithful(model, photo):
+    return restore(model, photo)
+
+
+def _grey_diff(a, b):
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+def _record_decodes(monkeypatch, net):
+    """Record the qf given to every decode call (one per tile, or one untiled)."""
+    seen = []
+    decode = net.decode
+
+    def recording(skips, qf, size):
+        seen.append(qf.detach().float().clone())
+        return decode(skips, qf, size)
+
+    monkeypatch.setattr(net, "decode", recording)
+    return seen
+
+
+# Tile geometry
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 120).map(lambda n: 8 * n),
+       tile=st.integers(2, 40).map(lambda n: 8 * n), overlap_eighths=st.integers(0, 20))
+def test_tile_spans_cover_align_and_sum_to_one(length, tile, overlap_eighths):
+    overlap = min(8 * overlap_eighths, tile // 2 // 8 * 8)
+    spans = tile_spans(length, tile, overlap)
+    starts = [s.start for s in spans]
+    assert starts == tile_starts(length, tile, overlap) and starts == sorted(set(starts))
+    assert all(s.start % 8 == 0 and s.size == min(tile, length) for s in spans)
+    assert starts[0] == 0 and spans[-1].start + spans[-1].size == length
+    assert all(a.start + a.size - b.start >= overlap for a, b in zip(spans, spans[1:]))
+    total = torch.zeros(length, dtype=torch.float64)
+    total8 = torch.zeros(length // 8, dtype=torch.float64)
+    for s in spans:
+        total[s.slice] += s.weight.double()
+        total8[s.start // 8:(s.start + s.size) // 8] += s.weight8.double()
+        # no weight within overlap // 4 of an edge where the tile was cut
+        margin = overlap // 4
+        if s.start > 0:
+            assert not s.weight[:margin].any()
+        if s.start + s.size < length:
+            assert not s.weight[s.size - margin:].any()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    assert torch.allclose(total8, torch.ones_like(total8), atol=1e-6)
+
+
+def test_invalid_options_name_the_argument(model, photo):
+    with pytest.raises(ValueError, match=r"tile=100\b"):
+        restore(model, photo, tile=100)
+    with pytest.raises(ValueError, match="tile_overlap=12"):
+        check_options(tile=64, tile_overlap=12)
+    with pytest.raises(ValueError, match=r"tile_overlap=40.*tile=64"):
+        check_options(tile=64, tile_overlap=40)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        restore(model, photo, precision="fp8")
+    check_options("bf16", tile=64, tile_overlap=32)  # valid: no error
+
+
+# Tiling against the untiled pass
+
+def test_tile_larger_than_image_is_bit_exact(model, photo, faithful):
+    restored, qf = restore(model, photo, tile=512, tile_overlap=64)
+    assert np.array_equal(restored, faithful[0]) and qf == faithful[1]
+
+
+def _receptive_radius(net, size=192):
+    """Pixels an output pixel reaches into its input, measured with a gradient."""
+    x = torch.rand(1, net.in_nc, size, size, requires_grad=True)
+    restored, _ = net(x, torch.full((1, 1), 0.5))
+    restored[0, 0, size // 2, size // 2].backward()
+    rows, cols = torch.nonzero(x.grad[0].abs().sum(0), as_tuple=True)
+    return int(max((rows - size // 2).abs().max(), (cols - size // 2).abs().max()))
+
+
+def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin():
+    torch.manual_seed(1)
+    net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1).eval()
+    radius = _receptive_radius(net)
+    assert 40 < radius < 96  # the layout's own: 3 downsamplings, one block per stage
+    margin = -(-(radius + 8) // 8) * 8  # + 8: tile cuts fall on 8-pixel cells
+    overlap = 4 * margin  # blending ignores a tile's outer overlap // 4 pixels
+    tile = 2 * overlap
+    x = torch.rand(1, 1, 40, 2 * tile)
+    with torch.no_grad():
+        expected, qf = net(x)
+        tiled, qf_tiled = forward_tiled(net, x, None, tile, overlap)
+        assert len(tile_spans(x.shape[-1], tile, overlap)) == 3
+        assert (tiled - expected).abs().max() < 1e-5
+        assert abs(float(qf_tiled - qf)) < 1e-6
+        # the test can fail: with a margin smaller than the receptive field, tiles differ
+        small, _ = forward_tiled(net, x, None, 64, 32)
+        assert (small - expected).abs().max() > 1e-4
+
+
+def test_tiled_restore_is_within_one_grey_level(model, photo, faithful, monkeypatch):
+    seen = _record_decodes(monkeypatch, model.net)
+    restored, qf = restore(model, photo, tile=96, tile_overlap=32)
+    assert len(seen) == 3 * 4  # 200x264 in 96-pixel tiles: 3 rows, 4 columns
+    diff = _grey_diff(restored, faithful[0])
+    assert diff.max() <= 1 and diff.mean() < 0.05
+    assert qf == faithful[1]
+
+
+def test_tiled_restore_with_a_given_qf_is_within_one_grey_level(model, photo):
+    expected, _ = restore(model, photo, qf=30)
+    restored, _ = restore(model, photo, qf=30, tile=96, tile_overlap=32)
+    assert _grey_diff(restored, expected).max() <= 1
+
+
+def test_tiles_all_receive_the_one_qf_of_the_whole_image(model, photo, faithful, monkeypatch):
+    seen = _record_decodes(monkeypatch, model.net)
+    _, qf = restore(model, photo, tile=96, tile_overlap=32)
+    assert len(seen) == 12 and all(torch.equal(q, seen[0]) for q in seen)
+    assert label_to_qf(seen[0][0, 0]) == qf == faithful[1]
+    # the image's pooled QF features, not one tile's: it matches the untiled prediction closely
+    with torch.no_grad():
+        _, label = model.net(torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255)
+    assert abs(float(seen[0][0, 0] - label[0, 0])) < 1e-3
+    seen.clear()
+    restore(model, photo, qf=30, tile=96, tile_overlap=32)
+    assert len(seen) == 12
+    assert all(torch.allclose(q, torch.full((1, 1), qf_to_label(30))) for q in seen)
+
+
+def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
+    monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 96)
+    seen = _record_decodes(monkeypatch, model.net)
+    auto, _ = restore(model, photo, max_untiled_megapixels=0.05)  # photo: 0.053 megapixels
+    assert len(seen) == 12
+    explicit, _ = restore(model, photo, tile=96, tile_overlap=32)
+    assert np.array_equal(auto, explicit)
+    seen.clear()
+    restore(model, photo, max_untiled_megapixels=math.inf)
+    assert len(seen) == 1
+
+
+# Out-of-memory fallback
+
+def _oom_above(monkeypatch, net, max_pixels):
+    """Make the network raise CUDA's out-of-memory error on inputs over `max_pixels`."""
+    encode = net.encode
+    sizes = []
+
+    def limited(x, predict_qf=True):
+        sizes.append(tuple(x.shape[-2:]))
+        if x.shape[-2] * x.shape[-1] > max_pixels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return encode(x, predict_qf)
+
+    monkeypatch.setattr(net, "encode", limited)
+    return sizes
+
+
+def test_out_of_memory_falls_back_to_tiles_then_smaller_tiles(model, photo, monkeypatch, caplog):
+    expected, expected_qf = restore(model, photo, tile=64, tile_overlap=32)
+    released = []
+    monkeypatch.setattr(inference, "_release_cached_memory", released.append)
+    monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 128)
+    sizes = _oom_above(monkeypatch, model.net, 100 * 100)  # 128-pixel tiles fail, 64 fit
+    with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+        restored, qf = restore(model, photo)
+    assert sizes[0] == (200, 264) and sizes[1] == (128, 128) and set(sizes[2:]) == {(64, 64)}
+    assert len(released) == 2 and len(caplog.records) == 2
+    assert "64-pixel tiles" in caplog.records[-1].getMessage()
+    assert np.array_equal(restored, expected) and qf == expected_qf
+
+
+def test_out_of_memory_with_the_smallest_tiles_is_raised(model, photo, monkeypatch):
+    _oom_above(monkeypatch, model.net, 32 * 32)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        restore(model, photo, tile=128, tile_overlap=32)
+
+
+# Precision and layout
+
+@pytest.mark.parametrize("precision, max_levels", [("bf16", 3), ("fp16", 1)])
+def test_precision_path_is_close_to_fp32(model, photo, faithful, precision, max_levels):
+    restored, qf = restore(model, photo, precision=precision)
+    diff = _grey_diff(restored, faithful[0])
+    assert diff.max() <= max_levels and diff.mean() < 0.5
+    assert diff.any()  # autocast really ran in lower precision
+    assert abs(qf - faithful[1]) <= 1
+
+
+def test_precision_bf16_with_tiles_is_close_to_fp32(model, photo, faithful):
+    restored, _ = restore(model, photo, precision="bf16", tile=96, tile_overlap=32)
+    assert _grey_diff(restored, faithful[0]).max() <= 3
+
+
+def test_channels_last_matches_the_default_layout(model, photo, faithful):
+    net = model.net
+    restored, qf = restore(model, photo, channels_last=True)
+    assert net.m_head.weight.is_contiguous(memory_format=torch.channels_last)
+    diff = _grey_diff(restored, faithful[0])
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3 and qf == faithful[1]
+    restored, _ = restore(model, photo)  # back to the default layout, and to its exact output
+    assert net.m_head.weight.is_contiguous()
+    assert np.array_equal(restored, faithful[0])
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(photo):
+    model = _model(nc=(4, 4, 4, 4))
+    expected, qf = restore(model, photo[:64, :80])
+    restored, qf_compiled = restore(model, photo[:64, :80], compile=True)
+    assert _grey_diff(restored, expected).max() <= 1 and qf_compiled == qf
+
+
+def test_jpeg_pseudo_model_returns_its_input(photo):
+    restored, qf = restore(LoadedModel("jpeg", None, None), photo, precision="bf16", tile=64)
+    assert restored is photo and qf is None
+
+
+# The pipelined runner
+
+def test_pipeline_keeps_order_with_uneven_task_times():
+    rng = np.random.default_rng(0)
+    delays = rng.uniform(0, 0.01, size=24)
+    threads, finished = set(), []
+
+    def prepare(i):
+        time.sleep(delays[i])
+        threads.add(threading.get_ident())
+        return i
+
+    with Pipeline(3) as pipe:
+        for i in pipe.map_prepared(prepare, range(24)):
+            pipe.finish(lambda k: (time.sleep(delays[-1 - k]), finished.append(k)), i)
+    assert finished == list(range(24))
+    assert threading.get_ident() not in threads  # prepared on worker threads
+
+
+def test_pipeline_raises_a_workers_error():
+    def fail(i):
+        raise OSError(f"disk full at {i}")
+
+    with pytest.raises(OSError, match="disk full at 0"):
+        with Pipeline(2) as pipe:
+            for i in pipe.map_prepared(lambda i: i, range(5)):
+                pipe.finish(fail, i)
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory, testsets_dir):
+    """Six small LIVE1 crops of different sizes: enough for the pipeline to reorder things."""
+    folder = tmp_path_factory.mktemp("crops")
+    names = sorted(os.listdir(os.path.join(testsets_dir, "LIVE1_color")))[:6]
+    for k, name in enumerate(names):
+        img = imread_uint(os.path.join(testsets_dir, "LIVE1_color", name), 3)
+        imwrite(str(folder / name), img[:40 + 8 * k, :56 + 5 * k])
+    return folder
+
+
+def test_overlapped_runner_equals_serial_runner(tmp_path, crops, capsys):
+    path = tmp_path / "tiny.pth"
+    torch.save(_model().net.state_dict(), path)
+    outputs = {}
+    for workers in (0, 3):
+        out = tmp_path / f"w{workers}"
+        assert main(COLOR, ["--model", str(path), "--testset", str(crops), "--qf", "10", "30",
+                            "50", "--workers", str(workers), "--results", str(out),
+                            "--json", str(out / "r.json")]) == 0
+        (log,) = [f for f in os.listdir(out) if f.endswith(".log")]
+        log = (out / log).read_text().splitlines()
+        pngs = {os.path.join(d, f): (out / d / f).read_bytes()
+                for d in sorted(os.listdir(out)) if (out / d).is_dir()
+                for f in sorted(os.listdir(out / d))}
+        outputs[workers] = (json.loads((out / "r.json").read_text()),
+                            [line.split(" ", 3)[3] for line in log[1:-1]],  # drop timestamps
+                            pngs, capsys.readouterr().out.splitlines()[1:-1])
+    serial, overlapped = outputs[0], outputs[3]
+    assert len(serial[0]) == 3 and len(serial[1]) == 3 * 7 and len(serial[2]) == 18
+    assert serial[0] == overlapped[0]  # JSON summaries
+    assert serial[1] == overlapped[1]  # per-image and average log lines, in order
+    assert serial[2] == overlapped[2]  # PNG files, byte for byte
+    assert serial[3] == overlapped[3]  # console lines
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_memory_really_falls_back_to_tiles(photo, caplog):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = _model(nc=(64, 128, 256, 512), nb=4)
+    model.net.cuda()
+    big = np.tile(photo, (8, 8, 1))  # 1600x2112: about 5 GiB untiled in fp32
+    expected, _ = restore(model, big, device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(2.5 * 2 ** 30 / torch.cuda.mem_get_info()[1])
+    try:
+        with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+            restored, _ = restore(model, big, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert "out of memory" in caplog.text
+    assert _grey_diff(restored, expected).max() <= 1
