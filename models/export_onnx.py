@@ -1,0 +1,129 @@
+"""ONNX export of FBCNN with dynamic batch, height and width.
+
+This module owns turning a loaded FBCNN into an `.onnx` file that other runtimes can use:
+
+    python -m models.export_onnx --model fbcnn_color -o fbcnn_color.onnx [--qf-input] [--check]
+
+Graph: input `image` (N, C, H, W) float32 in [0, 1], any H and W; outputs `restored`
+(N, C, H, W) and `qf` (N, 1), the predicted `1 - QF/100` (QF = round(100 * (1 - qf))). The
+network's own replicate padding to a multiple of 8 and the crop back are traced as shape
+arithmetic (`-w % 8`), so they follow the input size. With `--qf-input` the graph has a second
+input `qf_input` (N, 1): a value in [0, 1] (`1 - QF/100`) overrides the predicted QF, as FBCNN's
+flexible control, and a negative value keeps the blind estimate, so one file serves both uses.
+
+The export uses PyTorch's TorchScript-based exporter (`dynamo=False`), which needs only the
+`onnx` package; `--check` also needs `onnxruntime`.
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from models.model_zoo import load_model
+from utils.errors import UserError
+
+__all__ = ["FBCNNExport", "export_onnx", "check_onnx", "main"]
+
+DEFAULT_OPSET = 17
+
+
+class FBCNNExport(nn.Module):
+    """FBCNN as exported: `(image[, qf_input]) -> (restored, qf)`, blind where qf_input < 0."""
+
+    def __init__(self, net, qf_input=False):
+        super().__init__()
+        self.net, self.with_qf_input = net, qf_input
+
+    def forward(self, image, qf_input=None):
+        skips, qf = self.net.encode(image)
+        condition = qf if qf_input is None else torch.where(qf_input < 0, qf, qf_input)
+        return self.net.decode(skips, condition, image.shape[-2:]), qf
+
+
+def export_onnx(net, path, qf_input=False, opset=DEFAULT_OPSET, example_size=(64, 64)):
+    """Write `net` (an FBCNN) to `path` as ONNX; returns `path`. Written atomically."""
+    wrapper = FBCNNExport(net.eval(), qf_input).eval()
+    device = next(net.parameters()).device
+    image = torch.rand(1, net.in_nc, *example_size, device=device)
+    args = (image,)
+    input_names = ["image"]
+    dynamic_axes = {"image": {0: "batch", 2: "height", 3: "width"},
+                    "restored": {0: "batch", 2: "height", 3: "width"}, "qf": {0: "batch"}}
+    if qf_input:
+        args = (image, torch.full((1, 1), -1.0, device=device))
+        input_names.append("qf_input")
+        dynamic_axes["qf_input"] = {0: "batch"}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part-{os.getpid()}"
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # the TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, args, tmp, dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=["restored", "qf"],
+                              dynamic_axes=dynamic_axes)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_onnx(net, path, sizes=((61, 83), (96, 128)), qf_input=False, seed=0):
+    """Largest absolute difference between onnxruntime and PyTorch over test inputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    net = net.eval().cpu()
+    for h, w in sizes:
+        image = torch.rand(1, net.in_nc, h, w, generator=generator)
+        feeds = {"image": image.numpy()}
+        qf = None
+        if qf_input:
+            qf = torch.full((1, 1), 0.7)
+            feeds["qf_input"] = qf.numpy()
+        with torch.no_grad():
+            expected = net(image, qf)
+        got = session.run(["restored", "qf"], feeds)
+        for e, g in zip(expected, got):
+            worst = max(worst, float(np.abs(e.numpy() - g).max()))
+    return worst
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.export_onnx",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="a model name (fbcnn_color, ...) or a .pth/.safetensors file")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--qf-input", action="store_true",
+                   help="add the qf_input graph input (QF control; negative = blind)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset (default %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="compare onnxruntime with PyTorch on two input sizes")
+    args = p.parse_args(argv)
+    try:
+        model = load_model(args.model, device="cpu")
+        if model.net is None:
+            raise UserError(f"--model {args.model}: the jpeg pseudo-model has no network to export")
+        export_onnx(model.net, args.output, qf_input=args.qf_input, opset=args.opset)
+        print(f"wrote {args.output}")
+        if args.check:
+            diff = check_onnx(model.net, args.output, qf_input=args.qf_input)
+            print(f"onnxruntime vs PyTorch: max abs difference {diff:.2e}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

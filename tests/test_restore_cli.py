@@ -1,0 +1,337 @@
+"""main_restore.py / utils/restore_cli.py: inputs, routing, QF modes, outputs and metadata."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import utils.restore_cli as cli
+from data.jpeg import jpeg_decode, jpeg_encode
+from models.inference import restore
+from models.model_zoo import load_model
+from models.network_fbcnn import FBCNN
+from utils.image_meta import apply_orientation, read_icc_profile
+
+TINY = dict(nc=[8, 16, 32, 64], nb=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Paths of a tiny colour and a tiny gray FBCNN, saved as safetensors."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, n in (("color", 3), ("gray", 1)):
+        torch.manual_seed(n)
+        net = FBCNN(in_nc=n, out_nc=n, **TINY)
+        paths[name] = str(folder / f"tiny_{name}.safetensors")
+        save_file(net.state_dict(), paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A 48x40 colour image with some texture, RGB uint8."""
+    rng = np.random.default_rng(1)
+    base = cv2.resize(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8), (40, 48),
+                      interpolation=cv2.INTER_CUBIC)
+    return np.clip(base.astype(int) + rng.integers(-15, 16, base.shape), 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path, img, qf=50, segments=b""):
+    """Write `img` (RGB or gray) as an OpenCV JPEG, with `segments` inserted after SOI."""
+    data = jpeg_encode(img, qf)
+    path.write_bytes(data[:2] + segments + data[2:])
+    return path
+
+
+def exif_segment(orientation):
+    tiff = (b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1)
+            + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0))
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def icc_profile(colour_space=b"RGB "):
+    """A minimal, well-formed ICC header (132 bytes, no tags) that libpng accepts."""
+    header = bytearray(128)
+    struct.pack_into(">I", header, 0, 132)
+    header[8:12] = b"\x02\x10\x00\x00"
+    header[12:16] = b"mntr"
+    header[16:20] = colour_space
+    header[20:24] = b"XYZ "
+    header[36:40] = b"acsp"
+    struct.pack_into(">iii", header, 68, 63190, 65536, 54061)  # D50
+    return bytes(header) + struct.pack(">I", 0)
+
+
+def icc_segment(profile):
+    payload = b"ICC_PROFILE\x00\x01\x01" + profile
+    return b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def png_iccp(path):
+    """The decompressed iCCP profile of a PNG file, read independently of utils/image_meta."""
+    data, pos = path.read_bytes(), 8
+    while pos < len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"iCCP":
+            payload = data[pos + 8:pos + 8 + length]
+            return zlib.decompress(payload[payload.index(b"\x00") + 2:])
+        pos += 12 + length
+    return None
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_rgb(path):
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+IDENTITY = ["--model", "jpeg", "--gray-model", "jpeg"]
+
+
+def test_files_folders_globs_and_recursive(tmp_path, photo, capsys):
+    src = tmp_path / "in"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    write_jpeg(src / "a.jpg", photo)
+    write_jpeg(src / "sub" / "b.jpg", photo[::-1])
+    write_jpeg(src / "sub" / "deeper" / "c.jpeg", photo[:, ::-1])
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+
+    code, _, _ = run([str(src), "-o", str(out / "flat"), *IDENTITY], capsys)
+    assert code == 0 and sorted(os.listdir(out / "flat")) == ["a.png"]
+
+    code, _, _ = run([str(src), "-r", "-o", str(out / "tree"), *IDENTITY], capsys)
+    assert code == 0
+    assert (out / "tree" / "sub" / "deeper" / "c.png").is_file()
+    restored = read_rgb(out / "tree" / "sub" / "b.png")
+    np.testing.assert_array_equal(restored, jpeg_decode(jpeg_encode(photo[::-1], 50), 3))
+
+    code, _, _ = run([str(src / "**" / "*.jp*g"), "-r", "-o", str(out / "glob"), *IDENTITY], capsys)
+    assert code == 0 and sorted(os.listdir(out / "glob")) == ["a.png", "b.png", "c.png"]
+
+    code, _, err = run([str(src / "*.bmp"), "-o", str(out / "none"), *IDENTITY], capsys)
+    assert code == 1 and "no image files match" in err
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, photo, capsys):
+    write_jpeg(tmp_path / "a.jpg", photo)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"precious")
+    code, out_text, _ = run([str(tmp_path / "a.jpg"), "-o", str(out), *IDENTITY], capsys)
+    assert code == 0 and "skipped" in out_text
+    assert (out / "a.png").read_bytes() == b"precious"
+    code, _, _ = run([str(tmp_path / "a.jpg"), "-o", str(out), "--overwrite", *IDENTITY], capsys)
+    assert code == 0 and cv2.imread(str(out / "a.png")) is not None
+
+
+def test_rerun_beside_the_inputs_skips_earlier_results(tmp_path, photo, capsys):
+    write_jpeg(tmp_path / "x.jpg", photo)
+    write_jpeg(tmp_path / "y.jpg", photo[::-1])
+    args = [str(tmp_path), "-o", str(tmp_path), "--suffix", "_fbcnn", *IDENTITY]
+    assert run(args, capsys)[0] == 0
+    code, out, _ = run(args, capsys)
+    assert code == 0 and "0 restored, 2 skipped, 0 failed" in out
+    assert sorted(os.listdir(tmp_path)) == ["x.jpg", "x_fbcnn.png", "y.jpg", "y_fbcnn.png"]
+
+
+def test_an_input_is_never_overwritten(tmp_path, photo, capsys):
+    cv2.imwrite(str(tmp_path / "a.png"), photo)
+    before = (tmp_path / "a.png").read_bytes()
+    code, _, err = run([str(tmp_path / "a.png"), "-o", str(tmp_path), "--overwrite", *IDENTITY],
+                       capsys)
+    assert code == 1 and "is an input file" in err
+    assert (tmp_path / "a.png").read_bytes() == before
+    code, _, _ = run([str(tmp_path / "a.png"), "-o", str(tmp_path), "--suffix", "_fbcnn",
+                      *IDENTITY], capsys)
+    assert code == 0 and (tmp_path / "a_fbcnn.png").is_file()
+
+
+def test_a_broken_file_fails_alone(tmp_path, photo, tiny_models, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jpeg(src / "a.jpg", photo)
+    (src / "b.jpg").write_bytes(jpeg_encode(photo, 50)[:200])  # truncated
+    (src / "c.png").write_bytes(b"")
+    cv2.imwrite(str(src / "d.png"), photo)
+    out = tmp_path / "out"
+    code, _, err = run([str(src), "-o", str(out), "--model", tiny_models["color"]], capsys)
+    assert code == 1
+    assert sorted(os.listdir(out)) == ["a.png", "d.png"]
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 2
+    assert any("b.jpg" in line for line in error_lines)
+    assert any("c.png" in line for line in error_lines)
+    assert "2 restored, 0 skipped, 2 failed" in err
+
+
+def test_gray_jpeg_goes_to_the_gray_model(tmp_path, photo, tiny_models, capsys):
+    gray = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    write_jpeg(tmp_path / "g.jpg", gray, 30)
+    write_jpeg(tmp_path / "c.jpg", photo, 30)
+    out = tmp_path / "out"
+    code, _, _ = run([str(tmp_path / "g.jpg"), str(tmp_path / "c.jpg"), "-o", str(out),
+                      "--model", tiny_models["color"], "--gray-model", tiny_models["gray"]], capsys)
+    assert code == 0
+    restored_gray = cv2.imread(str(out / "g.png"), cv2.IMREAD_UNCHANGED)
+    expected, _ = restore(load_model(tiny_models["gray"]), jpeg_decode(jpeg_encode(gray, 30), 1))
+    assert restored_gray.ndim == 2
+    np.testing.assert_array_equal(restored_gray, expected)
+    expected_colour, _ = restore(load_model(tiny_models["color"]),
+                                 jpeg_decode(jpeg_encode(photo, 30), 3))
+    np.testing.assert_array_equal(read_rgb(out / "c.png"), expected_colour)
+
+    code, _, _ = run([str(tmp_path / "g.jpg"), "-o", str(tmp_path / "forced"), "--channels",
+                      "color", "--model", tiny_models["color"]], capsys)
+    assert code == 0
+    assert cv2.imread(str(tmp_path / "forced" / "g.png"), cv2.IMREAD_UNCHANGED).ndim == 3
+
+
+def test_wrong_kind_of_model_stops_the_run(tmp_path, photo, tiny_models, capsys):
+    write_jpeg(tmp_path / "c.jpg", photo)
+    code, _, err = run([str(tmp_path / "c.jpg"), "-o", str(tmp_path / "out"), "--model",
+                        tiny_models["gray"]], capsys)
+    assert code == 2 and "--model" in err and "1-channel" in err
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, photo, orientation, capsys):
+    path = write_jpeg(tmp_path / "o.jpg", photo, 90, exif_segment(orientation))
+    code, _, _ = run([str(path), "-o", str(tmp_path / "out"), *IDENTITY], capsys)
+    assert code == 0
+    as_opencv_shows_it = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    restored = read_rgb(tmp_path / "out" / "o.png")
+    assert restored.shape == as_opencv_shows_it.shape
+    np.testing.assert_array_equal(restored, as_opencv_shows_it)
+
+
+def test_network_runs_on_the_stored_grid_then_turns(tmp_path, photo, tiny_models, capsys):
+    path = write_jpeg(tmp_path / "o.jpg", photo, 20, exif_segment(6))
+    code, _, _ = run([str(path), "-o", str(tmp_path / "out"), "--model", tiny_models["color"]],
+                     capsys)
+    assert code == 0
+    stored = jpeg_decode(jpeg_encode(photo, 20), 3)
+    expected = apply_orientation(restore(load_model(tiny_models["color"]), stored)[0], 6)
+    np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "o.png"), expected)
+
+
+def test_icc_profile_is_carried(tmp_path, photo, capsys):
+    rgb_profile, gray_profile = icc_profile(b"RGB "), icc_profile(b"GRAY")
+    write_jpeg(tmp_path / "c.jpg", photo, 80, icc_segment(rgb_profile))
+    write_jpeg(tmp_path / "g.jpg", photo[..., 1], 80, icc_segment(gray_profile))
+    code, _, _ = run([str(tmp_path / "c.jpg"), str(tmp_path / "g.jpg"), "-o",
+                      str(tmp_path / "png"), *IDENTITY], capsys)
+    assert code == 0
+    assert png_iccp(tmp_path / "png" / "c.png") == rgb_profile
+    assert png_iccp(tmp_path / "png" / "g.png") == gray_profile
+    assert cv2.imread(str(tmp_path / "png" / "c.png")) is not None
+
+    code, _, _ = run([str(tmp_path / "c.jpg"), "-o", str(tmp_path / "jpg"), "--format", "jpg",
+                      *IDENTITY], capsys)
+    out_jpg = (tmp_path / "jpg" / "c.jpg").read_bytes()
+    assert code == 0 and read_icc_profile(out_jpg) == rgb_profile
+    assert b"ICC_PROFILE\x00\x01\x01" + rgb_profile in out_jpg
+
+    code, _, err = run([str(tmp_path / "c.jpg"), "-o", str(tmp_path / "webp"), "--format",
+                        "webp", *IDENTITY], capsys)
+    assert code == 0 and "ICC profile not carried" in err
+    assert (tmp_path / "webp" / "c.webp").is_file()
+
+
+class RecordingRestore:
+    """Stands in for models.inference.restore, recording the keyword arguments it gets."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, img, qf=None, device="cpu", precision="fp32", tile=None,
+                 tile_overlap=32, channels_last=False):
+        self.calls.append(dict(qf=qf, device=device, precision=precision, tile=tile,
+                               tile_overlap=tile_overlap, channels_last=channels_last))
+        return img, 42
+
+
+def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, capsys):
+    recorder = RecordingRestore()
+    monkeypatch.setattr(cli, "restore", recorder)
+    path = write_jpeg(tmp_path / "a.jpg", photo, 37)
+    cv2.imwrite(str(tmp_path / "b.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+
+    def qf_used(*args):
+        recorder.calls.clear()
+        code, _, _ = run([str(path), "-o", str(tmp_path / "out"), "--overwrite", *IDENTITY,
+                          *args], capsys)
+        assert code == 0
+        return recorder.calls[0]
+
+    assert qf_used()["qf"] is None
+    assert qf_used("--qf", "12")["qf"] == 12
+    assert qf_used("--qf", "header")["qf"] == 37
+    call = qf_used("--precision", "bf16", "--tile", "256", "--tile-overlap", "16",
+                   "--channels-last", "--device", "cpu")
+    assert call == dict(qf=None, device="cpu", precision="bf16", tile=256, tile_overlap=16,
+                        channels_last=True)
+    assert qf_used()["tile"] is None and qf_used()["precision"] == "fp32"  # restore()'s defaults
+
+    code, _, err = run([str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--qf", "header",
+                        *IDENTITY], capsys)
+    assert code == 1 and "b.png" in err and "not a JPEG" in err
+
+
+def test_invalid_speed_flags_stop_before_any_file(tmp_path, photo, capsys):
+    path = write_jpeg(tmp_path / "a.jpg", photo)
+    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "100", *IDENTITY], capsys)
+    assert code == 2 and "--tile" in err and "multiple of 8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_speed_flags_rejected_by_an_older_restore(tmp_path, photo, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "restore", lambda model, img, qf=None, device="cpu": (img, None))
+    path = write_jpeg(tmp_path / "a.jpg", photo)
+    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "64", *IDENTITY], capsys)
+    assert code == 2 and "--tile" in err
+
+
+def test_qf_estimate_json(tmp_path, testsets_dir, tiny_models, capsys):
+    gray = cv2.imread(os.path.join(testsets_dir, "LIVE1_gray", "monarch.png"), cv2.IMREAD_GRAYSCALE)
+    crop = np.ascontiguousarray(gray[100:243, 200:343])
+    write_jpeg(tmp_path / "q37.jpg", crop, 37)
+    cv2.imwrite(str(tmp_path / "clean.png"), crop)
+    out_json = tmp_path / "qf.json"
+    code, out, _ = run(["--qf-estimate", str(tmp_path / "q37.jpg"), str(tmp_path / "clean.png"),
+                        "--gray-model", tiny_models["gray"], "--json", str(out_json)], capsys)
+    assert code == 0
+    rows = json.loads(out_json.read_text())
+    assert [sorted(r) for r in rows] == [["dominant_qf", "file", "header_qf", "network_qf"]] * 2
+    by_name = {os.path.basename(r["file"]): r for r in rows}
+    assert by_name["q37.jpg"]["header_qf"] == 37 and by_name["q37.jpg"]["dominant_qf"] == 37
+    stored = jpeg_decode(jpeg_encode(crop, 37), 1)
+    expected_network = restore(load_model(tiny_models["gray"]), stored)[1]
+    assert by_name["q37.jpg"]["network_qf"] == expected_network
+    assert by_name["clean.png"]["header_qf"] is None and by_name["clean.png"]["dominant_qf"] is None
+    assert "q37.jpg" in out
+
+
+def test_main_restore_script_exit_status(tmp_path, repo_root, photo):
+    write_jpeg(tmp_path / "a.jpg", photo)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    result = subprocess.run(
+        [sys.executable, os.path.join(repo_root, "main_restore.py"), str(tmp_path / "a.jpg"),
+         str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "out"), *IDENTITY],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "broken.jpg" in result.stderr and (tmp_path / "out" / "a.png").is_file()
+    assert not (tmp_path / "out" / "broken.png").exists()

@@ -1,0 +1,531 @@
+"""The `main_restore.py` tool: restore your own images, or report their JPEG quality.
+
+This module owns the command line that turns inputs (files, folders, globs) into restored
+images on disk, one at a time, with every model loaded at most once:
+- routing: a grayscale image (a one-component JPEG; for other formats, three equal channels)
+  goes to `--gray-model`, any other to `--model`, unless `--channels` forces one;
+- the QF fed to the network (`--qf`): the network's own estimate (auto), the file's
+  quantization tables (header, data/jpeg_header.py), FBCNN-D's dominant QF (dominant,
+  data/dominant_qf.py) or a fixed number;
+- files: outputs in `-o OUTDIR` (folder inputs keep their sub-folders), PNG by default, written
+  atomically and only when the file was restored in full; an input is never overwritten and an
+  existing output only with `--overwrite`; files found in folders that are outputs of other
+  inputs (an earlier run's results) are not inputs; JPEGs are restored on their stored 8x8
+  grid and then turned by their EXIF orientation; ICC profiles are carried into PNG and JPEG outputs;
+- reporting: a progress bar, one line per failed file naming it, a summary, exit status 1 when
+  any file failed (the others are still processed), 2 for a usage error;
+- `--qf-estimate`: per file the header QF, the network's QF and the dominant QF, as a table
+  and optionally as JSON.
+The network step itself is models/inference.py's `restore`.
+"""
+import argparse
+import glob
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.dominant_qf import estimate_dominant_qf
+from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
+from models import inference
+from models.inference import restore
+from models.model_zoo import MODEL_ZOO, load_model
+from utils.errors import UserError
+from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path
+from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
+                              read_icc_profile, read_orientation)
+
+__all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache", "read_image",
+           "choose_qf", "encode_image", "run_restore", "run_qf_estimate", "main"]
+
+LOG = logging.getLogger("fbcnn.restore")
+FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
+           "tiff": ".tif", "bmp": ".bmp"}
+GLOB_CHARS = "*?["
+# restore() options passed through only when given, so restore() keeps its own defaults
+PASS_THROUGH = {"precision": "--precision", "tile": "--tile", "tile_overlap": "--tile-overlap",
+                "channels_last": "--channels-last", "compile": "--compile"}
+
+
+def _qf_mode(text):
+    if text in ("auto", "header", "dominant"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use auto, header, dominant or a quality factor 1..100") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is outside the JPEG quality range 1..100")
+    return value
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def build_parser(prog=None):
+    known = ", ".join(["jpeg", *MODEL_ZOO])
+    p = argparse.ArgumentParser(
+        prog=prog, description="Remove JPEG artifacts from your own images with FBCNN, or report "
+        "their JPEG quality (--qf-estimate). Inputs are files, folders or glob patterns.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
+    p.add_argument("-o", "--output", metavar="OUTDIR",
+                   help="folder for the restored images (required unless --qf-estimate)")
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="descend into sub-folders of folder inputs; lets ** in globs match "
+                        "any depth")
+    p.add_argument("--model", default="fbcnn_color",
+                   help=f"model for colour images: {known}, or a .pth/.safetensors file "
+                        "(default %(default)s)")
+    p.add_argument("--gray-model", default="fbcnn_gray",
+                   help="model for grayscale images, same choices (default %(default)s)")
+    p.add_argument("--channels", choices=("auto", "color", "gray"), default="auto",
+                   help="auto: grayscale files to --gray-model, others to --model; color: all "
+                        "to --model; gray: all to --gray-model, colour inputs converted to "
+                        "gray (default %(default)s)")
+    p.add_argument("--qf", type=_qf_mode, default="auto", metavar="auto|header|dominant|N",
+                   help="QF fed to the network: auto (its own estimate), header (from the "
+                        "JPEG's quantization tables), dominant (FBCNN-D, for double JPEG), or a "
+                        "number 1..100; lower removes more (default %(default)s)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="png",
+                   help="output format (default %(default)s)")
+    p.add_argument("--quality", type=_positive, default=95,
+                   help="quality of jpg and webp outputs (default %(default)s)")
+    p.add_argument("--suffix", default="", help="added to each output's file name stem")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (inputs are never overwritten)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="network precision (default: fp32, the faithful path)")
+    p.add_argument("--tile", type=_positive, default=None,
+                   help="restore in tiles of this many pixels (bounded memory)")
+    p.add_argument("--tile-overlap", type=_non_negative, default=None,
+                   help="overlap of neighbouring tiles in pixels (default: restore()'s, 32)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="run the network in channels_last memory format")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network (pays off on many or large images)")
+    p.add_argument("--qf-estimate", action="store_true",
+                   help="do not restore: print each file's header, network and dominant QF")
+    p.add_argument("--no-network", action="store_true",
+                   help="with --qf-estimate: skip the network's QF (no model is loaded)")
+    p.add_argument("--json", metavar="PATH", help="with --qf-estimate: also write the results "
+                   "as a JSON list of {file, header_qf, network_qf, dominant_qf}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    return p
+
+
+class OptionError(UserError):
+    """A problem with the options or a model that stops the whole run (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and where its result goes (`subdir` is relative to OUTDIR)."""
+    path: str
+    subdir: str = ""
+    named: bool = True  # given by name, not found in a folder or by a glob
+
+
+def _is_image_name(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _strictly_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def collect_inputs(inputs, recursive=False, exclude=None):
+    """Expand INPUT arguments to Jobs (sorted per argument, duplicates dropped) and errors.
+
+    Files named explicitly are taken whatever their extension; folders and globs contribute
+    files with an image extension. A recursive walk does not enter `exclude` (the output
+    folder) when it lies inside the walked folder.
+    """
+    jobs, errors, seen = [], [], set()
+
+    def add(path, subdir="", named=False):
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(path, subdir, named))
+
+    for arg in inputs:
+        if os.path.isfile(arg):
+            add(arg, named=True)
+        elif os.path.isdir(arg):
+            found = 0
+            walker = os.walk(arg) if recursive else [(arg, [], os.listdir(arg))]
+            for folder, dirs, names in walker:
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
+                    exclude and _strictly_inside(exclude, arg)
+                    and os.path.realpath(os.path.join(folder, d)) == os.path.realpath(exclude)))
+                rel = os.path.relpath(folder, arg)
+                for name in sorted(names):
+                    path = os.path.join(folder, name)
+                    if _is_image_name(name) and os.path.isfile(path):
+                        add(path, "" if rel == "." else rel)
+                        found += 1
+            if not found:
+                errors.append(f"{arg}: no image files in this folder"
+                              + ("" if recursive else " (use --recursive for sub-folders)"))
+        elif any(c in arg for c in GLOB_CHARS):
+            matches = [m for m in sorted(glob.glob(arg, recursive=recursive))
+                       if os.path.isfile(m) and _is_image_name(os.path.basename(m))]
+            if not matches:
+                errors.append(f"{arg}: no image files match this pattern")
+            for m in matches:
+                add(m)
+        else:
+            errors.append(f"{arg}: no such file or folder")
+    return jobs, errors
+
+
+def _resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available; use --device cpu")
+    return device
+
+
+class ModelCache:
+    """Loads `--model` and `--gray-model` on first use, each once."""
+
+    ROLES = {"color": ("--model", 3, "a colour (3-channel) model such as fbcnn_color"),
+             "gray": ("--gray-model", 1, "a grayscale (1-channel) model such as fbcnn_gray")}
+
+    def __init__(self, names, device):
+        self.names, self.device, self.loaded = names, device, {}
+
+    def get(self, role):
+        if role not in self.loaded:
+            option, n_channels, wanted = self.ROLES[role]
+            try:
+                model = load_model(self.names[role], device=self.device)
+            except UserError as exc:
+                raise OptionError(str(exc)) from None
+            if model.in_nc not in (None, n_channels):
+                raise OptionError(f"{option} {self.names[role]}: a {model.in_nc}-channel model; "
+                                f"{option} needs {wanted}")
+            LOG.info("loaded %s %s on %s", option, self.names[role], self.device)
+            self.loaded[role] = model
+        return self.loaded[role]
+
+
+@dataclass
+class Decoded:
+    """An input as the network sees it: pixels in stored orientation, RGB or gray."""
+    img: np.ndarray
+    gray: bool
+    orientation: int  # EXIF orientation still to apply to the result (1 = none)
+    icc: object  # bytes or None
+    jpeg_info: object  # data.jpeg_header.JpegInfo, or None for other formats
+
+
+def read_image(path, channels="auto"):
+    """Read one input file; raises ImageReadError, naming the file, when it cannot be used.
+
+    Decoding goes through utils/image.py's `decode_uint8`, which refuses empty, truncated and
+    oversized files (decompression bombs) before OpenCV sees them and rounds 16-bit pixels.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ImageReadError(f"{display_path(path)}: cannot read file "
+                             f"({exc.strerror or exc})") from None
+    info = None
+    if is_jpeg(data):
+        try:
+            info = parse_jpeg(data)
+        except JpegHeaderError:
+            info = None  # let the decoder judge; only --qf header needs the tables
+    flags = cv2.IMREAD_COLOR
+    orientation = 1
+    if info is not None:
+        # decode as stored so the network sees the file's own 8x8 grid; turn the result after
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+        orientation = read_orientation(data)
+    gray = channels == "gray" or (channels == "auto" and info is not None
+                                  and info.n_components == 1)
+    if gray and info is not None:
+        flags = (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_GRAYSCALE
+    img = decode_uint8(data, flags, path)
+    if img.ndim == 3:
+        if channels == "auto" and info is None and np.array_equal(img[..., 0], img[..., 1]) \
+                and np.array_equal(img[..., 1], img[..., 2]):
+            gray = True
+        if gray:
+            img = img[..., 0] if channels == "auto" else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        else:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return Decoded(np.ascontiguousarray(img), gray, orientation, read_icc_profile(data), info)
+
+
+def choose_qf(mode, decoded):
+    """`(qf or None, how it was found)` for `--qf mode`; raises UserError when it cannot be."""
+    if isinstance(mode, int):
+        return mode, "given"
+    if mode == "auto":
+        return None, "network"
+    if mode == "header":
+        if decoded.jpeg_info is None:
+            raise UserError("no JPEG quantization tables to read the QF from (not a JPEG "
+                            "file); use --qf auto or --qf dominant")
+        found = header_qf(decoded.jpeg_info)
+        return found.qf, "header" if found.exact else "header, nearest to non-standard tables"
+    estimate = estimate_dominant_qf(decoded.img)
+    if estimate.qf is None:
+        return None, "network (no JPEG trace found for --qf dominant)"
+    return estimate.qf, "dominant"
+
+
+def encode_image(img, ext, quality=95, icc=None):
+    """Encoded bytes of a uint8 RGB or gray image; `icc` embedded where the format allows."""
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    params = {".jpg": [int(cv2.IMWRITE_JPEG_QUALITY), quality],
+              ".webp": [int(cv2.IMWRITE_WEBP_QUALITY), quality]}.get(ext, [])
+    ok, buf = cv2.imencode(ext, img, params)
+    if not ok:
+        raise UserError(f"OpenCV could not encode the result as {ext}")
+    data = buf.tobytes()
+    return embed_icc(data, ext, icc) if icc is not None else data
+
+
+def _write_new(path, data, overwrite):
+    """Write atomically; without `overwrite`, never replace a file that appeared meanwhile."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.part-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists, unlike a rename
+            except FileExistsError:
+                raise
+            except OSError:  # file systems without hard links
+                if os.path.exists(path):
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _restore_options(args):
+    """The restore() keyword arguments the user set, checked against restore()'s signature."""
+    accepted = inspect.signature(restore).parameters
+    options = {}
+    for key, flag in PASS_THROUGH.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key not in accepted:
+            raise OptionError(f"{flag}: this version of models/inference.restore() does not "
+                            f"support it")
+        options[key] = value
+    check = getattr(inference, "check_options", None)
+    if check is not None:
+        names = inspect.signature(check).parameters
+        try:
+            check(**{k: v for k, v in options.items() if k in names})
+        except ValueError as exc:
+            flag = next((f for k, f in PASS_THROUGH.items() if str(exc).startswith(k + "=")), None)
+            raise OptionError(f"{flag}: {exc}" if flag else str(exc)) from None
+    return options
+
+
+def _setup_logging(quiet):
+    class TqdmHandler(logging.Handler):
+        def emit(self, record):
+            tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING
+                       else sys.stdout)
+
+    LOG.setLevel(logging.WARNING if quiet else logging.INFO)
+    LOG.propagate = False
+    for handler in list(LOG.handlers):
+        LOG.removeHandler(handler)
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOG.addHandler(handler)
+
+
+def _failure(path, exc):
+    """Log and return the one line that reports a failed file."""
+    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    line = detail if isinstance(exc, ImageReadError) else f"{display_path(path)}: {detail}"
+    LOG.error("error: %s", line)
+    return line
+
+
+def _output_path(args, job, ext):
+    stem = os.path.splitext(os.path.basename(job.path))[0] + args.suffix
+    return os.path.join(args.output, job.subdir, stem + ext)
+
+
+def plan_outputs(jobs, args, ext):
+    """`(job, output path)` pairs. A file found in a folder or by a glob that is itself the
+    output of another input (an earlier run's result) is not restored again."""
+    planned = [(job, _output_path(args, job, ext)) for job in jobs]
+    outputs = {os.path.realpath(dest) for job, dest in planned}
+    return [(job, dest) for job, dest in planned
+            if job.named or os.path.realpath(job.path) not in outputs]
+
+
+def run_restore(args):
+    """Restore every input; returns the exit status (0 all done, 1 some file failed)."""
+    if not args.output:
+        raise OptionError("-o OUTDIR is required (where the restored images go)")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise OptionError(f"-o {args.output}: exists and is not a folder")
+    device = _resolve_device(args.device)
+    options = _restore_options(args)
+    ext = FORMATS[args.format]
+    jobs, failures = collect_inputs(args.inputs, args.recursive, exclude=args.output)
+    for message in failures:
+        LOG.error("error: %s", message)
+    models = ModelCache({"color": args.model, "gray": args.gray_model}, device)
+    work = plan_outputs(jobs, args, ext)
+    inputs = {os.path.realpath(job.path) for job, _ in work}
+    planned, done, skipped, icc_dropped = {}, 0, 0, set()
+    start = time.perf_counter()
+    for job, dest in tqdm(work, desc="restoring", unit="img", disable=None):
+        key, shown = os.path.realpath(dest), display_path(job.path)
+        try:
+            if key in inputs:
+                raise UserError(f"its output {dest} is an input file, which is never "
+                                "overwritten; choose another -o or a --suffix")
+            if key in planned:
+                raise UserError(f"its output {dest} is also the output of {planned[key]}; "
+                                "use --suffix or separate runs")
+            planned[key] = shown
+            if os.path.exists(dest) and not args.overwrite:
+                LOG.info("skipped %s: %s exists (--overwrite replaces it)", shown, dest)
+                skipped += 1
+                continue
+            decoded = read_image(job.path, args.channels)
+            qf, qf_source = choose_qf(args.qf, decoded)
+            model = models.get("gray" if decoded.gray else "color")
+            img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
+            img_E = apply_orientation(img_E, decoded.orientation)
+            icc = decoded.icc
+            if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)
+                                    != ("GRAY" if img_E.ndim == 2 else "RGB")):
+                icc_dropped.add(f"{shown} ({ext} output)" if ext not in ICC_FORMATS
+                                else f"{shown} ({icc_colour_space(icc)} profile, "
+                                     f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
+                icc = None
+            _write_new(dest, encode_image(img_E, ext, args.quality, icc), args.overwrite)
+            done += 1
+            used = "network's" if qf is None else f"{qf} ({qf_source})"
+            predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
+            LOG.info("%s -> %s [%s, QF %s%s]", shown, display_path(dest),
+                     "gray" if decoded.gray else "colour", used, predicted)
+        except FileExistsError:
+            LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
+                     display_path(dest))
+            skipped += 1
+        except OptionError:
+            raise
+        except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
+            failures.append(_failure(job.path, exc))
+    for item in sorted(icc_dropped):
+        LOG.warning("warning: ICC profile not carried for %s", item)
+    elapsed = time.perf_counter() - start
+    summary = f"{done} restored, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s"
+    if done:
+        summary += f" -> {args.output}"
+    tqdm.write(summary, file=sys.stderr if failures else sys.stdout)
+    return 1 if failures else 0
+
+
+def run_qf_estimate(args):
+    """Print (and optionally save as JSON) each input's header, network and dominant QF."""
+    device = None if args.no_network else _resolve_device(args.device)
+    options = {} if args.no_network else _restore_options(args)
+    jobs, failures = collect_inputs(args.inputs, args.recursive)
+    for message in failures:
+        LOG.error("error: %s", message)
+    models = None if args.no_network else ModelCache(
+        {"color": args.model, "gray": args.gray_model}, device)
+    rows = []
+    for job in tqdm(jobs, desc="estimating", unit="img", disable=None):
+        try:
+            decoded = read_image(job.path, args.channels)
+            header = header_qf(decoded.jpeg_info) if decoded.jpeg_info is not None else None
+            network_qf = None
+            if models is not None:
+                model = models.get("gray" if decoded.gray else "color")
+                network_qf = restore(model, decoded.img, qf=None, device=device, **options)[1]
+            dominant = estimate_dominant_qf(decoded.img).qf
+        except OptionError:
+            raise
+        except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
+            failures.append(_failure(job.path, exc))
+            continue
+        rows.append(({"file": job.path, "header_qf": None if header is None else header.qf,
+                      "network_qf": network_qf, "dominant_qf": dominant}, header))
+    width = max([len("file")] + [len(display_path(r["file"])) for r, _ in rows])
+    lines = [f"{'file':<{width}}  {'header':>24}  {'network':>7}  {'dominant':>8}"]
+    for row, header in rows:
+        cells = ["-" if header is None else str(header),
+                 "-" if row["network_qf"] is None else str(row["network_qf"]),
+                 "-" if row["dominant_qf"] is None else str(row["dominant_qf"])]
+        lines.append(f"{display_path(row['file']):<{width}}  {cells[0]:>24}  {cells[1]:>7}  "
+                     f"{cells[2]:>8}")
+    tqdm.write("\n".join(lines), file=sys.stdout)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = f"{args.json}.part-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump([r for r, _ in rows], f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)
+    if failures:
+        tqdm.write(f"{len(failures)} file(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def main(argv=None, prog=None):
+    """Entry point: exit status 0 (all done), 1 (some files failed) or 2 (usage error)."""
+    args = build_parser(prog).parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return run_qf_estimate(args) if args.qf_estimate else run_restore(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
