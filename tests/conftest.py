@@ -27,3 +27,14 @@ def shared_testsets():
     if not os.path.isdir(path):
         pytest.skip(f"{path} is not present beside the repository")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny networks: on 2 shared cores a second OpenMP
+    thread makes small convolutions several times slower, not faster."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -161,7 +161,7 @@ def test_gray_model_on_colour_set_is_one_error_line(tmp_path, tiny_models):
 def test_bad_quality_factor_is_rejected(tmp_path):
     out = _script("main_test_fbcnn_gray.py", "--model", "jpeg", "--qf", "0",
                   "--results", str(tmp_path))
-    assert out.returncode == 2 and "outside the JPEG quality range" in out.stderr
+    assert out.returncode == 2 and "0 is not in 1..100 (the JPEG quality range)" in out.stderr
     assert "Traceback" not in out.stderr
 
 

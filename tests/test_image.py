@@ -25,13 +25,7 @@ from utils.fileio import WriteError
 from utils.image import (ImageReadError, display_path, imread_uint, imwrite, read_header,
                          read_image_header)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; two threads on two busy cores spin and stall."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RNG = np.random.default_rng(5)

@@ -27,14 +27,7 @@ from utils.image import imread_uint, imwrite
 from utils.pipeline import Pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tensors are small, and on a busy 2-core machine a second
-    OpenMP thread makes small convolutions ten times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(nc=(8, 16, 32, 64), nb=1, channels=3, seed=0):

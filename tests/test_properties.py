@@ -25,13 +25,7 @@ try:
 except ImportError:
     header_qf = None
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread; two threads on two busy cores spin and stall."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FEW = settings(max_examples=30, deadline=None,

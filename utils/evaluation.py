@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import PRECISIONS, check_options, restore
 from models.model_zoo import load_model
+from utils.cli import bounded_int, quality_factor
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
@@ -64,27 +65,6 @@ COLOR_REAL = Preset("real", 3, "Real", "fbcnn_color", qf_control=(5, 10, 30, 50,
                     "result per QF in the control list.")
 
 
-def _quality(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{value} is outside the JPEG quality range 1..100")
-    return value
-
-
-def _tile_size(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 16 or value % 8:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 of at least 16 "
-                                         f"(tiles follow the 8x8 JPEG grid)")
-    return value
-
-
 def build_parser(preset, prog=None):
     """The command line of a test script; defaults are the preset's (the original's)."""
     p = argparse.ArgumentParser(prog=prog, description=preset.description)
@@ -96,24 +76,24 @@ def build_parser(preset, prog=None):
                    help="fbcnn_color, fbcnn_gray, fbcnn_gray_double, jpeg (the unrestored input), "
                         "or a .pth/.safetensors path (default %(default)s)")
     if preset.mode == "single":
-        p.add_argument("--qf", type=_quality, nargs="+", default=list(preset.qf),
+        p.add_argument("--qf", type=quality_factor, nargs="+", default=list(preset.qf),
                        help="JPEG quality factors (default %(default)s)")
     elif preset.mode == "double":
-        p.add_argument("--qf1", type=_quality, nargs="+", default=list(preset.qf1),
+        p.add_argument("--qf1", type=quality_factor, nargs="+", default=list(preset.qf1),
                        help="first JPEG quality factors (default %(default)s)")
-        p.add_argument("--qf2", type=_quality, nargs="+", default=list(preset.qf2),
+        p.add_argument("--qf2", type=quality_factor, nargs="+", default=list(preset.qf2),
                        help="second JPEG quality factors (default %(default)s)")
         p.add_argument("--shift", type=int, default=preset.shift,
                        help="rows and columns cropped between the two JPEGs (default %(default)s)")
     else:
-        p.add_argument("--qf-control", type=_quality, nargs="+", default=list(preset.qf_control),
+        p.add_argument("--qf-control", type=quality_factor, nargs="+", default=list(preset.qf_control),
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     speed = p.add_argument_group("speed and memory (the defaults are the faithful path)")
     speed.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                        help="network arithmetic: fp32, or bf16/fp16 autocast (default %(default)s)")
-    speed.add_argument("--tile", type=_tile_size, default=None, metavar="N",
+    speed.add_argument("--tile", type=bounded_int(16, multiple_of=8, why=" (tiles follow the 8x8 JPEG grid)"), default=None, metavar="N",
                        help="restore in N x N tiles (a multiple of 8) with one QF for the whole "
                             "image; default: whole images, tiling only when memory runs out")
     speed.add_argument("--tile-overlap", type=int, default=32, metavar="M",

@@ -38,6 +38,7 @@ from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
 from models import inference
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO, load_model
+from utils.cli import bounded_int, quality_factor
 from utils.errors import UserError
 from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
@@ -59,33 +60,9 @@ def _qf_mode(text):
     if text in ("auto", "header", "dominant"):
         return text
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use auto, header, dominant or a quality factor 1..100") from None
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{value} is outside the JPEG quality range 1..100")
-    return value
-
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+        return quality_factor(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: use auto, header, dominant or a quality factor") from None
 
 
 def build_parser(prog=None):
@@ -114,7 +91,7 @@ def build_parser(prog=None):
                         "number 1..100; lower removes more (default %(default)s)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
-    p.add_argument("--quality", type=_positive, default=95,
+    p.add_argument("--quality", type=bounded_int(1), default=95,
                    help="quality of jpg and webp outputs (default %(default)s)")
     p.add_argument("--suffix", default="", help="added to each output's file name stem")
     p.add_argument("--overwrite", action="store_true",
@@ -122,9 +99,9 @@ def build_parser(prog=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="network precision (default: fp32, the faithful path)")
-    p.add_argument("--tile", type=_positive, default=None,
+    p.add_argument("--tile", type=bounded_int(1), default=None,
                    help="restore in tiles of this many pixels (bounded memory)")
-    p.add_argument("--tile-overlap", type=_non_negative, default=None,
+    p.add_argument("--tile-overlap", type=bounded_int(0), default=None,
                    help="overlap of neighbouring tiles in pixels (default: restore()'s, 32)")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="run the network in channels_last memory format")
