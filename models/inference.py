@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.jpeg import label_to_qf, qf_to_label
+from utils.errors import UserError
 from utils.image import tensor2uint, uint2tensor
 
-__all__ = ["restore", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
+__all__ = ["restore", "resolve_device", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS"]
 
 LOG = logging.getLogger("fbcnn.inference")
@@ -234,6 +235,15 @@ def _forward(fns, x, qf_input, tile, overlap, device):
 
 
 @torch.no_grad()
+def resolve_device(device):
+    """`--device auto|cpu|cuda` -> "cuda" or "cpu"; asking for an absent CUDA is a UserError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    return device
+
+
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.

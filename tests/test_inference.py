@@ -347,3 +347,14 @@ def test_cuda_out_of_memory_really_falls_back_to_tiles(photo, caplog):
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert "out of memory" in caplog.text
     assert _grey_diff(restored, expected).max() <= 1
+
+
+def test_resolve_device_follows_cuda_availability(monkeypatch):
+    from models.inference import resolve_device
+    from utils.errors import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="--device cuda"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from data.jpeg import jpeg_encode
-from models.inference import DEFAULT_TILE, check_options, restore
+from models.inference import DEFAULT_TILE, check_options, resolve_device, restore
 from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
                               model_label)
 from utils.errors import UserError
@@ -381,10 +381,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     try:
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-        device = args.device if args.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         try:
             check_options(tile=args.tile, tile_overlap=0)
         except ValueError as exc:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
-from models.inference import PRECISIONS, check_options, restore
+from models.inference import PRECISIONS, check_options, resolve_device, restore
 from models.model_zoo import load_model
 from utils.cli import bounded_int, quality_factor
 from utils.errors import UserError
@@ -134,14 +134,6 @@ def _resolve_testset(testset, root):
         if os.path.isdir(root) else []
     hint = f"; sets in {root}: {', '.join(known)}" if known else f"; {root} holds no test sets"
     raise UserError(f"--testset {testset!r}: no folder {path}{hint}")
-
-
-def _resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    return device
 
 
 def _check_channels(model, n_channels, model_arg):
@@ -286,7 +278,7 @@ def run(preset, args, clock=None):
     clock = clock if clock is not None else StageClock()
     testset_dir = _resolve_testset(args.testset, args.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     try:
         check_options(args.precision, args.tile, args.tile_overlap)
     except ValueError as exc:

@@ -45,7 +45,7 @@ import torch
 from utils.errors import UserError
 from utils.fileio import WriteError, atomic_write_bytes
 
-__all__ = ["IMG_EXTENSIONS", "ImageReadError", "ImageHeader", "MAX_PIXELS_ENV",
+__all__ = ["IMG_EXTENSIONS", "read_file_bytes", "ImageReadError", "ImageHeader", "MAX_PIXELS_ENV",
            "DEFAULT_MAX_PIXELS", "max_pixels", "printable", "display_path", "read_header",
            "check_image_bytes", "read_image_header", "decode_uint8", "list_images", "imread_uint",
            "imwrite", "rgb2y_matlab", "uint2tensor", "tensor2uint"]
@@ -356,6 +356,18 @@ def list_images(folder):
                   and os.path.isfile(os.path.join(folder, name)))
 
 
+def read_file_bytes(path):
+    """The bytes of an image file; ImageReadError naming it for a folder or an unreadable file."""
+    if os.path.isdir(path):
+        raise ImageReadError(f"{display_path(path)}: a folder, not an image file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ImageReadError(f"{display_path(path)}: cannot read file "
+                             f"({exc.strerror or exc})") from None
+
+
 def imread_uint(path, n_channels=3):
     """Read `path` as uint8: HxWx3 RGB when n_channels is 3, HxW grayscale when it is 1.
 
@@ -366,14 +378,7 @@ def imread_uint(path, n_channels=3):
     """
     if n_channels not in (1, 3):
         raise ValueError(f"n_channels must be 1 or 3, got {n_channels}")
-    if os.path.isdir(path):
-        raise ImageReadError(f"{display_path(path)}: a folder, not an image file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ImageReadError(f"{display_path(path)}: cannot read file "
-                             f"({exc.strerror or exc})") from None
+    data = read_file_bytes(path)
     img = decode_uint8(data, cv2.IMREAD_GRAYSCALE if n_channels == 1 else cv2.IMREAD_COLOR, path)
     if n_channels == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

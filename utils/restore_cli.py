@@ -30,17 +30,17 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
 from models import inference
-from models.inference import restore
+from models.inference import resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from utils.cli import bounded_int, quality_factor
 from utils.errors import UserError
-from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path
+from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path,
+                         read_file_bytes)
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
 
@@ -184,14 +184,6 @@ def collect_inputs(inputs, recursive=False, exclude=None):
     return jobs, errors
 
 
-def _resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device is available; use --device cpu")
-    return device
-
-
 class ModelCache:
     """Loads `--model` and `--gray-model` on first use, each once."""
 
@@ -232,12 +224,7 @@ def read_image(path, channels="auto"):
     Decoding goes through utils/image.py's `decode_uint8`, which refuses empty, truncated and
     oversized files (decompression bombs) before OpenCV sees them and rounds 16-bit pixels.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ImageReadError(f"{display_path(path)}: cannot read file "
-                             f"({exc.strerror or exc})") from None
+    data = read_file_bytes(path)
     info = None
     if is_jpeg(data):
         try:
@@ -386,7 +373,7 @@ def run_restore(args):
         raise OptionError("-o OUTDIR is required (where the restored images go)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise OptionError(f"-o {args.output}: exists and is not a folder")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     options = _restore_options(args)
     ext = FORMATS[args.format]
     jobs, failures = collect_inputs(args.inputs, args.recursive, exclude=args.output)
@@ -449,7 +436,7 @@ def run_restore(args):
 
 def run_qf_estimate(args):
     """Print (and optionally save as JSON) each input's header, network and dominant QF."""
-    device = None if args.no_network else _resolve_device(args.device)
+    device = None if args.no_network else resolve_device(args.device)
     options = {} if args.no_network else _restore_options(args)
     jobs, failures = collect_inputs(args.inputs, args.recursive)
     for message in failures:
