@@ -6,7 +6,7 @@ from its newest complete checkpoint. See docs/training.md; the work happens in u
 import argparse
 import sys
 
-from utils.errors import UserError
+from utils.cli import run_cli
 from utils.options import load_options
 from utils.training import train
 
@@ -18,12 +18,7 @@ def main(argv=None):
                         help="override an option; VALUE is parsed as JSON, else taken as a string "
                              "(repeatable), e.g. --set train.total_iter=1000")
     args = parser.parse_args(argv)
-    try:
-        train(load_options(args.opt, args.set))
-    except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    return 0
+    return run_cli(lambda: train(load_options(args.opt, args.set)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import cv2
 
 from data.dataset_jpeg import list_images_recursive
 from utils.errors import UserError
-from utils.image import ImageReadError, imread_uint
+from utils.image import ImageReadError, imread_uint, imwrite
 
 __all__ = ["window_starts", "cut_image", "prepare", "main"]
 
@@ -52,14 +52,8 @@ def cut_image(path, dst, size, step, thresh, compression=3):
             if os.path.exists(out):
                 skipped += 1
                 continue
-            tmp = os.path.join(dst, f".{stem}_s{i:03d}_{j:03d}.tmp.png")
-            sub = img[top:top + size, left:left + size]
-            ok, buf = cv2.imencode(".png", cv2.cvtColor(sub, cv2.COLOR_RGB2BGR),
-                                   [int(cv2.IMWRITE_PNG_COMPRESSION), compression])
-            if not ok:
-                raise OSError(f"{path}: OpenCV could not encode a sub-image as PNG")
-            buf.tofile(tmp)
-            os.replace(tmp, out)
+            imwrite(out, img[top:top + size, left:left + size],
+                    [int(cv2.IMWRITE_PNG_COMPRESSION), compression])
             written += 1
     return written, skipped
 

@@ -16,14 +16,8 @@ from utils import metrics
 from utils.image import rgb2y_matlab
 from utils.metrics import psnr, psnrb, ssim
 
-try:  # tiled inference (issue 4) and header QFs (issue 6) may not exist in every checkout
-    from models.inference import forward_tiled, restore
-except ImportError:
-    forward_tiled = restore = None
-try:
-    from data.jpeg_header import header_qf
-except ImportError:
-    header_qf = None
+from data.jpeg_header import header_qf
+from models.inference import forward_tiled, restore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,7 +162,6 @@ def test_psnrb_is_a_number_for_every_size(shape):
 
 # Tiled inference (issue 4)
 
-needs_tiling = pytest.mark.skipif(restore is None, reason="models/inference.py has no tiling")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +178,6 @@ def small_field_net():
     return net, 4 * margin
 
 
-@needs_tiling
 @FEW
 @given(h=st.integers(1, 64), w=st.integers(1, 64), tile_eighths=st.integers(8, 12),
        qf=st.one_of(st.none(), st.integers(1, 100)), seed=st.integers(0, 1000))
@@ -200,7 +192,6 @@ def test_a_tile_holding_the_image_is_the_untiled_pass(small_field_net, h, w, til
     assert tiled[0].shape == img.shape
 
 
-@needs_tiling
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(8, 40), extra=st.integers(1, 300), seed=st.integers(0, 1000),
@@ -222,7 +213,6 @@ def test_tiles_equal_the_untiled_pass_when_the_overlap_covers_the_receptive_fiel
 
 # QF from JPEG headers (issue 6)
 
-@pytest.mark.skipif(header_qf is None, reason="data/jpeg_header.py is not present")
 @SOME
 @given(img=images(min_side=8, max_side=24, layouts=("gray", "rgb")), qf=st.integers(1, 100))
 def test_header_qf_inverts_opencv_quality_scaling(img, qf):

@@ -298,11 +298,11 @@ def test_invalid_speed_flags_stop_before_any_file(tmp_path, photo, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_speed_flags_rejected_by_an_older_restore(tmp_path, photo, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "restore", lambda model, img, qf=None, device="cpu": (img, None))
+def test_tile_off_the_jpeg_grid_is_rejected_before_any_file(tmp_path, photo, capsys):
     path = write_jpeg(tmp_path / "a.jpg", photo)
-    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "64", *IDENTITY], capsys)
-    assert code == 2 and "--tile" in err
+    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "60", *IDENTITY], capsys)
+    assert code == 2 and "--tile" in err and "multiple of 8" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_qf_estimate_json(tmp_path, testsets_dir, tiny_models, capsys):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import PRECISIONS, check_options, resolve_device, restore
 from models.model_zoo import load_model
-from utils.cli import bounded_int, quality_factor
+from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
@@ -344,12 +344,4 @@ def run(preset, args, clock=None):
 def main(preset, argv=None, prog=None):
     """Entry point of a test script: one clear line and exit status 2 on a user error."""
     args = build_parser(preset, prog).parse_args(argv)
-    try:
-        run(preset, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: run(preset, args))

@@ -45,7 +45,7 @@ import torch
 from utils.errors import UserError
 from utils.fileio import WriteError, atomic_write_bytes
 
-__all__ = ["IMG_EXTENSIONS", "read_file_bytes", "ImageReadError", "ImageHeader", "MAX_PIXELS_ENV",
+__all__ = ["IMG_EXTENSIONS", "read_file_bytes", "imencode", "ImageReadError", "ImageHeader", "MAX_PIXELS_ENV",
            "DEFAULT_MAX_PIXELS", "max_pixels", "printable", "display_path", "read_header",
            "check_image_bytes", "read_image_header", "decode_uint8", "list_images", "imread_uint",
            "imwrite", "rgb2y_matlab", "uint2tensor", "tensor2uint"]
@@ -385,23 +385,35 @@ def imread_uint(path, n_channels=3):
     return img
 
 
+def imencode(img, ext, params=()):
+    """The bytes of a uint8 HxW or HxWx3 RGB image encoded as `ext` (".png", ".jpg", ...).
+
+    `params` are OpenCV's encoder parameters; raises UserError when OpenCV cannot encode it.
+    """
+    if img.ndim == 3 and img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    try:
+        ok, buf = cv2.imencode(ext, img, list(params))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise UserError(f"OpenCV could not encode a {img.dtype} image of shape {img.shape} as "
+                        f"{ext}")
+    return buf.tobytes()
+
+
 def imwrite(path, img, params=()):
     """Write a uint8 HxW or HxWx3 RGB image atomically; the format follows the extension.
 
     Raises WriteError naming the file when it cannot be encoded or written (a full disk leaves
     no partial file). `params` are OpenCV's encoder parameters.
     """
-    if img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     ext = os.path.splitext(os.fsdecode(path))[1] or ".png"
     try:
-        ok, buf = cv2.imencode(ext, img, list(params))
-    except cv2.error:
-        ok = False
-    if not ok:
-        raise WriteError(f"{display_path(path)}: OpenCV could not encode a {img.dtype} image of "
-                         f"shape {img.shape} as {ext}")
-    atomic_write_bytes(path, buf.tobytes(), fsync=False)
+        data = imencode(img, ext, params)
+    except UserError as exc:
+        raise WriteError(f"{display_path(path)}: {exc}") from None
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def rgb2y_matlab(img):

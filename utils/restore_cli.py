@@ -20,7 +20,6 @@ The network step itself is models/inference.py's `restore`.
 """
 import argparse
 import glob
-import inspect
 import json
 import logging
 import os
@@ -34,13 +33,12 @@ from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
-from models import inference
-from models.inference import resolve_device, restore
+from models.inference import check_options, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
-from utils.cli import bounded_int, quality_factor
+from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
 from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path,
-                         read_file_bytes)
+                         imencode, read_file_bytes)
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
 
@@ -273,14 +271,9 @@ def choose_qf(mode, decoded):
 
 def encode_image(img, ext, quality=95, icc=None):
     """Encoded bytes of a uint8 RGB or gray image; `icc` embedded where the format allows."""
-    if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     params = {".jpg": [int(cv2.IMWRITE_JPEG_QUALITY), quality],
               ".webp": [int(cv2.IMWRITE_WEBP_QUALITY), quality]}.get(ext, [])
-    ok, buf = cv2.imencode(ext, img, params)
-    if not ok:
-        raise UserError(f"OpenCV could not encode the result as {ext}")
-    data = buf.tobytes()
+    data = imencode(img, ext, params)
     return embed_icc(data, ext, icc) if icc is not None else data
 
 
@@ -308,25 +301,14 @@ def _write_new(path, data, overwrite):
 
 
 def _restore_options(args):
-    """The restore() keyword arguments the user set, checked against restore()'s signature."""
-    accepted = inspect.signature(restore).parameters
-    options = {}
-    for key, flag in PASS_THROUGH.items():
-        value = getattr(args, key)
-        if value is None:
-            continue
-        if key not in accepted:
-            raise OptionError(f"{flag}: this version of models/inference.restore() does not "
-                            f"support it")
-        options[key] = value
-    check = getattr(inference, "check_options", None)
-    if check is not None:
-        names = inspect.signature(check).parameters
-        try:
-            check(**{k: v for k, v in options.items() if k in names})
-        except ValueError as exc:
-            flag = next((f for k, f in PASS_THROUGH.items() if str(exc).startswith(k + "=")), None)
-            raise OptionError(f"{flag}: {exc}" if flag else str(exc)) from None
+    """The restore() keyword arguments the user set; unset ones keep its faithful defaults."""
+    options = {key: getattr(args, key) for key in PASS_THROUGH if getattr(args, key) is not None}
+    try:
+        check_options(**{k: v for k, v in options.items()
+                         if k in ("precision", "tile", "tile_overlap")})
+    except ValueError as exc:
+        flag = next((f for k, f in PASS_THROUGH.items() if str(exc).startswith(k + "=")), None)
+        raise OptionError(f"{flag}: {exc}" if flag else str(exc)) from None
     return options
 
 
@@ -485,11 +467,4 @@ def main(argv=None, prog=None):
     """Entry point: exit status 0 (all done), 1 (some files failed) or 2 (usage error)."""
     args = build_parser(prog).parse_args(argv)
     _setup_logging(args.quiet)
-    try:
-        return run_qf_estimate(args) if args.qf_estimate else run_restore(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run_qf_estimate(args) if args.qf_estimate else run_restore(args))
