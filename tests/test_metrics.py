@@ -1,13 +1,15 @@
-"""utils/metrics.py: the spec's golden values to 1e-6, plus analytic cases."""
+"""utils/metrics.py: the spec's golden values to 1e-6, analytic cases, and equality with a
+line-by-line float64 copy of the original code (the oracle below) on real and odd-sized images."""
 import math
 import os
 
+import cv2
 import numpy as np
 import pytest
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from utils.image import imread_uint, rgb2y_matlab
-from utils.metrics import psnr, psnrb, ssim
+from utils.metrics import psnr, psnrb, scores, ssim
 
 
 def _golden_cases(testsets):
@@ -81,3 +83,104 @@ def test_colour_psnrb_uses_y_of_image_for_bef():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
+
+
+# --- the oracle: spec section 3 as the original computed it (float64, 2-D filter2D) ---------
+
+def _ref_prepare(img, ref, border):
+    h, w = img.shape[:2]
+    return (img[border:h - border, border:w - border].astype(np.float64),
+            ref[border:h - border, border:w - border].astype(np.float64))
+
+
+def _ref_mse(img, ref, border):
+    img, ref = _ref_prepare(img, ref, border)
+    return np.mean((img - ref) ** 2)
+
+
+def _ref_psnr(img, ref, border):
+    mse = _ref_mse(img, ref, border)
+    return math.inf if mse == 0 else 20 * math.log10(255.0 / math.sqrt(mse))
+
+
+def _ref_ssim_channel(img, ref):
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    kernel = cv2.getGaussianKernel(11, 1.5)
+    window = np.outer(kernel, kernel.transpose())
+    mu1 = cv2.filter2D(img, -1, window)[5:-5, 5:-5]
+    mu2 = cv2.filter2D(ref, -1, window)[5:-5, 5:-5]
+    mu1_sq, mu2_sq, mu1_mu2 = mu1 ** 2, mu2 ** 2, mu1 * mu2
+    sigma1_sq = cv2.filter2D(img ** 2, -1, window)[5:-5, 5:-5] - mu1_sq
+    sigma2_sq = cv2.filter2D(ref ** 2, -1, window)[5:-5, 5:-5] - mu2_sq
+    sigma12 = cv2.filter2D(img * ref, -1, window)[5:-5, 5:-5] - mu1_mu2
+    ssim_map = ((2 * mu1_mu2 + c1) * (2 * sigma12 + c2)) / (
+        (mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
+    return ssim_map.mean()
+
+
+def _ref_ssim(img, ref, border):
+    img, ref = _ref_prepare(img, ref, border)
+    if min(img.shape[:2]) < 11:
+        return math.nan
+    if img.ndim == 2:
+        return _ref_ssim_channel(img, ref)
+    return np.mean([_ref_ssim_channel(img[..., c], ref[..., c]) for c in range(img.shape[2])])
+
+
+def _ref_bef(img, block=8):
+    h, w = img.shape
+    col_diff = (img[:, :-1] - img[:, 1:]) ** 2
+    row_diff = (img[:-1, :] - img[1:, :]) ** 2
+    col_boundary = np.zeros(w - 1, dtype=bool)
+    col_boundary[block - 1::block] = True
+    row_boundary = np.zeros(h - 1, dtype=bool)
+    row_boundary[block - 1::block] = True
+    n_hb, n_vb = h * (w / block - 1), w * (h / block - 1)
+    n_hbc, n_vbc = h * (w - 1) - n_hb, w * (h - 1) - n_vb
+    if min(h, w) < block or n_hb + n_vb <= 0:
+        return 0.0
+    d_b = (col_diff[:, col_boundary].sum() + row_diff[row_boundary, :].sum()) / (n_hb + n_vb)
+    d_bc = (col_diff[:, ~col_boundary].sum() + row_diff[~row_boundary, :].sum()) / (n_hbc + n_vbc)
+    eta = math.log2(block) / math.log2(min(h, w)) if d_b > d_bc else 0.0
+    return eta * (d_b - d_bc)
+
+
+def _ref_psnrb(img, ref, border):
+    mse = _ref_mse(img, ref, border)
+    y = rgb2y_matlab(img) if img.ndim == 3 and img.shape[2] == 3 else img.reshape(img.shape[:2])
+    total = mse + _ref_bef(_ref_prepare(y, y, border)[0])
+    return math.inf if total == 0 else 10 * math.log10(255.0 ** 2 / total)
+
+
+def _assert_matches_oracle(img, ref, border):
+    got = scores(img, ref, border)
+    assert got == (psnr(img, ref, border), ssim(img, ref, border), psnrb(img, ref, border)) \
+        or math.isnan(got[1])
+    # PSNR and PSNR-B: the same exact sums, so the same bits; SSIM: the same filter sums in
+    # another order (two 1-D passes), within 1e-13
+    assert got[0] == _ref_psnr(img, ref, border)
+    assert got[2] == _ref_psnrb(img, ref, border)
+    want = _ref_ssim(img, ref, border)
+    assert (math.isnan(got[1]) and math.isnan(want)) or abs(got[1] - want) < 1e-13
+
+
+@pytest.mark.parametrize("folder, n_channels", [("LIVE1_color", 3), ("Classic5", 1)])
+@pytest.mark.parametrize("border", [0, 4])
+def test_fast_metrics_equal_the_original_on_testsets(testsets_dir, folder, n_channels, border):
+    names = sorted(os.listdir(os.path.join(testsets_dir, folder)))[:4]
+    for name in names:
+        ref = imread_uint(os.path.join(testsets_dir, folder, name), n_channels)
+        for qf in (10, 40):
+            _assert_matches_oracle(jpeg(ref, qf), ref, border)
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (8, 8), (11, 11), (12, 30, 3), (9, 64, 3),
+                                   (33, 17), (64, 48, 1), (101, 75, 3)])
+def test_fast_metrics_equal_the_original_on_odd_shapes(shape):
+    rng = np.random.default_rng(sum(shape))
+    ref = rng.integers(0, 256, shape, dtype=np.uint8)
+    noise = rng.integers(-20, 21, shape)
+    img = np.clip(ref.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+    for border in (0, 1):
+        _assert_matches_oracle(img, ref, border)
+        _assert_matches_oracle(ref, ref, border)  # equal images: inf PSNR, SSIM 1

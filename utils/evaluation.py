@@ -27,7 +27,7 @@ from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
-from utils.metrics import psnr, psnrb, ssim
+from utils.metrics import scores
 from utils.pipeline import Pipeline, StageClock
 
 __all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser", "run", "main"]
@@ -231,7 +231,7 @@ def _write_json(path, summaries):
 
 def _scores(img_E, img_H, clock):
     with clock("metrics"):
-        return psnr(img_E, img_H), ssim(img_E, img_H), psnrb(img_E, img_H)
+        return scores(img_E, img_H)
 
 
 def _write_png(path, img_E, clock):

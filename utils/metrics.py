@@ -1,8 +1,18 @@
 """Image quality metrics exactly as the FBCNN paper computed them: PSNR, SSIM and PSNR-B.
 
 This module owns the numbers in every results table. All functions take uint8 images
-(HxW or HxWx3), `img` the restored or compressed image and `ref` the ground truth, convert
-them to float64 and trim `border` pixels from each side before measuring.
+(HxW or HxWx3), `img` the restored or compressed image and `ref` the ground truth, and trim
+`border` pixels from each side before measuring. `scores` gives all three at once and shares
+the work between them; the test runner and the training validation use it.
+
+How the values stay the paper's while costing less (tests/test_metrics.py checks each against
+a line-by-line copy of the original float64 code):
+- squared errors and block-boundary differences are summed as integers, which is exact; the
+  original's float64 sums of the same integers are exact too (every partial sum is below
+  2**53), so PSNR and PSNR-B are bit-identical;
+- SSIM's 11x11 Gaussian window is the outer product of a 1-D kernel, so it is applied as two
+  1-D passes (OpenCV's sepFilter2D) instead of one 2-D pass: the same sums in another order,
+  equal to the original within 1e-14, about four times faster.
 
 Colour PSNR-B quirk (kept on purpose, as in the paper's code): the MSE term is taken over
 the RGB channels, while the blocking effect factor (BEF) is measured on the MATLAB-style Y
@@ -15,43 +25,86 @@ import numpy as np
 
 from utils.image import rgb2y_matlab
 
-__all__ = ["psnr", "ssim", "psnrb"]
+__all__ = ["psnr", "ssim", "psnrb", "scores"]
+
+_SSIM_KERNEL = cv2.getGaussianKernel(11, 1.5)  # float64; the window is its outer product
+_C1 = (0.01 * 255) ** 2
+_C2 = (0.03 * 255) ** 2
 
 
 def _prepare(img, ref, border):
+    """Check the shapes and trim `border` pixels from each side (no copy, dtype kept)."""
     if img.shape != ref.shape:
         raise ValueError(f"image shapes differ: {img.shape} vs {ref.shape}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)):
         raise ValueError(f"expected HxW or HxWx3 images, got shape {img.shape}")
     h, w = img.shape[:2]
-    img = img[border:h - border, border:w - border].astype(np.float64)
-    ref = ref[border:h - border, border:w - border].astype(np.float64)
-    return img, ref
+    return img[border:h - border, border:w - border], ref[border:h - border, border:w - border]
 
 
-def psnr(img, ref, border=0):
-    """PSNR in dB over all pixels and channels; inf when the images are equal."""
-    img, ref = _prepare(img, ref, border)
-    mse = np.mean((img - ref) ** 2)
+def _sum_sq(diff):
+    """Exact sum of squares of an integer array, as a Python int."""
+    diff = diff.astype(np.int64).ravel()
+    return int(np.dot(diff, diff))
+
+
+def _mse(img, ref):
+    """Mean squared error over all pixels and channels, from the exact integer sum."""
+    return _sum_sq(np.subtract(img, ref, dtype=np.int32)) / img.size
+
+
+def _psnr_from_mse(mse):
     if mse == 0:
         return float("inf")
     return 20 * math.log10(255.0 / math.sqrt(mse))
 
 
-def _ssim_channel(img, ref):
-    c1 = (0.01 * 255) ** 2
-    c2 = (0.03 * 255) ** 2
-    kernel = cv2.getGaussianKernel(11, 1.5)
-    window = np.outer(kernel, kernel.transpose())
-    mu1 = cv2.filter2D(img, -1, window)[5:-5, 5:-5]
-    mu2 = cv2.filter2D(ref, -1, window)[5:-5, 5:-5]
-    mu1_sq, mu2_sq, mu1_mu2 = mu1 ** 2, mu2 ** 2, mu1 * mu2
-    sigma1_sq = cv2.filter2D(img ** 2, -1, window)[5:-5, 5:-5] - mu1_sq
-    sigma2_sq = cv2.filter2D(ref ** 2, -1, window)[5:-5, 5:-5] - mu2_sq
-    sigma12 = cv2.filter2D(img * ref, -1, window)[5:-5, 5:-5] - mu1_mu2
-    ssim_map = ((2 * mu1_mu2 + c1) * (2 * sigma12 + c2)) / (
-        (mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
-    return ssim_map.mean()
+def psnr(img, ref, border=0):
+    """PSNR in dB over all pixels and channels; inf when the images are equal."""
+    return _psnr_from_mse(_mse(*_prepare(img, ref, border)))
+
+
+def _filter(x):
+    """The 11x11 Gaussian window (sigma 1.5) over the positions where it fits entirely."""
+    return cv2.sepFilter2D(x, cv2.CV_64F, _SSIM_KERNEL, _SSIM_KERNEL)[5:-5, 5:-5]
+
+
+def _ssim_mean(img, ref):
+    """Mean SSIM map per channel of HxWxC float64 images (C <= 4: OpenCV filters channels alike)."""
+    mu1, mu2 = _filter(img), _filter(ref)
+    mu1_mu2 = mu1 * mu2
+    mu1 *= mu1  # mu1 ** 2 from here on
+    mu2 *= mu2
+    sigma1_sq = _filter(img * img)
+    sigma1_sq -= mu1
+    sigma2_sq = _filter(ref * ref)
+    sigma2_sq -= mu2
+    sigma12 = _filter(img * ref)
+    sigma12 -= mu1_mu2
+    # ((2 mu1 mu2 + C1) (2 sigma12 + C2)) / ((mu1^2 + mu2^2 + C1) (sigma1^2 + sigma2^2 + C2))
+    num = mu1_mu2
+    num *= 2
+    num += _C1
+    sigma12 *= 2
+    sigma12 += _C2
+    num *= sigma12
+    den = mu1
+    den += mu2
+    den += _C1
+    sigma1_sq += sigma2_sq
+    sigma1_sq += _C2
+    den *= sigma1_sq
+    num /= den
+    if num.ndim == 2:
+        return num.mean(keepdims=True)
+    # channels made contiguous, so that each mean is numpy's pairwise sum as in the original
+    return np.ascontiguousarray(num.transpose(2, 0, 1)).reshape(num.shape[2], -1).mean(axis=1)
+
+
+def _ssim(img, ref):
+    if min(img.shape[:2]) < 11:
+        return float("nan")
+    return float(np.mean(_ssim_mean(img.astype(np.float64), ref.astype(np.float64))))
 
 
 def ssim(img, ref, border=0):
@@ -60,24 +113,12 @@ def ssim(img, ref, border=0):
     NaN for images under 11 pixels on a side, which have no valid window position (the
     original's mean over an empty map).
     """
-    img, ref = _prepare(img, ref, border)
-    if min(img.shape[:2]) < 11:
-        return float("nan")
-    if img.ndim == 2:
-        return float(_ssim_channel(img, ref))
-    return float(np.mean([_ssim_channel(img[..., c], ref[..., c]) for c in range(img.shape[2])]))
+    return _ssim(*_prepare(img, ref, border))
 
 
 def _bef(img, block=8):
-    """Blocking effect factor of a single-channel float64 image (block size 8)."""
+    """Blocking effect factor of a single-channel uint8 image (block size 8)."""
     h, w = img.shape
-    col_diff = (img[:, :-1] - img[:, 1:]) ** 2  # pairs (i, i+1), i = 0..W-2
-    row_diff = (img[:-1, :] - img[1:, :]) ** 2
-    col_boundary = np.zeros(w - 1, dtype=bool)
-    col_boundary[block - 1::block] = True
-    row_boundary = np.zeros(h - 1, dtype=bool)
-    row_boundary[block - 1::block] = True
-
     n_hb = h * (w / block - 1)
     n_vb = w * (h / block - 1)
     n_hbc = h * (w - 1) - n_hb
@@ -85,22 +126,38 @@ def _bef(img, block=8):
     if min(h, w) < block or n_hb + n_vb <= 0:
         return 0.0  # no block boundary inside the image: no blocking to measure
 
-    d_b = (col_diff[:, col_boundary].sum() + row_diff[row_boundary, :].sum()) / (n_hb + n_vb)
-    d_bc = (col_diff[:, ~col_boundary].sum() + row_diff[~row_boundary, :].sum()) / (n_hbc + n_vbc)
+    img = img.astype(np.int32)
+    col_diff = img[:, :-1] - img[:, 1:]  # pairs (i, i+1), i = 0..W-2
+    row_diff = img[:-1, :] - img[1:, :]
+    # boundary pairs are i = block-1, 2*block-1, ...; the others are the total minus those
+    boundary = _sum_sq(col_diff[:, block - 1::block]) + _sum_sq(row_diff[block - 1::block, :])
+    inside = _sum_sq(col_diff) + _sum_sq(row_diff) - boundary
+    d_b = boundary / (n_hb + n_vb)
+    d_bc = inside / (n_hbc + n_vbc)
     eta = math.log2(block) / math.log2(min(h, w)) if d_b > d_bc else 0.0
     return eta * (d_b - d_bc)
 
 
-def psnrb(img, ref, border=0):
-    """PSNR-B in dB: MSE against `ref` plus the blocking effect factor of `img` alone."""
-    img_f, ref_f = _prepare(img, ref, border)
-    mse = np.mean((img_f - ref_f) ** 2)
-    if img_f.ndim == 3 and img_f.shape[2] == 3:
-        y = rgb2y_matlab(img)  # the paper's quirk: BEF on the Y of the image, MSE over RGB
+def _psnrb(img_full, img, border, mse):
+    if img.ndim == 3 and img.shape[2] == 3:
+        y = rgb2y_matlab(img_full)  # the paper's quirk: BEF on the Y of the image, MSE over RGB
         bef = _bef(_prepare(y, y, border)[0])
     else:
-        bef = _bef(img_f.reshape(img_f.shape[:2]))
+        bef = _bef(img.reshape(img.shape[:2]))
     total = mse + bef
     if total == 0:
         return float("inf")
     return 10 * math.log10(255.0 ** 2 / total)
+
+
+def psnrb(img, ref, border=0):
+    """PSNR-B in dB: MSE against `ref` plus the blocking effect factor of `img` alone."""
+    img_b, ref_b = _prepare(img, ref, border)
+    return _psnrb(img, img_b, border, _mse(img_b, ref_b))
+
+
+def scores(img, ref, border=0):
+    """(PSNR, SSIM, PSNR-B) of `img` against `ref`, equal to the three functions one by one."""
+    img_b, ref_b = _prepare(img, ref, border)
+    mse = _mse(img_b, ref_b)
+    return _psnr_from_mse(mse), _ssim(img_b, ref_b), _psnrb(img, img_b, border, mse)

@@ -33,7 +33,7 @@ from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, ini
 from utils.errors import UserError
 from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import MetricsWriter, progress_bar, setup_logging
-from utils.metrics import psnr, psnrb, ssim
+from utils.metrics import scores
 from utils.options import dataset_channels
 
 __all__ = ["RunDirs", "train", "validate"]
@@ -96,7 +96,7 @@ def _uint8_image(chw):
 
 
 def _measure(E, H):
-    return {"psnr": psnr(E, H), "ssim": ssim(E, H), "psnrb": psnrb(E, H)}
+    return dict(zip(("psnr", "ssim", "psnrb"), scores(E, H)))
 
 
 def _mean(values):
