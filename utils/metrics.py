@@ -25,7 +25,7 @@ import numpy as np
 
 from utils.image import rgb2y_matlab
 
-__all__ = ["psnr", "ssim", "psnrb", "scores"]
+__all__ = ["psnr", "psnrb", "scores", "ssim"]
 
 _SSIM_KERNEL = cv2.getGaussianKernel(11, 1.5)  # float64; the window is its outer product
 _C1 = (0.01 * 255) ** 2
