@@ -234,7 +234,6 @@ def _forward(fns, x, qf_input, tile, overlap, device):
                     tile, overlap)
 
 
-@torch.no_grad()
 def resolve_device(device):
     """`--device auto|cpu|cuda` -> "cuda" or "cpu"; asking for an absent CUDA is a UserError."""
     if device == "auto":
@@ -244,6 +243,7 @@ def resolve_device(device):
     return device
 
 
+@torch.no_grad()
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.

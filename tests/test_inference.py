@@ -260,6 +260,23 @@ def test_compile_matches_eager(photo):
     assert _grey_diff(restored, expected).max() <= 1 and qf_compiled == qf
 
 
+@pytest.mark.parametrize("tile", [None, 64])
+def test_restore_runs_the_network_without_autograd(photo, tile, monkeypatch):
+    """A recorded graph would hold every activation (and every tile's) until the end: the
+    memory bounds of tiling rest on this."""
+    model = _model()
+    seen = []
+    for name in ("forward", "encode", "decode"):
+        original = getattr(model.net, name)
+
+        def record(*args, _original=original, **kwargs):
+            seen.append(torch.is_grad_enabled())
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(model.net, name, record)
+    restore(model, photo[:96, :120], tile=tile)
+    assert seen and not any(seen)
+
+
 def test_jpeg_pseudo_model_returns_its_input(photo):
     restored, qf = restore(LoadedModel("jpeg", None, None), photo, precision="bf16", tile=64)
     assert restored is photo and qf is None
