@@ -3,15 +3,17 @@
 Builds the model from an option file exactly as main_train_fbcnn.py does (`--set` overrides
 as there), feeds it synthetic uint8 batches of the configured patch size (the step's cost does
 not depend on pixel values; the data pipeline is not part of this measurement), and times
-`--steps` iterations after `--warmup` ones for each `train.amp` mode, in one process. Achieved
-TFLOP/s counts a training step as 3x the forward convolution FLOPs (forward, and a backward
-pass for activations and weights).
+`--steps` iterations after `--warmup` ones for each `train.amp` mode and `train.compile`
+setting, in one process. Achieved TFLOP/s counts a training step as 3x the forward convolution
+FLOPs (forward, and a backward pass for activations and weights).
 
     python benchmarks/bench_train.py --device cuda --amp off bf16 fp16 --json train.json
+    python benchmarks/bench_train.py --device cuda --amp bf16 --channels-last --compile off on
     python benchmarks/bench_train.py --device cpu --set netG.nc=[16,32,64,128] --set netG.nb=2 \\
         --set datasets.train.dataloader_batch_size=4 --amp off --steps 3
 """
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -24,6 +26,7 @@ from models.model_fbcnn import ModelFBCNN
 from utils.options import load_options
 
 COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
+           ("compile", "compile", "{}"),
            ("batch", "batch", "{}"), ("patch", "patch", "{}"), ("seconds", "s", "{:.2f}"),
            ("patches_per_s", "patches/s", "{:.2f}"), ("tflops", "TFLOP/s (3x fwd)", "{:.3f}"),
            ("peak_gib", "peak GiB", "{:.2f}")]
@@ -39,6 +42,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
+                   help="train.compile settings to compare (compiled during the warm-up steps)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -51,9 +56,10 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
 
     rows = []
-    for amp in args.amp:
+    for amp, compile in itertools.product(args.amp, args.compile):
         overrides = [*args.set, f"train.amp={amp}",
-                     f"train.channels_last={'true' if args.channels_last else 'false'}"]
+                     f"train.channels_last={'true' if args.channels_last else 'false'}",
+                     f"train.compile={'true' if compile == 'on' else 'false'}"]
         opt = load_options(args.opt, overrides, world_size=1, check_paths=False)
         torch.manual_seed(0)
         model = ModelFBCNN(opt, device)
@@ -80,12 +86,13 @@ def main(argv=None):
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         flops = 3 * fbcnn_conv_flops(model.bare, patch, patch) * batch * args.steps
-        rows.append({"amp": amp, "channels_last": args.channels_last, "batch": batch,
+        rows.append({"amp": amp, "channels_last": args.channels_last, "compile": compile,
+                     "batch": batch,
                      "patch": patch, "seconds": seconds,
                      "patches_per_s": batch * args.steps / seconds,
                      "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
                      "peak_kind": memory.kind})
-        print(f"amp {amp}: {rows[-1]['patches_per_s']:.2f} patches/s", file=sys.stderr,
+        print(f"amp {amp}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s", file=sys.stderr,
               flush=True)
     nc, nb = model.bare.nc, model.bare.nb
     print(f"\nDevice: {device_name(device)}. Network: nc {nc}, nb {nb}, options {args.opt} "

@@ -8,7 +8,7 @@ This module owns what one training iteration does to `netG`:
 - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
   would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
 - mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
-  channels_last, both off by default;
+  channels_last and torch.compile (`train.compile`), all off by default;
 - DistributedDataParallel wrapping when the run has several processes;
 - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
   backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
@@ -129,6 +129,8 @@ class ModelFBCNN:
             self.netG = DistributedDataParallel(bare, device_ids=device_ids)
         else:
             self.netG = bare
+        if self.opt_train["compile"]:
+            self.netG = torch.compile(self.netG)  # bare stays plain: saving, loading, validation
         self.bare.train()
 
     def define_optimizer(self, lr=None):

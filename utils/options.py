@@ -170,6 +170,9 @@ SCHEMA = Section({
                    "scaler)", choices=("off", "bf16", "fp16")),
         "channels_last": Key("bool", False, "NHWC memory format for the network and batches"),
         "cudnn_benchmark": Key("bool", False, "let cuDNN pick the fastest convolution kernels"),
+        "compile": Key("bool", False, "`torch.compile` the training forward and backward "
+                       "(compiled in the first iteration; saving and validation use the plain "
+                       "network)"),
     }),
 })
 
