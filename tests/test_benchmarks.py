@@ -1,5 +1,5 @@
-"""benchmarks/: the analytic FLOP count, peak-memory reading and a tiny end-to-end run of the
-inference benchmark (its table and JSON)."""
+"""benchmarks/: the analytic FLOP count, peak-memory reading and tiny end-to-end runs of the
+inference, training-step and loader benchmarks (their tables and JSON)."""
 import json
 import os
 import sys
@@ -12,9 +12,12 @@ from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 import bench_inference  # noqa: E402
+import bench_loader  # noqa: E402
+import bench_train  # noqa: E402
 from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
 
 from models.network_fbcnn import FBCNN  # noqa: E402
+from utils.image import imwrite  # noqa: E402
 
 
 def _hooked_conv_flops(net, height, width):
@@ -75,3 +78,37 @@ def test_inference_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_th
     assert rows[2]["megapixels"] == pytest.approx(0.05, rel=0.02)
     assert all(r["mp_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert "| LIVE1_color (1 images) | fp32" in capsys.readouterr().out
+
+
+def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_threads):
+    path = tmp_path / "train.json"
+    assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
+                             "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
+                             "--set", "datasets.train.dataloader_batch_size=2", "--amp", "off",
+                             "bf16", "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["amp"], r["compile"], r["batch"], r["patch"]) for r in rows] == [
+        ("off", "off", 2, 32), ("bf16", "off", 2, 32)]
+    assert all(r["patches_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    table = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and "patches/s" not in line]
+    assert [[cell.strip() for cell in row] for row in table] == [["off", "False", "off"],
+                                                                 ["bf16", "False", "off"]]
+
+
+def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(3):
+        imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    path = tmp_path / "loader.json"
+    assert bench_loader.main(["--set", f"datasets.train.dataroot_H={folder}",
+                              "--set", "datasets.train.H_size=32",
+                              "--set", "datasets.train.dataloader_batch_size=4",
+                              "--workers", "0", "1", "--batches", "2", "--warmup", "1",
+                              "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["workers"], r["batch"], r["patch"]) for r in rows] == [(0, 4, 32), (1, 4, 32)]
+    assert all(r["patches_per_s"] > 0 for r in rows)
+    assert "3 images in" in capsys.readouterr().out

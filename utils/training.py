@@ -36,7 +36,7 @@ from utils.logger import MetricsWriter, progress_bar, setup_logging
 from utils.metrics import scores
 from utils.options import dataset_channels
 
-__all__ = ["RunDirs", "train", "validate"]
+__all__ = ["RunDirs", "make_loader", "train", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
     return rows, average
 
 
-def _make_loader(dataset, sampler, train_opt, info):
+def make_loader(dataset, sampler, train_opt, info):
+    """The training DataLoader the options describe (workers divided among the processes)."""
     workers = train_opt["dataloader_num_workers"] // info.world_size
     kwargs = {}
     if workers > 0:
@@ -240,7 +241,7 @@ class _Trainer:
             len(self.train_set), train_opt["dataloader_batch_size"], info.rank, info.world_size,
             seed=seed, shuffle=train_opt["dataloader_shuffle"],
             double_prob=self.train_set.degradation.double_prob, start_iter=self.start + 1)
-        self.loader = _make_loader(self.train_set, self.sampler, train_opt, info)
+        self.loader = make_loader(self.train_set, self.sampler, train_opt, info)
 
         if info.is_main:
             for folder in (self.dirs.models, self.dirs.images, self.dirs.options):
