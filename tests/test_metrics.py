@@ -6,6 +6,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from utils.image import imread_uint, rgb2y_matlab
@@ -152,10 +153,12 @@ def _ref_psnrb(img, ref, border):
     return math.inf if total == 0 else 10 * math.log10(255.0 ** 2 / total)
 
 
-def _assert_matches_oracle(img, ref, border):
-    got = scores(img, ref, border)
-    assert got == (psnr(img, ref, border), ssim(img, ref, border), psnrb(img, ref, border)) \
-        or math.isnan(got[1])
+def _assert_matches_oracle(img, ref, border, device=None):
+    got = scores(img, ref, border, device=device)
+    if device is None:  # one call for three: the same numbers as the three functions
+        one_by_one = (psnr(img, ref, border), ssim(img, ref, border), psnrb(img, ref, border))
+        assert got[0::2] == one_by_one[0::2]
+        assert got[1] == one_by_one[1] or math.isnan(got[1]) and math.isnan(one_by_one[1])
     # PSNR and PSNR-B: the same exact sums, so the same bits; SSIM: the same filter sums in
     # another order (two 1-D passes), within 1e-13
     assert got[0] == _ref_psnr(img, ref, border)
@@ -184,3 +187,33 @@ def test_fast_metrics_equal_the_original_on_odd_shapes(shape):
     for border in (0, 1):
         _assert_matches_oracle(img, ref, border)
         _assert_matches_oracle(ref, ref, border)  # equal images: inf PSNR, SSIM 1
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (11, 11), (12, 30, 3), (33, 17), (64, 48, 1)])
+def test_torch_metrics_equal_the_original_on_odd_shapes(shape):
+    """The device path (used on CUDA), run here on the CPU: the same values."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    ref = rng.integers(0, 256, shape, dtype=np.uint8)
+    img = np.clip(ref.astype(np.int64) + rng.integers(-20, 21, shape), 0, 255).astype(np.uint8)
+    for border in (0, 1):
+        _assert_matches_oracle(img, ref, border, device="cpu")
+        _assert_matches_oracle(ref, ref, border, device="cpu")
+
+
+@pytest.mark.parametrize("folder, n_channels", [("LIVE1_color", 3), ("Classic5", 1)])
+def test_torch_metrics_equal_the_original_on_testset_crops(testsets_dir, folder, n_channels):
+    name = sorted(os.listdir(os.path.join(testsets_dir, folder)))[0]
+    ref = imread_uint(os.path.join(testsets_dir, folder, name), n_channels)[:100, :132]
+    for qf in (10, 40):
+        for border in (0, 4):
+            _assert_matches_oracle(jpeg(ref, qf), ref, border, device="cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_metrics_equal_the_numpy_ones(testsets_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    for folder, n_channels in (("LIVE1_color", 3), ("LIVE1_gray", 1)):
+        for name in sorted(os.listdir(os.path.join(testsets_dir, folder)))[:5]:
+            ref = imread_uint(os.path.join(testsets_dir, folder, name), n_channels)
+            _assert_matches_oracle(jpeg(ref, 10), ref, 0, device="cuda")

@@ -229,9 +229,11 @@ def _write_json(path, summaries):
     atomic_write_bytes(path, (json.dumps(summaries, indent=2) + "\n").encode(), fsync=False)
 
 
-def _scores(img_E, img_H, clock):
+def _scores(img_E, img_H, clock, device):
     with clock("metrics"):
-        return scores(img_E, img_H)
+        # on a GPU the metrics run there too (the same values, utils/metrics.py), or the CPU
+        # threads computing them would set the pace instead of the network
+        return scores(img_E, img_H, device="cuda" if device == "cuda" else None)
 
 
 def _write_png(path, img_E, clock):
@@ -325,7 +327,7 @@ def run(preset, args, clock=None):
                            disable=None)
             with clock("network"):
                 img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
-            scores = None if img_H is None else pipe.submit(_scores, img_E, img_H, clock)
+            scores = None if img_H is None else pipe.submit(_scores, img_E, img_H, clock, device)
             written = None if out_dir is None else pipe.submit(
                 _write_png, os.path.join(out_dir, os.path.splitext(name)[0] + ".png"), img_E, clock)
             pipe.finish(_log_image, setting, name, qf_pred, scores, written)
