@@ -154,7 +154,8 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
 
 @pytest.mark.parametrize("overrides,rel", [(["train.amp=bf16"], 3e-2),
                                            (["train.channels_last=true"], 1e-4),
-                                           (["train.compile=true"], 1e-4)])
+                                           pytest.param(["train.compile=true"], 1e-4,
+                                                        marks=pytest.mark.slow)])
 def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides, rel):
     _run(option_file, tmp_path, "train.total_iter=3", "datasets.test=null", *overrides)
     fast = _losses(os.path.join(tmp_path, "tiny"))
