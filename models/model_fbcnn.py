@@ -4,7 +4,8 @@ This module owns what one training iteration does to `netG`:
 - loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
   where the QF loss is averaged over the samples whose label is not NaN (double JPEG samples have
   no single QF and contribute nothing; the original checked only a batch's first sample);
-- Adam and MultiStepLR (stepped once per iteration, after the optimiser);
+- Adam and MultiStepLR, or CosineAnnealingLR for short runs (stepped once per iteration,
+  after the optimiser);
 - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
   would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
 - mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
@@ -144,9 +145,13 @@ class ModelFBCNN:
                 group["lr"] = lr
 
     def define_scheduler(self):
-        self.G_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.G_optimizer, self.opt_train["G_scheduler_milestones"],
-            self.opt_train["G_scheduler_gamma"])
+        t = self.opt_train
+        if t["G_scheduler_type"] == "CosineAnnealingLR":
+            self.G_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.G_optimizer, T_max=t["total_iter"], eta_min=t["G_scheduler_eta_min"])
+        else:
+            self.G_scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.G_optimizer, t["G_scheduler_milestones"], t["G_scheduler_gamma"])
 
     def load_network(self, path):
         """Load a pretrained state dict (`path.pretrained_netG`) into netG, strictly."""

@@ -99,6 +99,7 @@ def test_misplaced_key_is_found_in_another_section():
     ("train.G_optimizer_lr", 0, r"train\.G_optimizer_lr: must be > 0"),
     ("train.amp", "fp32", r'train\.amp: "fp32" is not one of "off", "bf16", "fp16"'),
     ("train.G_scheduler_milestones", [5, 3], r"increasing order"),
+    ("train.G_scheduler_type", "CosineAnnealingLR", r"until train\.total_iter, which is null"),
     ("datasets.train.dataset_type", "jpg", r"unknown dataset type 'jpg'; did you mean 'jpeg'\? "
                                            r"known: jpeg, jpeggray, jpeggraydouble, jpegdouble"),
     ("netG.net_type", "unet", r"unknown network type 'unet'; known: fbcnn"),

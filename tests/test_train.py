@@ -1,6 +1,7 @@
 """Tests of the training half: utils/training.py, models/model_fbcnn.py, models/select_network.py,
 utils/checkpoint.py, utils/dist.py and main_train_fbcnn.py, on tiny networks and images (CPU)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -339,6 +340,45 @@ def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     expected = F.l1_loss(E, model.H) + 0.5 * (qf[0, 0] - 0.5).abs()
     assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert int(logs["QF_labelled"]) == 1
+
+
+def test_cosine_schedule_decays_to_eta_min_at_total_iter(option_file):
+    model = _tiny_model(option_file, "train.G_scheduler_type=CosineAnnealingLR",
+                        "train.total_iter=4", "train.G_scheduler_eta_min=1e-5")
+    lrs = []
+    for _ in range(4):
+        model.G_optimizer.step()
+        model.update_learning_rate()
+        lrs.append(model.current_learning_rate())
+    lr0, eta_min = 1e-3, 1e-5  # the tiny options' G_optimizer_lr
+    assert lrs == pytest.approx([eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * t / 4)) / 2
+                                 for t in range(1, 5)], rel=1e-9)
+    assert lrs[-1] == pytest.approx(eta_min, rel=1e-9)
+
+
+@pytest.mark.parametrize("name, in_nc", [("color_lite", 3), ("gray_lite", 1)])
+def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path):
+    """options/train_fbcnn_*_lite.json (the bundled models' recipe) as they are, on tiny data."""
+    path = os.path.join(ROOT, "options", f"train_fbcnn_{name}.json")
+    images = _write_images(tmp_path / "images", 3, (48, 56, 3), 4)
+    opt = load_options(path, [f"path.root={tmp_path}", f"datasets.train.dataroot_H={images}",
+                              f"datasets.test.dataroot_H={images}", "datasets.train.H_size=32",
+                              "datasets.train.dataloader_batch_size=2",
+                              "datasets.train.dataloader_num_workers=0", "train.total_iter=2",
+                              "train.checkpoint_save=2", "train.checkpoint_test=2",
+                              "gpu_ids=[]"])
+    assert opt["train"]["G_scheduler_type"] == "CosineAnnealingLR"
+    assert train(opt) == {"start": 0, "end": 2}
+    run_dir = os.path.join(tmp_path, f"fbcnn_{name}")
+    weights = ckpt.network_file(os.path.join(run_dir, "models"), 2)
+    assert read_fbcnn_kwargs(weights) == {"in_nc": in_nc, "out_nc": in_nc,
+                                          "nc": [16, 32, 64, 128], "nb": 4, "act_mode": "R",
+                                          "downsample_mode": "strideconv",
+                                          "upsample_mode": "convtranspose"}
+    net = load_model(weights).net
+    # gray: the head conv has 2 x 16 x 9 fewer weights, the tail conv 2 x 16 x 9 + 2 biases
+    assert sum(p.numel() for p in net.parameters()) == 5_375_652 - (3 - in_nc) * (288 + 1)
+    assert len(_records(run_dir, "test")) >= 1
 
 
 @pytest.mark.parametrize("init_type", ["orthogonal", "normal", "uniform", "xavier_normal",

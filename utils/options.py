@@ -141,10 +141,15 @@ SCHEMA = Section({
         "G_optimizer_wd": Key("float", 0.0, "Adam weight decay", minimum=0),
         "G_optimizer_clipgrad": Key("float", None, "clip the gradient's global L2 norm to this "
                                     "value; null or 0: off", nullable=True, minimum=0),
-        "G_scheduler_type": Key("str", "MultiStepLR", "", choices=("MultiStepLR",)),
+        "G_scheduler_type": Key("str", "MultiStepLR", "`MultiStepLR` (the original's) | "
+                                "`CosineAnnealingLR` (from the learning rate down to "
+                                "G_scheduler_eta_min at train.total_iter; for short runs)",
+                                choices=("MultiStepLR", "CosineAnnealingLR")),
         "G_scheduler_milestones": Key("list_int", _MILESTONES, "iterations after which the "
                                       "learning rate is multiplied by the gamma", minimum=0),
         "G_scheduler_gamma": Key("float", 0.5, "", minimum=0, exclusive_min=True),
+        "G_scheduler_eta_min": Key("float", 0.0, "CosineAnnealingLR: the learning rate reached "
+                                   "at train.total_iter", minimum=0),
         "G_regularizer_orthstep": Key("int", None, "every this many iterations pull the "
                                       "singular values of conv weights into [0.5, 1.5] (KAIR); "
                                       "null or 0: off", nullable=True, minimum=0),
@@ -391,6 +396,9 @@ def _cross_checks(opt, origin, world_size, check_paths):
     if channels == 3 and opt["n_channels"] != 3:
         raise UserError(f"{origin('n_channels')}: dataset type {train_set['dataset_type']!r} "
                         f"trains on colour, so n_channels must be 3")
+    if train["G_scheduler_type"] == "CosineAnnealingLR" and train["total_iter"] is None:
+        raise UserError(f"{origin('train.G_scheduler_type')}: CosineAnnealingLR decays the "
+                        f"learning rate until train.total_iter, which is null; set it")
     milestones = train["G_scheduler_milestones"]
     if milestones != sorted(milestones):
         raise UserError(f"{origin('train.G_scheduler_milestones')}: must be in increasing "
