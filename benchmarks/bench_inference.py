@@ -3,10 +3,11 @@
 Measures forward passes only (the JPEG inputs are made before the clock starts), on a test set
 (default LIVE1_color at QF 10) and on a synthetic photo of `--synthetic-mp` megapixels (a mosaic
 of the test set's images, JPEG-compressed at the same QF). For every precision and layout it
-runs the untiled and the tiled path in the same process, one after the other, and reports
-megapixels/s, achieved TFLOP/s (convolution FLOPs of one untiled pass, counted analytically for
-the model's widths; tiled rows do more work than that, so theirs is the useful rate), peak
-memory, and the largest difference in grey levels from the fp32 untiled output.
+runs the untiled and the tiled path (once per `--tile-cache-gib` size) in the same process, one
+after the other, and reports megapixels/s, achieved TFLOP/s (convolution FLOPs of one untiled
+pass, counted analytically for the model's widths; tiled rows do more work than that, so theirs
+is the useful rate), peak memory, and the largest difference in grey levels from the fp32
+untiled output.
 
     python benchmarks/bench_inference.py --model fbcnn_color --device cuda --json r.json
     python benchmarks/bench_inference.py --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
@@ -26,7 +27,8 @@ import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import (PeakMemory, add_model_args, build_model, device_name, fbcnn_conv_flops,
                     print_table, write_json)
 from data.jpeg import jpeg
-from models.inference import CPU_MAX_UNTILED_MEGAPIXELS, PRECISIONS, restore
+from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
+                              restore)
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("input", "input", "{}"), ("precision", "precision", "{}"), ("layout", "layout", "{}"),
@@ -101,6 +103,9 @@ def main(argv=None):
                    help="megapixels of the synthetic photo; 0 skips it (default %(default)s)")
     p.add_argument("--tile", type=int, default=1024, help="tile size of the tiled rows; 0 skips")
     p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument("--tile-cache-gib", type=float, nargs="+", default=None,
+                   help="encoder cache sizes of the tiled rows, one row each (default: the "
+                        "device's default, DEFAULT_TILE_CACHE_GIB in models/inference.py)")
     p.add_argument("--untiled-max-mp", type=float, default=None,
                    help="skip untiled rows of larger images (default: no limit on CUDA, where "
                         f"OOM falls back to tiles; {CPU_MAX_UNTILED_MEGAPIXELS} on CPU)")
@@ -130,16 +135,18 @@ def main(argv=None):
     if args.synthetic_mp > 0:
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
-    tilings = [None] + ([args.tile] if args.tile else [])
+    caches = args.tile_cache_gib or [DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
+    tilings = [(None, 0.0)] + ([(args.tile, cache) for cache in caches] if args.tile else [])
 
     rows = []
     for name, inputs in sets:
         reference = None
         for precision in args.precision:
             for layout in args.layout:
-                for tile in tilings:
+                for tile, cache in tilings:
                     megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
-                    label = "untiled" if tile is None else f"{tile}/{args.tile_overlap}"
+                    label = "untiled" if tile is None else \
+                        f"{tile}/{args.tile_overlap}, cache {cache:g} GiB"
                     base = {"input": name, "precision": precision, "layout": layout,
                             "tiling": label}
                     if tile is None and megapixels > untiled_max:
@@ -151,7 +158,8 @@ def main(argv=None):
                                            tile_overlap=args.tile_overlap,
                                            channels_last=layout == "channels_last",
                                            compile=args.compile,
-                                           max_untiled_megapixels=math.inf)
+                                           max_untiled_megapixels=math.inf,
+                                           tile_cache_gib=cache)
                     if reference is None:  # the first row: fp32 untiled when not skipped
                         reference = outputs
                         row["max_diff"] = 0

@@ -23,12 +23,17 @@ memory than the faithful default (fp32, the whole image in one pass):
   QF feature map is weighted by the same partition-of-unity weights (taken at 1/8 scale) and
   summed, which is the global average pool of the whole image's features; the MLP then gives one
   qf, passed to every tile's decoder as `qf_input`, so all tiles are conditioned alike. In blind
-  mode this needs the encoder twice per tile (a QF pass, then the restoration pass; the last
-  tile's encoding is reused): 1.45x the convolution FLOPs of one untiled pass for full FBCNN,
-  plus the overlaps. With a QF given by the user it is a single pass.
+  mode the encoder must therefore see every tile before any tile is decoded: a QF pass, then
+  the restoration pass. Recomputing each tile's encoder in the second pass costs 1.45x the
+  convolution FLOPs of one untiled pass for full FBCNN, plus the overlaps. The encoder cache
+  avoids that: the QF pass keeps each tile's skips except the first (x2, x3, x4 and the body's
+  output: 64 values per pixel for full FBCNN, a quarter of the channels at each halving) for as
+  many tiles as fit in `tile_cache_gib`, and the second pass recomputes only the first skip (one
+  3x3 convolution) for them; the output is the same bit for bit. The last tile's encoding is
+  always reused. With a QF given by the user it is a single pass.
 - Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
-  `DEFAULT_TILE["cuda"]` pixels, and any tiled pass that runs out of memory is retried with
-  tiles half as large, down to `MIN_TILE`. On CPU, running out of memory kills the process
+  `DEFAULT_TILE["cuda"]` pixels, and a tiled pass that runs out of memory is retried without
+  the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of memory kills the process
   instead of raising, so images above `max_untiled_megapixels` (default
   `CPU_MAX_UNTILED_MEGAPIXELS`) are tiled from the start with `DEFAULT_TILE["cpu"]`.
 """
@@ -47,7 +52,7 @@ from utils.errors import UserError
 from utils.image import tensor2uint, uint2tensor
 
 __all__ = ["restore", "resolve_device", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
-           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS"]
+           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
 LOG = logging.getLogger("fbcnn.inference")
 
@@ -57,6 +62,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TILE = {"cuda": 1024, "cpu": 512}
 MIN_TILE = 64
 CPU_MAX_UNTILED_MEGAPIXELS = 2.0
+# The encoder cache of blind tiled passes, GiB per image. On CPU tiling is there to bound RAM,
+# so nothing is cached unless asked; on CUDA 1 GiB holds the cached skips of about 4 megapixels
+# in fp32 and 8 in bf16 (64 values per pixel, see the module docstring).
+DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0, "cpu": 0.0}
 
 _COMPILED = weakref.WeakKeyDictionary()  # net -> its torch.compile'd entry points
 
@@ -82,12 +91,12 @@ def check_options(precision="fp32", tile=None, tile_overlap=32):
 def _network_fns(net, compile):
     """The network's entry points, compiled once per network when asked."""
     if not compile:
-        return SimpleNamespace(forward=net, encode=net.encode, decode=net.decode,
+        return SimpleNamespace(forward=net, encode=net.encode, decode=net.decode, head=net.head,
                                qf_features=net.qf_features, qf_from_pooled=net.qf_from_pooled)
     fns = _COMPILED.get(net)
     if fns is None:
         fns = SimpleNamespace(forward=torch.compile(net), encode=torch.compile(net.encode),
-                              decode=torch.compile(net.decode),
+                              decode=torch.compile(net.decode), head=net.head,  # one conv
                               qf_features=torch.compile(net.qf_features),
                               qf_from_pooled=net.qf_from_pooled)  # a tiny MLP: not worth it
         _COMPILED[net] = fns
@@ -153,9 +162,14 @@ def tile_spans(length, tile, overlap):
     return spans
 
 
-def forward_tiled(fns, x, qf_input, tile, overlap):
+def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0):
     """Tiled forward pass with one QF for the whole image; returns (restored, qf) as the
-    network's forward does. `fns` is an FBCNN, or the compiled entry points of one."""
+    network's forward does. `fns` is an FBCNN, or the compiled entry points of one.
+
+    `cache_bytes`: in blind mode, keep the encoder outputs of the QF pass (all skips but the
+    first, which one convolution recomputes) for as many tiles as fit in this many bytes, on
+    the image's device, and decode those tiles from them instead of encoding them again.
+    """
     h, w = x.shape[-2:]
     x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate")
     rows, cols = (tile_spans(n, tile, overlap) for n in x.shape[-2:])
@@ -175,13 +189,18 @@ def forward_tiled(fns, x, qf_input, tile, overlap):
 
     bar = tqdm(total=len(tiles) * (2 if qf_input is None else 1), desc="tiles", unit="tile",
                leave=False, disable=None if len(tiles) > 4 else True)
-    pooled, skips = 0.0, None
+    pooled, skips, cache, cached_bytes = 0.0, None, {}, 0
     if qf_input is None:  # the QF pass: encoder only, features pooled over the whole image
         for r, c in tiles:
             skips = None  # free the previous tile's activations before the next encoding
             skips = encode(r, c)
             pooled = pooled + pooled_features(skips, r, c)
+            size = sum(t.numel() * t.element_size() for t in skips[1:])
+            if cached_bytes + size <= cache_bytes:
+                cache[r.start, c.start] = skips[1:]
+                cached_bytes += size
             bar.update()
+        cache.pop((tiles[-1][0].start, tiles[-1][1].start), None)  # still in `skips`
         qf_input = fns.qf_from_pooled(pooled / n_cells)
         qf = qf_input
     else:
@@ -189,9 +208,13 @@ def forward_tiled(fns, x, qf_input, tile, overlap):
     out = None
     for r, c in reversed(tiles):  # reversed, so the QF pass's last encoding is used first
         if skips is None:
-            skips = encode(r, c)
-            if qf is None:
-                pooled = pooled + pooled_features(skips, r, c)
+            deep = cache.pop((r.start, c.start), None)
+            if deep is not None:
+                skips = (fns.head(x[..., r.slice, c.slice]), *deep)
+            else:
+                skips = encode(r, c)
+                if qf is None:
+                    pooled = pooled + pooled_features(skips, r, c)
         y = fns.decode(skips, qf_input, (r.size, c.size)).float()
         skips = None
         if out is None:
@@ -209,8 +232,9 @@ def _release_cached_memory(device):
         torch.cuda.empty_cache()
 
 
-def _forward(fns, x, qf_input, tile, overlap, device):
-    """Untiled or tiled pass, falling back to (smaller) tiles when CUDA runs out of memory."""
+def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes):
+    """Untiled or tiled pass, falling back to tiles when CUDA runs out of memory: first without
+    the encoder cache, then with smaller tiles."""
     if tile is None:
         try:
             return fns.forward(x, qf_input)
@@ -223,13 +247,17 @@ def _forward(fns, x, qf_input, tile, overlap, device):
                     x.shape[-1], x.shape[-2], tile, overlap)
     while True:
         try:
-            return forward_tiled(fns, x, qf_input, tile, overlap)
+            return forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes)
         except torch.cuda.OutOfMemoryError:
-            if tile <= MIN_TILE:
+            if tile <= MIN_TILE and not cache_bytes:
                 raise
+        _release_cached_memory(device)
+        if cache_bytes:
+            cache_bytes = 0
+            LOG.warning("out of memory with tiles; retrying without the encoder cache")
+            continue
         tile = max(MIN_TILE, tile // 2 // 8 * 8)
         overlap = min(overlap, tile // 2 // 8 * 8)
-        _release_cached_memory(device)
         LOG.warning("out of memory with tiles; retrying with %d-pixel tiles (overlap %d)",
                     tile, overlap)
 
@@ -245,7 +273,7 @@ def resolve_device(device):
 
 @torch.no_grad()
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
-            channels_last=False, compile=False, max_untiled_megapixels=None):
+            channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
 
     `model` is a LoadedModel (its `net` None for the `jpeg` pseudo-model, which returns the
@@ -253,6 +281,8 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     QF is reported either way. The defaults are the faithful path (fp32, untiled); the other
     options are described in the module docstring. `max_untiled_megapixels` applies on CPU
     only (default `CPU_MAX_UNTILED_MEGAPIXELS`; `float("inf")` never tiles automatically).
+    `tile_cache_gib`: the encoder cache of blind tiled passes (default `DEFAULT_TILE_CACHE_GIB`
+    for the device; 0 recomputes every tile's encoder).
     """
     check_options(precision, tile, tile_overlap)
     if model.net is None:
@@ -274,5 +304,8 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
             LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
                      "bound memory", img.shape[1], img.shape[0], limit, tile, tile_overlap)
     with _autocast(device, precision):
-        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device)
+        if tile_cache_gib is None:
+            tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
+        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device,
+                                     int(tile_cache_gib * 2 ** 30))
     return tensor2uint(restored), label_to_qf(qf_pred[0, 0])

@@ -131,15 +131,19 @@ class FBCNN(nn.Module):
         self.to_gamma_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Sigmoid())
         self.to_beta_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Tanh())
 
+    def head(self, x):
+        """Pad to a multiple of 8 (replicating the edges) and apply the first convolution: the
+        encoder's first skip, by far its cheapest part (tiled inference recomputes it)."""
+        h, w = x.shape[-2:]
+        return self.m_head(F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate"))
+
     def encode(self, x, predict_qf=True):
         """Pad to a multiple of 8 and run the encoder; returns the skips and the predicted qf.
 
         With `predict_qf=False` the QF head is skipped and None is returned in its place (tiled
         inference pools the QF features over the whole image instead, see `qf_features`).
         """
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate")
-        x1 = self.m_head(x)
+        x1 = self.head(x)
         x2 = self.m_down1(x1)
         x3 = self.m_down2(x2)
         x4 = self.m_down3(x3)

@@ -69,13 +69,17 @@ def test_inference_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_th
     assert bench_inference.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
                                  "--device", "cpu", "--precision", "fp32", "--limit", "1",
                                  "--synthetic-mp", "0.05", "--tile", "128", "--threads", "1",
+                                 "--tile-cache-gib", "0", "1",
                                  "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(r["input"].split()[0], r["tiling"]) for r in rows] == [
-        ("LIVE1_color", "untiled"), ("LIVE1_color", "128/32"),
-        ("synthetic", "untiled"), ("synthetic", "128/32")]
+        ("LIVE1_color", "untiled"), ("LIVE1_color", "128/32, cache 0 GiB"),
+        ("LIVE1_color", "128/32, cache 1 GiB"),
+        ("synthetic", "untiled"), ("synthetic", "128/32, cache 0 GiB"),
+        ("synthetic", "128/32, cache 1 GiB")]
     assert rows[0]["max_diff"] == 0 and all(r["max_diff"] <= 1 for r in rows)
-    assert rows[2]["megapixels"] == pytest.approx(0.05, rel=0.02)
+    assert rows[3]["megapixels"] == pytest.approx(0.05, rel=0.02)
+    assert rows[1]["max_diff"] == rows[2]["max_diff"] and rows[4]["max_diff"] == rows[5]["max_diff"]
     assert all(r["mp_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert "| LIVE1_color (1 images) | fp32" in capsys.readouterr().out
 

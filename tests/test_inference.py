@@ -176,6 +176,58 @@ def test_tiles_all_receive_the_one_qf_of_the_whole_image(model, photo, faithful,
     assert all(torch.allclose(q, torch.full((1, 1), qf_to_label(30))) for q in seen)
 
 
+def _count_calls(monkeypatch, net, *names):
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(net, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(net, name, counting)
+    return counts
+
+
+@pytest.mark.parametrize("tiles_cached", [0, 3, 11])
+def test_tile_encoder_cache_is_bit_exact_and_saves_encodings(model, photo, monkeypatch,
+                                                            tiles_cached):
+    """96-pixel tiles over 200x264: 12 tiles. The cache holds `tiles_cached` of them (11: all
+    but the last, whose encoding is reused anyway); the others are encoded twice."""
+    expected, expected_qf = restore(model, photo, tile=96, tile_overlap=32, tile_cache_gib=0)
+    counts = _count_calls(monkeypatch, model.net, "encode", "head")
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        deep = model.net.encode(x, predict_qf=False)[0][1:]
+    counts.update(encode=0, head=0)
+    per_tile = sum(t.numel() * t.element_size() for t in deep)  # every tile is 96x96 here
+    restored, qf = restore(model, photo, tile=96, tile_overlap=32,
+                           tile_cache_gib=tiles_cached * per_tile / 2 ** 30)
+    assert np.array_equal(restored, expected) and qf == expected_qf
+    cached = min(tiles_cached, 11)
+    assert counts["encode"] == 12 + 11 - cached  # QF pass, then the tiles not cached
+    assert counts["head"] == 12 + 11 - cached + cached  # inside each encode, and once per cached tile
+
+
+def test_out_of_memory_with_the_encoder_cache_retries_without_it(model, photo, monkeypatch,
+                                                                  caplog):
+    expected, expected_qf = restore(model, photo, tile=96, tile_overlap=32)
+    calls = []
+    tiled = inference.forward_tiled
+
+    def no_room_for_a_cache(fns, x, qf_input, tile, overlap, cache_bytes=0):
+        calls.append((tile, cache_bytes))
+        if cache_bytes:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return tiled(fns, x, qf_input, tile, overlap, cache_bytes)
+
+    monkeypatch.setattr(inference, "forward_tiled", no_room_for_a_cache)
+    with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+        restored, qf = restore(model, photo, tile=96, tile_overlap=32, tile_cache_gib=0.5)
+    assert calls == [(96, 2 ** 29), (96, 0)]
+    assert "without the encoder cache" in caplog.records[-1].getMessage()
+    assert np.array_equal(restored, expected) and qf == expected_qf
+
+
 def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
     monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 96)
     seen = _record_decodes(monkeypatch, model.net)

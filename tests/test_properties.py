@@ -195,16 +195,18 @@ def test_a_tile_holding_the_image_is_the_untiled_pass(small_field_net, h, w, til
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(h=st.integers(8, 40), extra=st.integers(1, 300), seed=st.integers(0, 1000),
-       given_qf=st.booleans())
+       given_qf=st.booleans(), cache_bytes=st.sampled_from([0, 40_000, 1 << 30]))
 def test_tiles_equal_the_untiled_pass_when_the_overlap_covers_the_receptive_field(
-        small_field_net, h, extra, seed, given_qf):
+        small_field_net, h, extra, seed, given_qf, cache_bytes):
     net, overlap = small_field_net
     tile = 2 * overlap
     x = torch.rand(1, 1, h, tile + extra, generator=torch.Generator().manual_seed(seed))
     qf_input = torch.full((1, 1), 0.3) if given_qf else None
     with torch.no_grad():
         expected, qf = net(x, qf_input)
-        tiled, qf_tiled = forward_tiled(net, x, qf_input, tile, overlap)
+        tiled, qf_tiled = forward_tiled(net, x, qf_input, tile, overlap, cache_bytes)
+        recomputed, _ = forward_tiled(net, x, qf_input, tile, overlap)
+    assert torch.equal(tiled, recomputed)  # the encoder cache changes no bit
     assert tiled.shape == expected.shape
     assert (tiled - expected).abs().max() < 1e-5
     if not given_qf:
