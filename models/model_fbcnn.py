@@ -288,9 +288,14 @@ class ModelFBCNN:
         kwargs["downsample_mode"] = self.opt["netG"]["downsample_mode"]
         return kwargs
 
+    # scheduler settings that come from the options: a resumed run takes them from its options
+    # (e.g. a longer train.total_iter stretches the cosine), not from the checkpoint
+    _SCHEDULER_OPTIONS = ("milestones", "gamma", "T_max", "eta_min")
+
     def training_state(self):
-        """Optimiser, scheduler and scaler state; the milestones come from the options."""
-        scheduler = {k: v for k, v in self.G_scheduler.state_dict().items() if k != "milestones"}
+        """Optimiser, scheduler and scaler state (the scheduler's progress, not its settings)."""
+        scheduler = {k: v for k, v in self.G_scheduler.state_dict().items()
+                     if k not in self._SCHEDULER_OPTIONS}
         return {"optimizer": self.G_optimizer.state_dict(), "scheduler": scheduler,
                 "scaler": self.scaler.state_dict()}
 
@@ -298,7 +303,8 @@ class ModelFBCNN:
         self.bare.load_state_dict(net_state, strict=True)
         self.G_optimizer.load_state_dict(training_state["optimizer"])
         scheduler = dict(self.G_scheduler.state_dict())
-        scheduler.update(training_state["scheduler"])
+        scheduler.update((k, v) for k, v in training_state["scheduler"].items()
+                         if k not in self._SCHEDULER_OPTIONS)
         self.G_scheduler.load_state_dict(scheduler)
         if training_state.get("scaler"):
             self.scaler.load_state_dict(training_state["scaler"])

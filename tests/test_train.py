@@ -356,6 +356,25 @@ def test_cosine_schedule_decays_to_eta_min_at_total_iter(option_file):
     assert lrs[-1] == pytest.approx(eta_min, rel=1e-9)
 
 
+def test_resume_with_a_longer_total_iter_stretches_the_cosine(option_file):
+    common = ["train.G_scheduler_type=CosineAnnealingLR", "train.G_scheduler_eta_min=1e-5"]
+    first = _tiny_model(option_file, *common, "train.total_iter=4")
+    for _ in range(3):
+        first.G_optimizer.step()
+        first.update_learning_rate()
+    resumed = _tiny_model(option_file, *common, "train.total_iter=8")
+    resumed.load_state(first.bare.state_dict(), first.training_state())
+    assert resumed.current_learning_rate() == first.current_learning_rate()
+    lrs = []
+    for _ in range(5):
+        resumed.G_optimizer.step()
+        resumed.update_learning_rate()
+        lrs.append(resumed.current_learning_rate())
+    assert resumed.G_scheduler.T_max == 8
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # still decaying after the old end, 4
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-9)  # and down to eta_min at the new one
+
+
 @pytest.mark.parametrize("name, in_nc", [("color_lite", 3), ("gray_lite", 1)])
 def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path):
     """options/train_fbcnn_*_lite.json (the bundled models' recipe) as they are, on tiny data."""
