@@ -136,7 +136,7 @@ def main(argv=None):
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
     caches = args.tile_cache_gib or [DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
-    tilings = [(None, 0.0)] + ([(args.tile, cache) for cache in caches] if args.tile else [])
+    tilings = [(None, None)] + ([(args.tile, cache) for cache in caches] if args.tile else [])
 
     rows = []
     for name, inputs in sets:

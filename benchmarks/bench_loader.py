@@ -2,10 +2,11 @@
 
 Builds the training dataset, batch sampler and DataLoader exactly as main_train_fbcnn.py does
 (option file plus `--set` overrides; `datasets.train.dataroot_H` must exist), and times
-`--batches` batches after `--warmup` ones (which include starting the worker processes) for
-each `--workers` value, in one process. No network runs: this is what the loader alone can
-feed a GPU. Compare it with `bench_train.py`'s patches/s for the step alone; the loader keeps
-up when its rate with the workers a run will use is above the step's.
+`--batches` batches after `--warmup` ones (which include starting the worker processes and
+the batches they prepare ahead) for each `--workers` value, in one process. No network runs:
+this is what the loader alone can feed a GPU. Compare it with `bench_train.py`'s patches/s
+for the step alone; the loader keeps up when its rate with the workers a run will use is
+above the step's.
 
     python benchmarks/bench_loader.py --set datasets.train.dataroot_H=trainsets/sub480 \\
         --workers 0 1 2 --json loader.json
@@ -39,7 +40,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                    help="dataloader_num_workers values to compare (default 0 2)")
     p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed batches first (default: workers x prefetch factor, at least "
+                        "2, so the batches prepared ahead are not timed as if made at once)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as a loader worker: the measured work is the workers'
@@ -57,7 +60,9 @@ def main(argv=None):
                                         double_prob=dataset.degradation.double_prob)
         info = SimpleNamespace(world_size=1, device=torch.device("cpu"))
         batches = iter(make_loader(dataset, sampler, train_opt, info))
-        for _ in range(args.warmup):
+        warmup = args.warmup if args.warmup is not None else \
+            max(2, workers * train_opt["dataloader_prefetch_factor"])
+        for _ in range(warmup):
             next(batches)
         start = time.perf_counter()
         for _ in range(args.batches):

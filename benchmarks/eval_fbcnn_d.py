@@ -99,13 +99,10 @@ def main(argv=None):
 
     device = None
     if args.model:
-        import torch
-
-        from models.inference import restore
+        from models.inference import resolve_device, restore
         from models.model_zoo import load_model
         from utils.metrics import psnr
-        device = args.device if args.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
         model = load_model(args.model, device=device)
         if model.in_nc not in (None, 1):
             p.error(f"--model {args.model}: the protocol is grayscale; give a 1-channel model")

@@ -306,6 +306,6 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     with _autocast(device, precision):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
-        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device,
-                                     int(tile_cache_gib * 2 ** 30))
+        cache_bytes = 0 if qf_input is not None else int(tile_cache_gib * 2 ** 30)  # one pass
+        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device, cache_bytes)
     return tensor2uint(restored), label_to_qf(qf_pred[0, 0])

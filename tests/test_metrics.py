@@ -209,6 +209,36 @@ def test_torch_metrics_equal_the_original_on_testset_crops(testsets_dir, folder,
             _assert_matches_oracle(jpeg(ref, qf), ref, border, device="cpu")
 
 
+def test_device_out_of_memory_falls_back_to_numpy(monkeypatch):
+    import utils.metrics as metrics
+
+    def no_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(metrics, "_scores_torch", no_memory)
+    rng = np.random.default_rng(5)
+    ref = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    img = jpeg(ref, 20)
+    assert scores(img, ref, device="cuda") == scores(img, ref)
+
+
+@pytest.mark.parametrize("img, ref, message", [
+    (np.zeros((8, 8), np.float64), np.zeros((8, 8), np.float64), "expected uint8 images"),
+    (np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint16), "expected uint8 images"),
+])
+def test_non_uint8_images_are_refused(img, ref, message):
+    for fn in (psnr, ssim, psnrb, scores):
+        with pytest.raises(ValueError, match=message):
+            fn(img, ref)
+
+
+def test_a_border_that_leaves_no_pixels_is_refused():
+    img = np.zeros((10, 30), np.uint8)
+    assert psnr(img, img, border=4) == math.inf  # 2x22 pixels remain
+    for fn in (psnr, ssim, psnrb, scores):
+        with pytest.raises(ValueError, match="border=5 leaves no pixels of a 10x30 image"):
+            fn(img, img, border=5)
+
+
 @pytest.mark.gpu
 def test_cuda_metrics_equal_the_numpy_ones(testsets_dir):
     if not torch.cuda.is_available():

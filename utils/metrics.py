@@ -34,12 +34,16 @@ _C2 = (0.03 * 255) ** 2
 
 
 def _prepare(img, ref, border):
-    """Check the shapes and trim `border` pixels from each side (no copy, dtype kept)."""
+    """Check the images and trim `border` pixels from each side (no copy)."""
     if img.shape != ref.shape:
         raise ValueError(f"image shapes differ: {img.shape} vs {ref.shape}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3)):
         raise ValueError(f"expected HxW or HxWx3 images, got shape {img.shape}")
+    if img.dtype != np.uint8 or ref.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images, got {img.dtype} and {ref.dtype}")
     h, w = img.shape[:2]
+    if min(h, w) <= 2 * border:
+        raise ValueError(f"border={border} leaves no pixels of a {h}x{w} image")
     return img[border:h - border, border:w - border], ref[border:h - border, border:w - border]
 
 
@@ -170,11 +174,15 @@ def scores(img, ref, border=0, device=None):
 
     `device` (a torch device, e.g. "cuda"): compute them there instead, in float64 with torch;
     the same values (see `_scores_torch`). The test runner does so when the network runs on
-    CUDA, where NumPy's metrics would otherwise take longer than the network.
+    CUDA, where NumPy's metrics would otherwise take longer than the network. When the device
+    runs out of memory, the NumPy path below gives the values instead.
     """
-    if device is not None:
-        return _scores_torch(img, ref, border, torch.device(device))
     img_b, ref_b = _prepare(img, ref, border)
+    if device is not None:
+        try:
+            return _scores_torch(img, ref, border, torch.device(device))
+        except torch.cuda.OutOfMemoryError:
+            pass
     mse = _mse(img_b, ref_b)
     return _psnr_from_mse(mse), _ssim(img_b, ref_b), _psnrb(img, img_b, border, mse)
 
@@ -193,20 +201,32 @@ def _filter_torch(x):
     """The 11x11 Gaussian window over the valid positions of the last two dimensions."""
     taps = _SSIM_KERNEL.ravel().tolist()
     h, w = x.shape[-2:]
-    cols = sum(t * x[..., :, i:w - 10 + i] for i, t in enumerate(taps))
-    return sum(t * cols[..., i:h - 10 + i, :] for i, t in enumerate(taps))
+    cols = taps[0] * x[..., :, :w - 10]
+    for i, t in enumerate(taps[1:], 1):
+        cols.add_(x[..., :, i:w - 10 + i], alpha=t)
+    out = taps[0] * cols[..., :h - 10, :]
+    for i, t in enumerate(taps[1:], 1):
+        out.add_(cols[..., i:h - 10 + i, :], alpha=t)
+    return out
 
 
 def _ssim_torch(img, ref):
-    """SSIM of (C, H, W) float64 tensors: the mean over channels of each channel's mean map."""
+    """SSIM of (C, H, W) float64 tensors: the mean over channels of each channel's mean map.
+
+    One statistic at a time, in place where possible: about ten image-sized float64 arrays at
+    the peak."""
     if min(img.shape[-2:]) < 11:
         return float("nan")
-    mu1, mu2, s11, s22, s12 = _filter_torch(
-        torch.stack([img, ref, img * img, ref * ref, img * ref])).unbind(0)
-    mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
-    ssim_map = ((2 * mu1_mu2 + _C1) * (2 * (s12 - mu1_mu2) + _C2)) / (
-        (mu1_sq + mu2_sq + _C1) * ((s11 - mu1_sq) + (s22 - mu2_sq) + _C2))
-    return float(np.mean(ssim_map.mean((-2, -1)).cpu().numpy()))
+    mu1, mu2 = _filter_torch(img), _filter_torch(ref)
+    mu1_mu2 = mu1 * mu2
+    mu1.square_()
+    mu2.square_()
+    sigmas = _filter_torch(img * img).sub_(mu1).add_(_filter_torch(ref * ref).sub_(mu2))
+    den = mu1.add_(mu2).add_(_C1).mul_(sigmas.add_(_C2))  # (mu1^2 + mu2^2 + C1)(s1 + s2 + C2)
+    del mu2, sigmas
+    num = _filter_torch(img * ref).sub_(mu1_mu2).mul_(2).add_(_C2)  # 2 sigma12 + C2
+    num.mul_(mu1_mu2.mul_(2).add_(_C1)).div_(den)
+    return float(np.mean(num.mean((-2, -1)).cpu().numpy()))
 
 
 def _bef_torch(img, block=8):
