@@ -13,15 +13,17 @@ Photoshop, custom tables) match none of them, and the nearest QF by least square
 entries is reported with `exact=False`.
 
 Tables are stored in files in zigzag order; this module converts them to natural (row-major)
-order. `iter_segments` is shared with utils/image_meta.py, which reads EXIF and ICC segments.
+order. `segment_spans` is the one walk over JPEG markers: utils/image_meta.py reads EXIF and ICC
+segments through it and utils/image.py the frame size it checks before decoding.
 """
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JpegHeaderError", "JpegInfo", "HeaderQF", "STD_LUMINANCE", "STD_CHROMINANCE",
-           "ZIGZAG", "is_jpeg", "iter_segments", "parse_jpeg", "ijg_scale", "ijg_table",
+__all__ = ["JpegHeaderError", "JpegTruncatedError", "JpegInfo", "HeaderQF", "STD_LUMINANCE",
+           "STD_CHROMINANCE", "ZIGZAG", "SOF_MARKERS", "is_jpeg", "segment_spans", "iter_segments",
+           "parse_jpeg", "ijg_scale", "ijg_table",
            "ijg_tables", "qf_from_tables", "header_qf"]
 
 # ITU-T T.81 Annex K, tables K.1 and K.2, natural order
@@ -47,14 +49,18 @@ ZIGZAG = np.array([
     35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
     58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63], dtype=np.int64)
 
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 QUALITIES = range(1, 101)
 
 
 class JpegHeaderError(ValueError):
     """The bytes are not a JPEG, or its header is truncated or malformed."""
+
+
+class JpegTruncatedError(JpegHeaderError):
+    """The bytes end inside the JPEG header."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +100,15 @@ def is_jpeg(data):
     return len(data) >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF
 
 
-def iter_segments(data):
-    """Yield `(marker, payload)` for each marker segment up to the first scan (SOS).
+def segment_spans(data):
+    """Yield `(marker, start, stop)` for each marker segment up to the first scan (SOS), its
+    payload being `data[start:stop]` (after the marker and the length field).
 
-    `payload` excludes the marker and the length field. Stops at SOS (its header is yielded)
-    or EOI. Raises JpegHeaderError for bytes that are not a JPEG or a truncated header.
+    The one walk over JPEG markers: the QF reader, the EXIF/ICC reader and the image-size check
+    before decoding all use it. Stops after SOS (its header is yielded) or at EOI. Raises
+    JpegTruncatedError when the bytes end inside the header (more of the file may hold the
+    rest), JpegHeaderError for bytes that are not a JPEG or a malformed segment length.
     """
-    data = memoryview(data)
     if not is_jpeg(data):
         raise JpegHeaderError("not a JPEG file (no SOI marker)")
     pos, end = 2, len(data)
@@ -110,22 +118,30 @@ def iter_segments(data):
         while pos < end and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= end:
-            raise JpegHeaderError("JPEG header ends before the first scan")
+            raise JpegTruncatedError("JPEG header ends before the first scan")
         marker = data[pos]
         pos += 1
         if marker == 0xD9:
             return
-        if marker in _STANDALONE_MARKERS:
+        if marker in STANDALONE_MARKERS:
             continue
         if pos + 2 > end:
-            raise JpegHeaderError(f"JPEG segment 0xFF{marker:02X} is truncated")
+            raise JpegTruncatedError(f"JPEG segment 0xFF{marker:02X} is truncated")
         length = struct.unpack_from(">H", data, pos)[0]
-        if length < 2 or pos + length > end:
-            raise JpegHeaderError(f"JPEG segment 0xFF{marker:02X} is truncated or has a bad length")
-        yield marker, bytes(data[pos + 2:pos + length])
+        if length < 2:
+            raise JpegHeaderError(f"JPEG segment 0xFF{marker:02X} has a bad length {length}")
+        if pos + length > end:
+            raise JpegTruncatedError(f"JPEG segment 0xFF{marker:02X} is truncated")
+        yield marker, pos + 2, pos + length
         pos += length
         if marker == 0xDA:
             return
+
+
+def iter_segments(data):
+    """Yield `(marker, payload bytes)` for each marker segment, as `segment_spans`."""
+    for marker, start, stop in segment_spans(data):
+        yield marker, bytes(data[start:stop])
 
 
 def _parse_dqt(payload, qtables):
@@ -149,7 +165,7 @@ def parse_jpeg(data):
     for marker, payload in iter_segments(data):
         if marker == 0xDB:
             _parse_dqt(payload, qtables)
-        elif marker in _SOF_MARKERS and frame is None:
+        elif marker in SOF_MARKERS and frame is None:
             if len(payload) < 6:
                 raise JpegHeaderError("malformed SOF segment")
             height, width, n = struct.unpack_from(">HHB", payload, 1)

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 import torch
 
+from data.jpeg_header import JpegHeaderError, JpegTruncatedError, SOF_MARKERS, segment_spans
 from utils.errors import UserError
 from utils.fileio import WriteError, atomic_write_bytes
 
@@ -124,39 +125,25 @@ def _unpack(fmt, data, offset):
     return struct.unpack_from(fmt, data, offset)
 
 
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
-
-
 def _jpeg(data, whole):
-    pos, end, size = 2, len(data), None
-    while True:
-        while pos < end and data[pos] != 0xFF:  # junk between segments: libjpeg skips it too
-            pos += 1
-        while pos < end and data[pos] == 0xFF:
-            pos += 1
-        if pos >= end:
-            raise _NeedMore("JPEG header ends before the first scan")
-        marker = data[pos]
-        pos += 1
-        if marker == 0xD9:
-            raise _HeaderError("JPEG ends (EOI) before any image data")
-        if marker in _JPEG_STANDALONE:
-            continue
-        (length,) = _unpack(">H", data, pos)
-        if length < 2:
-            raise _HeaderError(f"malformed JPEG segment length {length}")
-        if marker in _JPEG_SOF:
-            height, width = _unpack(">HH", data, pos + 3)
-            size = (width, height)
-        elif marker == 0xDA:  # SOS: the entropy-coded data follows
-            if size is None:
-                raise _HeaderError("JPEG scan before any frame header (SOF)")
-            complete = True
-            if whole:  # no 0xFFD9 can occur inside entropy-coded data (0xFF is stuffed)
-                complete = data.find(b"\xff\xd9", pos + length) >= 0
-            return ImageHeader("JPEG", size[0], size[1], complete)
-        pos += length
+    size = None
+    try:
+        for marker, start, stop in segment_spans(data):
+            if marker in SOF_MARKERS:
+                height, width = _unpack(">HH", data, start + 1)
+                size = (width, height)
+            elif marker == 0xDA:  # SOS: the entropy-coded data follows
+                if size is None:
+                    raise _HeaderError("JPEG scan before any frame header (SOF)")
+                complete = True
+                if whole:  # no 0xFFD9 can occur inside entropy-coded data (0xFF is stuffed)
+                    complete = data.find(b"\xff\xd9", stop) >= 0
+                return ImageHeader("JPEG", size[0], size[1], complete)
+    except JpegTruncatedError as exc:
+        raise _NeedMore(str(exc)) from None
+    except JpegHeaderError as exc:
+        raise _HeaderError(str(exc)) from None
+    raise _HeaderError("JPEG ends (EOI) before any image data")
 
 
 def _png(data, whole):
