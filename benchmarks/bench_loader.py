@@ -12,7 +12,6 @@ above the step's.
         --workers 0 1 2 --json loader.json
 """
 import argparse
-import os
 import sys
 import time
 from types import SimpleNamespace
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import device_name, print_table, write_json
+from benchlib import add_training_option_args, device_name, print_table, write_json
 from data.dataset_jpeg import IterationBatchSampler, define_dataset
 from utils.options import load_options
 from utils.training import make_loader
@@ -33,10 +32,7 @@ COLUMNS = [("workers", "workers", "{}"), ("batch", "batch", "{}"), ("patch", "pa
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--opt", default=os.path.join(benchlib.REPO_ROOT, "options",
-                                                 "train_fbcnn_color.json"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="option overrides, as main_train_fbcnn.py takes them")
+    add_training_option_args(p)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                    help="dataloader_num_workers values to compare (default 0 2)")
     p.add_argument("--batches", type=int, default=20)

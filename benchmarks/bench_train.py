@@ -14,14 +14,14 @@ FLOPs (forward, and a backward pass for activations and weights).
 """
 import argparse
 import itertools
-import os
 import sys
 import time
 
 import torch
 
 import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import PeakMemory, device_name, fbcnn_conv_flops, print_table, write_json
+from benchlib import (PeakMemory, add_training_option_args, device_name, fbcnn_conv_flops,
+                      print_table, write_json)
 from models.model_fbcnn import ModelFBCNN
 from utils.options import load_options
 
@@ -35,10 +35,7 @@ COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--opt", default=os.path.join(benchlib.REPO_ROOT, "options",
-                                                 "train_fbcnn_color.json"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="option overrides, as main_train_fbcnn.py takes them")
+    add_training_option_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
     p.add_argument("--channels-last", action="store_true")

@@ -24,8 +24,8 @@ if REPO_ROOT not in sys.path:  # the benchmarks run as `python benchmarks/<name>
 from models.model_zoo import LoadedModel, load_model  # noqa: E402
 from models.network_fbcnn import FBCNN  # noqa: E402
 
-__all__ = ["add_model_args", "build_model", "fbcnn_conv_flops", "PeakMemory", "device_name",
-           "print_table", "write_json", "REPO_ROOT"]
+__all__ = ["add_model_args", "add_training_option_args", "build_model", "fbcnn_conv_flops",
+           "PeakMemory", "device_name", "print_table", "write_json", "REPO_ROOT"]
 
 # The issue's reference cost of full FBCNN (nc 64..512, nb 4), TFLOP per megapixel.
 REFERENCE_TFLOP_PER_MP = 5.41
@@ -41,6 +41,14 @@ def add_model_args(parser):
     parser.add_argument("--nb", type=int, default=4, help="blocks per stage for --random-init")
     parser.add_argument("--in-nc", type=int, choices=(1, 3), default=3,
                         help="image channels for --random-init (default %(default)s)")
+
+
+def add_training_option_args(parser):
+    """`--opt` and `--set` of the training benchmarks, as main_train_fbcnn.py takes them."""
+    parser.add_argument("--opt", default=os.path.join(REPO_ROOT, "options",
+                                                      "train_fbcnn_color.json"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="option overrides, as main_train_fbcnn.py takes them")
 
 
 def build_model(args, device):
