@@ -5,8 +5,10 @@ the original test scripts did it (`clip(0, 1) * 255`, rounded), the meaning of a
 the user (`qf_input = 1 - QF/100`), and every way of running the network faster or in less
 memory than the faithful default (fp32, the whole image in one pass):
 
-- `precision`: "fp32", or "bf16" / "fp16" through `torch.autocast` (weights stay fp32, so the
-  model can switch back). Both work on CUDA and, with torch >= 2.4, on CPU; a CPU without native
+- `precision`: "fp32" (IEEE fp32 everywhere: cuDNN's TF32 convolutions, which PyTorch allows
+  by default, are switched off for the call), "tf32" (cuDNN may use TF32 tensor cores; the same
+  as fp32 on CPU), or "bf16" / "fp16" through `torch.autocast` (weights stay fp32, so the model
+  can switch back). bf16/fp16 work on CUDA and, with torch >= 2.4, on CPU; a CPU without native
   bf16/fp16 arithmetic runs them slower than fp32, so there they serve to compare with fp32.
 - `channels_last` (NHWC activations and weights) and `compile` (`torch.compile`, compiled once
   per network and kept while the network lives).
@@ -56,7 +58,9 @@ __all__ = ["restore", "resolve_device", "check_options", "forward_tiled", "tile_
 
 LOG = logging.getLogger("fbcnn.inference")
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# autocast dtype per precision; "fp32" is full IEEE fp32 (PyTorch lets cuDNN use TF32 for
+# fp32 convolutions on Ampere and later unless told otherwise), "tf32" allows it
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Full FBCNN in fp32 needs about 1.5 GiB per megapixel untiled; a 1024-pixel tile then fits
 # in about 1.5 GiB of GPU memory, a 512-pixel tile in well under 1 GiB of RAM.
 DEFAULT_TILE = {"cuda": 1024, "cpu": 512}
@@ -115,6 +119,22 @@ def _autocast(device, precision):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _cudnn_tf32(allowed):
+    """cuDNN's fp32 convolutions in TF32 (`allowed`) or in IEEE fp32, restored afterwards."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        owner, name, value = conv, "fp32_precision", "tf32" if allowed else "ieee"
+    else:
+        owner, name, value = torch.backends.cudnn, "allow_tf32", allowed
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 @dataclass(frozen=True)
@@ -303,7 +323,7 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
             tile_overlap = min(tile_overlap, tile // 2)
             LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
                      "bound memory", img.shape[1], img.shape[0], limit, tile, tile_overlap)
-    with _autocast(device, precision):
+    with _autocast(device, precision), _cudnn_tf32(precision == "tf32"):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
         cache_bytes = 0 if qf_input is not None else int(tile_cache_gib * 2 ** 30)  # one pass

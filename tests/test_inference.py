@@ -329,6 +329,31 @@ def test_restore_runs_the_network_without_autograd(photo, tile, monkeypatch):
     assert seen and not any(seen)
 
 
+def _cudnn_fp32_mode():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@pytest.mark.parametrize("precision, during", [("fp32", "ieee"), ("tf32", "tf32")])
+def test_fp32_switches_cudnn_tf32_off_for_the_call(photo, precision, during, monkeypatch):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default; the faithful path must not."""
+    model = _model()
+    before = _cudnn_fp32_mode()
+    seen = []
+    forward = model.net.forward
+
+    def record(*args, **kwargs):
+        seen.append(_cudnn_fp32_mode())
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(model.net, "forward", record)
+    restored, qf = restore(model, photo[:64, :80], precision=precision)
+    assert seen == [during] and _cudnn_fp32_mode() == before
+    expected, expected_qf = restore(_model(), photo[:64, :80])
+    assert np.array_equal(restored, expected) and qf == expected_qf  # the same on a CPU
+
+
 def test_jpeg_pseudo_model_returns_its_input(photo):
     restored, qf = restore(LoadedModel("jpeg", None, None), photo, precision="bf16", tile=64)
     assert restored is photo and qf is None

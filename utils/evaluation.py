@@ -92,7 +92,8 @@ def build_parser(preset, prog=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     speed = p.add_argument_group("speed and memory (the defaults are the faithful path)")
     speed.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                       help="network arithmetic: fp32, or bf16/fp16 autocast (default %(default)s)")
+                       help="network arithmetic: fp32 (IEEE), tf32 (cuDNN TF32 convolutions), or "
+                            "bf16/fp16 autocast (default %(default)s)")
     speed.add_argument("--tile", type=bounded_int(16, multiple_of=8, why=" (tiles follow the 8x8 JPEG grid)"), default=None, metavar="N",
                        help="restore in N x N tiles (a multiple of 8) with one QF for the whole "
                             "image; default: whole images, tiling only when memory runs out")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
-from models.inference import check_options, resolve_device, restore
+from models.inference import PRECISIONS, check_options, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
@@ -95,7 +95,7 @@ def build_parser(prog=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (inputs are never overwritten)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network precision (default: fp32, the faithful path)")
     p.add_argument("--tile", type=bounded_int(1), default=None,
                    help="restore in tiles of this many pixels (bounded memory)")
