@@ -23,6 +23,7 @@ if REPO_ROOT not in sys.path:  # the benchmarks run as `python benchmarks/<name>
 
 from models.model_zoo import LoadedModel, load_model  # noqa: E402
 from models.network_fbcnn import FBCNN  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 __all__ = ["add_model_args", "add_training_option_args", "build_model", "fbcnn_conv_flops",
            "PeakMemory", "device_name", "print_table", "write_json", "REPO_ROOT"]
@@ -177,10 +178,6 @@ def print_table(rows, columns):
 
 
 def write_json(path, payload):
-    """Write `payload` as JSON atomically (a temporary file renamed into place)."""
+    """Write `payload` as JSON atomically (utils/fileio.py: nothing partial is left)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode(), fsync=False)

@@ -190,9 +190,9 @@ class ModelFBCNN:
         self.G_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             E, QF_est = self.netG(self.L)
-        self.E, self.QF_est = E.float(), QF_est.float()
-        G_loss = self.G_lossfn_weight * self.G_lossfn(self.E, self.H)
-        QF_loss, n_labelled = masked_qf_loss(self.QF_est, self.qf, self.QF_lossfn_type)
+        E, QF_est = E.float(), QF_est.float()
+        G_loss = self.G_lossfn_weight * self.G_lossfn(E, self.H)
+        QF_loss, n_labelled = masked_qf_loss(QF_est, self.qf, self.QF_lossfn_type)
         loss = G_loss + self.QF_lossfn_weight * QF_loss
         self.log_dict = {"loss": loss.detach(), "G_loss": G_loss.detach(),
                          "QF_loss": QF_loss.detach(), "QF_labelled": n_labelled.detach()}

@@ -1,6 +1,7 @@
 """Tests of the training half: utils/training.py, models/model_fbcnn.py, models/select_network.py,
 utils/checkpoint.py, utils/dist.py and main_train_fbcnn.py, on tiny networks and images (CPU)."""
 import json
+import logging
 import math
 import os
 import signal
@@ -257,6 +258,19 @@ def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
     assert "datasets.train.dataroot_H: training folder '/no/such/folder' does not exist" in \
         capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_validation_with_no_readable_image_is_skipped_not_fatal(option_file, tmp_path, caplog):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    ok, png = cv2.imencode(".png", np.full((24, 32, 3), 128, np.uint8))
+    # a sound header (the start-up check passes) but no image data: unreadable at validation
+    (broken / "cut.png").write_bytes(png.tobytes()[:40])
+    with caplog.at_level(logging.WARNING):
+        assert _run(option_file, tmp_path, "train.total_iter=3",
+                    f"datasets.test.dataroot_H={broken}") == {"start": 0, "end": 3}
+    assert "no image of" in caplog.text and "validation skipped" in caplog.text
+    assert _records(os.path.join(tmp_path, "tiny"), "test") == []
 
 
 def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):

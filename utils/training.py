@@ -310,6 +310,11 @@ class _Trainer:
             test_opt = self.opt["datasets"]["test"]
             image_dir = self.dirs.images if test_opt["save_images"] else None
             rows, avg = validate(self.model, self.test_set, step, image_dir, self.jpeg_cache)
+            if not rows:
+                logger.warning("iteration %d: no image of %s could be read; validation skipped",
+                               step, test_opt["dataroot_H"])
+                barrier()
+                return
             logger.info("<epoch:%3d, iter:%8d> %s at QF %d: Average PSNR %.2fdB (JPEG %.2fdB), "
                         "SSIM %.4f, PSNR-B %.2fdB, QF %.1f", self.sampler.epoch(step), step,
                         test_opt["name"], test_opt["qf"], avg["psnr"], avg["jpeg_psnr"],
