@@ -150,7 +150,7 @@ def _ref_psnrb(img, ref, border):
     mse = _ref_mse(img, ref, border)
     y = rgb2y_matlab(img) if img.ndim == 3 and img.shape[2] == 3 else img.reshape(img.shape[:2])
     total = mse + _ref_bef(_ref_prepare(y, y, border)[0])
-    return math.inf if total == 0 else 10 * math.log10(255.0 ** 2 / total)
+    return math.inf if total == 0 else 20 * math.log10(255.0 / math.sqrt(total))
 
 
 def _assert_matches_oracle(img, ref, border, device=None):

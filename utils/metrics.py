@@ -154,7 +154,7 @@ def _psnrb_from(mse, bef):
     total = mse + bef
     if total == 0:
         return float("inf")
-    return 10 * math.log10(255.0 ** 2 / total)
+    return 20 * math.log10(255.0 / math.sqrt(total))  # spec section 3, as PSNR
 
 
 def _psnrb(img_full, img, border, mse):
