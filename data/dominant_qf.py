@@ -131,16 +131,16 @@ def _normalise(errors, rows):
     return errors[rows] / np.maximum(med, 1e-12)
 
 
-def estimate_dominant_qf(img, max_size=256, trace_threshold=TRACE_THRESHOLD, threshold=None,
-                         errors=None):
+def estimate_dominant_qf(img, max_size=256, trace_threshold=TRACE_THRESHOLD, threshold=None):
     """FBCNN-D's estimate for a uint8 RGB or gray image; see the module docstring.
 
-    `threshold` overrides `prior_threshold(window pixels)`. `errors` may pass a precomputed
-    `recompression_errors(img, QUALITIES, max_size)`.
+    `threshold` overrides `prior_threshold(window pixels)`. An image under 15x15 pixels has no
+    window to measure: like an image without a JPEG trace, it gets DominantQF(None, None, None).
     """
+    if min(img.shape[:2]) < 15:
+        return DominantQF(None, None, None)
     _, _, h, w = analysis_window(img.shape, max_size)
-    if errors is None:
-        errors = recompression_errors(img, QUALITIES, max_size)
+    errors = recompression_errors(img, QUALITIES, max_size)
     if threshold is None:
         threshold = prior_threshold(h * w)
     qs = QUALITIES

@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data.dominant_qf import analysis_window, estimate_dominant_qf, recompression_errors
+from data.dominant_qf import (DominantQF, analysis_window, estimate_dominant_qf,
+                              recompression_errors)
 from data.jpeg import double_jpeg, jpeg
 
 
@@ -76,3 +77,13 @@ def test_analysis_window_fits_every_shift():
         assert y0 + 7 + h <= shape[0] and x0 + 7 + w <= shape[1] and h >= 8 and w >= 8
     with pytest.raises(ValueError, match="too small"):
         analysis_window((14, 100))
+
+
+def test_images_too_small_to_measure_have_no_estimate():
+    """Under 15x15 there is no analysis window: no estimate (the CLI then uses the network's
+    QF, as for an image without a JPEG trace), not an error."""
+    rng = np.random.default_rng(3)
+    small = jpeg(rng.integers(0, 256, (12, 40), dtype=np.uint8), 30)
+    assert estimate_dominant_qf(small) == DominantQF(None, None, None)
+    with pytest.raises(ValueError, match="too small"):
+        analysis_window(small.shape)
