@@ -49,8 +49,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     rows = []
     for amp, compile in itertools.product(args.amp, args.compile):
@@ -58,6 +56,8 @@ def main(argv=None):
                      f"train.channels_last={'true' if args.channels_last else 'false'}",
                      f"train.compile={'true' if compile == 'on' else 'false'}"]
         opt = load_options(args.opt, overrides, world_size=1, check_paths=False)
+        if device.type == "cuda":  # as training sets it (--set train.cudnn_benchmark=true)
+            torch.backends.cudnn.benchmark = opt["train"]["cudnn_benchmark"]
         torch.manual_seed(0)
         model = ModelFBCNN(opt, device)
         batch = opt["datasets"]["train"]["dataloader_batch_size"]

@@ -335,3 +335,11 @@ def test_main_restore_script_exit_status(tmp_path, repo_root, photo):
     assert result.returncode == 1
     assert "broken.jpg" in result.stderr and (tmp_path / "out" / "a.png").is_file()
     assert not (tmp_path / "out" / "broken.png").exists()
+
+
+@pytest.mark.parametrize("quality", ["0", "101"])
+def test_output_quality_is_a_jpeg_quality(quality, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["in.jpg", "-o", str(tmp_path), "--quality", quality])
+    assert exit_info.value.code == 2
+    assert "--quality" in capsys.readouterr().err

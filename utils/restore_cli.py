@@ -89,7 +89,7 @@ def build_parser(prog=None):
                         "number 1..100; lower removes more (default %(default)s)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
-    p.add_argument("--quality", type=bounded_int(1), default=95,
+    p.add_argument("--quality", type=quality_factor, default=95,
                    help="quality of jpg and webp outputs (default %(default)s)")
     p.add_argument("--suffix", default="", help="added to each output's file name stem")
     p.add_argument("--overwrite", action="store_true",
