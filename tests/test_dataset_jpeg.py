@@ -114,6 +114,22 @@ def test_patch_is_jpeg_of_its_clean_patch(image_dir):
         assert float(item["qf"]) == pytest.approx(qf_to_label(30))
 
 
+def test_double_patch_is_the_second_jpeg_of_the_first(image_dir):
+    """Gray, aligned, fixed QFs: a double sample's L is exactly jpeg(jpeg(H, 30), 10), not the
+    single JPEG of H; the single sample at the same position stays jpeg(H, 30)."""
+    fixed = Degradation(gray=True, qf_range=(30, 30), qf_choices=(30,), double_prob=1.0,
+                        double_qf_range=(10, 10), double_qf_choices=(10,), shift_prob=0.0,
+                        max_shift=0)
+    ds = DatasetJPEG(str(image_dir), fixed, patch_size=P, seed=0)
+    for position in range(4):
+        double = ds[SampleKey(position, position, True)]
+        H = double["H"][0].numpy()
+        L = double["L"][0].numpy()
+        assert np.array_equal(L, jpeg(jpeg(H, 30), 10))
+        assert not np.array_equal(L, jpeg(H, 30))
+        assert math.isnan(float(double["qf"]))
+
+
 def test_test_phase_follows_the_net_channels(image_dir):
     for channels in (1, 3):
         ds = define_dataset({"dataset_type": "jpeg", "dataroot_H": str(image_dir), "qf": 20},
