@@ -378,7 +378,7 @@ def test_resume_with_a_longer_total_iter_stretches_the_cosine(option_file):
         first.update_learning_rate()
     resumed = _tiny_model(option_file, *common, "train.total_iter=8")
     resumed.load_state(first.bare.state_dict(), first.training_state())
-    assert resumed.current_learning_rate() == first.current_learning_rate()
+    assert resumed.G_scheduler.last_epoch == 3  # the progress came from the checkpoint
     lrs = []
     for _ in range(5):
         resumed.G_optimizer.step()
