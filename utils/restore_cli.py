@@ -37,6 +37,7 @@ from models.inference import PRECISIONS, check_options, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
+from utils.fileio import atomic_write_bytes
 from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path,
                          imencode, read_file_bytes)
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
@@ -453,11 +454,8 @@ def run_qf_estimate(args):
     tqdm.write("\n".join(lines), file=sys.stdout)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = f"{args.json}.part-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump([r for r, _ in rows], f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, (json.dumps([r for r, _ in rows], indent=2) + "\n").encode(),
+                           fsync=False)
     if failures:
         tqdm.write(f"{len(failures)} file(s) failed", file=sys.stderr)
     return 1 if failures else 0
