@@ -22,8 +22,9 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 
 from data.dataset_jpeg import list_images_recursive
+from utils.cli import run_cli
 from utils.errors import UserError
-from utils.image import ImageReadError, imread_uint, imwrite
+from utils.image import imread_uint, imwrite, read_image_header
 
 __all__ = ["window_starts", "cut_image", "prepare", "main"]
 
@@ -42,20 +43,18 @@ def window_starts(length, size, step, thresh):
 
 def cut_image(path, dst, size, step, thresh, compression=3):
     """Cut one image into sub-images in `dst`; returns (written, skipped)."""
-    img = imread_uint(path, 3)
-    h, w = img.shape[:2]
+    header = read_image_header(path)  # the size, without decoding: a restart skips done images
     stem = os.path.splitext(os.path.basename(path))[0]
-    written = skipped = 0
-    for i, top in enumerate(window_starts(h, size, step, thresh)):
-        for j, left in enumerate(window_starts(w, size, step, thresh)):
-            out = os.path.join(dst, f"{stem}_s{i:03d}_{j:03d}.png")
-            if os.path.exists(out):
-                skipped += 1
-                continue
+    windows = [(os.path.join(dst, f"{stem}_s{i:03d}_{j:03d}.png"), top, left)
+               for i, top in enumerate(window_starts(header.height, size, step, thresh))
+               for j, left in enumerate(window_starts(header.width, size, step, thresh))]
+    todo = [w for w in windows if not os.path.exists(w[0])]
+    if todo:
+        img = imread_uint(path, 3)
+        for out, top, left in todo:
             imwrite(out, img[top:top + size, left:left + size],
                     [int(cv2.IMWRITE_PNG_COMPRESSION), compression])
-            written += 1
-    return written, skipped
+    return len(todo), len(windows) - len(todo)
 
 
 def _cut(args):
@@ -74,6 +73,13 @@ def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, p
     paths = list_images_recursive(src)
     if not paths:
         raise UserError(f"{src}: no images found")
+    seen = {}
+    for path in paths:  # sub-images are named by stem: two images must not share one
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in seen:
+            raise UserError(f"{path} and {seen[stem]} would both be cut into {stem}_s*.png; "
+                            f"rename one of them")
+        seen[stem] = path
     os.makedirs(dst, exist_ok=True)
     jobs = [(p, dst, size, step, thresh, compression) for p in paths]
     written = skipped = 0
@@ -106,15 +112,12 @@ def main(argv=None):
     parser.add_argument("--compression", type=int, default=3, help="PNG compression 0-9")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    def body():
         n, written, skipped = prepare(args.src, args.dst, args.size, args.step, args.thresh,
                                       args.workers, args.compression)
-    except (UserError, ImageReadError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    logger.info("%d images -> %d sub-images written, %d already there, in %s", n, written,
-                skipped, args.dst)
-    return 0
+        logger.info("%d images -> %d sub-images written, %d already there, in %s", n, written,
+                    skipped, args.dst)
+    return run_cli(body)
 
 
 if __name__ == "__main__":

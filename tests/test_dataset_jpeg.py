@@ -214,3 +214,19 @@ def test_prepare_subimages_cuts_and_skips_existing(tmp_path):
     assert np.array_equal(sub, img[48:96, 82:130])
     assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
                                      progress=False) == (1, 0, 15)
+    # a restart with all windows present does not decode the image (its pixels are not needed)
+    src_bytes = (src / "a.png").read_bytes()
+    (src / "a.png").write_bytes(src_bytes[:-12])  # drop IEND: decoding would now fail
+    assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
+                                     progress=False) == (1, 0, 15)
+
+
+def test_prepare_subimages_refuses_two_images_with_one_stem(tmp_path, capsys):
+    src = tmp_path / "src"
+    for sub in ("x", "y"):
+        (src / sub).mkdir(parents=True)
+        cv2.imwrite(str(src / sub / "0001.png"), np.zeros((60, 60, 3), np.uint8))
+    assert prepare_subimages.main([str(src), str(tmp_path / "dst"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "would both be cut into 0001_s*.png" in err
+    assert not (tmp_path / "dst").exists()
