@@ -53,7 +53,7 @@ from data.jpeg import label_to_qf, qf_to_label
 from utils.errors import UserError
 from utils.image import tensor2uint, uint2tensor
 
-__all__ = ["restore", "resolve_device", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
+__all__ = ["restore", "predict_qf", "resolve_device", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
 LOG = logging.getLogger("fbcnn.inference")
@@ -182,9 +182,10 @@ def tile_spans(length, tile, overlap):
     return spans
 
 
-def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0):
+def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0, qf_only=False):
     """Tiled forward pass with one QF for the whole image; returns (restored, qf) as the
     network's forward does. `fns` is an FBCNN, or the compiled entry points of one.
+    `qf_only`: stop after the QF pass and return (None, qf).
 
     `cache_bytes`: in blind mode, keep the encoder outputs of the QF pass (all skips but the
     first, which one convolution recomputes) for as many tiles as fit in this many bytes, on
@@ -195,6 +196,8 @@ def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0):
     rows, cols = (tile_spans(n, tile, overlap) for n in x.shape[-2:])
     tiles = [(r, c) for r in rows for c in cols]
     if len(tiles) == 1:  # the tile holds the image: the untiled pass, bit for bit
+        if qf_only:
+            return None, fns.encode(x)[1]
         restored, qf = fns.forward(x, qf_input)
         return restored[..., :h, :w], qf
     dev = x.device
@@ -223,6 +226,9 @@ def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0):
         cache.pop((tiles[-1][0].start, tiles[-1][1].start), None)  # still in `skips`
         qf_input = fns.qf_from_pooled(pooled / n_cells)
         qf = qf_input
+        if qf_only:
+            bar.close()
+            return None, qf
     else:
         qf = None
     out = None
@@ -252,12 +258,12 @@ def _release_cached_memory(device):
         torch.cuda.empty_cache()
 
 
-def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes):
+def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False):
     """Untiled or tiled pass, falling back to tiles when CUDA runs out of memory: first without
-    the encoder cache, then with smaller tiles."""
+    the encoder cache, then with smaller tiles. `qf_only`: the encoder and QF head alone."""
     if tile is None:
         try:
-            return fns.forward(x, qf_input)
+            return (None, fns.encode(x)[1]) if qf_only else fns.forward(x, qf_input)
         except torch.cuda.OutOfMemoryError:
             pass  # leaving the except clause frees the failed pass's tensors first
         tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cuda"])
@@ -267,7 +273,7 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes):
                     x.shape[-1], x.shape[-2], tile, overlap)
     while True:
         try:
-            return forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes)
+            return forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes, qf_only)
         except torch.cuda.OutOfMemoryError:
             if tile <= MIN_TILE and not cache_bytes:
                 raise
@@ -291,7 +297,6 @@ def resolve_device(device):
     return device
 
 
-@torch.no_grad()
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
@@ -304,9 +309,30 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     `tile_cache_gib`: the encoder cache of blind tiled passes (default `DEFAULT_TILE_CACHE_GIB`
     for the device; 0 recomputes every tile's encoder).
     """
-    check_options(precision, tile, tile_overlap)
     if model.net is None:
+        check_options(precision, tile, tile_overlap)
         return img, None
+    restored, qf_pred = _run(model, img, qf, device, precision, tile, tile_overlap, channels_last,
+                             compile, max_untiled_megapixels, tile_cache_gib, qf_only=False)
+    return tensor2uint(restored), label_to_qf(qf_pred[0, 0])
+
+
+def predict_qf(model, img, device="cpu", precision="fp32", tile=None, tile_overlap=32,
+               channels_last=False, compile=False, max_untiled_megapixels=None):
+    """The QF `restore(model, img, ...)` would report, from the encoder and the QF head alone
+    (no decoder); None for the `jpeg` pseudo-model. Options as for `restore`."""
+    if model.net is None:
+        check_options(precision, tile, tile_overlap)
+        return None
+    _, qf_pred = _run(model, img, None, device, precision, tile, tile_overlap, channels_last,
+                      compile, max_untiled_megapixels, 0, qf_only=True)
+    return label_to_qf(qf_pred[0, 0])
+
+
+@torch.no_grad()
+def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, compile,
+         max_untiled_megapixels, tile_cache_gib, qf_only):
+    check_options(precision, tile, tile_overlap)
     device = torch.device(device)
     net = model.net
     _set_memory_format(net, channels_last)
@@ -326,6 +352,5 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     with _autocast(device, precision), _cudnn_tf32(precision == "tf32"):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
-        cache_bytes = 0 if qf_input is not None else int(tile_cache_gib * 2 ** 30)  # one pass
-        restored, qf_pred = _forward(fns, x, qf_input, tile, tile_overlap, device, cache_bytes)
-    return tensor2uint(restored), label_to_qf(qf_pred[0, 0])
+        cache_bytes = 0 if qf_input is not None or qf_only else int(tile_cache_gib * 2 ** 30)
+        return _forward(fns, x, qf_input, tile, tile_overlap, device, cache_bytes, qf_only)

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
-from models.inference import check_options, forward_tiled, restore, tile_spans, tile_starts
+from models.inference import (check_options, forward_tiled, predict_qf, restore, tile_spans,
+                              tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from utils.evaluation import COLOR, main
@@ -214,11 +215,11 @@ def test_out_of_memory_with_the_encoder_cache_retries_without_it(model, photo, m
     calls = []
     tiled = inference.forward_tiled
 
-    def no_room_for_a_cache(fns, x, qf_input, tile, overlap, cache_bytes=0):
+    def no_room_for_a_cache(fns, x, qf_input, tile, overlap, cache_bytes=0, qf_only=False):
         calls.append((tile, cache_bytes))
         if cache_bytes:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return tiled(fns, x, qf_input, tile, overlap, cache_bytes)
+        return tiled(fns, x, qf_input, tile, overlap, cache_bytes, qf_only)
 
     monkeypatch.setattr(inference, "forward_tiled", no_room_for_a_cache)
     with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
@@ -352,6 +353,15 @@ def test_fp32_switches_cudnn_tf32_off_for_the_call(photo, precision, during, mon
     assert seen == [during] and _cudnn_fp32_mode() == before
     expected, expected_qf = restore(_model(), photo[:64, :80])
     assert np.array_equal(restored, expected) and qf == expected_qf  # the same on a CPU
+
+
+@pytest.mark.parametrize("tile", [None, 96])
+def test_predict_qf_is_restores_qf_without_decoding(model, photo, monkeypatch, tile):
+    _, expected = restore(model, photo, tile=tile, tile_overlap=32)
+    counts = _count_calls(monkeypatch, model.net, "decode", "forward")
+    assert predict_qf(model, photo, tile=tile, tile_overlap=32) == expected
+    assert counts == {"decode": 0, "forward": 0}
+    assert predict_qf(LoadedModel("jpeg", None, None), photo) is None
 
 
 def test_jpeg_pseudo_model_returns_its_input(photo):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
-from models.inference import PRECISIONS, check_options, resolve_device, restore
+from models.inference import PRECISIONS, check_options, predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from utils.cli import bounded_int, quality_factor, run_cli
 from utils.errors import UserError
@@ -434,7 +434,7 @@ def run_qf_estimate(args):
             network_qf = None
             if models is not None:
                 model = models.get("gray" if decoded.gray else "color")
-                network_qf = restore(model, decoded.img, qf=None, device=device, **options)[1]
+                network_qf = predict_qf(model, decoded.img, device=device, **options)
             dominant = estimate_dominant_qf(decoded.img).qf
         except OptionError:
             raise
