@@ -23,7 +23,7 @@ import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import add_model_args, build_model, device_name, print_table, write_json
 from models.inference import PRECISIONS
 from utils.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
-from utils.image import imread_uint, list_images
+from utils.image import list_images, read_image_header
 from utils.pipeline import StageClock
 
 STAGES = ("load_model", "read", "jpeg", "network", "metrics", "write")
@@ -32,7 +32,7 @@ COLUMNS = [("qf", "QF", "{}"), ("workers", "workers", "{}"), ("wall_s", "wall s"
            ("mp_per_s_after_load", "MP/s after load", "{:.3f}"), ("psnr", "PSNR", "{:.4f}")]
 
 
-def _model_argument(args, workdir, device):
+def _model_argument(args, workdir):
     if args.model is not None:
         return args.model
     from safetensors.torch import save_file
@@ -63,11 +63,10 @@ def main(argv=None):
 
     folder = args.testset if os.path.isdir(args.testset) else \
         os.path.join(benchlib.REPO_ROOT, "testsets", args.testset)
-    pixels = sum(img.shape[0] * img.shape[1]
-                 for img in (imread_uint(path, 3) for path in list_images(folder)))
+    pixels = sum(read_image_header(path).pixels for path in list_images(folder))  # no decoding
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:
-        model_arg = _model_argument(args, workdir, args.device)
+        model_arg = _model_argument(args, workdir)
         for qf in args.qf:
             for workers in args.workers:
                 results = os.path.join(workdir, f"results_qf{qf}_w{workers}")

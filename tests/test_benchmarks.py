@@ -13,6 +13,7 @@ from tests.conftest import REPO_ROOT
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 import bench_inference  # noqa: E402
 import bench_loader  # noqa: E402
+import bench_test_script  # noqa: E402
 import bench_train  # noqa: E402
 from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
 
@@ -116,3 +117,21 @@ def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
     assert [(r["workers"], r["batch"], r["patch"]) for r in rows] == [(0, 4, 32), (1, 4, 32)]
     assert all(r["patches_per_s"] > 0 for r in rows)
     assert "3 images in" in capsys.readouterr().out
+
+
+def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep_threads):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(2):
+        imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    path = tmp_path / "script.json"
+    assert bench_test_script.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
+                                   "--device", "cpu", "--testset", str(folder), "--qf", "10",
+                                   "--workers", "0", "2", "--threads", "1",
+                                   "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["qf"], r["workers"], r["n_images"]) for r in rows] == [(10, 0, 2), (10, 2, 2)]
+    assert rows[0]["megapixels"] == pytest.approx(2 * 48 * 64 / 1e6)
+    assert rows[0]["psnr"] == rows[1]["psnr"]  # serial and pipelined runs score alike
+    assert all(r["network_s"] > 0 and r["metrics_s"] > 0 for r in rows)
