@@ -37,7 +37,6 @@ class StageClock:
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
-        self.calls = collections.defaultdict(int)
         self._lock = threading.Lock()
 
     @contextmanager
@@ -49,7 +48,6 @@ class StageClock:
             elapsed = time.perf_counter() - start
             with self._lock:
                 self.seconds[stage] += elapsed
-                self.calls[stage] += 1
 
 
 class Pipeline:
@@ -62,7 +60,6 @@ class Pipeline:
     def __init__(self, workers):
         if workers < 0:
             raise ValueError(f"workers={workers}: must be 0 (serial) or more")
-        self.workers = workers
         self.lookahead = 2 * workers  # prepared inputs (and unfinished outputs) held at most
         self._pool = ThreadPoolExecutor(workers, "prepare") if workers else InlineExecutor()
         self._finish = ThreadPoolExecutor(1, "finish") if workers else InlineExecutor()
