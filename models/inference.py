@@ -53,8 +53,9 @@ from data.jpeg import label_to_qf, qf_to_label
 from utils.errors import UserError
 from utils.image import tensor2uint, uint2tensor
 
-__all__ = ["restore", "predict_qf", "resolve_device", "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
-           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
+__all__ = ["restore", "predict_qf", "plan_tile", "resolve_device", "check_options",
+           "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS", "DEFAULT_TILE", "MIN_TILE",
+           "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
 LOG = logging.getLogger("fbcnn.inference")
 
@@ -297,6 +298,22 @@ def resolve_device(device):
     return device
 
 
+def _untiled_limit(max_untiled_megapixels):
+    return CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None \
+        else max_untiled_megapixels
+
+
+def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=None):
+    """`(tile, tile_overlap)` that `restore` starts with for an image of `shape` (H, W, ...):
+    the given tile, or on CPU `DEFAULT_TILE["cpu"]` above `max_untiled_megapixels`. (On CUDA an
+    untiled pass may still fall back to tiles when it runs out of memory.)"""
+    if tile is None and torch.device(device).type == "cpu" \
+            and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels) * 1e6:
+        tile = DEFAULT_TILE["cpu"]
+        tile_overlap = min(tile_overlap, tile // 2)
+    return tile, tile_overlap
+
+
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
@@ -341,14 +358,12 @@ def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, c
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     qf_input = None if qf is None else torch.full((x.shape[0], 1), qf_to_label(qf), device=device)
-    if tile is None and device.type == "cpu":
-        limit = CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None \
-            else max_untiled_megapixels
-        if img.shape[0] * img.shape[1] > limit * 1e6:
-            tile = DEFAULT_TILE["cpu"]
-            tile_overlap = min(tile_overlap, tile // 2)
-            LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
-                     "bound memory", img.shape[1], img.shape[0], limit, tile, tile_overlap)
+    planned = plan_tile(img.shape, device, tile, tile_overlap, max_untiled_megapixels)
+    if planned[0] != tile:
+        tile, tile_overlap = planned
+        LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
+                 "bound memory", img.shape[1], img.shape[0],
+                 _untiled_limit(max_untiled_megapixels), tile, tile_overlap)
     with _autocast(device, precision), _cudnn_tf32(precision == "tf32"):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)

@@ -5,6 +5,7 @@ the Gradio callbacks run only when gradio is importable.
 """
 import importlib.util
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from data.jpeg import jpeg, jpeg_encode
+import models.inference as inference
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
@@ -127,14 +129,37 @@ def test_blind_then_slider_match_restore(demo, jpeg_file):
 
 
 def test_large_images_are_tiled(tiny_path, tmp_path, jpeg_file):
-    demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path), tile=64,
-                tile_above_megapixels=0.01)  # 96x136 = 0.013 MP is "large" here
+    demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path), tile=64)
     result = demo.run(jpeg_file, "tiny")
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
     img = imread_uint(jpeg_file)
     tiled = restore(demo.models.get("tiny"), img, tile=64, tile_overlap=32)[0]
     assert np.array_equal(result.after, tiled)
     assert not np.array_equal(result.after, restore(demo.models.get("tiny"), img)[0])
+
+
+def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file, monkeypatch):
+    monkeypatch.setattr(inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.01)  # 96x136 = 0.013 MP
+    monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 64)
+    demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path))
+    result = demo.run(jpeg_file, "tiny")
+    assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
+    img = imread_uint(jpeg_file)
+    assert np.array_equal(result.after, restore(demo.models.get("tiny"), img, tile=64)[0])
+
+
+def test_exif_rotated_jpeg_is_restored_on_its_stored_grid_then_turned(demo, tmp_path, jpeg_file):
+    data = open(jpeg_file, "rb").read()
+    payload = b"Exif\x00\x00MM\x00\x2a" + struct.pack(">IHHHIHHI", 8, 1, 0x0112, 3, 1, 6, 0, 0)
+    path = tmp_path / "rotated.jpg"  # orientation 6: shown turned 90 degrees clockwise
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+                     + data[2:])
+    stored = imread_uint(jpeg_file)
+    expected, expected_qf = restore(demo.models.get("tiny"), stored)
+    result = demo.run(str(path), "tiny")
+    assert np.array_equal(result.before, np.rot90(stored, -1))
+    assert np.array_equal(result.after, np.rot90(expected, -1)) and result.qf_pred == expected_qf
+    assert np.array_equal(imread_uint(result.png_path), result.after)
 
 
 def test_gray_model_reads_gray(tmp_path, jpeg_file):

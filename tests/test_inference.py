@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
-from models.inference import (check_options, forward_tiled, predict_qf, restore, tile_spans,
-                              tile_starts)
+from models.inference import (check_options, forward_tiled, plan_tile, predict_qf, restore,
+                              tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from utils.evaluation import COLOR, main
@@ -239,6 +239,11 @@ def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
     seen.clear()
     restore(model, photo, max_untiled_megapixels=math.inf)
     assert len(seen) == 1
+    assert plan_tile(photo.shape, "cpu", None, 32, 0.05) == (96, 32)
+    assert plan_tile(photo.shape, "cpu", None, 64, 0.05) == (96, 48)
+    assert plan_tile(photo.shape, "cpu", None, 32, 0.06) == (None, 32)
+    assert plan_tile(photo.shape, "cuda", None, 32, 0.05) == (None, 32)
+    assert plan_tile(photo.shape, "cpu", 128, 16, 0.05) == (128, 16)
 
 
 # Out-of-memory fallback

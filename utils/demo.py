@@ -5,12 +5,15 @@ This module owns what the demo page does and how it is served:
   `DEMO_MODEL_ORDER` whose file is in the model folder (`model_zoo/`, or $FBCNN_MODEL_DIR);
   nothing is downloaded unless `--model` names a zoo model that is missing. With no model the
   page still starts and says how to get one. Each model is loaded once, on first use;
-- reading: an upload is decoded by `utils.image.decode_uint8` (the project's one reader, with
-  its header checks), refused above `--max-megapixels`, and every bad file becomes a message in
-  the page (an error text and a warning toast) naming the file, never a traceback;
+- reading: an upload is refused above `--max-megapixels` from its header, then read as
+  `main_restore.py` reads it (`utils.restore_cli.read_image`: the project's one decoder with its
+  header checks; a JPEG on its stored 8x8 grid, turned by its EXIF orientation after
+  restoration), and every bad file becomes a message in the page (an error text and a warning
+  toast) naming the file, never a traceback;
 - restoring: blind first (the network's own QF, shown, and put on the slider), then again with
   the slider's QF as `qf_input` whenever the slider is released (FBCNN's flexible control);
-  images above `--tile-above` megapixels are restored in tiles (`models.inference.restore`);
+  memory is bounded as in every script (`models.inference.restore`: tiles with `--tile`, on CPU
+  above 2 megapixels, on CUDA when out of memory);
 - output: a before/after slider and the restored PNG to download, written to a private
   temporary folder that is removed at exit; samples (testsets/Real and a LIVE1 crop compressed
   at QF 10) are written there at start.
@@ -30,16 +33,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
-import torch
 
 from data.jpeg import jpeg_encode
-from models.inference import DEFAULT_TILE, check_options, resolve_device, restore
+from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, check_options,
+                              plan_tile, resolve_device, restore)
 from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
                               model_label)
 from utils.errors import UserError
-from utils.image import check_image_bytes, decode_uint8, imread_uint, imwrite
+from utils.image import (ImageReadError, check_image_bytes, display_path, imread_uint,
+                         imwrite)
+from utils.image_meta import apply_orientation
+from utils.restore_cli import read_image
 
 __all__ = ["DEMO_MODEL_ORDER", "DEFAULT_PORT", "ModelChoices", "Result", "Demo",
            "find_models", "prepare_samples", "build_ui", "build_parser", "main"]
@@ -170,7 +175,7 @@ class Result:
     qf_used: object  # the slider's QF, or None for blind
     png_path: str
     seconds: float
-    tile: object  # tile size in pixels, or None
+    tile: object  # tile size in pixels it started with, or None
 
     def info_markdown(self):
         h, w = self.after.shape[:2]
@@ -184,49 +189,52 @@ class Result:
 class Demo:
     """What the page does, independent of Gradio: read an upload, restore it, write the PNG."""
 
-    def __init__(self, models, work_dir, tile=None, tile_above_megapixels=1.0,
-                 max_megapixels=24.0):
+    def __init__(self, models, work_dir, tile=None, max_megapixels=24.0):
         self.models = models
         self.work_dir = work_dir
-        self.tile = tile or DEFAULT_TILE.get(torch.device(models.device).type, DEFAULT_TILE["cuda"])
-        self.tile_above_megapixels = tile_above_megapixels
+        self.tile = tile  # None: restore() decides
         self.max_megapixels = max_megapixels
         os.makedirs(os.path.join(work_dir, "outputs"), exist_ok=True)
 
     def read(self, path, in_nc=3):
-        """An upload as uint8 RGB (in_nc 3) or gray (in_nc 1); UserError names the file."""
+        """An upload as a `utils.restore_cli.Decoded` (pixels as stored, RGB for in_nc 3, gray
+        for 1); UserError names the file."""
         name = os.path.basename(path)
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                header = check_image_bytes(f.read(), name)
         except OSError as exc:
             raise UserError(f"{name}: cannot read the upload ({exc.strerror or exc})") from None
-        header = check_image_bytes(data, name)
         limit = self.max_megapixels * 1e6
         if header is not None and header.pixels > limit:
             raise UserError(f"{name}: {header.width}x{header.height} pixels is over the demo's "
                             f"limit of {self.max_megapixels:g} megapixels (--max-megapixels)")
-        img = decode_uint8(data, cv2.IMREAD_GRAYSCALE if in_nc == 1 else cv2.IMREAD_COLOR, name)
+        try:
+            decoded = read_image(path, "gray" if in_nc == 1 else "color")
+        except ImageReadError as exc:  # it names the temporary path; the user knows the name
+            raise UserError(str(exc).replace(display_path(path), name)) from None
+        img = decoded.img
         if img.shape[0] * img.shape[1] > limit:
             raise UserError(f"{name}: {img.shape[1]}x{img.shape[0]} pixels is over the demo's "
                             f"limit of {self.max_megapixels:g} megapixels (--max-megapixels)")
-        return img if in_nc == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return decoded
 
     def run(self, path, model_label, qf=None):
         """Restore the file at `path` with the model `model_label`, blind or at `qf`."""
         if not path:
             raise UserError("upload an image or pick a sample first")
         model = self.models.get(model_label)
-        img = self.read(path, model.in_nc)
+        decoded = self.read(path, model.in_nc)
         if qf is not None and not 1 <= int(qf) <= 100:
             raise UserError(f"QF {qf}: must be between 1 and 100")
-        tile = self.tile if img.shape[0] * img.shape[1] > self.tile_above_megapixels * 1e6 \
-            else None
+        overlap = 32 if self.tile is None else min(32, self.tile // 2 // 8 * 8)
+        tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap)[0]
         start = time.perf_counter()
-        overlap = 32 if tile is None else min(32, tile // 2 // 8 * 8)
-        after, qf_pred = restore(model, img, qf=None if qf is None else int(qf),
-                                 device=self.models.device, tile=tile, tile_overlap=overlap)
+        after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
+                                 device=self.models.device, tile=self.tile, tile_overlap=overlap)
         seconds = time.perf_counter() - start
+        img = apply_orientation(decoded.img, decoded.orientation)
+        after = apply_orientation(after, decoded.orientation)
         stem = os.path.splitext(os.path.basename(path))[0]
         suffix = "blind" if qf is None else f"qf{int(qf)}"
         png_path = self._output_path(f"{stem}_{model_label}_{suffix}.png")
@@ -360,10 +368,10 @@ def build_parser(prog=None):
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--tile", type=int, default=None,
-                        help="tile size in pixels for large images (default "
-                             f"{DEFAULT_TILE['cpu']} on CPU, {DEFAULT_TILE['cuda']} on CUDA)")
-    parser.add_argument("--tile-above", type=float, default=1.0, metavar="MEGAPIXELS",
-                        help="tile images larger than this (default 1.0)")
+                        help="restore every image in tiles of this many pixels (default: "
+                             f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "
+                             f"{CPU_MAX_UNTILED_MEGAPIXELS:g} megapixels and "
+                             f"{DEFAULT_TILE['cuda']}-pixel tiles on CUDA when out of memory)")
     parser.add_argument("--max-megapixels", type=float, default=24.0,
                         help="refuse uploads larger than this (default 24)")
     return parser
@@ -386,8 +394,8 @@ def main(argv=None):
             check_options(tile=args.tile, tile_overlap=0)
         except ValueError as exc:
             raise UserError(f"--{exc}".replace("tile=", "tile ", 1)) from None
-        if args.max_megapixels <= 0 or args.tile_above < 0:
-            raise UserError("--max-megapixels must be positive and --tile-above not negative")
+        if args.max_megapixels <= 0:
+            raise UserError("--max-megapixels must be positive")
         models = ModelChoices(find_models(requested=args.model), device=device)
         if args.model:
             models.get(models.default)  # a model asked for by name must load, or we stop here
@@ -395,8 +403,7 @@ def main(argv=None):
             LOG.warning("no model found in model_zoo/; the page will say so (see --model)")
         work_dir = tempfile.mkdtemp(prefix="fbcnn-demo-")
         atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
-        demo = Demo(models, work_dir, tile=args.tile, tile_above_megapixels=args.tile_above,
-                    max_megapixels=args.max_megapixels)
+        demo = Demo(models, work_dir, tile=args.tile, max_megapixels=args.max_megapixels)
         samples = prepare_samples(os.path.join(work_dir, "samples"))
         page = build_ui(demo, samples)
         port = _free_port(args.host) if args.port == 0 else args.port
