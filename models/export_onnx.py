@@ -15,7 +15,6 @@ The export uses PyTorch's TorchScript-based exporter (`dynamo=False`), which nee
 `onnx` package; `--check` also needs `onnxruntime`.
 """
 import argparse
-import os
 import sys
 import warnings
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from models.model_zoo import load_model
 from utils.errors import UserError
+from utils.fileio import atomic_write
 
 __all__ = ["FBCNNExport", "export_onnx", "check_onnx", "main"]
 
@@ -56,20 +56,17 @@ def export_onnx(net, path, qf_input=False, opset=DEFAULT_OPSET, example_size=(64
         args = (image, torch.full((1, 1), -1.0, device=device))
         input_names.append("qf_input")
         dynamic_axes["qf_input"] = {0: "batch"}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part-{os.getpid()}"
-    try:
+
+    def write(f):
         with warnings.catch_warnings(), torch.no_grad():
             # the TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(wrapper, args, tmp, dynamo=False, opset_version=opset,
+            torch.onnx.export(wrapper, args, f, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=["restored", "qf"],
                               dynamic_axes=dynamic_axes)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
     return path
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from models.network_fbcnn import FBCNN
 from utils.errors import UserError
+from utils.fileio import atomic_write
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "resolve_weights",
            "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model",
@@ -65,49 +66,43 @@ def _sha256_file(path, chunk=1 << 20):
 def download(url, dest, sha256, timeout=30.0, progress=True):
     """Download `url` to `dest`, verifying its sha256; `dest` appears only once verified.
 
-    The bytes go to a temporary file beside `dest` that is removed on any failure (network
-    error, timeout, truncated transfer, hash mismatch). Raises UserError with the URL and the
-    place to put a manual download.
+    The bytes go through `utils.fileio.atomic_write`, so nothing is left under `dest` (or
+    beside it) after a failure: network error, timeout, truncated transfer, hash mismatch, full
+    disk. Raises UserError with the URL and the place to put a manual download.
     """
     manual = (f"download {url} by hand and put it at {dest} "
               f"(its sha256 must be {sha256})")
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = f"{dest}.part-{os.getpid()}"
-    digest = hashlib.sha256()
-    received = 0
-    try:
+
+    def fetch(out):
+        digest, received = hashlib.sha256(), 0
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 total = response.headers.get("Content-Length")
                 total = int(total) if total and total.isdigit() else None
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                           desc=os.path.basename(dest), disable=not progress or None) as bar:
-                    while True:
-                        block = response.read(1 << 20)
-                        if not block:
-                            break
+                    for block in iter(lambda: response.read(1 << 20), b""):
                         out.write(block)
                         digest.update(block)
                         received += len(block)
                         bar.update(len(block))
-                if total is not None and received != total:
-                    raise UserError(f"download of {url} was cut short ({received} of {total} "
-                                    f"bytes); try again, or {manual}")
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            if getattr(out, "error", None) is not None:
+                raise  # the disk refused a write: atomic_write says so, naming `dest`
             if isinstance(exc, urllib.error.HTTPError):
                 reason = f"HTTP {exc.code} {exc.reason}"
             else:
                 reason = getattr(exc, "reason", None) or exc
             raise UserError(f"cannot download {url} ({reason}); {manual}") from None
+        if total is not None and received != total:
+            raise UserError(f"download of {url} was cut short ({received} of {total} bytes); "
+                            f"try again, or {manual}")
         actual = digest.hexdigest()
         if actual != sha256:
             raise UserError(f"{url} downloaded with sha256 {actual}, expected {sha256}; "
                             f"the file was not kept; {manual}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+
+    return atomic_write(dest, fetch)
 
 
 def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=30.0):

@@ -362,6 +362,39 @@ def test_full_disk_leaves_no_partial_image(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out.png"]
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_atomic_write_without_replace_never_replaces(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without hard links: check, then rename
+        def no_link(src, dst):
+            raise OSError(errno.EPERM, "no hard links here")
+        monkeypatch.setattr(fileio.os, "link", no_link)
+    path = tmp_path / "sub" / "out.bin"
+    fileio.atomic_write_bytes(path, b"first", replace=False)  # creates the folder too
+    assert path.read_bytes() == b"first"
+    with pytest.raises(FileExistsError):
+        fileio.atomic_write_bytes(path, b"second", replace=False)
+
+    def appears_meanwhile(f):  # another process writes the target while we write ours
+        f.write(b"ours")
+        (tmp_path / "sub" / "late.bin").write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        fileio.atomic_write(tmp_path / "sub" / "late.bin", appears_meanwhile, replace=False)
+    assert (tmp_path / "sub" / "late.bin").read_bytes() == b"theirs"
+    assert path.read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["late.bin", "out.bin"]
+    fileio.atomic_write_bytes(path, b"third")
+    assert path.read_bytes() == b"third"
+
+
+def test_atomic_write_lets_the_writers_own_errors_through(tmp_path):
+    def refuse(f):
+        f.write(b"partial")
+        raise UserError("checksum mismatch")
+    with pytest.raises(UserError, match="checksum mismatch") as err:
+        fileio.atomic_write(tmp_path / "x.bin", refuse)
+    assert not isinstance(err.value, WriteError) and os.listdir(tmp_path) == []
+
+
 def test_imwrite_round_trip_and_unknown_extension(tmp_path):
     imwrite(str(tmp_path / "a.png"), IMG)
     imwrite(str(tmp_path / "g.bmp"), IMG[..., 0])

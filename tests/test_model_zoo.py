@@ -16,8 +16,11 @@ from models.model_zoo import (MODEL_ZOO, ZooEntry, build_from_state_dict, downlo
                               infer_fbcnn_kwargs, load_model, load_state_dict_file,
                               resolve_weights)
 from models.network_fbcnn import FBCNN
+from tests.test_image import _FullDisk
 from utils import checkpoint as ckpt
+from utils import fileio
 from utils.errors import UserError
+from utils.fileio import WriteError
 
 PAYLOAD = os.urandom(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -96,6 +99,17 @@ def test_download_server_down(tmp_path):
     with pytest.raises(UserError) as err:
         download(url, str(dest), PAYLOAD_SHA, progress=False, timeout=5)
     assert url in str(err.value) and "by hand" in str(err.value) and str(dest) in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_to_a_full_disk_names_the_file_and_keeps_nothing(server, tmp_path,
+                                                                 monkeypatch):
+    _, url = server
+    dest = tmp_path / "full.bin"
+    monkeypatch.setattr(fileio, "open", _FullDisk(100_000), raising=False)
+    with pytest.raises(WriteError) as err:
+        download(f"{url}/full.bin", str(dest), PAYLOAD_SHA, progress=False)
+    assert str(err.value).startswith(f"{dest}: cannot write (No space left on device)")
     assert os.listdir(tmp_path) == []
 
 

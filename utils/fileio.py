@@ -1,13 +1,14 @@
 """Atomic file writes: a file appears complete under its name, or not at all.
 
 This module owns how the project writes files that other runs or people read (checkpoints,
-restored images, summaries): the bytes go to a temporary file beside the target, named
-`.<name>.tmp-<pid>-<thread>`, which is optionally flushed and fsynced and then moved into place
-with `os.replace` (atomic within a filesystem). On any failure (a full disk, a quota, an
-interruption) the temporary file is removed, the target keeps its previous content, and the
-error is a `WriteError` naming the file and the reason. A process killed outright (SIGKILL,
-power loss) can leave a temporary file behind, never a partial target; `remove_stale_temporaries`
-clears them.
+restored images, downloads, summaries): the bytes go to a temporary file beside the target,
+named `.<name>.tmp-<pid>-<thread>`, which is optionally flushed and fsynced and then moved into
+place with `os.replace` (atomic within a filesystem), or, where an existing file must never be
+replaced, with `os.link` (which refuses an existing target). On any failure (a full disk, a
+quota, an interruption) the temporary file is removed, the target keeps its previous content,
+and the error is a `WriteError` naming the file and the reason. A process killed outright
+(SIGKILL, power loss) can leave a temporary file behind, never a partial target;
+`remove_stale_temporaries` clears them.
 """
 import os
 import threading
@@ -72,28 +73,50 @@ class _RecordingFile:
         return getattr(self._f, name)
 
 
-def atomic_write(path, write, fsync=True):
+def _link_new(tmp, path):
+    """Move `tmp` to `path` unless `path` exists (FileExistsError), atomically where the file
+    system has hard links: `os.link` refuses an existing target, a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # file systems without hard links: check, then rename
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+
+
+def atomic_write(path, write, fsync=True, replace=True):
     """Create or replace `path` atomically; `write(binary_file)` fills a temporary file.
 
     `fsync` makes the content durable before the rename (checkpoints); without it the rename is
     still atomic for other processes, which is enough for outputs that can be made again.
-    Raises WriteError (naming `path`) when the operating system refuses a write.
+    `replace=False` never replaces an existing `path`, not even one that appears while `write`
+    runs: FileExistsError then, and nothing is written. The folder of `path` is created.
+    Raises WriteError (naming `path`) when the operating system refuses a write; an exception
+    of `write` itself (other than a failed write to the file) propagates unchanged.
     """
     path = os.fsdecode(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = temporary_name(path)
     recorder = None
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             recorder = _RecordingFile(f)
             write(recorder)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
         if fsync:
             _fsync_dir(folder)
     except Exception as exc:
+        if isinstance(exc, FileExistsError) and not replace:
+            raise
         if not isinstance(exc, OSError):
             if recorder is None or recorder.error is None:
                 raise
@@ -107,9 +130,9 @@ def atomic_write(path, write, fsync=True):
     return path
 
 
-def atomic_write_bytes(path, data, fsync=True):
+def atomic_write_bytes(path, data, fsync=True, replace=True):
     """`atomic_write` of a bytes-like object."""
-    return atomic_write(path, lambda f: f.write(data), fsync=fsync)
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync, replace=replace)
 
 
 def remove_stale_temporaries(folder):

@@ -278,29 +278,6 @@ def encode_image(img, ext, quality=95, icc=None):
     return embed_icc(data, ext, icc) if icc is not None else data
 
 
-def _write_new(path, data, overwrite):
-    """Write atomically; without `overwrite`, never replace a file that appeared meanwhile."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.part-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if `path` exists, unlike a rename
-            except FileExistsError:
-                raise
-            except OSError:  # file systems without hard links
-                if os.path.exists(path):
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _restore_options(args):
     """The restore() keyword arguments the user set; unset ones keep its faithful defaults."""
     options = {key: getattr(args, key) for key in PASS_THROUGH if getattr(args, key) is not None}
@@ -393,7 +370,8 @@ def run_restore(args):
                                 else f"{shown} ({icc_colour_space(icc)} profile, "
                                      f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
                 icc = None
-            _write_new(dest, encode_image(img_E, ext, args.quality, icc), args.overwrite)
+            atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
+                               replace=args.overwrite)
             done += 1
             used = "network's" if qf is None else f"{qf} ({qf_source})"
             predicted = "" if qf_pred is None else f", network estimate {qf_pred}"

@@ -31,6 +31,7 @@ from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
+from utils.fileio import atomic_write_bytes
 from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import MetricsWriter, progress_bar, setup_logging
 from utils.metrics import scores
@@ -247,9 +248,8 @@ class _Trainer:
             for folder in (self.dirs.models, self.dirs.images, self.dirs.options):
                 os.makedirs(folder, exist_ok=True)
             stamp = time.strftime("%y%m%d_%H%M%S")
-            with open(os.path.join(self.dirs.options, f"train_{stamp}.json"), "w",
-                      encoding="utf-8") as f:
-                json.dump(opt, f, indent=2)
+            atomic_write_bytes(os.path.join(self.dirs.options, f"train_{stamp}.json"),
+                               (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
             self.metrics = MetricsWriter(self.dirs.metrics, self.dirs.tensorboard)
             logger.info("options: %s", json.dumps(opt))
             logger.info("netG %s, act_mode %s; %d training images in %s, batch %d on %d "
