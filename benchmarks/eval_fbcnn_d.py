@@ -20,13 +20,13 @@ from multiprocessing import Pool
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.dominant_qf import estimate_dominant_qf  # noqa: E402
-from data.jpeg import double_jpeg, shift_crop  # noqa: E402
-from utils.image import imread_uint, list_images  # noqa: E402
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+from benchlib import write_json
+from data.dominant_qf import estimate_dominant_qf
+from data.jpeg import double_jpeg, shift_crop
+from utils.errors import UserError
+from utils.evaluation import resolve_testset
+from utils.image import imread_uint, list_images
 
 
 def _pair(text):
@@ -71,7 +71,10 @@ def _summarise(rows, q1, q2):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--testset", default="LIVE1_gray", help="name under testsets/ or a folder")
+    p.add_argument("--testset", default="LIVE1_gray",
+                   help="name under --testsets-root or a folder (default %(default)s)")
+    p.add_argument("--testsets-root", default=None,
+                   help="folder of test sets (default: this repository's testsets/)")
     p.add_argument("--pairs", type=_pair, nargs="+",
                    default=[(10, 30), (10, 50), (30, 50), (30, 10)])
     p.add_argument("--shift", type=int, default=4)
@@ -86,11 +89,10 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
-    folder = os.path.join(REPO_ROOT, "testsets", args.testset)
-    folder = folder if os.path.isdir(folder) else args.testset
-    if not os.path.isdir(folder):
-        p.error(f"--testset {args.testset}: no such folder")
-    paths = list_images(folder)[:args.limit]
+    try:
+        paths = list_images(resolve_testset(args.testset, args.testsets_root))[:args.limit]
+    except UserError as exc:
+        p.error(str(exc))
     tasks = [(path, q1, q2, args.shift, args.max_size) for q1, q2 in args.pairs for path in paths]
     start = time.perf_counter()
     with Pool(args.workers) as pool:
@@ -141,8 +143,7 @@ def main(argv=None):
                   images=rows)
     print(json.dumps(summaries))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 

@@ -15,10 +15,15 @@ import bench_inference  # noqa: E402
 import bench_loader  # noqa: E402
 import bench_test_script  # noqa: E402
 import bench_train  # noqa: E402
+import eval_fbcnn_d  # noqa: E402
 from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
 
+from data.jpeg import double_jpeg, shift_crop  # noqa: E402
+from models.inference import restore  # noqa: E402
+from models.model_zoo import load_model  # noqa: E402
 from models.network_fbcnn import FBCNN  # noqa: E402
-from utils.image import imwrite  # noqa: E402
+from utils.image import imread_uint, imwrite  # noqa: E402
+from utils.metrics import psnr  # noqa: E402
 
 
 def _hooked_conv_flops(net, height, width):
@@ -135,3 +140,38 @@ def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep
     assert rows[0]["megapixels"] == pytest.approx(2 * 48 * 64 / 1e6)
     assert rows[0]["psnr"] == rows[1]["psnr"]  # serial and pipelined runs score alike
     assert all(r["network_s"] > 0 and r["metrics_s"] > 0 for r in rows)
+
+
+def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, keep_threads):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    classic5 = os.path.join(REPO_ROOT, "testsets", "Classic5")
+    for name in ("1.bmp", "2.bmp"):
+        imwrite(str(folder / name.replace(".bmp", ".png")),
+                imread_uint(os.path.join(classic5, name), 1)[:96, :112])
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_gray.pth"
+    torch.save(FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
+    path = tmp_path / "fbcnn_d.json"
+    assert eval_fbcnn_d.main(["--testset", str(folder), "--pairs", "10,30", "30,10",
+                              "--workers", "1", "--max-size", "64", "--model", str(weights),
+                              "--device", "cpu", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [(s["qf1"], s["qf2"], s["dominant"], s["n_images"]) for s in result["summaries"]] \
+        == [(10, 30, 10, 2), (30, 10, 10, 2)]
+    model = load_model(str(weights))
+    for row in result["images"]:
+        img_H = imread_uint(str(folder / row["image"]), 1)
+        img_L = double_jpeg(img_H, row["qf1"], row["qf2"], 4)
+        img_H = shift_crop(img_H, 4)
+        assert row["psnr_jpeg"] == psnr(img_L, img_H)
+        assert row["psnr_oracle"] == psnr(restore(model, img_L, qf=10)[0], img_H)
+        assert row["psnr_dominant"] == psnr(restore(model, img_L, qf=row["estimate"])[0], img_H)
+        assert row["psnr_blind"] == psnr(restore(model, img_L)[0], img_H)
+    first = result["summaries"][0]
+    assert first["psnr_blind"] == pytest.approx(np.mean(
+        [r["psnr_blind"] for r in result["images"] if (r["qf1"], r["qf2"]) == (10, 30)]))
+    assert "| 10,30 | 10 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_fbcnn_d.main(["--testset", "no_such_set", "--workers", "1"])
+    assert "--testset 'no_such_set': no folder" in capsys.readouterr().err

@@ -30,7 +30,8 @@ from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, pr
 from utils.metrics import scores
 from utils.pipeline import Pipeline, StageClock
 
-__all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser", "run", "main"]
+__all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser",
+           "resolve_testset", "run", "main"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG = logging.getLogger("fbcnn.test")
@@ -123,7 +124,7 @@ class Setting:
     scores: list = field(default_factory=list)
 
 
-def _resolve_testset(testset, root):
+def resolve_testset(testset, root):
     """A name under `root` (default: the repository's testsets/) first, else a folder path."""
     root = root or os.path.join(REPO_ROOT, "testsets")
     path = os.path.join(root, testset)
@@ -279,7 +280,7 @@ def run(preset, args, clock=None):
     making JPEGs, in the network, on metrics and on writes (for benchmarks).
     """
     clock = clock if clock is not None else StageClock()
-    testset_dir = _resolve_testset(args.testset, args.testsets_root)
+    testset_dir = resolve_testset(args.testset, args.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
     device = resolve_device(args.device)
     try:
