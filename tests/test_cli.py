@@ -1,9 +1,11 @@
-"""utils/cli.py: integer argument types."""
+"""utils/cli.py: argument types and the speed flags shared by the test scripts and main_restore."""
 import argparse
 
 import pytest
 
-from utils.cli import bounded_int, quality_factor
+from utils.cli import (SPEED_FLAGS, add_speed_args, bounded_int, non_negative_float,
+                       quality_factor, speed_options)
+from utils.errors import UserError
 
 
 @pytest.mark.parametrize("text,value", [("1", 1), ("100", 100), ("55", 55)])
@@ -27,3 +29,36 @@ def test_open_bounds_and_multiples():
         tile("20")
     with pytest.raises(argparse.ArgumentTypeError, match="at most 3"):
         bounded_int(high=3)("4")
+
+
+def _speed(*argv):
+    parser = argparse.ArgumentParser()
+    add_speed_args(parser)
+    return speed_options(parser.parse_args(argv))
+
+
+def test_unset_speed_flags_leave_restores_defaults():
+    assert _speed() == {}
+    assert _speed("--precision", "bf16", "--tile-cache-gib", "0", "--channels-last",
+                  "--compile") == dict(precision="bf16", tile_cache_gib=0.0, channels_last=True,
+                                       compile=True)
+    assert set(SPEED_FLAGS) == {"precision", "tile", "tile_overlap", "tile_cache_gib",
+                                "channels_last", "compile"}
+
+
+@pytest.mark.parametrize("tile, overlap", [(16, 8), (48, 24), (64, 32), (512, 32)])
+def test_a_tile_alone_gets_the_default_overlap_capped_at_half(tile, overlap):
+    assert _speed("--tile", str(tile)) == dict(tile=tile, tile_overlap=overlap)
+    assert _speed("--tile", str(tile), "--tile-overlap", "0") == dict(tile=tile, tile_overlap=0)
+
+
+def test_flags_that_do_not_fit_together_name_the_flags():
+    with pytest.raises(UserError, match=r"^--tile-overlap 64: must be at most half the tile "
+                                        r"\(--tile 96, so at most 48\)"):
+        _speed("--tile", "96", "--tile-overlap", "64")
+
+
+@pytest.mark.parametrize("text", ["-0.5", "inf", "nan", "lots"])
+def test_non_negative_float_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        non_negative_float(text)

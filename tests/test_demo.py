@@ -249,7 +249,6 @@ def test_page_has_the_controls_the_browser_test_uses(demo):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "jpeg"], "needs a network"),
     (["--model", "no/such/file.pth"], "not a known model name"),
-    (["--tile", "12"], "--tile 12: must be a multiple of 8"),
     (["--max-megapixels", "0"], "--max-megapixels must be positive"),
 ])
 @needs_gradio
@@ -257,3 +256,13 @@ def test_bad_options_stop_with_one_error_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tile, message", [("12", "12 is not at least 16"),
+                                           ("100", "100 is not a multiple of 8")])
+def test_tile_off_the_jpeg_grid_is_a_usage_error(tile, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--tile", tile])
+    assert exit_.value.code == 2
+    assert f"argument --tile: {message} (tiles follow the 8x8 JPEG grid)" \
+        in capsys.readouterr().err

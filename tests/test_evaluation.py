@@ -11,6 +11,7 @@ import torch
 
 from models.network_fbcnn import FBCNN
 from tests.conftest import REPO_ROOT
+from utils import evaluation
 from utils.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
 from utils.image import imread_uint, imwrite
 
@@ -122,6 +123,27 @@ def test_real_script_writes_blind_and_controlled_results(tmp_path, small_set, ti
     a = imread_uint(str(tmp_path / "res" / "small_tiny3_qf10" / "monarch.png"), 3)
     b = imread_uint(str(tmp_path / "res" / "small_tiny3_qf90" / "monarch.png"), 3)
     assert not np.array_equal(a, b)  # the QF control changes the output
+
+
+def test_speed_flags_reach_restore_and_unset_ones_keep_its_defaults(tmp_path, small_set,
+                                                                     tiny_models, monkeypatch):
+    calls = []
+    real_restore = evaluation.restore
+
+    def recording(*args, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k != "qf"})
+        return real_restore(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "restore", recording)
+    base = ["--model", str(tiny_models[3]), "--testset", str(small_set), "--qf", "20",
+            "--results", str(tmp_path / "res"), "--no-save-images", "--device", "cpu"]
+    assert main(COLOR, base) == 0
+    assert calls[0] == dict(device="cpu")
+    calls.clear()
+    assert main(COLOR, [*base, "--tile", "32", "--tile-cache-gib", "0.5", "--precision",
+                        "bf16"]) == 0
+    assert calls[0] == dict(device="cpu", tile=32, tile_overlap=16, tile_cache_gib=0.5,
+                            precision="bf16")
 
 
 def _one_error_line(out):

@@ -291,17 +291,27 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     assert code == 1 and "b.png" in err and "not a JPEG" in err
 
 
-def test_invalid_speed_flags_stop_before_any_file(tmp_path, photo, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--tile", "60"], "argument --tile: 60 is not a multiple of 8"),
+    (["--tile", "8"], "argument --tile: 8 is not at least 16"),
+    (["--tile-overlap", "12"], "argument --tile-overlap: 12 is not a multiple of 8"),
+    (["--tile-cache-gib", "-1"], "argument --tile-cache-gib: -1 is not a finite number >= 0"),
+])
+def test_tile_flags_off_the_jpeg_grid_are_usage_errors(tmp_path, photo, capsys, flags,
+                                                       message):
     path = write_jpeg(tmp_path / "a.jpg", photo)
-    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "100", *IDENTITY], capsys)
-    assert code == 2 and "--tile" in err and "multiple of 8" in err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(path), "-o", str(tmp_path / "out"), *flags, *IDENTITY])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_tile_off_the_jpeg_grid_is_rejected_before_any_file(tmp_path, photo, capsys):
+def test_flags_that_do_not_fit_together_stop_before_any_file(tmp_path, photo, capsys):
     path = write_jpeg(tmp_path / "a.jpg", photo)
-    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "60", *IDENTITY], capsys)
-    assert code == 2 and "--tile" in err and "multiple of 8" in err
+    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--tile", "96",
+                        "--tile-overlap", "64", *IDENTITY], capsys)
+    assert code == 2 and err.startswith("error: --tile-overlap 64: must be at most half the "
+                                        "tile (--tile 96, so at most 48)")
     assert not (tmp_path / "out").exists()
 
 

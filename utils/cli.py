@@ -1,15 +1,20 @@
-"""What the command-line scripts share: integer argument types and the exit-status contract.
+"""What the command-line scripts share: argument types, the speed flags, the exit contract.
 
 This module owns how an integer argument is checked, so every script words the error alike
-(argparse then prints it with the option's name and exits with status 2), and how a script
-ends: one `error:` line and status 2 for a UserError, 130 for Ctrl+C.
+(argparse then prints it with the option's name and exits with status 2); the flags that choose
+how the network runs (`add_speed_args`: precision, tiles, encoder cache, memory layout,
+compile), the same on every test script and `main_restore.py`, and how they become
+`models.inference.restore` keyword arguments (`speed_options`); and how a script ends: one
+`error:` line and status 2 for a UserError, 130 for Ctrl+C.
 """
 import argparse
 import sys
 
+from models.inference import PRECISIONS, check_options
 from utils.errors import UserError
 
-__all__ = ["bounded_int", "quality_factor", "run_cli"]
+__all__ = ["bounded_int", "quality_factor", "non_negative_float", "tile_size", "SPEED_FLAGS",
+           "add_speed_args", "speed_options", "run_cli"]
 
 
 def bounded_int(low=None, high=None, multiple_of=None, why=""):
@@ -34,6 +39,69 @@ def bounded_int(low=None, high=None, multiple_of=None, why=""):
 
 
 quality_factor = bounded_int(1, 100, why=" (the JPEG quality range)")
+tile_size = bounded_int(16, multiple_of=8, why=" (tiles follow the 8x8 JPEG grid)")
+_overlap = bounded_int(0, multiple_of=8, why=" (tiles follow the 8x8 JPEG grid)")
+
+
+def non_negative_float(text):
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+    return value
+
+
+# restore() keyword -> flag. Unset flags are left out of speed_options, so restore() keeps its
+# own (faithful) defaults.
+SPEED_FLAGS = {"precision": "--precision", "tile": "--tile", "tile_overlap": "--tile-overlap",
+               "tile_cache_gib": "--tile-cache-gib", "channels_last": "--channels-last",
+               "compile": "--compile"}
+
+
+def add_speed_args(parser):
+    """Add the speed-and-memory flags (SPEED_FLAGS) to `parser`, as one argument group."""
+    g = parser.add_argument_group("speed and memory (the defaults are the faithful path)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="network arithmetic: fp32 (IEEE), tf32 (cuDNN TF32 convolutions), or "
+                        "bf16/fp16 autocast (default fp32)")
+    g.add_argument("--tile", type=tile_size, default=None, metavar="N",
+                   help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "
+                        "the whole image; default: whole images, tiled only on CPU above 2 "
+                        "megapixels or on CUDA when memory runs out")
+    g.add_argument("--tile-overlap", type=_overlap, default=None, metavar="M",
+                   help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
+                        "(default 32, or N/2 for tiles under 64)")
+    g.add_argument("--tile-cache-gib", type=non_negative_float, default=None, metavar="GIB",
+                   help="memory for keeping each tile's encoder output between the QF pass and "
+                        "the restoring pass of blind tiling (default 1 on CUDA, 0 on CPU; 0 "
+                        "recomputes it)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="NHWC memory layout for the network")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the network (pays off on many or large images)")
+    return g
+
+
+def speed_options(args):
+    """The restore() keyword arguments the user set with `add_speed_args`'s flags; UserError,
+    naming the flags, when they do not fit together. A tile without --tile-overlap gets the
+    default overlap, capped at half the tile."""
+    options = {key: getattr(args, key) for key in SPEED_FLAGS
+               if getattr(args, key, None) is not None}
+    if "tile" in options and "tile_overlap" not in options:
+        options["tile_overlap"] = min(32, options["tile"] // 2 // 8 * 8)
+    try:
+        check_options(options.get("precision", "fp32"), options.get("tile"),
+                      options.get("tile_overlap", 32))
+    except ValueError as exc:
+        text = str(exc)
+        for key in sorted(SPEED_FLAGS, key=len, reverse=True):  # tile_overlap before tile
+            text = text.replace(f"{key}=", f"{SPEED_FLAGS[key]} ")
+        raise UserError(text) from None
+    return options
 
 
 def run_cli(body):

@@ -36,10 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
-from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, check_options,
-                              plan_tile, resolve_device, restore)
+from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, plan_tile,
+                              resolve_device, restore)
 from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
                               model_label)
+from utils.cli import tile_size
 from utils.errors import UserError
 from utils.image import (ImageReadError, check_image_bytes, display_path, imread_uint,
                          imwrite)
@@ -367,7 +368,7 @@ def build_parser(prog=None):
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--tile", type=int, default=None,
+    parser.add_argument("--tile", type=tile_size, default=None, metavar="N",
                         help="restore every image in tiles of this many pixels (default: "
                              f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "
                              f"{CPU_MAX_UNTILED_MEGAPIXELS:g} megapixels and "
@@ -390,10 +391,6 @@ def main(argv=None):
         return 2
     try:
         device = resolve_device(args.device)
-        try:
-            check_options(tile=args.tile, tile_overlap=0)
-        except ValueError as exc:
-            raise UserError(f"--{exc}".replace("tile=", "tile ", 1)) from None
         if args.max_megapixels <= 0:
             raise UserError("--max-megapixels must be positive")
         models = ModelChoices(find_models(requested=args.model), device=device)

@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
-from models.inference import PRECISIONS, check_options, resolve_device, restore
+from models.inference import resolve_device, restore
 from models.model_zoo import load_model
-from utils.cli import bounded_int, quality_factor, run_cli
+from utils.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
@@ -91,19 +91,7 @@ def build_parser(preset, prog=None):
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    speed = p.add_argument_group("speed and memory (the defaults are the faithful path)")
-    speed.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                       help="network arithmetic: fp32 (IEEE), tf32 (cuDNN TF32 convolutions), or "
-                            "bf16/fp16 autocast (default %(default)s)")
-    speed.add_argument("--tile", type=bounded_int(16, multiple_of=8, why=" (tiles follow the 8x8 JPEG grid)"), default=None, metavar="N",
-                       help="restore in N x N tiles (a multiple of 8) with one QF for the whole "
-                            "image; default: whole images, tiling only when memory runs out")
-    speed.add_argument("--tile-overlap", type=int, default=32, metavar="M",
-                       help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
-                            "(default %(default)s)")
-    speed.add_argument("--channels-last", action="store_true",
-                       help="NHWC memory layout for the network")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the network")
+    speed = add_speed_args(p)
     speed.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help="threads that prepare JPEG inputs and write results while the network "
                             "runs; 0 runs every stage in turn (default %(default)s)")
@@ -283,10 +271,7 @@ def run(preset, args, clock=None):
     testset_dir = resolve_testset(args.testset, args.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
     device = resolve_device(args.device)
-    try:
-        check_options(args.precision, args.tile, args.tile_overlap)
-    except ValueError as exc:
-        raise UserError(f"--precision/--tile/--tile-overlap: {exc}") from None
+    speed = speed_options(args)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
     with clock("load_model"):
@@ -294,15 +279,14 @@ def run(preset, args, clock=None):
     _check_channels(model, preset.n_channels, args.model)
     prefix = f"{testset}_{model.name}"
     _setup_logging(os.path.join(args.results, f"{prefix}.log"))
-    LOG.info("model %s on %s (%s), device %s, %s%s", args.model, testset, testset_dir, device,
-             args.precision, "" if args.tile is None else
-             f", tiles {args.tile} (overlap {args.tile_overlap})")
+    LOG.info("model %s on %s (%s), device %s, %s", args.model, testset, testset_dir, device,
+             ", ".join([speed.get("precision", "fp32")]
+                       + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
+                          for k, v in speed.items() if k != "precision"]))
     settings = _settings(preset, args, prefix)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
-    speed = dict(device=device, precision=args.precision, tile=args.tile,
-                 tile_overlap=args.tile_overlap, channels_last=args.channels_last,
-                 compile=args.compile)
+    speed["device"] = device
 
     summaries = []
     with Pipeline(args.workers) as pipe:

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
-from models.inference import PRECISIONS, check_options, predict_qf, resolve_device, restore
+from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
-from utils.cli import bounded_int, quality_factor, run_cli
+from utils.cli import add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes
 from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path,
@@ -50,9 +50,6 @@ LOG = logging.getLogger("fbcnn.restore")
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
            "tiff": ".tif", "bmp": ".bmp"}
 GLOB_CHARS = "*?["
-# restore() options passed through only when given, so restore() keeps its own defaults
-PASS_THROUGH = {"precision": "--precision", "tile": "--tile", "tile_overlap": "--tile-overlap",
-                "channels_last": "--channels-last", "compile": "--compile"}
 
 
 def _qf_mode(text):
@@ -96,16 +93,6 @@ def build_parser(prog=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (inputs are never overwritten)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="network precision (default: fp32, the faithful path)")
-    p.add_argument("--tile", type=bounded_int(1), default=None,
-                   help="restore in tiles of this many pixels (bounded memory)")
-    p.add_argument("--tile-overlap", type=bounded_int(0), default=None,
-                   help="overlap of neighbouring tiles in pixels (default: restore()'s, 32)")
-    p.add_argument("--channels-last", action="store_true", default=None,
-                   help="run the network in channels_last memory format")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the network (pays off on many or large images)")
     p.add_argument("--qf-estimate", action="store_true",
                    help="do not restore: print each file's header, network and dominant QF")
     p.add_argument("--no-network", action="store_true",
@@ -113,6 +100,7 @@ def build_parser(prog=None):
     p.add_argument("--json", metavar="PATH", help="with --qf-estimate: also write the results "
                    "as a JSON list of {file, header_qf, network_qf, dominant_qf}")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
+    add_speed_args(p)
     return p
 
 
@@ -278,18 +266,6 @@ def encode_image(img, ext, quality=95, icc=None):
     return embed_icc(data, ext, icc) if icc is not None else data
 
 
-def _restore_options(args):
-    """The restore() keyword arguments the user set; unset ones keep its faithful defaults."""
-    options = {key: getattr(args, key) for key in PASS_THROUGH if getattr(args, key) is not None}
-    try:
-        check_options(**{k: v for k, v in options.items()
-                         if k in ("precision", "tile", "tile_overlap")})
-    except ValueError as exc:
-        flag = next((f for k, f in PASS_THROUGH.items() if str(exc).startswith(k + "=")), None)
-        raise OptionError(f"{flag}: {exc}" if flag else str(exc)) from None
-    return options
-
-
 def _setup_logging(quiet):
     class TqdmHandler(logging.Handler):
         def emit(self, record):
@@ -334,7 +310,7 @@ def run_restore(args):
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise OptionError(f"-o {args.output}: exists and is not a folder")
     device = resolve_device(args.device)
-    options = _restore_options(args)
+    options = speed_options(args)
     ext = FORMATS[args.format]
     jobs, failures = collect_inputs(args.inputs, args.recursive, exclude=args.output)
     for message in failures:
@@ -398,7 +374,8 @@ def run_restore(args):
 def run_qf_estimate(args):
     """Print (and optionally save as JSON) each input's header, network and dominant QF."""
     device = None if args.no_network else resolve_device(args.device)
-    options = {} if args.no_network else _restore_options(args)
+    options = {} if args.no_network else speed_options(args)
+    options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
     jobs, failures = collect_inputs(args.inputs, args.recursive)
     for message in failures:
         LOG.error("error: %s", message)
