@@ -262,6 +262,8 @@ class _Trainer:
         values = {k: float(v) for k, v in self.model.log_dict.items()}
         means = all_reduce_mean([values["loss"], values["G_loss"], values["QF_loss"]],
                                 self.info.device)
+        # a double-JPEG iteration (the same on every process) has no QF label: no QF loss
+        qf_loss = means[2] if values.get("QF_labelled", 1) > 0 else None
         if not self.info.is_main:
             return
         elapsed = time.time() - timer["time"]
@@ -269,18 +271,21 @@ class _Trainer:
         batch = self.opt["datasets"]["train"]["dataloader_batch_size"]
         record = {"kind": "train", "iter": step, "epoch": self.sampler.epoch(step),
                   "lr": self.model.current_learning_rate(), "loss": means[0],
-                  "G_loss": means[1], "QF_loss": means[2], "it_per_s": it_per_s,
+                  "G_loss": means[1], "QF_loss": qf_loss, "it_per_s": it_per_s,
                   "patches_per_s": it_per_s * batch, "time": time.time()}
         eta = ""
         total = self.t["total_iter"]
         if total is not None and it_per_s > 0:
             eta = f", ETA {_format_eta((total - step) / it_per_s)}"
-        logger.info("<epoch:%3d, iter:%8d, lr:%.3e> loss: %.4e G_loss: %.4e QF_loss: %.4e | "
+        logger.info("<epoch:%3d, iter:%8d, lr:%.3e> loss: %.4e G_loss: %.4e QF_loss: %s | "
                     "%.2f it/s, %.0f patches/s%s", record["epoch"], step, record["lr"],
-                    means[0], means[1], means[2], it_per_s, record["patches_per_s"], eta)
-        self.metrics.write(record, {"train/loss": means[0], "train/G_loss": means[1],
-                                    "train/QF_loss": means[2], "train/lr": record["lr"],
-                                    "train/patches_per_s": record["patches_per_s"]}, step)
+                    means[0], means[1], "- (double JPEG)" if qf_loss is None else
+                    f"{qf_loss:.4e}", it_per_s, record["patches_per_s"], eta)
+        scalars = {"train/loss": means[0], "train/G_loss": means[1], "train/lr": record["lr"],
+                   "train/patches_per_s": record["patches_per_s"]}
+        if qf_loss is not None:
+            scalars["train/QF_loss"] = qf_loss
+        self.metrics.write(record, scalars, step)
 
     def save(self, step):
         if self.info.is_main:
