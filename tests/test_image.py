@@ -386,6 +386,14 @@ def test_atomic_write_without_replace_never_replaces(tmp_path, monkeypatch, hard
     assert path.read_bytes() == b"third"
 
 
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_file_where_the_folder_should_be_is_a_write_error_saying_so(tmp_path, replace):
+    (tmp_path / "sub").write_bytes(b"a file")
+    with pytest.raises(WriteError, match=r"sub is a file, not a folder"):
+        fileio.atomic_write_bytes(tmp_path / "sub" / "out.bin", b"x", replace=replace)
+    assert (tmp_path / "sub").read_bytes() == b"a file"
+
+
 def test_atomic_write_lets_the_writers_own_errors_through(tmp_path):
     def refuse(f):
         f.write(b"partial")

@@ -17,6 +17,7 @@ from data.jpeg import jpeg_decode, jpeg_encode
 from models.inference import restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
+from utils import fileio
 from utils.image_meta import apply_orientation, read_icc_profile
 
 TINY = dict(nc=[8, 16, 32, 64], nb=1)
@@ -304,6 +305,24 @@ def test_tile_flags_off_the_jpeg_grid_are_usage_errors(tmp_path, photo, capsys, 
         cli.main([str(path), "-o", str(tmp_path / "out"), *flags, *IDENTITY])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_appears_meanwhile_is_kept_and_reported(tmp_path, photo, capsys,
+                                                               monkeypatch):
+    path = write_jpeg(tmp_path / "a.jpg", photo)
+    dest = tmp_path / "out" / "a.png"
+    real_atomic_write = fileio.atomic_write
+
+    def racing(target, write, **kwargs):  # another process writes the output while we do
+        def write_and_race(f):
+            write(f)
+            dest.write_bytes(b"theirs")
+        return real_atomic_write(target, write_and_race, **kwargs)
+
+    monkeypatch.setattr(fileio, "atomic_write", racing)
+    code, out, _ = run([str(path), "-o", str(tmp_path / "out"), *IDENTITY], capsys)
+    assert code == 0 and "appeared meanwhile" in out and "0 restored, 1 skipped" in out
+    assert dest.read_bytes() == b"theirs" and os.listdir(dest.parent) == ["a.png"]
 
 
 def test_flags_that_do_not_fit_together_stop_before_any_file(tmp_path, photo, capsys):

@@ -73,7 +73,8 @@ def add_speed_args(parser):
                         "megapixels or on CUDA when memory runs out")
     g.add_argument("--tile-overlap", type=_overlap, default=None, metavar="M",
                    help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
-                        "(default 32, or N/2 for tiles under 64)")
+                        "(default 32, or N/2 rounded down to a multiple of 8 for tiles under "
+                        "64)")
     g.add_argument("--tile-cache-gib", type=non_negative_float, default=None, metavar="GIB",
                    help="memory for keeping each tile's encoder output between the QF pass and "
                         "the restoring pass of blind tiling (default 1 on CUDA, 0 on CPU; 0 "

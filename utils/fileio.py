@@ -99,9 +99,12 @@ def atomic_write(path, write, fsync=True, replace=True):
     path = os.fsdecode(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = temporary_name(path)
-    recorder = None
+    recorder = exists = None
     try:
-        os.makedirs(folder, exist_ok=True)
+        if not os.path.isdir(folder):
+            if os.path.lexists(folder):  # makedirs would say "File exists", a misleading reason
+                raise NotADirectoryError(f"{_shown(folder)} is a file, not a folder")
+            os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             recorder = _RecordingFile(f)
             write(recorder)
@@ -111,12 +114,13 @@ def atomic_write(path, write, fsync=True, replace=True):
         if replace:
             os.replace(tmp, path)
         else:
-            _link_new(tmp, path)
-        if fsync:
+            try:
+                _link_new(tmp, path)
+            except FileExistsError as exc:
+                exists = exc  # the target itself exists: not a write error
+        if fsync and exists is None:
             _fsync_dir(folder)
     except Exception as exc:
-        if isinstance(exc, FileExistsError) and not replace:
-            raise
         if not isinstance(exc, OSError):
             if recorder is None or recorder.error is None:
                 raise
@@ -127,6 +131,8 @@ def atomic_write(path, write, fsync=True, replace=True):
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+    if exists is not None:
+        raise exists
     return path
 
 
