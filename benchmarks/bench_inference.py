@@ -43,7 +43,7 @@ def synthetic_photo(images, megapixels, seed=0):
     content has real edges and textures, unlike noise or an upscaled image."""
     height = int(round(math.sqrt(megapixels * 1e6 * 3 / 4)))
     width = int(round(height * 4 / 3))
-    block = min(480, *(min(img.shape[:2]) for img in images))
+    block = min([480, *(min(img.shape[:2]) for img in images)])
     rng = np.random.default_rng(seed)
     rows = []
     k = 0
@@ -95,7 +95,8 @@ def main(argv=None):
                    default=["contiguous"])
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--testset", default=os.path.join(benchlib.REPO_ROOT, "testsets", "LIVE1_color"))
-    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use the first N images only (0: the synthetic photo alone)")
     p.add_argument("--crop", type=int, default=None, metavar="N",
                    help="use each image's top-left N x N pixels only (quick CPU runs)")
     p.add_argument("--qf", type=int, default=10, help="JPEG quality of the inputs")
@@ -127,11 +128,11 @@ def main(argv=None):
         math.inf if device.type == "cuda" else CPU_MAX_UNTILED_MEGAPIXELS)
     model = build_model(args, device)
     n_channels = model.net.in_nc
-    paths = list_images(args.testset)[:args.limit]
-    clean = [imread_uint(path, n_channels) for path in paths]
+    clean = [imread_uint(path, n_channels) for path in list_images(args.testset)]
     crop = "" if args.crop is None else f", {args.crop}x{args.crop} crops"
-    sets = [(f"{os.path.basename(os.path.normpath(args.testset))} ({len(clean)} images{crop})",
-             [jpeg(img[:args.crop, :args.crop], args.qf) for img in clean])]
+    used = clean[:args.limit]  # --limit 0: the synthetic photo alone (still cut from them all)
+    sets = [(f"{os.path.basename(os.path.normpath(args.testset))} ({len(used)} images{crop})",
+             [jpeg(img[:args.crop, :args.crop], args.qf) for img in used])] if used else []
     if args.synthetic_mp > 0:
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))

@@ -16,6 +16,7 @@ import bench_loader  # noqa: E402
 import bench_test_script  # noqa: E402
 import bench_train  # noqa: E402
 import eval_fbcnn_d  # noqa: E402
+import gpu_session  # noqa: E402
 from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
 
 from data.jpeg import double_jpeg, shift_crop  # noqa: E402
@@ -175,3 +176,31 @@ def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, k
     with pytest.raises(SystemExit):
         eval_fbcnn_d.main(["--testset", "no_such_set", "--workers", "1"])
     assert "--testset 'no_such_set': no folder" in capsys.readouterr().err
+
+
+def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
+    for name, limit, gpu_args, smoke_args in gpu_session.STEPS:
+        assert gpu_args[0] == smoke_args[0] and 0 < limit <= 150, name
+        assert ("cuda" in gpu_args) == (name != "gpu_tests") and "cuda" not in smoke_args
+        assert ("{json}" in gpu_args) == ("{json}" in smoke_args) == (name != "gpu_tests")
+
+
+def test_gpu_session_spends_no_step_past_its_budget(tmp_path):
+    result = gpu_session.run_session(str(tmp_path), smoke=True, budget_s=0)
+    assert [s["status"] for s in result["steps"]] == ["not started (budget spent)"] * 6
+    assert json.loads((tmp_path / "gpu_session.json").read_text())["steps"] == result["steps"]
+
+
+@pytest.mark.slow
+def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
+    assert gpu_session.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_session.json").read_text())
+    assert [s["name"] for s in result["steps"]] == [s[0] for s in gpu_session.STEPS]
+    assert all(s["status"] == "ok" for s in result["steps"])
+    by_name = {s["name"]: s for s in result["steps"]}
+    assert [r["input"].split()[0] for r in by_name["inference_12mp"]["results"]["rows"]] == \
+        ["synthetic"] * 3  # --limit 0: the synthetic photo alone, untiled and two caches
+    assert by_name["test_script_fp32"]["results"]["rows"][0]["n_images"] == 5
+    assert by_name["train"]["results"]["rows"][0]["patches_per_s"] > 0
+    log = (tmp_path / "gpu_session.log").read_text()
+    assert all(f"===== {s[0]}: ok" in log for s in gpu_session.STEPS)

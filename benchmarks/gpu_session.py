@@ -1,0 +1,143 @@
+"""Every GPU measurement the open issues owe, in one time-boxed command for a borrowed GPU.
+
+    python benchmarks/gpu_session.py --out "$OUT"            # on the GPU machine
+    python benchmarks/gpu_session.py --smoke --out /tmp/s     # the same steps, tiny, on CPU
+
+GPU time comes in short loans (one command of at most 10 minutes), so this script runs the
+measurements of docs/benchmarks.md ("Measurements owed on a GPU") in priority order, each in
+its own process with its own time limit, and stops starting new steps when `--budget-s` is
+spent: a step that fails, runs out of memory or hits its limit costs only itself. Each step
+writes its JSON into a scratch folder; at the end (and after every step) everything is merged
+into two files under `--out`, `gpu_session.json` (device, per step: command, exit status,
+seconds, results) and `gpu_session.log` (each step's output), so the handful of files a loan
+returns holds it all. `--smoke` swaps in tiny networks and inputs on the CPU, to check the
+script itself without a GPU (tests/test_benchmarks.py runs it).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+from benchlib import REPO_ROOT, device_name, write_json
+
+# name, time limit in s, arguments after `python` on the GPU, and with --smoke on the CPU;
+# {json} is the step's result file
+_TINY = ["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1", "--device", "cpu",
+         "--threads", "1"]
+_TESTS = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_inference.py",
+          "tests/test_metrics.py"]
+STEPS = [
+    ("gpu_tests", 120, _TESTS,
+     _TESTS),  # without CUDA every gpu test is skipped: quick, and still collected and run
+    ("inference_live1", 120,
+     ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda", "--precision", "fp32",
+      "tf32", "bf16", "fp16", "--layout", "contiguous", "channels_last", "--synthetic-mp", "0",
+      "--tile", "0", "--json", "{json}"],
+     ["benchmarks/bench_inference.py", *_TINY, "--precision", "fp32", "--limit", "1", "--crop",
+      "64", "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"]),
+    ("inference_12mp", 150,
+     ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda", "--precision", "fp32",
+      "bf16", "--limit", "0", "--synthetic-mp", "12", "--tile", "1024", "--tile-overlap", "32",
+      "--tile-cache-gib", "0", "1", "2", "--json", "{json}"],
+     ["benchmarks/bench_inference.py", *_TINY, "--precision", "fp32", "--limit", "0",
+      "--synthetic-mp", "0.05", "--tile", "128", "--tile-overlap", "32", "--tile-cache-gib", "0",
+      "1", "--json", "{json}"]),
+    ("test_script_fp32", 90,
+     ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10", "20",
+      "30", "40", "--workers", "8", "--json", "{json}"],
+     ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10",
+      "--workers", "2", "--json", "{json}"]),
+    ("test_script_bf16", 90,
+     ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10", "20",
+      "30", "40", "--workers", "8", "--precision", "bf16", "--channels-last", "--json", "{json}"],
+     ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10",
+      "--workers", "2", "--channels-last", "--json", "{json}"]),
+    ("train", 120,
+     ["benchmarks/bench_train.py", "--device", "cuda", "--set", "train.cudnn_benchmark=true",
+      "--amp", "off", "bf16", "--channels-last", "--json", "{json}"],
+     ["benchmarks/bench_train.py", "--device", "cpu", "--threads", "1", "--set",
+      "netG.nc=[4,8,8,16]", "--set", "netG.nb=1", "--set", "datasets.train.H_size=32", "--set",
+      "datasets.train.dataloader_batch_size=2", "--amp", "off", "--steps", "1", "--warmup", "1",
+      "--json", "{json}"]),
+]
+
+
+def _device():
+    import torch
+    info = {"device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+    return info
+
+
+def run_session(out, smoke=False, budget_s=540.0, only=None):
+    """Run the steps (all, or those named in `only`); returns the merged result dict."""
+    os.makedirs(out, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="gpu_session_")
+    result = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke, **_device(),
+              "budget_s": budget_s, "steps": []}
+    log_path = os.path.join(out, "gpu_session.log")
+    start = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        for name, limit, gpu_args, smoke_args in STEPS:
+            if only and name not in only:
+                continue
+            left = budget_s - (time.monotonic() - start)
+            if left < 15:
+                result["steps"].append({"name": name, "status": "not started (budget spent)"})
+                continue
+            json_path = os.path.join(scratch, f"{name}.json")
+            argv = [a.replace("{json}", json_path) for a in (smoke_args if smoke else gpu_args)]
+            command = [sys.executable, *argv]
+            step = {"name": name, "command": " ".join(argv)}
+            t0 = time.monotonic()
+            log.write(f"\n===== {name}: {step['command']}\n")
+            log.flush()
+            try:
+                proc = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=min(limit, left))
+                step["status"] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            except subprocess.TimeoutExpired:
+                step["status"] = f"timed out after {min(limit, left):.0f} s"
+            step["seconds"] = round(time.monotonic() - t0, 1)
+            if os.path.isfile(json_path):
+                with open(json_path, encoding="utf-8") as f:
+                    step["results"] = json.load(f)
+            result["steps"].append(step)
+            log.write(f"===== {name}: {step['status']} in {step['seconds']} s\n")
+            log.flush()
+            print(f"{name}: {step['status']} in {step['seconds']} s", flush=True)
+            write_json(os.path.join(out, "gpu_session.json"), result)
+    result["seconds"] = round(time.monotonic() - start, 1)
+    write_json(os.path.join(out, "gpu_session.json"), result)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_session",
+                   help="folder for gpu_session.json and gpu_session.log (default: $OUT)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="no step starts after this many seconds (default %(default)s)")
+    p.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS],
+                   help="run these steps only")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny networks and inputs on the CPU: checks the script, measures nothing")
+    args = p.parse_args(argv)
+    result = run_session(args.out, args.smoke, args.budget_s, args.only)
+    failed = [s["name"] for s in result["steps"] if s["status"] != "ok"]
+    print(f"{len(result['steps']) - len(failed)} of {len(result['steps'])} steps ok in "
+          f"{result['seconds']} s on {result['device']}; results in {args.out}/gpu_session.json"
+          + (f"; not ok: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
