@@ -440,6 +440,24 @@ def test_overlapped_runner_equals_serial_runner(tmp_path, crops, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision, max_levels", [("fp32", 1), ("tf32", 3), ("bf16", 3),
+                                                   ("fp16", 1)])
+def test_cuda_precisions_are_close_to_the_cpu_fp32_reference(photo, faithful, precision,
+                                                             max_levels):
+    """On CUDA: fp32 (TF32 off) within a grey level of the CPU's fp32 (other convolution
+    algorithms), each fast path within the issue's bounds, and fp32 itself repeatable."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = _model()
+    model.net.cuda()
+    restored, qf = restore(model, photo, device="cuda", precision=precision)
+    diff = _grey_diff(restored, faithful[0])
+    assert diff.max() <= max_levels and abs(qf - faithful[1]) <= 1
+    if precision == "fp32":
+        assert np.array_equal(restore(model, photo, device="cuda")[0], restored)
+
+
+@pytest.mark.gpu
 def test_cuda_out_of_memory_really_falls_back_to_tiles(photo, caplog):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
