@@ -163,6 +163,8 @@ def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides,
     fast = _losses(os.path.join(tmp_path, "tiny"))
     ref = _losses(reference_run)[:3]
     assert [v for _, v in fast] == pytest.approx([v for _, v in ref], rel=rel)
+    warned = "autocast is much slower than fp32" in _log(os.path.join(tmp_path, "tiny"))
+    assert warned == (overrides == ["train.amp=bf16"])  # these runs are on the CPU
 
 
 def test_ddp_two_processes_with_gloo(option_file, reference_run, tmp_path):

@@ -218,6 +218,12 @@ class _Trainer:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
 
+        if torch.device(info.device).type == "cpu" and opt["train"]["amp"] != "off" \
+                and info.is_main:
+            logger.warning("train.amp %r on the CPU: autocast is much slower than fp32 on CPUs "
+                           "without native %s arithmetic (15x on this project's 2-core AMD "
+                           "EPYC, docs/training.md); --set train.amp=off for CPU runs",
+                           opt["train"]["amp"], opt["train"]["amp"])
         merged = bool(opt["merge_bn"] and latest is not None
                       and latest >= opt["merge_bn_startpoint"])
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
