@@ -16,8 +16,10 @@ This module owns what one training iteration does to `netG`:
   iterations in a row stop the run with a `NonFiniteLossError` (one clear line).
 The loop around it (data, validation, checkpoints, logging) lives in `utils.training`.
 """
+import bisect
 import contextlib
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -306,8 +308,37 @@ class ModelFBCNN:
         scheduler.update((k, v) for k, v in training_state["scheduler"].items()
                          if k not in self._SCHEDULER_OPTIONS)
         self.G_scheduler.load_state_dict(scheduler)
+        self._follow_the_options_schedule()
         if training_state.get("scaler"):
             self.scaler.load_state_dict(training_state["scaler"])
+
+    def scheduled_lrs(self):
+        """The learning rates the options' schedule gives at the scheduler's iteration, in
+        closed form (the schedulers themselves update the current rate step by step)."""
+        t, step = self.opt_train, self.G_scheduler.last_epoch
+        if t["G_scheduler_type"] == "CosineAnnealingLR":
+            eta, total = t["G_scheduler_eta_min"], t["total_iter"]
+            return [eta + (base - eta) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+                    for base in self.G_scheduler.base_lrs]
+        passed = bisect.bisect_right(sorted(t["G_scheduler_milestones"]), step)
+        return [base * t["G_scheduler_gamma"] ** passed for base in self.G_scheduler.base_lrs]
+
+    def _follow_the_options_schedule(self):
+        """After a resume: if the checkpoint's learning rate is not where the options' schedule
+        puts this iteration (train.total_iter, milestones, gamma or eta_min changed), set it
+        there; the step-by-step updates would otherwise carry the old schedule on (a cosine
+        that had reached eta_min would stay there). An unchanged schedule is left bit for bit."""
+        groups = self.G_optimizer.param_groups
+        wanted = self.scheduled_lrs()
+        if all(math.isclose(g["lr"], lr, rel_tol=1e-6, abs_tol=1e-15)
+               for g, lr in zip(groups, wanted)):
+            return
+        logger.info("learning rate %.3e -> %.3e at iteration %d: the options' schedule differs "
+                    "from the checkpoint's", groups[0]["lr"], wanted[0],
+                    self.G_scheduler.last_epoch)
+        for group, lr in zip(groups, wanted):
+            group["lr"] = lr
+        self.G_scheduler._last_lr = list(wanted)
 
     def parameter_fingerprint(self):
         """Per-tensor sums of the parameters and buffers in float64, to compare processes."""

@@ -358,6 +358,10 @@ def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     assert int(logs["QF_labelled"]) == 1
 
 
+def _cosine(t, total, lr0=1e-3, eta_min=1e-5):  # lr0: the tiny options' G_optimizer_lr
+    return eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * t / total)) / 2
+
+
 def test_cosine_schedule_decays_to_eta_min_at_total_iter(option_file):
     model = _tiny_model(option_file, "train.G_scheduler_type=CosineAnnealingLR",
                         "train.total_iter=4", "train.G_scheduler_eta_min=1e-5")
@@ -366,29 +370,57 @@ def test_cosine_schedule_decays_to_eta_min_at_total_iter(option_file):
         model.G_optimizer.step()
         model.update_learning_rate()
         lrs.append(model.current_learning_rate())
-    lr0, eta_min = 1e-3, 1e-5  # the tiny options' G_optimizer_lr
-    assert lrs == pytest.approx([eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * t / 4)) / 2
-                                 for t in range(1, 5)], rel=1e-9)
-    assert lrs[-1] == pytest.approx(eta_min, rel=1e-9)
+    assert lrs == pytest.approx([_cosine(t, 4) for t in range(1, 5)], rel=1e-9)
+    assert lrs[-1] == pytest.approx(1e-5, rel=1e-9)
 
 
-def test_resume_with_a_longer_total_iter_stretches_the_cosine(option_file):
+@pytest.mark.parametrize("stopped_at", [3, 4])  # 4: the old end, where the rate is eta_min
+def test_resume_with_a_longer_total_iter_stretches_the_cosine(option_file, stopped_at):
     common = ["train.G_scheduler_type=CosineAnnealingLR", "train.G_scheduler_eta_min=1e-5"]
     first = _tiny_model(option_file, *common, "train.total_iter=4")
-    for _ in range(3):
+    for _ in range(stopped_at):
         first.G_optimizer.step()
         first.update_learning_rate()
     resumed = _tiny_model(option_file, *common, "train.total_iter=8")
     resumed.load_state(first.bare.state_dict(), first.training_state())
-    assert resumed.G_scheduler.last_epoch == 3  # the progress came from the checkpoint
+    assert resumed.G_scheduler.last_epoch == stopped_at  # the progress came from the checkpoint
+    assert resumed.current_learning_rate() == pytest.approx(_cosine(stopped_at, 8), rel=1e-9)
     lrs = []
-    for _ in range(5):
+    for _ in range(8 - stopped_at):
         resumed.G_optimizer.step()
         resumed.update_learning_rate()
         lrs.append(resumed.current_learning_rate())
-    assert resumed.G_scheduler.T_max == 8
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # still decaying after the old end, 4
-    assert lrs[-1] == pytest.approx(1e-5, rel=1e-9)  # and down to eta_min at the new one
+    assert lrs == pytest.approx([_cosine(t, 8) for t in range(stopped_at + 1, 9)], rel=1e-9)
+
+
+def test_resume_with_the_same_schedule_keeps_the_learning_rate_bit_for_bit(option_file):
+    for schedule in (["train.G_scheduler_type=CosineAnnealingLR", "train.total_iter=7"],
+                     ["train.G_scheduler_milestones=[2,3]", "train.G_scheduler_gamma=0.3"]):
+        first = _tiny_model(option_file, *schedule)
+        for _ in range(4):
+            first.G_optimizer.step()
+            first.update_learning_rate()
+        resumed = _tiny_model(option_file, *schedule)
+        resumed.load_state(first.bare.state_dict(), first.training_state())
+        assert resumed.current_learning_rate() == first.current_learning_rate()
+        assert resumed.scheduled_lrs()[0] == pytest.approx(first.current_learning_rate(),
+                                                            rel=1e-12)
+
+
+def test_resume_with_new_milestones_follows_them(option_file):
+    first = _tiny_model(option_file, "train.G_scheduler_milestones=[2,3]",
+                        "train.G_scheduler_gamma=0.5")
+    for _ in range(4):
+        first.G_optimizer.step()
+        first.update_learning_rate()
+    assert first.current_learning_rate() == pytest.approx(1e-3 * 0.25)
+    resumed = _tiny_model(option_file, "train.G_scheduler_milestones=[5]",
+                          "train.G_scheduler_gamma=0.5")
+    resumed.load_state(first.bare.state_dict(), first.training_state())
+    assert resumed.current_learning_rate() == pytest.approx(1e-3)  # no milestone passed yet
+    resumed.G_optimizer.step()
+    resumed.update_learning_rate()
+    assert resumed.current_learning_rate() == pytest.approx(1e-3 * 0.5)
 
 
 @pytest.mark.parametrize("name, in_nc", [("color_lite", 3), ("gray_lite", 1)])
