@@ -307,6 +307,19 @@ def test_tile_flags_off_the_jpeg_grid_are_usage_errors(tmp_path, photo, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_restored_into_itself_reports_the_file_that_would_be_overwritten(
+        tmp_path, photo, capsys):
+    folder = tmp_path / "same"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "shot.png"), photo)
+    write_jpeg(folder / "photo.jpg", photo)
+    before = (folder / "shot.png").read_bytes()
+    code, out, err = run([str(folder), "-o", str(folder), *IDENTITY], capsys)
+    assert code == 1 and "shot.png" in err and "is an input file" in err
+    assert "1 restored, 0 skipped, 1 failed" in err + out
+    assert (folder / "shot.png").read_bytes() == before and (folder / "photo.png").is_file()
+
+
 def test_an_output_that_appears_meanwhile_is_kept_and_reported(tmp_path, photo, capsys,
                                                                monkeypatch):
     path = write_jpeg(tmp_path / "a.jpg", photo)

@@ -296,11 +296,12 @@ def _output_path(args, job, ext):
 
 def plan_outputs(jobs, args, ext):
     """`(job, output path)` pairs. A file found in a folder or by a glob that is itself the
-    output of another input (an earlier run's result) is not restored again."""
+    output of another input (an earlier run's result) is not restored again; one that would be
+    its own output stays, and is refused (never overwritten) when its turn comes."""
     planned = [(job, _output_path(args, job, ext)) for job in jobs]
-    outputs = {os.path.realpath(dest) for job, dest in planned}
+    output_of = {os.path.realpath(dest): job for job, dest in planned}
     return [(job, dest) for job, dest in planned
-            if job.named or os.path.realpath(job.path) not in outputs]
+            if job.named or output_of.get(os.path.realpath(job.path), job) is job]
 
 
 def run_restore(args):
