@@ -24,6 +24,7 @@ import cv2
 from data.dataset_jpeg import list_images_recursive
 from utils.cli import run_cli
 from utils.errors import UserError
+from utils.fileio import make_folder
 from utils.image import imread_uint, imwrite, read_image_header
 
 __all__ = ["window_starts", "cut_image", "prepare", "main"]
@@ -80,7 +81,7 @@ def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, p
             raise UserError(f"{path} and {seen[stem]} would both be cut into {stem}_s*.png; "
                             f"rename one of them")
         seen[stem] = path
-    os.makedirs(dst, exist_ok=True)
+    make_folder(dst)
     jobs = [(p, dst, size, step, thresh, compression) for p in paths]
     written = skipped = 0
     bar = tqdm(total=len(jobs), unit="img", desc="sub-images", disable=not progress or None)

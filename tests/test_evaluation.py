@@ -160,6 +160,13 @@ def test_missing_testset_is_one_error_line(tmp_path):
     assert "NoSuchSet" in line and "LIVE1_color" in line
 
 
+def test_a_file_as_results_folder_is_one_error_line(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "jpeg", "--qf", "10",
+                                   "--results", str(tmp_path / "afile")))
+    assert str(tmp_path / "afile") in line and "a file of that name is in the way" in line
+
+
 def test_unknown_model_is_one_error_line(tmp_path):
     line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "fbcnn_grey",
                                    "--results", str(tmp_path)))

@@ -262,6 +262,16 @@ def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_where_the_run_folder_should_be_is_one_error_line(option_file, tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    status = main_train_fbcnn.main(["-opt", option_file, "--set", f"path.root={blocker}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"error: {blocker}{os.sep}tiny: cannot create this folder ({blocker} is a file, " \
+        "not a folder)" in err
+
+
 def test_validation_with_no_readable_image_is_skipped_not_fatal(option_file, tmp_path, caplog):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -26,7 +26,7 @@ from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 from utils.errors import UserError
-from utils.fileio import atomic_write, atomic_write_bytes, remove_stale_temporaries
+from utils.fileio import atomic_write, atomic_write_bytes, make_folder, remove_stale_temporaries
 
 __all__ = ["atomic_write", "save_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "load_training_state", "remove_checkpoint", "remove_stale_temporaries",
@@ -64,7 +64,7 @@ def save_checkpoint(models_dir, iteration, net_state, training_state, net_kwargs
     `net_kwargs` (the FBCNN constructor arguments) go into the safetensors metadata. Returns the
     network file's path. Raises WriteError when a file cannot be written.
     """
-    os.makedirs(models_dir, exist_ok=True)
+    make_folder(models_dir)
     metadata = {"format": "pt", "iteration": str(iteration)}
     if net_kwargs is not None:
         metadata["fbcnn_kwargs"] = json.dumps(net_kwargs, sort_keys=True)

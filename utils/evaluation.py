@@ -25,7 +25,7 @@ from models.inference import resolve_device, restore
 from models.model_zoo import load_model
 from utils.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
-from utils.fileio import atomic_write_bytes
+from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
 from utils.metrics import scores
 from utils.pipeline import Pipeline, StageClock
@@ -174,7 +174,7 @@ def _setup_logging(log_path):
     console = TqdmHandler()
     console.setFormatter(PrintableFormatter("%(message)s"))
     LOG.addHandler(console)
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    make_folder(os.path.dirname(log_path))
     to_file = logging.FileHandler(log_path, encoding="utf-8")
     to_file.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(to_file)
@@ -215,7 +215,7 @@ def _mean(values):
 
 
 def _write_json(path, summaries):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_folder(os.path.dirname(os.path.abspath(path)))
     atomic_write_bytes(path, (json.dumps(summaries, indent=2) + "\n").encode(), fsync=False)
 
 
@@ -308,7 +308,7 @@ def run(preset, args, clock=None):
             out_dir = None if args.no_save_images else os.path.join(args.results, setting.name)
             if index == 0:
                 if out_dir is not None:
-                    os.makedirs(out_dir, exist_ok=True)
+                    make_folder(out_dir)
                 bar = tqdm(total=len(images), desc=setting.name, unit="img", leave=False,
                            disable=None)
             with clock("network"):

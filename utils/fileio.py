@@ -15,7 +15,7 @@ import threading
 
 from utils.errors import UserError
 
-__all__ = ["WriteError", "atomic_write", "atomic_write_bytes", "temporary_name",
+__all__ = ["WriteError", "make_folder", "atomic_write", "atomic_write_bytes", "temporary_name",
            "is_temporary_name", "remove_stale_temporaries"]
 
 _TMP_MARK = ".tmp-"
@@ -86,6 +86,23 @@ def _link_new(tmp, path):
         os.replace(tmp, path)
 
 
+def make_folder(folder):
+    """`os.makedirs(folder, exist_ok=True)`, or a WriteError naming the folder and the reason
+    (a file where a folder should be, permissions, a read-only file system)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        path = os.path.abspath(folder)
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)  # the nearest part of the path that exists
+        if not os.path.isdir(path):
+            reason = ("a file of that name is in the way" if path == os.path.abspath(folder)
+                      else f"{_shown(path)} is a file, not a folder")
+        raise WriteError(f"{_shown(folder)}: cannot create this folder ({reason})") from None
+    return folder
+
+
 def atomic_write(path, write, fsync=True, replace=True):
     """Create or replace `path` atomically; `write(binary_file)` fills a temporary file.
 
@@ -101,10 +118,7 @@ def atomic_write(path, write, fsync=True, replace=True):
     tmp = temporary_name(path)
     recorder = exists = None
     try:
-        if not os.path.isdir(folder):
-            if os.path.lexists(folder):  # makedirs would say "File exists", a misleading reason
-                raise NotADirectoryError(f"{_shown(folder)} is a file, not a folder")
-            os.makedirs(folder, exist_ok=True)
+        make_folder(folder)
         with open(tmp, "wb") as f:
             recorder = _RecordingFile(f)
             write(recorder)
@@ -120,6 +134,8 @@ def atomic_write(path, write, fsync=True, replace=True):
                 exists = exc  # the target itself exists: not a write error
         if fsync and exists is None:
             _fsync_dir(folder)
+    except WriteError:
+        raise
     except Exception as exc:
         if not isinstance(exc, OSError):
             if recorder is None or recorder.error is None:

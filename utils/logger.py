@@ -16,6 +16,8 @@ import sys
 
 from tqdm import tqdm
 
+from utils.fileio import make_folder
+
 __all__ = ["setup_logging", "MetricsWriter", "progress_bar", "LOG_FORMAT"]
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
@@ -43,7 +45,7 @@ def setup_logging(log_file=None, is_main=True):
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     handlers.append(console)
     if log_file is not None and is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        make_folder(os.path.dirname(os.path.abspath(log_file)))
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(formatter)
         file_handler.setLevel(logging.INFO)
@@ -76,7 +78,7 @@ class MetricsWriter:
 
     def __init__(self, jsonl_path, tensorboard_dir=None):
         self.jsonl_path = jsonl_path
-        os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+        make_folder(os.path.dirname(os.path.abspath(jsonl_path)))
         self._file = open(jsonl_path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard_dir is not None:

@@ -409,7 +409,6 @@ def run_qf_estimate(args):
                      f"{cells[2]:>8}")
     tqdm.write("\n".join(lines), file=sys.stdout)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_bytes(args.json, (json.dumps([r for r, _ in rows], indent=2) + "\n").encode(),
                            fsync=False)
     if failures:

@@ -31,7 +31,7 @@ from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
-from utils.fileio import atomic_write_bytes
+from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import MetricsWriter, progress_bar, setup_logging
 from utils.metrics import scores
@@ -131,7 +131,7 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
                     index + 1, name, row["psnr"], row["ssim"], row["psnrb"], row["qf"])
         if image_dir is not None:
             folder = os.path.join(image_dir, name)
-            os.makedirs(folder, exist_ok=True)
+            make_folder(folder)
             imwrite(os.path.join(folder, f"{name}_{step}.png"), img_E)
     keys = [k for k in rows[0] if k != "name"] if rows else []
     average = {k: _mean([r[k] for r in rows]) for k in keys}
@@ -252,7 +252,7 @@ class _Trainer:
 
         if info.is_main:
             for folder in (self.dirs.models, self.dirs.images, self.dirs.options):
-                os.makedirs(folder, exist_ok=True)
+                make_folder(folder)
             stamp = time.strftime("%y%m%d_%H%M%S")
             atomic_write_bytes(os.path.join(self.dirs.options, f"train_{stamp}.json"),
                                (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
