@@ -201,11 +201,27 @@ def test_gray_jpeg_goes_to_the_gray_model(tmp_path, photo, tiny_models, capsys):
     assert cv2.imread(str(tmp_path / "forced" / "g.png"), cv2.IMREAD_UNCHANGED).ndim == 3
 
 
-def test_wrong_kind_of_model_stops_the_run(tmp_path, photo, tiny_models, capsys):
+def test_wrong_kind_of_model_fails_its_files_with_status_2(tmp_path, photo, tiny_models, capsys):
     write_jpeg(tmp_path / "c.jpg", photo)
     code, _, err = run([str(tmp_path / "c.jpg"), "-o", str(tmp_path / "out"), "--model",
                         tiny_models["gray"]], capsys)
     assert code == 2 and "--model" in err and "1-channel" in err
+
+
+def test_an_unusable_gray_model_is_named_and_the_colour_files_still_restored(tmp_path, photo,
+                                                                           tiny_models, capsys):
+    for name in ("a", "c"):
+        write_jpeg(tmp_path / f"{name}.jpg", photo)
+    write_jpeg(tmp_path / "b.jpg", photo[..., 1])  # grayscale, between the colour ones
+    write_jpeg(tmp_path / "d.jpg", photo[..., 0])
+    code, out, err = run([str(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
+                         + ["-o", str(tmp_path / "out"), "--model", tiny_models["color"],
+                            "--gray-model", "nosuch"], capsys)
+    assert code == 2
+    assert "b.jpg: --gray-model 'nosuch': not a known model name" in err
+    assert "d.jpg: --gray-model nosuch cannot be used (see the first error)" in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "c.png"]
+    assert "2 restored, 0 skipped, 2 failed" in err + out
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -43,8 +43,9 @@ from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_p
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
 
-__all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache", "read_image",
-           "choose_qf", "encode_image", "run_restore", "run_qf_estimate", "main"]
+__all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache",
+           "ModelUnavailable", "read_image", "choose_qf", "encode_image", "run_restore",
+           "run_qf_estimate", "main"]
 
 LOG = logging.getLogger("fbcnn.restore")
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
@@ -171,25 +172,37 @@ def collect_inputs(inputs, recursive=False, exclude=None):
     return jobs, errors
 
 
+class ModelUnavailable(UserError):
+    """`--model` or `--gray-model` cannot be used: the files that need it fail, the others go
+    on, and the run exits with status 2."""
+
+
 class ModelCache:
-    """Loads `--model` and `--gray-model` on first use, each once."""
+    """Loads `--model` and `--gray-model` on first use, each once (a failure once, too)."""
 
     ROLES = {"color": ("--model", 3, "a colour (3-channel) model such as fbcnn_color"),
              "gray": ("--gray-model", 1, "a grayscale (1-channel) model such as fbcnn_gray")}
 
     def __init__(self, names, device):
-        self.names, self.device, self.loaded = names, device, {}
+        self.names, self.device, self.loaded, self.failed = names, device, {}, {}
 
     def get(self, role):
+        option, n_channels, wanted = self.ROLES[role]
+        if role in self.failed:
+            raise ModelUnavailable(f"{option} {self.names[role]} cannot be used (see the first "
+                                   f"error)")
         if role not in self.loaded:
-            option, n_channels, wanted = self.ROLES[role]
             try:
                 model = load_model(self.names[role], device=self.device)
+                if model.in_nc not in (None, n_channels):
+                    raise UserError(f"{option} {self.names[role]}: a {model.in_nc}-channel "
+                                    f"model; {option} needs {wanted}")
             except UserError as exc:
-                raise OptionError(str(exc)) from None
-            if model.in_nc not in (None, n_channels):
-                raise OptionError(f"{option} {self.names[role]}: a {model.in_nc}-channel model; "
-                                f"{option} needs {wanted}")
+                message = str(exc)
+                if message.startswith("--model ") and option != "--model":
+                    message = option + message[len("--model"):]  # load_model says --model
+                self.failed[role] = message
+                raise ModelUnavailable(message) from None
             LOG.info("loaded %s %s on %s", option, self.names[role], self.device)
             self.loaded[role] = model
         return self.loaded[role]
@@ -358,8 +371,6 @@ def run_restore(args):
             LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
                      display_path(dest))
             skipped += 1
-        except OptionError:
-            raise
         except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
             failures.append(_failure(job.path, exc))
     for item in sorted(icc_dropped):
@@ -369,7 +380,7 @@ def run_restore(args):
     if done:
         summary += f" -> {args.output}"
     tqdm.write(summary, file=sys.stderr if failures else sys.stdout)
-    return 1 if failures else 0
+    return 2 if models.failed else 1 if failures else 0
 
 
 def run_qf_estimate(args):
@@ -392,8 +403,6 @@ def run_qf_estimate(args):
                 model = models.get("gray" if decoded.gray else "color")
                 network_qf = predict_qf(model, decoded.img, device=device, **options)
             dominant = estimate_dominant_qf(decoded.img).qf
-        except OptionError:
-            raise
         except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
             failures.append(_failure(job.path, exc))
             continue
@@ -413,7 +422,7 @@ def run_qf_estimate(args):
                            fsync=False)
     if failures:
         tqdm.write(f"{len(failures)} file(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    return 2 if models is not None and models.failed else 1 if failures else 0
 
 
 def main(argv=None, prog=None):
