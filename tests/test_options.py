@@ -91,6 +91,24 @@ def test_misplaced_key_is_found_in_another_section():
         validate(raw, check_paths=False)
 
 
+@pytest.mark.parametrize("where, name, meant", [
+    ((), "checkpoint_save", "train.checkpoint_save"),  # not its neighbour checkpoint_test
+    ((), "checkpoint_keep", "train.checkpoint_keep"),
+    ((), "G_optimizer_lr", "train.G_optimizer_lr"),  # not G_optimizer_type
+    (("train",), "checkpoint_sav", "train.checkpoint_save"),
+    (("netG",), "H_size", "datasets.train.H_size"),
+    ((), "chekpoint_save", "train.checkpoint_save"),  # misspelt and misplaced
+])
+def test_suggestion_is_the_likeliest_key(where, name, meant):
+    raw = _raw()
+    section = raw
+    for key in where:
+        section = section[key]
+    section[name] = 1
+    with pytest.raises(UserError, match=f"did you mean '{meant}'"):
+        validate(raw, check_paths=False)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("datasets.train.H_size", "96", r"datasets\.train\.H_size: expected an integer"),
     ("datasets.train.H_size", -8, r"datasets\.train\.H_size: must be >= 1, got -8"),

@@ -260,13 +260,19 @@ def _all_paths(section, prefix=""):
 
 
 def _suggest(name, section, prefix):
+    """The likeliest key meant: the same name in another section (a misplaced key), else the
+    closest name in this section, else the closest name anywhere."""
+    leaves = [(path, path.rsplit(".", 1)[-1]) for path, _ in _all_paths(SCHEMA)]
+    misplaced = [path for path, leaf in leaves if leaf == name]
+    if misplaced:
+        return f"did you mean {misplaced[0]!r}?"
     close = difflib.get_close_matches(name, list(section.keys), n=1, cutoff=0.6)
     if close:
         return f"did you mean '{prefix}{close[0]}'?"
-    elsewhere = [path for path, _ in _all_paths(SCHEMA)
-                 if difflib.get_close_matches(name, [path.rsplit(".", 1)[-1]], n=1, cutoff=0.8)]
-    if elsewhere:
-        return f"did you mean {elsewhere[0]!r}?"
+    score, path = max((difflib.SequenceMatcher(None, name, leaf).ratio(), path)
+                      for path, leaf in leaves)
+    if score >= 0.8:
+        return f"did you mean {path!r}?"
     return "valid keys here: " + ", ".join(prefix + k for k in section.keys)
 
 
