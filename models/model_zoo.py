@@ -240,10 +240,19 @@ class LoadedModel:
 
 
 def model_label(name_or_path):
-    """A short name for results folders: the registered name or the file's stem."""
+    """A short name for results folders: the registered name or the file's stem; for a
+    training checkpoint (`<task>/models/<iter>_G.*`), `<task>_<iter>_G`, so that checkpoints
+    of different runs do not share results folders."""
     if name_or_path in MODEL_ZOO or name_or_path == JPEG_MODEL:
         return name_or_path
-    return os.path.splitext(os.path.basename(name_or_path.rstrip("/")))[0]
+    path = os.path.abspath(name_or_path.rstrip("/"))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    models_dir = os.path.dirname(path)
+    if re.fullmatch(r"\d+_G", stem) and os.path.basename(models_dir) == "models":
+        task = os.path.basename(os.path.dirname(models_dir))
+        if task:
+            return f"{task}_{stem}"
+    return stem
 
 
 def load_model(name_or_path, device="cpu", model_dir=None, progress=True):

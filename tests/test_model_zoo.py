@@ -312,3 +312,13 @@ def test_release_urls_follow_the_spec():
     assert model_zoo.RELEASE_URL == "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
     assert {e.filename for e in MODEL_ZOO.values()} >= {
         "fbcnn_color.pth", "fbcnn_gray.pth", "fbcnn_gray_double.pth"}
+
+
+def test_model_labels_keep_checkpoints_of_different_runs_apart(tmp_path):
+    assert model_zoo.model_label("fbcnn_color") == "fbcnn_color"
+    assert model_zoo.model_label("jpeg") == "jpeg"
+    assert model_zoo.model_label(str(tmp_path / "weights" / "mine.safetensors")) == "mine"
+    for task in ("color_run", "gray_run"):
+        path = tmp_path / "deblocking" / task / "models" / "5000_G.safetensors"
+        assert model_zoo.model_label(str(path)) == f"{task}_5000_G"
+    assert model_zoo.model_label(str(tmp_path / "5000_G.pth")) == "5000_G"  # not in a run
