@@ -28,7 +28,9 @@ from benchlib import (PeakMemory, add_model_args, build_model, device_name, fbcn
                     print_table, write_json)
 from data.jpeg import jpeg
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
-                              restore)
+                              check_options, restore)
+from utils.cli import run_cli
+from utils.errors import UserError
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("input", "input", "{}"), ("precision", "precision", "{}"), ("layout", "layout", "{}"),
@@ -103,7 +105,8 @@ def main(argv=None):
     p.add_argument("--synthetic-mp", type=float, default=12.0,
                    help="megapixels of the synthetic photo; 0 skips it (default %(default)s)")
     p.add_argument("--tile", type=int, default=1024, help="tile size of the tiled rows; 0 skips")
-    p.add_argument("--tile-overlap", type=int, default=32)
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="default: 32, or half the tile (a multiple of 8) for tiles under 64")
     p.add_argument("--tile-cache-gib", type=float, nargs="+", default=None,
                    help="encoder cache sizes of the tiled rows, one row each (default: the "
                         "device's default, DEFAULT_TILE_CACHE_GIB in models/inference.py)")
@@ -116,6 +119,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.tile_overlap is None:
+        args.tile_overlap = min(32, args.tile // 2 // 8 * 8) if args.tile else 32
+    if args.tile:
+        try:
+            check_options(tile=args.tile, tile_overlap=args.tile_overlap)
+        except ValueError as exc:
+            raise UserError(f"--tile/--tile-overlap: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else int(args.device.startswith("cuda"))
@@ -180,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a UserError (say, a missing folder) is one error: line

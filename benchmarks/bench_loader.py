@@ -21,6 +21,7 @@ import torch
 import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import add_training_option_args, device_name, print_table, write_json
 from data.dataset_jpeg import IterationBatchSampler, define_dataset
+from utils.cli import run_cli
 from utils.options import load_options
 from utils.training import make_loader
 
@@ -81,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a UserError (say, a missing folder) is one error: line

@@ -22,6 +22,7 @@ import torch
 import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import add_model_args, build_model, device_name, print_table, write_json
 from models.inference import PRECISIONS
+from utils.cli import run_cli
 from utils.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
 from utils.image import list_images, read_image_header
 from utils.pipeline import StageClock
@@ -101,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a UserError (say, a missing folder) is one error: line

@@ -23,6 +23,7 @@ import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import (PeakMemory, add_training_option_args, device_name, fbcnn_conv_flops,
                       print_table, write_json)
 from models.model_fbcnn import ModelFBCNN
+from utils.cli import run_cli
 from utils.options import load_options
 
 COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
@@ -102,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a UserError (say, a missing folder) is one error: line

@@ -12,7 +12,6 @@ the estimated dominant QF as qf_input (FBCNN-D), and with the true dominant QF (
 PSNR is measured against the equally cropped ground truth. Prints a table and JSON.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import write_json
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg import double_jpeg, shift_crop
+from utils.cli import run_cli
 from utils.errors import UserError
 from utils.evaluation import resolve_testset
 from utils.image import imread_uint, list_images
@@ -141,11 +141,10 @@ def main(argv=None):
     result = dict(testset=args.testset, shift=args.shift, max_size=args.max_size,
                   model=args.model, device=device, seconds=elapsed, summaries=summaries,
                   images=rows)
-    print(json.dumps(summaries))
     if args.json:
         write_json(args.json, result)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))  # a UserError (say, a missing folder) is one error: line

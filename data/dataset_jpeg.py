@@ -164,7 +164,7 @@ class DatasetJPEG(Dataset):
                 continue
             if self.phase == "train" and min(header.width, header.height) < self.crop_size:
                 problems.append(self._small_message(path, header.height, header.width))
-        for problem in problems[1:]:
+        for problem in problems[1:11]:  # the first ten; the error below gives the count
             logger.warning("%s", problem)
         if problems:
             more = "" if len(problems) == 1 else (f" ({len(problems) - 1} more of the "

@@ -108,9 +108,12 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=480, help="sub-image side (default 480)")
     parser.add_argument("--step", type=int, default=240, help="window stride (default 240)")
     parser.add_argument("--thresh", type=int, default=48,
-                        help="add an edge-aligned window when more than this many pixels remain")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--compression", type=int, default=3, help="PNG compression 0-9")
+                        help="add an edge-aligned window when more than this many pixels "
+                             "remain (default 48)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes (default: one per CPU)")
+    parser.add_argument("--compression", type=int, default=3,
+                        help="PNG compression 0-9 (default 3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     def body():

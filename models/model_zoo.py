@@ -146,8 +146,7 @@ def load_state_dict_file(path):
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated or unsafe files all land here
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable state dict ({first_line[:200]})") from None
+        raise UserError(f"{path}: not a loadable state dict ({_load_failure(exc)})") from None
     if not isinstance(state_dict, dict):
         raise UserError(f"{path}: expected a state dict, found {type(state_dict).__name__}")
     state_dict = _strip_wrappers(state_dict)
@@ -237,6 +236,19 @@ class LoadedModel:
     name: str
     net: object
     in_nc: object  # 1 or 3, None when any channel count works (the jpeg pseudo-model)
+
+
+def _load_failure(exc):
+    """The reason a weight file did not load, in one line. torch.load's weights_only error
+    starts by suggesting weights_only=False, which would run the file's code: never echoed."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Weights only load failed"):
+        detail = text.split(" Check the documentation")[0]
+        for marker in ("trusted source.", "WeightsUnpickler error:"):
+            detail = detail.split(marker)[-1]
+        return (f"corrupt, or holds objects other than tensors, which are not loaded "
+                f"({detail.strip()[:160]})")
+    return text[:200] or type(exc).__name__
 
 
 def model_label(name_or_path):

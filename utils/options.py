@@ -487,5 +487,10 @@ def options_reference_markdown():
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
+    argparse.ArgumentParser(
+        prog="python -m utils.options",
+        description="Print every training option, its type, default and meaning, as the "
+                    "Markdown table of docs/training.md.").parse_args()
     sys.stdout.write(options_reference_markdown() + "\n")

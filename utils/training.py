@@ -251,7 +251,7 @@ class _Trainer:
         self.loader = make_loader(self.train_set, self.sampler, train_opt, info)
 
         if info.is_main:
-            for folder in (self.dirs.models, self.dirs.images, self.dirs.options):
+            for folder in (self.dirs.models, self.dirs.options):  # images/: when one is saved
                 make_folder(folder)
             stamp = time.strftime("%y%m%d_%H%M%S")
             atomic_write_bytes(os.path.join(self.dirs.options, f"train_{stamp}.json"),
