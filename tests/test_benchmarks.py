@@ -16,11 +16,12 @@ import bench_loader  # noqa: E402
 import bench_test_script  # noqa: E402
 import bench_train  # noqa: E402
 import eval_fbcnn_d  # noqa: E402
+import eval_qf_head  # noqa: E402
 import gpu_session  # noqa: E402
 from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
 
-from data.jpeg import double_jpeg, shift_crop  # noqa: E402
-from models.inference import restore  # noqa: E402
+from data.jpeg import double_jpeg, jpeg, shift_crop  # noqa: E402
+from models.inference import predict_qf, restore  # noqa: E402
 from models.model_zoo import load_model  # noqa: E402
 from models.network_fbcnn import FBCNN  # noqa: E402
 from utils.image import imread_uint, imwrite  # noqa: E402
@@ -204,3 +205,22 @@ def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
     assert by_name["train"]["results"]["rows"][0]["patches_per_s"] > 0
     log = (tmp_path / "gpu_session.log").read_text()
     assert all(f"===== {s[0]}: ok" in log for s in gpu_session.STEPS)
+
+
+def test_qf_head_evaluation_reports_predict_qf_per_true_qf(tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_gray.pth"
+    torch.save(FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
+    path = tmp_path / "qf_head.json"
+    assert eval_qf_head.main(["--model", str(weights), "--testset", "Classic5", "--limit", "2",
+                              "--qf", "10", "90", "--device", "cpu", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    model = load_model(str(weights))
+    classic5 = os.path.join(REPO_ROOT, "testsets", "Classic5")
+    for qf, row in zip((10, 90), result["rows"]):
+        expected = [predict_qf(model, jpeg(imread_uint(os.path.join(classic5, name), 1), qf))
+                    for name in ("1.bmp", "2.bmp")]  # the first two, sorted by name
+        assert row["qf"] == qf and row["mean"] == pytest.approx(np.mean(expected))
+        assert (row["min"], row["max"]) == (min(expected), max(expected))
+        assert row["mae"] == pytest.approx(np.mean(np.abs(np.array(expected) - qf)))
+    assert "| 10      |" in capsys.readouterr().out

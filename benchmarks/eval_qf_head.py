@@ -1,0 +1,71 @@
+"""How well a model's QF head predicts the JPEG quality: predicted QF per true QF on a test set.
+
+    python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray] [--qf 10 30 50 70 90]
+
+Each image is compressed at each QF (data/jpeg.py, as the test scripts do) and the network's
+QF is read with `models.inference.predict_qf` (the encoder and the QF head, no decoder). The
+table gives, per true QF, the mean and the range of the predictions and the mean absolute
+error. FBCNN's flexible control rests on this head: a head that predicts the same QF for every
+input (it has not learned, say after a short run) makes blind restoration ignore the quality,
+and then a decoder trained on its output has never seen `qf_input` vary either.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+import benchlib  # noqa: F401  (puts the repository on sys.path)
+from benchlib import print_table, write_json
+from data.jpeg import jpeg
+from models.inference import predict_qf, resolve_device
+from models.model_zoo import load_model
+from utils.cli import quality_factor, run_cli
+from utils.errors import UserError
+from utils.evaluation import resolve_testset
+from utils.image import imread_uint, list_images
+
+COLUMNS = [("qf", "true QF", "{}"), ("mean", "mean predicted", "{:.1f}"),
+           ("min", "min", "{}"), ("max", "max", "{}"), ("mae", "mean abs error", "{:.1f}")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a zoo name or weight file")
+    p.add_argument("--testset", default=None,
+                   help="name under --testsets-root or a folder (default: LIVE1_gray for a "
+                        "1-channel model, LIVE1_color for a colour one)")
+    p.add_argument("--testsets-root", default=None)
+    p.add_argument("--qf", type=quality_factor, nargs="+", default=[10, 20, 30, 40, 50, 60, 70,
+                                                                    80, 90])
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    if model.net is None:
+        raise UserError(f"--model {args.model}: has no QF head; give a network")
+    channels = model.net.in_nc
+    testset = args.testset or ("LIVE1_gray" if channels == 1 else "LIVE1_color")
+    paths = list_images(resolve_testset(testset, args.testsets_root))[:args.limit]
+    images = [imread_uint(path, channels) for path in paths]
+    rows, per_image = [], []
+    for qf in args.qf:
+        predicted = [predict_qf(model, jpeg(img, qf), device=device) for img in images]
+        per_image += [{"image": os.path.basename(path), "qf": qf, "predicted": pred}
+                      for path, pred in zip(paths, predicted)]
+        rows.append({"qf": qf, "mean": float(np.mean(predicted)), "min": int(min(predicted)),
+                     "max": int(max(predicted)),
+                     "mae": float(np.mean(np.abs(np.array(predicted) - qf)))})
+    print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
+    print_table(rows, COLUMNS)
+    if args.json:
+        write_json(args.json, {"model": args.model, "testset": testset, "rows": rows,
+                               "images": per_image})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
