@@ -289,6 +289,8 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=3",
               "train.checkpoint_keep=1", "train.checkpoint_test=4"]
     _run(option_file, tmp_path, "train.total_iter=2", *common)
+    assert "merge_bn_startpoint 3 is after train.total_iter 2" in _log(
+        os.path.join(tmp_path, "tiny"))
     models = os.path.join(tmp_path, "tiny", "models")
     assert build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.safetensors"))) \
         .m_down1[0].res[1].__class__.__name__ == "BatchNorm2d"
@@ -442,13 +444,14 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
                               f"datasets.test.dataroot_H={images}", "datasets.train.H_size=32",
                               "datasets.train.dataloader_batch_size=2",
                               "datasets.train.dataloader_num_workers=0", "train.total_iter=2",
-                              "train.checkpoint_save=2", "train.checkpoint_test=2",
-                              "gpu_ids=[]"])
+                              "merge_bn_startpoint=2", "train.checkpoint_save=2",
+                              "train.checkpoint_test=2", "gpu_ids=[]"])
     assert opt["train"]["G_scheduler_type"] == "CosineAnnealingLR"
+    assert opt["netG"]["act_mode"] == "BR" and opt["merge_bn"]  # trained with BatchNorm...
     assert train(opt) == {"start": 0, "end": 2}
     run_dir = os.path.join(tmp_path, f"fbcnn_{name}")
     weights = ckpt.network_file(os.path.join(run_dir, "models"), 2)
-    assert read_fbcnn_kwargs(weights) == {"in_nc": in_nc, "out_nc": in_nc,
+    assert read_fbcnn_kwargs(weights) == {"in_nc": in_nc, "out_nc": in_nc,  # ...saved folded
                                           "nc": [16, 32, 64, 128], "nb": 4, "act_mode": "R",
                                           "downsample_mode": "strideconv",
                                           "upsample_mode": "convtranspose"}

@@ -224,6 +224,13 @@ class _Trainer:
                            "without native %s arithmetic (15x on this project's 2-core AMD "
                            "EPYC, docs/training.md); --set train.amp=off for CPU runs",
                            opt["train"]["amp"], opt["train"]["amp"])
+        total = opt["train"]["total_iter"]
+        if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total \
+                and info.is_main:
+            logger.warning("merge_bn_startpoint %d is after train.total_iter %d: this run ends "
+                           "before BatchNorm is folded, so its networks keep BatchNorm (resume "
+                           "with a larger train.total_iter to fold it)",
+                           opt["merge_bn_startpoint"], total)
         merged = bool(opt["merge_bn"] and latest is not None
                       and latest >= opt["merge_bn_startpoint"])
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
