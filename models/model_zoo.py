@@ -267,8 +267,9 @@ def model_label(name_or_path):
     return stem
 
 
-def load_model(name_or_path, device="cpu", model_dir=None, progress=True):
-    """Resolve `--model` (a zoo name, `jpeg`, or a weight file path) to a LoadedModel."""
+def load_model(name_or_path, device="cpu", model_dir=None, progress=True, option="--model"):
+    """Resolve `--model` (a zoo name, `jpeg`, or a weight file path) to a LoadedModel;
+    `option` is the flag an unknown name is reported under (e.g. `--gray-model`)."""
     label = model_label(name_or_path)
     if name_or_path == JPEG_MODEL:
         return LoadedModel(label, None, None)
@@ -278,7 +279,7 @@ def load_model(name_or_path, device="cpu", model_dir=None, progress=True):
         path = name_or_path
     else:
         known = ", ".join([JPEG_MODEL, *MODEL_ZOO])
-        raise UserError(f"--model {name_or_path!r}: not a known model name ({known}) "
+        raise UserError(f"{option} {name_or_path!r}: not a known model name ({known}) "
                         f"nor an existing .pth/.safetensors file")
     state_dict = load_state_dict_file(path)
     net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))

@@ -193,16 +193,13 @@ class ModelCache:
                                    f"error)")
         if role not in self.loaded:
             try:
-                model = load_model(self.names[role], device=self.device)
+                model = load_model(self.names[role], device=self.device, option=option)
                 if model.in_nc not in (None, n_channels):
                     raise UserError(f"{option} {self.names[role]}: a {model.in_nc}-channel "
                                     f"model; {option} needs {wanted}")
             except UserError as exc:
-                message = str(exc)
-                if message.startswith("--model ") and option != "--model":
-                    message = option + message[len("--model"):]  # load_model says --model
-                self.failed[role] = message
-                raise ModelUnavailable(message) from None
+                self.failed[role] = str(exc)
+                raise ModelUnavailable(str(exc)) from None
             LOG.info("loaded %s %s on %s", option, self.names[role], self.device)
             self.loaded[role] = model
         return self.loaded[role]
