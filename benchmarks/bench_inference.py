@@ -28,7 +28,7 @@ from benchlib import (PeakMemory, add_model_args, build_model, device_name, fbcn
                     print_table, write_json)
 from data.jpeg import jpeg
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
-                              check_options, restore)
+                              check_options, fit_overlap, restore)
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.image import imread_uint, list_images
@@ -120,7 +120,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.tile_overlap is None:
-        args.tile_overlap = min(32, args.tile // 2 // 8 * 8) if args.tile else 32
+        args.tile_overlap = fit_overlap(args.tile or None)
     if args.tile:
         try:
             check_options(tile=args.tile, tile_overlap=args.tile_overlap)

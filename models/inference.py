@@ -53,9 +53,9 @@ from data.jpeg import label_to_qf, qf_to_label
 from utils.errors import UserError
 from utils.image import tensor2uint, uint2tensor
 
-__all__ = ["restore", "predict_qf", "plan_tile", "resolve_device", "check_options",
-           "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS", "DEFAULT_TILE", "MIN_TILE",
-           "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
+__all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
+           "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
+           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
 LOG = logging.getLogger("fbcnn.inference")
 
@@ -75,6 +75,12 @@ DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0, "cpu": 0.0}
 _COMPILED = weakref.WeakKeyDictionary()  # net -> its torch.compile'd entry points
 
 
+def fit_overlap(tile, overlap=32):
+    """`overlap` (default 32) capped at half of `tile` on the 8x8 grid: the largest overlap
+    `check_options` accepts for that tile; `overlap` itself when there is no tile."""
+    return overlap if tile is None else min(overlap, tile // 2 // 8 * 8)
+
+
 def check_options(precision="fp32", tile=None, tile_overlap=32):
     """Raise ValueError, naming the argument, unless the options are valid for `restore`."""
     if precision not in PRECISIONS:
@@ -90,7 +96,7 @@ def check_options(precision="fp32", tile=None, tile_overlap=32):
                          f"(tiles stay on the 8x8 JPEG grid)")
     if tile_overlap > tile // 2:
         raise ValueError(f"tile_overlap={tile_overlap}: must be at most half the tile "
-                         f"(tile={tile}, so at most {tile // 2 // 8 * 8})")
+                         f"(tile={tile}, so at most {fit_overlap(tile, tile)})")
 
 
 def _network_fns(net, compile):
@@ -268,7 +274,7 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
         except torch.cuda.OutOfMemoryError:
             pass  # leaving the except clause frees the failed pass's tensors first
         tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cuda"])
-        overlap = min(overlap, tile // 2 // 8 * 8)
+        overlap = fit_overlap(tile, overlap)
         _release_cached_memory(device)
         LOG.warning("out of memory on a %dx%d image; retrying with %d-pixel tiles (overlap %d)",
                     x.shape[-1], x.shape[-2], tile, overlap)
@@ -284,7 +290,7 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
             LOG.warning("out of memory with tiles; retrying without the encoder cache")
             continue
         tile = max(MIN_TILE, tile // 2 // 8 * 8)
-        overlap = min(overlap, tile // 2 // 8 * 8)
+        overlap = fit_overlap(tile, overlap)
         LOG.warning("out of memory with tiles; retrying with %d-pixel tiles (overlap %d)",
                     tile, overlap)
 
@@ -310,7 +316,7 @@ def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=
     if tile is None and torch.device(device).type == "cpu" \
             and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels) * 1e6:
         tile = DEFAULT_TILE["cpu"]
-        tile_overlap = min(tile_overlap, tile // 2)
+        tile_overlap = fit_overlap(tile, tile_overlap)
     return tile, tile_overlap
 
 

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
-from models.inference import (check_options, forward_tiled, plan_tile, predict_qf, restore,
-                              tile_spans, tile_starts)
+from models.inference import (check_options, fit_overlap, forward_tiled, plan_tile, predict_qf,
+                              restore, tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from utils.evaluation import COLOR, main
@@ -244,6 +244,16 @@ def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
     assert plan_tile(photo.shape, "cpu", None, 32, 0.06) == (None, 32)
     assert plan_tile(photo.shape, "cuda", None, 32, 0.05) == (None, 32)
     assert plan_tile(photo.shape, "cpu", 128, 16, 0.05) == (128, 16)
+
+
+@pytest.mark.parametrize("tile, overlap, fitted", [(None, 32, 32), (16, 32, 8), (40, 32, 16),
+                                                   (56, 32, 24), (64, 32, 32), (512, 48, 48)])
+def test_fit_overlap_is_the_largest_overlap_check_options_accepts(tile, overlap, fitted):
+    assert fit_overlap(tile, overlap) == fitted
+    check_options(tile=tile, tile_overlap=fitted)
+    if tile is not None and fitted < overlap:
+        with pytest.raises(ValueError, match="at most half the tile"):
+            check_options(tile=tile, tile_overlap=fitted + 8)
 
 
 # Out-of-memory fallback

@@ -10,7 +10,7 @@ compile), the same on every test script and `main_restore.py`, and how they beco
 import argparse
 import sys
 
-from models.inference import PRECISIONS, check_options
+from models.inference import PRECISIONS, check_options, fit_overlap
 from utils.errors import UserError
 
 __all__ = ["bounded_int", "quality_factor", "non_negative_float", "tile_size", "SPEED_FLAGS",
@@ -93,7 +93,7 @@ def speed_options(args):
     options = {key: getattr(args, key) for key in SPEED_FLAGS
                if getattr(args, key, None) is not None}
     if "tile" in options and "tile_overlap" not in options:
-        options["tile_overlap"] = min(32, options["tile"] // 2 // 8 * 8)
+        options["tile_overlap"] = fit_overlap(options["tile"])
     try:
         check_options(options.get("precision", "fp32"), options.get("tile"),
                       options.get("tile_overlap", 32))

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
-from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, plan_tile,
-                              resolve_device, restore)
+from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap,
+                              plan_tile, resolve_device, restore)
 from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
                               model_label)
 from utils.cli import tile_size
@@ -228,7 +228,7 @@ class Demo:
         decoded = self.read(path, model.in_nc)
         if qf is not None and not 1 <= int(qf) <= 100:
             raise UserError(f"QF {qf}: must be between 1 and 100")
-        overlap = 32 if self.tile is None else min(32, self.tile // 2 // 8 * 8)
+        overlap = fit_overlap(self.tile)
         tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap)[0]
         start = time.perf_counter()
         after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
