@@ -179,5 +179,4 @@ def print_table(rows, columns):
 
 def write_json(path, payload):
     """Write `payload` as JSON atomically (utils/fileio.py: nothing partial is left)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode(), fsync=False)

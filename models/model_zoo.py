@@ -74,7 +74,7 @@ def download(url, dest, sha256, timeout=30.0, progress=True):
               f"(its sha256 must be {sha256})")
 
     def fetch(out):
-        digest, received = hashlib.sha256(), 0
+        digest, received, writing = hashlib.sha256(), 0, False
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 total = response.headers.get("Content-Length")
@@ -82,13 +82,15 @@ def download(url, dest, sha256, timeout=30.0, progress=True):
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                           desc=os.path.basename(dest), disable=not progress or None) as bar:
                     for block in iter(lambda: response.read(1 << 20), b""):
+                        writing = True
                         out.write(block)
+                        writing = False
                         digest.update(block)
                         received += len(block)
                         bar.update(len(block))
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            if getattr(out, "error", None) is not None:
-                raise  # the disk refused a write: atomic_write says so, naming `dest`
+            if writing:
+                raise  # the disk refused the write: atomic_write says so, naming `dest`
             if isinstance(exc, urllib.error.HTTPError):
                 reason = f"HTTP {exc.code} {exc.reason}"
             else:

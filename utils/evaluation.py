@@ -215,7 +215,6 @@ def _mean(values):
 
 
 def _write_json(path, summaries):
-    make_folder(os.path.dirname(os.path.abspath(path)))
     atomic_write_bytes(path, (json.dumps(summaries, indent=2) + "\n").encode(), fsync=False)
 
 
