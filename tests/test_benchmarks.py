@@ -65,6 +65,15 @@ def test_peak_memory_sees_a_large_allocation():
     assert large.peak - small.peak > 200 << 20
 
 
+def _noise_images(folder, count, shape, seed):
+    """`count` PNGs of uniform noise in a new `folder`, named 0.png, 1.png, ..."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+    return folder
+
+
 @pytest.fixture
 def keep_threads():
     threads = torch.get_num_threads()
@@ -109,11 +118,7 @@ def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_thread
 
 
 def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "train"
-    folder.mkdir()
-    for i in range(3):
-        imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    folder = _noise_images(tmp_path / "train", 3, (40, 48, 3), seed=0)
     path = tmp_path / "loader.json"
     assert bench_loader.main(["--set", f"datasets.train.dataroot_H={folder}",
                               "--set", "datasets.train.H_size=32",
@@ -127,11 +132,7 @@ def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
 
 
 def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep_threads):
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "set"
-    folder.mkdir()
-    for i in range(2):
-        imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    folder = _noise_images(tmp_path / "set", 2, (48, 64, 3), seed=1)
     path = tmp_path / "script.json"
     assert bench_test_script.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
                                    "--device", "cpu", "--testset", str(folder), "--qf", "10",
