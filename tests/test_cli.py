@@ -3,8 +3,8 @@ import argparse
 
 import pytest
 
-from utils.cli import (SPEED_FLAGS, add_speed_args, bounded_int, non_negative_float,
-                       quality_factor, speed_options)
+from utils.cli import (add_speed_args, bounded_int, non_negative_float, quality_factor,
+                       speed_options)
 from utils.errors import UserError
 
 
@@ -42,8 +42,6 @@ def test_unset_speed_flags_leave_restores_defaults():
     assert _speed("--precision", "bf16", "--tile-cache-gib", "0", "--channels-last",
                   "--compile") == dict(precision="bf16", tile_cache_gib=0.0, channels_last=True,
                                        compile=True)
-    assert set(SPEED_FLAGS) == {"precision", "tile", "tile_overlap", "tile_cache_gib",
-                                "channels_last", "compile"}
 
 
 @pytest.mark.parametrize("tile, overlap", [(16, 8), (48, 24), (64, 32), (512, 32)])
