@@ -183,7 +183,7 @@ def scores(img, ref, border=0, device=None):
     img_b, ref_b = _prepare(img, ref, border)
     if device is not None:
         try:
-            return _scores_torch(img, ref, border, torch.device(device))
+            return _scores_torch(img, ref_b, border, torch.device(device))
         except torch.cuda.OutOfMemoryError:
             pass
     mse = _mse(img_b, ref_b)
@@ -250,8 +250,9 @@ def _y_torch(img):
     return torch.round(y).to(torch.uint8)  # round half to even, as np.round
 
 
-def _scores_torch(img, ref, border, device):
-    img_b, ref_b = _prepare(img, ref, border)
+def _scores_torch(img, ref_b, border, device):
+    """`scores` on `device`: `img` whole (its Y gives the colour BEF), `ref_b` already trimmed
+    by `_prepare`."""
     full = torch.from_numpy(np.ascontiguousarray(img)).to(device)
     h, w = img.shape[:2]
     a = full[border:h - border, border:w - border]
