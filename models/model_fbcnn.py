@@ -4,6 +4,10 @@ This module owns what one training iteration does to `netG`:
 - loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
   where the QF loss is averaged over the samples whose label is not NaN (double JPEG samples have
   no single QF and contribute nothing; the original checked only a batch's first sample);
+- teacher forcing of the QF (`train.qf_input_prob`, off by default, not in the original): in
+  that share of the iterations whose samples all carry a label, the decoder gets the true labels
+  as `qf_input` instead of the predicted QF; the draw depends only on the seed and the
+  iteration, so a resumed run draws as an uninterrupted one;
 - Adam and MultiStepLR, or CosineAnnealingLR for short runs (stepped once per iteration,
   after the optimiser);
 - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
@@ -21,6 +25,7 @@ import contextlib
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -113,6 +118,8 @@ class ModelFBCNN:
         self.G_lossfn_weight = self.opt_train["G_lossfn_weight"]
         self.QF_lossfn_type = self.opt_train["QF_lossfn_type"]
         self.QF_lossfn_weight = self.opt_train["QF_lossfn_weight"]
+        self.qf_input_prob = self.opt_train["qf_input_prob"]
+        self.seed = self.opt_train["manual_seed"] or 0
         self.define_optimizer()
         self.define_scheduler()
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
@@ -182,6 +189,14 @@ class ModelFBCNN:
         self.L = self._to_input(data["L"])
         self.H = self._to_input(data["H"])
         self.qf = data["qf"].to(self.device, non_blocking=True).float().view(-1, 1)
+        self.all_labelled = not bool(torch.isnan(data["qf"]).any())  # on the host: no sync
+
+    def teacher_qf_input(self, current_step):
+        """The true labels as `qf_input` for this iteration, or None (`train.qf_input_prob`)."""
+        if not self.qf_input_prob or not self.all_labelled:
+            return None
+        draw = np.random.default_rng([self.seed, current_step]).random()
+        return self.qf if draw < self.qf_input_prob else None
 
     def optimize_parameters(self, current_step):
         """One forward/backward/update; the losses stay on the device in `log_dict`.
@@ -191,7 +206,7 @@ class ModelFBCNN:
         """
         self.G_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            E, QF_est = self.netG(self.L)
+            E, QF_est = self.netG(self.L, self.teacher_qf_input(current_step))
         E, QF_est = E.float(), QF_est.float()
         G_loss = self.G_lossfn_weight * self.G_lossfn(E, self.H)
         QF_loss, n_labelled = masked_qf_loss(QF_est, self.qf, self.QF_lossfn_type)

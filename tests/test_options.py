@@ -306,3 +306,11 @@ def test_train_script_prints_one_error_line_and_exits_2(tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == "error: " + message.replace("unknown.json", "bad.json") + "\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_docs_training_holds_the_options_reference_as_printed():
+    from utils.options import options_reference_markdown
+    with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert options_reference_markdown() in doc, \
+        "docs/training.md is out of date: paste the output of `python -m utils.options`"

@@ -370,6 +370,41 @@ def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     assert int(logs["QF_labelled"]) == 1
 
 
+def _labelled(model, labels):
+    model.feed_data({"H": model.H.mul(255).round().to(torch.uint8),
+                     "L": model.L.mul(255).round().to(torch.uint8), "qf": torch.tensor(labels)})
+    return model
+
+
+def test_qf_input_prob_feeds_the_true_labels_to_the_decoder(option_file):
+    forced = _labelled(_tiny_model(option_file, "train.qf_input_prob=1",
+                                   "train.QF_lossfn_weight=0"), [[0.9], [0.2]])
+    with torch.no_grad():
+        E_true, _ = forced.bare(forced.L, forced.qf)
+    seen = []
+    forced.bare.register_forward_hook(lambda m, args, out: seen.append(args), with_kwargs=False)
+    logs = forced.optimize_parameters(1)
+    assert len(seen) == 1 and torch.equal(seen[0][1], torch.tensor([[0.9], [0.2]]))
+    assert float(logs["G_loss"]) == pytest.approx(F.l1_loss(E_true, forced.H).item(), rel=1e-6)
+    # the image loss no longer reaches the QF head: its only gradient was the QF loss, weight 0
+    assert not any(p.grad.any() for p in forced.bare.qf_pred.parameters())
+    blind = _labelled(_tiny_model(option_file, "train.QF_lossfn_weight=0"), [[0.9], [0.2]])
+    blind.optimize_parameters(1)
+    assert any(p.grad.any() for p in blind.bare.qf_pred.parameters())
+
+
+def test_qf_input_prob_skips_unlabelled_batches_and_draws_by_iteration(option_file):
+    double = _tiny_model(option_file, "train.qf_input_prob=1")  # one label is NaN
+    assert double.teacher_qf_input(1) is None
+    off = _labelled(_tiny_model(option_file), [[0.9], [0.2]])
+    assert off.teacher_qf_input(1) is None
+    half = _labelled(_tiny_model(option_file, "train.qf_input_prob=0.5"), [[0.9], [0.2]])
+    drawn = [step for step in range(1, 401) if half.teacher_qf_input(step) is not None]
+    assert 140 < len(drawn) < 260  # binomial(400, 0.5): mean 200, sd 10
+    again = _labelled(_tiny_model(option_file, "train.qf_input_prob=0.5"), [[0.1], [0.3]])
+    assert [step for step in range(1, 401) if again.teacher_qf_input(step) is not None] == drawn
+
+
 def _cosine(t, total, lr0=1e-3, eta_min=1e-5):  # lr0: the tiny options' G_optimizer_lr
     return eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * t / total)) / 2
 

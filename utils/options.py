@@ -135,6 +135,10 @@ SCHEMA = Section({
         "QF_lossfn_type": Key("str", "l1", "QF loss (skipped per sample where the label is NaN)",
                               choices=("l1", "l2")),
         "QF_lossfn_weight": Key("float", 0.001, "weight of the QF loss", minimum=0),
+        "qf_input_prob": Key("float", 0.0, "probability that an iteration whose samples all "
+                             "carry a QF label gives the decoder the true labels as `qf_input` "
+                             "instead of the predicted QF (not in the original; 0: never)",
+                             minimum=0, maximum=1),
         "G_optimizer_type": Key("str", "adam", "", choices=("adam",)),
         "G_optimizer_lr": Key("float", 2e-5, "learning rate", minimum=0, exclusive_min=True),
         "G_optimizer_betas": Key("list_float", [0.9, 0.999], "Adam betas", minimum=0, length=2),
