@@ -1,6 +1,7 @@
 """How well a model's QF head predicts the JPEG quality: predicted QF per true QF on a test set.
 
     python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray] [--qf 10 30 50 70 90]
+                                      [--qf-input 10 50 90]
 
 Each image is compressed at each QF (data/jpeg.py, as the test scripts do) and the network's
 QF is read with `models.inference.predict_qf` (the encoder and the QF head, no decoder). The
@@ -8,6 +9,11 @@ table gives, per true QF, the mean and the range of the predictions and the mean
 error. FBCNN's flexible control rests on this head: a head that predicts the same QF for every
 input (it has not learned, say after a short run) makes blind restoration ignore the quality,
 and then a decoder trained on its output has never seen `qf_input` vary either.
+
+`--qf-input` checks the decoder's side of that control: per true QF, the mean PSNR of the JPEG
+input, of blind restoration and of restoration with each given QF as `qf_input`
+(`models.inference.restore`, fp32). In a trained FBCNN the true QF gives about the blind PSNR
+and QFs far above it leave artifacts; equal PSNRs for every `qf_input` mean the decoder ignores it.
 """
 import argparse
 import os
@@ -18,12 +24,13 @@ import numpy as np
 import benchlib  # noqa: F401  (puts the repository on sys.path)
 from benchlib import print_table, write_json
 from data.jpeg import jpeg
-from models.inference import predict_qf, resolve_device
+from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import load_model
 from utils.cli import quality_factor, run_cli
 from utils.errors import UserError
 from utils.evaluation import resolve_testset
 from utils.image import imread_uint, list_images
+from utils.metrics import psnr
 
 COLUMNS = [("qf", "true QF", "{}"), ("mean", "mean predicted", "{:.1f}"),
            ("min", "min", "{}"), ("max", "max", "{}"), ("mae", "mean abs error", "{:.1f}")]
@@ -38,6 +45,9 @@ def main(argv=None):
     p.add_argument("--testsets-root", default=None)
     p.add_argument("--qf", type=quality_factor, nargs="+", default=[10, 20, 30, 40, 50, 60, 70,
                                                                     80, 90])
+    p.add_argument("--qf-input", type=quality_factor, nargs="+", default=[], metavar="QF",
+                   help="also restore blind and with each of these QFs as qf_input, and report "
+                        "the mean PSNR of each per true QF")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -51,20 +61,38 @@ def main(argv=None):
     testset = args.testset or ("LIVE1_gray" if channels == 1 else "LIVE1_color")
     paths = list_images(resolve_testset(testset, args.testsets_root))[:args.limit]
     images = [imread_uint(path, channels) for path in paths]
-    rows, per_image = [], []
+    rows, per_image, psnr_rows = [], [], []
     for qf in args.qf:
-        predicted = [predict_qf(model, jpeg(img, qf), device=device) for img in images]
+        inputs = [jpeg(img, qf) for img in images]
+        predicted = [predict_qf(model, L, device=device) for L in inputs]
         per_image += [{"image": os.path.basename(path), "qf": qf, "predicted": pred}
                       for path, pred in zip(paths, predicted)]
         rows.append({"qf": qf, "mean": float(np.mean(predicted)), "min": int(min(predicted)),
                      "max": int(max(predicted)),
                      "mae": float(np.mean(np.abs(np.array(predicted) - qf)))})
+        if args.qf_input:
+            psnr_rows.append(_psnr_row(model, qf, images, inputs, args.qf_input, device))
     print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
     print_table(rows, COLUMNS)
+    result = {"model": args.model, "testset": testset, "rows": rows, "images": per_image}
+    if args.qf_input:
+        print("\nmean PSNR (dB) blind and with each qf_input:")
+        print_table(psnr_rows, [("qf", "true QF", "{}"), ("jpeg", "JPEG", "{:.2f}"),
+                                ("blind", "blind", "{:.2f}")]
+                    + [(f"qf_input {q}", f"qf_input {q}", "{:.2f}") for q in args.qf_input])
+        result["psnr"] = psnr_rows
     if args.json:
-        write_json(args.json, {"model": args.model, "testset": testset, "rows": rows,
-                               "images": per_image})
+        write_json(args.json, result)
     return 0
+
+
+def _psnr_row(model, qf, images, inputs, qf_inputs, device):
+    """Mean PSNR of the JPEG inputs, blind restoration and each `qf_input`, at one true QF."""
+    row = {"qf": qf, "jpeg": float(np.mean([psnr(L, H) for L, H in zip(inputs, images)]))}
+    for key, given in [("blind", None)] + [(f"qf_input {q}", q) for q in qf_inputs]:
+        row[key] = float(np.mean([psnr(restore(model, L, qf=given, device=device)[0], H)
+                                  for L, H in zip(inputs, images)]))
+    return row
 
 
 if __name__ == "__main__":

@@ -214,14 +214,23 @@ def test_qf_head_evaluation_reports_predict_qf_per_true_qf(tmp_path, capsys):
     torch.save(FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
     path = tmp_path / "qf_head.json"
     assert eval_qf_head.main(["--model", str(weights), "--testset", "Classic5", "--limit", "2",
-                              "--qf", "10", "90", "--device", "cpu", "--json", str(path)]) == 0
+                              "--qf", "10", "90", "--qf-input", "30", "--device", "cpu",
+                              "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     model = load_model(str(weights))
     classic5 = os.path.join(REPO_ROOT, "testsets", "Classic5")
-    for qf, row in zip((10, 90), result["rows"]):
-        expected = [predict_qf(model, jpeg(imread_uint(os.path.join(classic5, name), 1), qf))
-                    for name in ("1.bmp", "2.bmp")]  # the first two, sorted by name
+    images = [imread_uint(os.path.join(classic5, name), 1)
+              for name in ("1.bmp", "2.bmp")]  # the first two, sorted by name
+    for qf, row, psnr_row in zip((10, 90), result["rows"], result["psnr"]):
+        expected = [predict_qf(model, jpeg(img, qf)) for img in images]
         assert row["qf"] == qf and row["mean"] == pytest.approx(np.mean(expected))
         assert (row["min"], row["max"]) == (min(expected), max(expected))
         assert row["mae"] == pytest.approx(np.mean(np.abs(np.array(expected) - qf)))
-    assert "| 10      |" in capsys.readouterr().out
+        net_psnr = {key: np.mean([psnr(restore(model, jpeg(img, qf), qf=given)[0], img)
+                                  for img in images])
+                    for key, given in (("blind", None), ("qf_input 30", 30))}
+        assert psnr_row == pytest.approx({"qf": qf, **net_psnr, "jpeg": np.mean(
+            [psnr(jpeg(img, qf), img) for img in images])})
+        assert psnr_row["blind"] != psnr_row["qf_input 30"]  # the untrained net still reacts
+    out = capsys.readouterr().out
+    assert "| 10      |" in out and "qf_input 30" in out
