@@ -296,7 +296,7 @@ class IterationBatchSampler:
 
 
 def define_dataset(dataset_opt, phase, n_channels, seed=0, progress=False):
-    """Build a DatasetJPEG from a `datasets.train`/`datasets.test` options entry.
+    """Build a DatasetJPEG from a validated `datasets.train`/`datasets.test` options entry.
 
     For the test phase `n_channels` is the network's input channel count, whatever the entry's
     dataset type says (the original's gray configs name the colour `jpeg` type for their test set).
@@ -307,7 +307,7 @@ def define_dataset(dataset_opt, phase, n_channels, seed=0, progress=False):
     degradation = DATASET_PRESETS[name]
     if phase == "test":
         return DatasetJPEG(dataset_opt["dataroot_H"], degradation, phase="test",
-                           n_channels=n_channels, qf=dataset_opt.get("qf", 10))
+                           n_channels=n_channels, qf=dataset_opt["qf"])
     return DatasetJPEG(dataset_opt["dataroot_H"], degradation, phase="train",
                        patch_size=dataset_opt["H_size"], n_channels=n_channels, seed=seed,
-                       cache=dataset_opt.get("cache", "none"), progress=progress)
+                       cache=dataset_opt["cache"], progress=progress)

@@ -33,14 +33,13 @@ NETWORKS = {"fbcnn": _build_fbcnn}
 
 
 def define_G(opt_net, initialize=True):
-    """Build the network the `netG` options name; initialise it as `init_type` says."""
+    """Build the network the validated `netG` options name; initialise it as `init_type` says."""
     name = opt_net["net_type"]
     if name not in NETWORKS:
         raise UserError(f"netG.net_type {name!r} is unknown; known: {', '.join(NETWORKS)}")
     net = NETWORKS[name](opt_net)
     if initialize:
-        init_weights(net, opt_net.get("init_type", "orthogonal"),
-                     opt_net.get("init_bn_type", "uniform"), opt_net.get("init_gain", 0.2))
+        init_weights(net, opt_net["init_type"], opt_net["init_bn_type"], opt_net["init_gain"])
     return net
 
 

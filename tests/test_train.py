@@ -522,7 +522,8 @@ def test_registry_and_merge_bn_equivalence():
         define_G({"net_type": "dncnn"})
     net = define_G({"net_type": "fbcnn", "in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1,
                     "act_mode": "BR", "downsample_mode": "strideconv",
-                    "upsample_mode": "convtranspose"})
+                    "upsample_mode": "convtranspose", "init_type": "orthogonal",
+                    "init_bn_type": "uniform", "init_gain": 0.2})
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init
