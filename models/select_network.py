@@ -39,13 +39,16 @@ def define_G(opt_net, initialize=True):
         raise UserError(f"netG.net_type {name!r} is unknown; known: {', '.join(NETWORKS)}")
     net = NETWORKS[name](opt_net)
     if initialize:
-        init_weights(net, opt_net["init_type"], opt_net["init_bn_type"], opt_net["init_gain"])
+        init_weights(net, opt_net["init_type"], opt_net["init_bn_type"], opt_net["init_gain"],
+                     opt_net["init_gain_linear"])
     return net
 
 
-def _init_layer(m, init_type, init_bn_type, gain):
+def _init_layer(m, init_type, init_bn_type, gain, linear_gain):
     classname = m.__class__.__name__
     if classname.find("Conv") != -1 or classname.find("Linear") != -1:
+        if classname.find("Linear") != -1 and linear_gain is not None:
+            gain = linear_gain
         w = m.weight.data
         if init_type == "normal":
             init.normal_(w, 0, 0.1)
@@ -80,13 +83,17 @@ def _init_layer(m, init_type, init_bn_type, gain):
         init.constant_(m.bias.data, 0.0)
 
 
-def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2):
-    """KAIR's initialisation; `default`/`none` keep PyTorch's own."""
+def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2, linear_gain=None):
+    """KAIR's initialisation; `default`/`none` keep PyTorch's own.
+
+    `linear_gain`, when given, replaces `gain` for the Linear layers: in FBCNN those are the QF
+    paths alone (the QF head's MLP, the QF embedding, gamma and beta).
+    """
     if init_type in ("default", "none"):
         logger.info("netG keeps PyTorch's default initialisation (init_type %r)", init_type)
         return net
     net.apply(functools.partial(_init_layer, init_type=init_type, init_bn_type=init_bn_type,
-                                gain=gain))
+                                gain=gain, linear_gain=linear_gain))
     return net
 
 

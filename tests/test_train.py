@@ -517,13 +517,27 @@ def test_init_types_as_kair(init_type):
         assert max(float(w.abs().max()) for w in weights) <= 1.0
 
 
+def test_init_gain_linear_sets_the_qf_paths_apart_from_the_convolutions():
+    torch.manual_seed(0)
+    net = init_weights(FBCNN(1, 1, [8, 16, 32, 64], 1), "orthogonal", "uniform", 0.2,
+                       linear_gain=1.0)
+    linear = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    convs = [m.weight.detach().flatten(1) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(linear) == 3 + 3 + 6  # QF head MLP, QF embedding, gamma and beta of 3 scales
+    for w, gain in [(w, 1.0) for w in linear] + [(w, 0.2) for w in convs]:
+        # an orthogonal init times the gain: every singular value equals the gain
+        torch.testing.assert_close(torch.linalg.svdvals(w), torch.full((min(w.shape),), gain),
+                                   atol=1e-5, rtol=0)
+
+
 def test_registry_and_merge_bn_equivalence():
     with pytest.raises(UserError, match="'dncnn' is unknown; known: fbcnn"):
         define_G({"net_type": "dncnn"})
     net = define_G({"net_type": "fbcnn", "in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1,
                     "act_mode": "BR", "downsample_mode": "strideconv",
                     "upsample_mode": "convtranspose", "init_type": "orthogonal",
-                    "init_bn_type": "uniform", "init_gain": 0.2})
+                    "init_bn_type": "uniform", "init_gain": 0.2,
+                    "init_gain_linear": None})
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init

@@ -127,6 +127,10 @@ SCHEMA = Section({
         "init_bn_type": Key("str", "uniform", "BatchNorm init, as KAIR",
                             choices=("uniform", "constant")),
         "init_gain": Key("float", 0.2, "gain of the weight init"),
+        "init_gain_linear": Key("float", None, "gain of the Linear layers' init, which in FBCNN "
+                                "are the QF paths alone (QF head MLP, QF embedding, gamma, "
+                                "beta); null: `init_gain`, as the original", nullable=True,
+                                minimum=0),
     }),
     "train": Section({
         "G_lossfn_type": Key("str", "l1", "image loss",
