@@ -129,7 +129,8 @@ SCHEMA = Section({
         "init_gain": Key("float", 0.2, "gain of the weight init"),
         "init_gain_linear": Key("float", None, "gain of the Linear layers' init, which in FBCNN "
                                 "are the QF paths alone (QF head MLP, QF embedding, gamma, "
-                                "beta); null: `init_gain`, as the original", nullable=True,
+                                "beta); null: `init_gain`, as the original. Raise it only with "
+                                "`train.qf_input_prob` (docs/training.md, section 6)", nullable=True,
                                 minimum=0),
     }),
     "train": Section({
