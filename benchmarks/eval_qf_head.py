@@ -64,14 +64,18 @@ def main(argv=None):
     rows, per_image, psnr_rows = [], [], []
     for qf in args.qf:
         inputs = [jpeg(img, qf) for img in images]
-        predicted = [predict_qf(model, L, device=device) for L in inputs]
+        if args.qf_input:  # the blind restorations report the predicted QF too
+            blind = [restore(model, L, device=device) for L in inputs]
+            predicted = [qf_pred for _, qf_pred in blind]
+            psnr_rows.append(_psnr_row(qf, images, inputs, [E for E, _ in blind], model,
+                                       args.qf_input, device))
+        else:
+            predicted = [predict_qf(model, L, device=device) for L in inputs]
         per_image += [{"image": os.path.basename(path), "qf": qf, "predicted": pred}
                       for path, pred in zip(paths, predicted)]
         rows.append({"qf": qf, "mean": float(np.mean(predicted)), "min": int(min(predicted)),
                      "max": int(max(predicted)),
                      "mae": float(np.mean(np.abs(np.array(predicted) - qf)))})
-        if args.qf_input:
-            psnr_rows.append(_psnr_row(model, qf, images, inputs, args.qf_input, device))
     print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
     print_table(rows, COLUMNS)
     result = {"model": args.model, "testset": testset, "rows": rows, "images": per_image}
@@ -86,12 +90,13 @@ def main(argv=None):
     return 0
 
 
-def _psnr_row(model, qf, images, inputs, qf_inputs, device):
-    """Mean PSNR of the JPEG inputs, blind restoration and each `qf_input`, at one true QF."""
-    row = {"qf": qf, "jpeg": float(np.mean([psnr(L, H) for L, H in zip(inputs, images)]))}
-    for key, given in [("blind", None)] + [(f"qf_input {q}", q) for q in qf_inputs]:
-        row[key] = float(np.mean([psnr(restore(model, L, qf=given, device=device)[0], H)
-                                  for L, H in zip(inputs, images)]))
+def _psnr_row(qf, images, inputs, blind, model, qf_inputs, device):
+    """Mean PSNR of the JPEG inputs, the blind restorations and each `qf_input`, at one true QF."""
+    row = {"qf": qf, "jpeg": float(np.mean([psnr(L, H) for L, H in zip(inputs, images)])),
+           "blind": float(np.mean([psnr(E, H) for E, H in zip(blind, images)]))}
+    for q in qf_inputs:
+        row[f"qf_input {q}"] = float(np.mean([psnr(restore(model, L, qf=q, device=device)[0], H)
+                                              for L, H in zip(inputs, images)]))
     return row
 
 
