@@ -382,7 +382,7 @@ def test_qf_input_prob_feeds_the_true_labels_to_the_decoder(option_file):
     with torch.no_grad():
         E_true, _ = forced.bare(forced.L, forced.qf)
     seen = []
-    forced.bare.register_forward_hook(lambda m, args, out: seen.append(args), with_kwargs=False)
+    forced.bare.register_forward_hook(lambda module, args, out: seen.append(args))
     logs = forced.optimize_parameters(1)
     assert len(seen) == 1 and torch.equal(seen[0][1], torch.tensor([[0.9], [0.2]]))
     assert float(logs["G_loss"]) == pytest.approx(F.l1_loss(E_true, forced.H).item(), rel=1e-6)
