@@ -93,14 +93,8 @@ def main(argv=None):
         paths = list_images(resolve_testset(args.testset, args.testsets_root))[:args.limit]
     except UserError as exc:
         p.error(str(exc))
-    tasks = [(path, q1, q2, args.shift, args.max_size) for q1, q2 in args.pairs for path in paths]
-    start = time.perf_counter()
-    with Pool(args.workers) as pool:
-        rows = pool.map(_estimate, tasks)
-    elapsed = time.perf_counter() - start
-
-    device = None
-    if args.model:
+    device = model = None
+    if args.model:  # before the estimator's minutes, so a wrong --model fails at once
         from models.inference import resolve_device, restore
         from models.model_zoo import load_model
         from utils.metrics import psnr
@@ -108,6 +102,14 @@ def main(argv=None):
         model = load_model(args.model, device=device)
         if model.in_nc not in (None, 1):
             p.error(f"--model {args.model}: the protocol is grayscale; give a 1-channel model")
+
+    tasks = [(path, q1, q2, args.shift, args.max_size) for q1, q2 in args.pairs for path in paths]
+    start = time.perf_counter()
+    with Pool(args.workers) as pool:
+        rows = pool.map(_estimate, tasks)
+    elapsed = time.perf_counter() - start
+
+    if model is not None:
         images = {os.path.basename(path): imread_uint(path, 1) for path in paths}
         for row in rows:
             img_H = images[row["image"]]

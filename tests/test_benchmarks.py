@@ -180,6 +180,21 @@ def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, k
     assert "--testset 'no_such_set': no folder" in capsys.readouterr().err
 
 
+def test_fbcnn_d_evaluation_rejects_a_colour_model_before_estimating(tmp_path, capsys,
+                                                                     monkeypatch):
+    weights = tmp_path / "tiny_color.pth"
+    torch.save(FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the estimator ran before the model was checked")
+
+    monkeypatch.setattr(eval_fbcnn_d, "Pool", no_pool)
+    with pytest.raises(SystemExit):
+        eval_fbcnn_d.main(["--testset", "Classic5", "--workers", "1", "--model", str(weights),
+                           "--device", "cpu"])
+    assert "the protocol is grayscale; give a 1-channel model" in capsys.readouterr().err
+
+
 def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
     for name, limit, gpu_args, smoke_args in gpu_session.STEPS:
         assert gpu_args[0] == smoke_args[0] and 0 < limit <= 150, name
