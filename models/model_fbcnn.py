@@ -195,7 +195,9 @@ class ModelFBCNN:
         """The true labels as `qf_input` for this iteration, or None (`train.qf_input_prob`)."""
         if not self.qf_input_prob or not self.all_labelled:
             return None
-        draw = np.random.default_rng([self.seed, current_step]).random()
+        # its own stream: [seed, n] (no third word) is the n-th training sample's crop and QF
+        # (data/dataset_jpeg.py uses words 1 and 2 for the shuffle and the double-JPEG draw)
+        draw = np.random.default_rng(np.random.SeedSequence([self.seed, current_step, 3])).random()
         return self.qf if draw < self.qf_input_prob else None
 
     def optimize_parameters(self, current_step):

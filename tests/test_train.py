@@ -403,6 +403,10 @@ def test_qf_input_prob_skips_unlabelled_batches_and_draws_by_iteration(option_fi
     assert 140 < len(drawn) < 260  # binomial(400, 0.5): mean 200, sd 10
     again = _labelled(_tiny_model(option_file, "train.qf_input_prob=0.5"), [[0.1], [0.3]])
     assert [step for step in range(1, 401) if again.teacher_qf_input(step) is not None] == drawn
+    # not the stream of the training sample with the same number (its crop and QF)
+    sample_stream = [step for step in range(1, 401) if np.random.default_rng(
+        np.random.SeedSequence([half.seed, step])).random() < 0.5]
+    assert drawn != sample_stream
 
 
 def _cosine(t, total, lr0=1e-3, eta_min=1e-5):  # lr0: the tiny options' G_optimizer_lr
