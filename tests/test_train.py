@@ -25,7 +25,7 @@ from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
 from models.model_zoo import (LoadedModel, build_from_state_dict, load_model, load_state_dict_file,
                               read_fbcnn_kwargs)
 from models.network_fbcnn import FBCNN
-from models.select_network import define_G, init_weights, merge_bn
+from models.select_network import define_G, init_weights, merge_bn, net_act_mode
 from utils import checkpoint as ckpt
 from utils.errors import UserError
 from utils.image import imread_uint
@@ -303,6 +303,20 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     log = _log(os.path.join(tmp_path, "tiny"))
     assert "BatchNorm folded" in log and "resuming from iteration 4" in log
     assert all(np.isfinite(v) for _, v in _losses(os.path.join(tmp_path, "tiny")))
+
+
+def test_merge_bn_restarts_adam_but_keeps_the_learning_rate_schedule(option_file):
+    model = _tiny_model(option_file, "netG.act_mode=BR", "train.G_scheduler_type=CosineAnnealingLR",
+                        "train.G_scheduler_eta_min=1e-5", "train.total_iter=6")
+    lrs = []
+    for step in range(1, 7):
+        if step == 4:
+            model.merge_bnorm()
+            assert net_act_mode(model.bare) == "R" and not model.G_optimizer.state
+        model.optimize_parameters(step)
+        lrs.append(model.current_learning_rate())
+        model.update_learning_rate()
+    assert lrs == pytest.approx([_cosine(t, 6) for t in range(6)], rel=1e-12)
 
 
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
