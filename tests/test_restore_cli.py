@@ -401,3 +401,68 @@ def test_output_quality_is_a_jpeg_quality(quality, tmp_path, capsys):
         cli.build_parser().parse_args(["in.jpg", "-o", str(tmp_path), "--quality", quality])
     assert exit_info.value.code == 2
     assert "--quality" in capsys.readouterr().err
+
+
+def test_rerun_into_the_input_folder_skips_or_replaces_earlier_results(tmp_path, photo, capsys):
+    write_jpeg(tmp_path / "x.jpg", photo)
+    before = (tmp_path / "x.jpg").read_bytes()
+    args = [str(tmp_path), "-o", str(tmp_path), *IDENTITY]
+    assert run(args, capsys)[0] == 0
+    code, out, err = run(args, capsys)  # x.png is x.jpg's earlier result, not a new input
+    assert (code, err) == (0, "") and "0 restored, 1 skipped, 0 failed" in out
+    code, out, err = run([*args, "--overwrite"], capsys)
+    assert (code, err) == (0, "") and "1 restored, 0 skipped, 0 failed" in out
+    assert sorted(os.listdir(tmp_path)) == ["x.jpg", "x.png"]
+    assert (tmp_path / "x.jpg").read_bytes() == before
+
+
+def test_qf_estimate_never_writes_its_json_over_an_input(tmp_path, photo, capsys):
+    for name in ("p1.jpg", "p2.jpg"):
+        write_jpeg(tmp_path / name, photo)
+    before = (tmp_path / "p1.jpg").read_bytes()
+    # what `--json *.jpg` becomes after the shell expands the glob
+    code, _, err = run(["--qf-estimate", "--no-network", "--json", str(tmp_path / "p1.jpg"),
+                        str(tmp_path / "p2.jpg")], capsys)
+    assert code == 2 and f"--json {tmp_path / 'p1.jpg'}: is an image or input file" in err
+    assert (tmp_path / "p1.jpg").read_bytes() == before
+    report = tmp_path / "qf.json"
+    report.write_text("earlier")
+    code, _, err = run(["--qf-estimate", "--no-network", str(tmp_path / "p2.jpg"), "--json",
+                        str(report)], capsys)
+    assert code == 2 and "exists (--overwrite replaces it)" in err
+    assert report.read_text() == "earlier"
+    assert run(["--qf-estimate", "--no-network", str(tmp_path / "p2.jpg"), "--json",
+                str(report), "--overwrite"], capsys)[0] == 0
+    assert json.loads(report.read_text())[0]["header_qf"] == 50
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_folder_that_cannot_be_listed_fails_alone(tmp_path, photo, capsys, monkeypatch,
+                                                    recursive):
+    top = tmp_path / "top"
+    (top / "locked").mkdir(parents=True)
+    write_jpeg(top / "a.jpg", photo)
+    write_jpeg(tmp_path / "b.jpg", photo)
+    locked = str(top if not recursive else top / "locked")
+    for name in ("listdir", "scandir"):  # os.walk lists with scandir
+        real = getattr(os, name)
+
+        def refuse(path=".", real=real):
+            if os.fspath(path) == locked:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+        monkeypatch.setattr(os, name, refuse)
+    code, out, err = run([str(top), str(tmp_path / "b.jpg"), "-o", str(tmp_path / "out"),
+                          *(["--recursive"] if recursive else []), *IDENTITY], capsys)
+    assert code == 1 and f"error: {locked}: cannot list this folder (Permission denied)" in err
+    assert "no image files" not in err
+    restored = ["a.png", "b.png"] if recursive else ["b.png"]
+    assert sorted(os.listdir(tmp_path / "out")) == restored
+    assert f"{len(restored)} restored, 0 skipped, 1 failed" in out + err
+
+
+def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, capsys):
+    cv2.imwrite(str(tmp_path / "clean.png"), photo)  # never compressed
+    code, out, _ = run([str(tmp_path / "clean.png"), "-o", str(tmp_path / "out"), "--qf",
+                        "dominant", *IDENTITY], capsys)
+    assert code == 0 and "QF network's (no JPEG trace found for --qf dominant)" in out

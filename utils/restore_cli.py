@@ -99,7 +99,8 @@ def build_parser(prog=None):
     p.add_argument("--no-network", action="store_true",
                    help="with --qf-estimate: skip the network's QF (no model is loaded)")
     p.add_argument("--json", metavar="PATH", help="with --qf-estimate: also write the results "
-                   "as a JSON list of {file, header_qf, network_qf, dominant_qf}")
+                   "as a JSON list of {file, header_qf, network_qf, dominant_qf} (an existing "
+                   "file only with --overwrite)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
     add_speed_args(p)
     return p
@@ -126,6 +127,15 @@ def _strictly_inside(path, folder):
     return path != folder and path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def _top_level(folder, onerror):
+    """os.walk's first step alone, with the same `onerror` contract."""
+    try:
+        return [(folder, [], os.listdir(folder))]
+    except OSError as exc:
+        onerror(exc)
+        return []
+
+
 def collect_inputs(inputs, recursive=False, exclude=None):
     """Expand INPUT arguments to Jobs (sorted per argument, duplicates dropped) and errors.
 
@@ -145,8 +155,13 @@ def collect_inputs(inputs, recursive=False, exclude=None):
         if os.path.isfile(arg):
             add(arg, named=True)
         elif os.path.isdir(arg):
-            found = 0
-            walker = os.walk(arg) if recursive else [(arg, [], os.listdir(arg))]
+            found, unlisted = 0, []
+
+            def unreadable(exc, unlisted=unlisted):  # a folder that cannot be listed
+                unlisted.append(f"{exc.filename}: cannot list this folder ({exc.strerror})")
+
+            walker = os.walk(arg, onerror=unreadable) if recursive else \
+                _top_level(arg, unreadable)
             for folder, dirs, names in walker:
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
                     exclude and _strictly_inside(exclude, arg)
@@ -157,7 +172,8 @@ def collect_inputs(inputs, recursive=False, exclude=None):
                     if _is_image_name(name) and os.path.isfile(path):
                         add(path, "" if rel == "." else rel)
                         found += 1
-            if not found:
+            errors.extend(unlisted)
+            if not found and not unlisted:
                 errors.append(f"{arg}: no image files in this folder"
                               + ("" if recursive else " (use --recursive for sub-folders)"))
         elif any(c in arg for c in GLOB_CHARS):
@@ -264,7 +280,7 @@ def choose_qf(mode, decoded):
         return found.qf, "header" if found.exact else "header, nearest to non-standard tables"
     estimate = estimate_dominant_qf(decoded.img)
     if estimate.qf is None:
-        return None, "network (no JPEG trace found for --qf dominant)"
+        return None, "no JPEG trace found for --qf dominant"
     return estimate.qf, "dominant"
 
 
@@ -309,9 +325,12 @@ def plan_outputs(jobs, args, ext):
     output of another input (an earlier run's result) is not restored again; one that would be
     its own output stays, and is refused (never overwritten) when its turn comes."""
     planned = [(job, _output_path(args, job, ext)) for job in jobs]
-    output_of = {os.path.realpath(dest): job for job, dest in planned}
+    made_by = {}
+    for job, dest in planned:
+        made_by.setdefault(os.path.realpath(dest), []).append(job)
     return [(job, dest) for job, dest in planned
-            if job.named or output_of.get(os.path.realpath(job.path), job) is job]
+            if job.named or all(other is job for other in made_by.get(os.path.realpath(job.path),
+                                                                      ()))]
 
 
 def run_restore(args):
@@ -360,7 +379,8 @@ def run_restore(args):
             atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
                                replace=args.overwrite)
             done += 1
-            used = "network's" if qf is None else f"{qf} ({qf_source})"
+            used = f"{qf} ({qf_source})" if qf is not None else \
+                "network's" if qf_source == "network" else f"network's ({qf_source})"
             predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
             LOG.info("%s -> %s [%s, QF %s%s]", shown, display_path(dest),
                      "gray" if decoded.gray else "colour", used, predicted)
@@ -380,12 +400,26 @@ def run_restore(args):
     return 2 if models.failed else 1 if failures else 0
 
 
+def _check_json_path(path, jobs, overwrite):
+    """UserError unless `path` may receive --qf-estimate's JSON: never an image or an input
+    (`--json *.jpg` unquoted makes the first image the JSON path), an existing file only with
+    --overwrite."""
+    if _is_image_name(os.path.basename(path)) or any(
+            os.path.realpath(path) == os.path.realpath(job.path) for job in jobs):
+        raise OptionError(f"--json {path}: is an image or input file, which is never "
+                          "overwritten (is a glob after --json unquoted?)")
+    if os.path.exists(path) and not overwrite:
+        raise OptionError(f"--json {path}: exists (--overwrite replaces it)")
+
+
 def run_qf_estimate(args):
     """Print (and optionally save as JSON) each input's header, network and dominant QF."""
     device = None if args.no_network else resolve_device(args.device)
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
     jobs, failures = collect_inputs(args.inputs, args.recursive)
+    if args.json:
+        _check_json_path(args.json, jobs, args.overwrite)
     for message in failures:
         LOG.error("error: %s", message)
     models = None if args.no_network else ModelCache(
