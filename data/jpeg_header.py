@@ -7,10 +7,11 @@ into quantization tables:
     scale = 5000 // QF if QF < 50 else 200 - 2 * QF
     table[i] = clip((base[i] * scale + 50) // 100, 1, 255)        (base: ITU-T T.81 Annex K)
 
-`header_qf` compares the file's luminance table (and chrominance table, for colour files) with
-the 100 tables that scaling produces. A match is exact; tables from another encoder (cameras,
-Photoshop, custom tables) match none of them, and the nearest QF by least squares over all
-entries is reported with `exact=False`.
+(libjpeg's `cjpeg` without `-baseline` clips to 32767 instead, which changes the tables below
+QF 24; both sets are matched). `header_qf` compares the file's luminance table (and
+chrominance table, for colour files that have one) with the tables that scaling produces. A
+match is exact; tables from another encoder (cameras, Photoshop, custom tables) match none of
+them, and the nearest QF by least squares over all entries is reported with `exact=False`.
 
 Tables are stored in files in zigzag order; this module converts them to natural (row-major)
 order. `segment_spans` is the one walk over JPEG markers: utils/image_meta.py reads EXIF and ICC
@@ -79,8 +80,9 @@ class JpegInfo:
 
     @property
     def chroma_table(self):
-        """The second component's table (Cb), or None for grayscale files."""
-        if self.n_components < 3:
+        """The second component's table (Cb); None for grayscale files and where the second
+        component shares the first one's table (libjpeg's CMYK: one table for all four)."""
+        if self.n_components < 3 or self.component_tables[1] == self.component_tables[0]:
             return None
         return self.qtables.get(self.component_tables[1])
 
@@ -187,28 +189,33 @@ def ijg_scale(qf):
     return 5000 // qf if qf < 50 else 200 - 2 * qf
 
 
-def ijg_table(base, qf):
-    """The baseline (8-bit) quantization table libjpeg derives from `base` at quality `qf`."""
-    return np.clip((np.asarray(base, dtype=np.int64) * ijg_scale(qf) + 50) // 100, 1, 255)
+def ijg_table(base, qf, baseline=True):
+    """The quantization table libjpeg derives from `base` at quality `qf`: 8-bit (at most 255)
+    with `baseline`, as OpenCV and most software write it, else up to 32767."""
+    return np.clip((np.asarray(base, dtype=np.int64) * ijg_scale(qf) + 50) // 100, 1,
+                   255 if baseline else 32767)
 
 
-def ijg_tables(base):
+def ijg_tables(base, baseline=True):
     """All 100 IJG tables of `base`: an array (100, 64), row k for QF k + 1."""
-    return np.stack([ijg_table(base, q) for q in QUALITIES])
+    return np.stack([ijg_table(base, q, baseline) for q in QUALITIES])
 
 
-_LUMA_TABLES = ijg_tables(STD_LUMINANCE)
-_CHROMA_TABLES = ijg_tables(STD_CHROMINANCE)
+# (baseline, not baseline) x (100, 64)
+_LUMA_TABLES = np.stack([ijg_tables(STD_LUMINANCE, b) for b in (True, False)])
+_CHROMA_TABLES = np.stack([ijg_tables(STD_CHROMINANCE, b) for b in (True, False)])
 
 
 def qf_from_tables(luma, chroma=None):
-    """The QF whose IJG tables equal `luma` (and `chroma`), else the least-squares nearest one."""
+    """The QF whose IJG tables (baseline or not) equal `luma` (and `chroma`), else the
+    least-squares nearest one."""
     luma = np.asarray(luma, dtype=np.int64)
-    sq = ((_LUMA_TABLES - luma) ** 2).sum(axis=1)
+    sq = ((_LUMA_TABLES - luma) ** 2).sum(axis=2)
     n = 64
     if chroma is not None:
-        sq = sq + ((_CHROMA_TABLES - np.asarray(chroma, dtype=np.int64)) ** 2).sum(axis=1)
+        sq = sq + ((_CHROMA_TABLES - np.asarray(chroma, dtype=np.int64)) ** 2).sum(axis=2)
         n = 128
+    sq = sq.min(axis=0)  # the nearer of the baseline and the full-range tables, per QF
     # the 100 IJG luminance tables are all different, so an exact match names one QF
     best = int(np.argmin(sq))
     return HeaderQF(best + 1, bool(sq[best] == 0), float(np.sqrt(sq[best] / n)))

@@ -82,6 +82,31 @@ def test_sixteen_bit_tables_are_parsed(image):
     assert (found.qf, found.exact) == (30, True)
 
 
+@pytest.mark.parametrize("qf", [1, 10, 23])
+def test_full_range_tables_of_cjpeg_without_baseline_are_exact(image, qf):
+    """`cjpeg -quality N` (force_baseline off) keeps entries above 255 in 16-bit tables."""
+    luma, chroma = (ijg_table(base, qf, baseline=False) for base in (STD_LUMINANCE,
+                                                                      STD_CHROMINANCE))
+    assert luma.max() > 255
+    data = _replace_dqt(_replace_dqt(jpeg_encode(image, qf), 0, luma, precision=1), 1, chroma,
+                        precision=1)
+    found = header_qf(data)
+    assert (found.qf, found.exact, found.rms) == (qf, True, 0.0)
+
+
+@pytest.mark.parametrize("qf", [10, 30, 50, 75, 90])
+def test_cmyk_jpegs_read_their_one_table(image, qf, tmp_path):
+    """libjpeg writes CMYK with the luminance table for all four components: no chroma table
+    to compare (it once was compared with the chrominance tables and read as ~12 for QF 10)."""
+    from PIL import Image
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(image).convert("CMYK").save(path, quality=qf)
+    info = parse_jpeg(path.read_bytes())
+    assert info.n_components == 4 and info.chroma_table is None
+    found = header_qf(info)
+    assert (found.qf, found.exact) == (qf, True)
+
+
 @pytest.mark.parametrize("qf", [50, 90])
 def test_non_standard_table_gives_nearest_qf(image, qf):
     table = ijg_table(STD_LUMINANCE, qf).copy()
