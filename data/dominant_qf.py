@@ -46,6 +46,9 @@ QUALITIES = np.arange(1, 101)
 TRACE_THRESHOLD = 0.5
 PRIOR_THRESHOLD = 0.8  # for a 256x256 window; smaller windows are noisier, see prior_threshold()
 TIE_TOLERANCE = 0.02
+# A QF at which re-compression reproduces the window at most shifts (median MSE below this, in
+# grey levels squared: flat content) carries no evidence; its ratios would be 0 / 0.
+MIN_MEDIAN_MSE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,11 @@ def _dips(norm):
 
 
 def _normalise(errors, rows):
-    """errors[rows] divided, per QF, by their median over those rows."""
+    """errors[rows] divided, per QF, by their median over those rows; inf (no dip possible)
+    where that median is below MIN_MEDIAN_MSE."""
     med = np.median(errors[rows], axis=0)
-    return errors[rows] / np.maximum(med, 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(med >= MIN_MEDIAN_MSE, errors[rows] / med, np.inf)
 
 
 def estimate_dominant_qf(img, max_size=256, trace_threshold=TRACE_THRESHOLD, threshold=None):

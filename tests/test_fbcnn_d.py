@@ -55,6 +55,19 @@ def test_uncompressed_image_has_no_trace(crop):
     assert estimate_dominant_qf(crop).qf is None
 
 
+@pytest.mark.parametrize("level", [0, 37, 100, 128, 255])
+@pytest.mark.parametrize("qf", [None, 90])
+def test_flat_content_has_no_trace(level, qf):
+    """Re-compressing a flat window is exact at most QFs on every grid: 0 / 0, no evidence
+    (it once read as the deepest possible dip and gave QF 2, the strongest smoothing)."""
+    page = np.full((160, 200), level, dtype=np.uint8)  # a page with a title, a blank middle
+    cv2.putText(page, "Title", (20, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, 255 - level, 2)
+    y0, x0, h, w = analysis_window(page.shape, max_size=64)
+    window = page[y0:y0 + h + 7, x0:x0 + w + 7]
+    assert window.min() == window.max() and page.min() != page.max()
+    assert estimate_dominant_qf(page if qf is None else jpeg(page, qf), max_size=64).qf is None
+
+
 def test_mosaic_equals_separate_compressions(crop):
     """Compressing the 64 shifted windows as one mosaic gives each window's own error."""
     img = jpeg(crop, 25)
