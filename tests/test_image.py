@@ -123,7 +123,8 @@ def test_pixel_limit_follows_the_environment(tmp_path, monkeypatch):
         imread_uint(path)
 
 
-def test_opencv_limit_is_the_backstop_for_formats_the_sniffer_does_not_know(tmp_path):
+@pytest.mark.parametrize("limit", ["1500", "1.5e3"])  # max_pixels reads both: OpenCV too
+def test_opencv_limit_is_the_backstop_for_formats_the_sniffer_does_not_know(tmp_path, limit):
     over = _write(tmp_path, "over.jp2", _encode(".jp2", IMG))  # 48 x 40 = 1920 pixels
     under = _write(tmp_path, "under.jp2", _encode(".jp2", IMG[:32, :40]))  # 1280 pixels
     with open(over, "rb") as f:
@@ -132,7 +133,7 @@ def test_opencv_limit_is_the_backstop_for_formats_the_sniffer_does_not_know(tmp_
             "for path in sys.argv[1:]:\n"
             "    try:\n        print(imread_uint(path).shape)\n"
             "    except ImageReadError as e:\n        print(e)\n")
-    env = {**os.environ, "FBCNN_MAX_PIXELS": "1500", "PYTHONPATH": REPO_ROOT}
+    env = {**os.environ, "FBCNN_MAX_PIXELS": limit, "PYTHONPATH": REPO_ROOT}
     env.pop("OPENCV_IO_MAX_IMAGE_PIXELS", None)
     out = subprocess.run([sys.executable, "-c", code, over, under], env=env,
                          capture_output=True, text=True, timeout=120)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from data.jpeg_header import JpegHeaderError, JpegTruncatedError, SOF_MARKERS, segment_spans
+from utils import parse_pixel_count
 from utils.errors import UserError
 from utils.fileio import WriteError, atomic_write_bytes
 
@@ -69,10 +70,7 @@ def max_pixels():
     text = os.environ.get(MAX_PIXELS_ENV)
     if text is None or not text.strip():
         return DEFAULT_MAX_PIXELS
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        value = 0
+    value = parse_pixel_count(text)
     if value < 1:
         raise UserError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive number of pixels, "
                         f"e.g. {DEFAULT_MAX_PIXELS}")
