@@ -1,6 +1,7 @@
 """utils/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
 outputs on disk, and one clear error line for bad input."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -224,3 +225,97 @@ def test_scripts_are_thin():
         with open(os.path.join(REPO_ROOT, name)) as f:
             code = [l for l in f if l.strip() and not l.startswith((" ", '"', "#"))]
         assert len(code) <= 4, name
+
+
+def test_images_sharing_a_name_each_keep_their_result(tmp_path, testsets_dir, tiny_models):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    img = imread_uint(os.path.join(testsets_dir, "LIVE1_color", "monarch.png"), 3)
+    imwrite(str(folder / "dup.png"), img[:40, :48])
+    imwrite(str(folder / "dup.bmp"), img[40:80, :48])
+    imwrite(str(folder / "other.png"), img[80:120, :48])
+    assert main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(folder), "--qf", "30",
+                        "--results", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    out = tmp_path / "res" / "set_tiny3_qf30"
+    assert sorted(os.listdir(out)) == ["dup.bmp.png", "dup.png.png", "other.png"]
+    assert not np.array_equal(imread_uint(str(out / "dup.bmp.png"), 3),
+                              imread_uint(str(out / "dup.png.png"), 3))
+    assert "images sharing a name keep their extension" in (
+        tmp_path / "res" / "set_tiny3.log").read_text()
+
+
+def test_double_jpeg_skips_images_the_shift_would_empty(tmp_path, testsets_dir):
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    img = imread_uint(os.path.join(testsets_dir, "LIVE1_gray", "monarch.png"), 1)
+    imwrite(str(folder / "big.png"), img[:40, :40])
+    imwrite(str(folder / "tiny.png"), img[:4, :9])
+    path = tmp_path / "r.json"
+    assert main(GRAY_DOUBLE, ["--model", "jpeg", "--testset", str(folder), "--qf1", "10",
+                              "--qf2", "30", "--json", str(path),
+                              "--results", str(tmp_path / "res")]) == 0
+    (summary,) = json.loads(path.read_text())
+    assert summary["n_images"] == 1 and summary["skipped"] == ["tiny.png"]
+    assert "skipped tiny.png: smaller than 5x5" in (tmp_path / "res" / "gray_jpeg.log").read_text()
+
+
+def test_images_too_small_for_ssim_still_average(tmp_path, testsets_dir, capsys):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    img = imread_uint(os.path.join(testsets_dir, "LIVE1_color", "monarch.png"), 3)
+    imwrite(str(folder / "a.png"), img[:7, :9])
+    path = tmp_path / "r.json"
+    assert main(COLOR, ["--model", "jpeg", "--testset", str(folder), "--qf", "10", "--json",
+                        str(path), "--results", str(tmp_path / "res")]) == 0
+    out, err = capsys.readouterr()
+    (summary,) = json.loads(path.read_text())
+    assert summary["ssim"] is None and summary["psnr"] > 0
+    assert "Logging error" not in err
+    assert f"Average PSNR/SSIM/PSNRB - tiny_jpeg_qf10 -: {summary['psnr']:.2f}|-|" in out
+
+
+def test_infinite_averages_are_null_in_strict_json(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    imwrite(str(folder / "grey.png"), np.full((32, 32), 128, np.uint8))
+    path = tmp_path / "r.json"
+    assert main(GRAY, ["--model", "jpeg", "--testset", str(folder), "--qf", "90", "--json",
+                       str(path), "--results", str(tmp_path / "res")]) == 0
+    assert "PSNR: inf dB" in (tmp_path / "res" / "flat_jpeg.log").read_text()
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    (summary,) = json.loads(path.read_text(), parse_constant=refuse)
+    assert summary["psnr"] is None and summary["ssim"] == 1.0
+
+
+def test_the_runner_logs_automatic_tiling(tmp_path, small_set, tiny_models, monkeypatch):
+    import models.inference
+    monkeypatch.setattr(models.inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.001)
+    assert main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(small_set), "--qf",
+                        "20", "--results", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    log = (tmp_path / "res" / "small_tiny3.log").read_text()
+    assert "61x45 image is over 0.0 megapixels: tiling it" in log
+    assert not logging.getLogger("fbcnn.inference").handlers  # only for the run's length
+
+
+@pytest.mark.parametrize("where", ["folder", "below_a_file"])
+def test_a_json_path_that_cannot_be_written_fails_before_the_work(tmp_path, small_set, where,
+                                                                  monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    path = {"folder": tmp_path, "below_a_file": tmp_path / "afile" / "r.json"}[where]
+    monkeypatch.setattr(evaluation, "restore", None)  # never reached
+    assert main(COLOR, ["--model", "jpeg", "--testset", str(small_set), "--json", str(path),
+                        "--results", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_model_whose_output_channels_differ_is_one_error_line(tmp_path):
+    path = tmp_path / "odd.pth"
+    torch.save(FBCNN(in_nc=3, out_nc=1, nc=[8, 16, 32, 64], nb=1).state_dict(), path)
+    line = _one_error_line(_script("main_test_fbcnn_color.py", "--model", str(path),
+                                   "--results", str(tmp_path)))
+    assert "takes 3 channels but returns 1" in line

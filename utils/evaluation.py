@@ -127,6 +127,10 @@ def resolve_testset(testset, root):
 
 
 def _check_channels(model, n_channels, model_arg):
+    out_nc = getattr(model.net, "out_nc", model.in_nc)
+    if model.in_nc is not None and out_nc != model.in_nc:
+        raise UserError(f"--model {model_arg}: takes {model.in_nc} channels but returns "
+                        f"{out_nc}; the test scripts score images against their input's channels")
     if model.in_nc is None or model.in_nc == n_channels:
         return
     kind = {1: "grayscale (1-channel)", 3: "colour (3-channel)"}
@@ -150,6 +154,11 @@ def _settings(preset, args, prefix):
                 for q1 in args.qf1 for q2 in args.qf2]
     return [Setting(f"{prefix}_blind", {"qf_control": None}),
             *[Setting(f"{prefix}_qf{q}", {"qf_control": q}, qf_input=q) for q in args.qf_control]]
+
+
+# the notes of the shared modules a run uses (automatic tiling, out-of-memory fallback, 16-bit
+# inputs) go to the run's console and log too, for the length of the run
+FORWARDED_LOGGERS = ("fbcnn.inference", "utils.image")
 
 
 def _setup_logging(log_path):
@@ -178,6 +187,19 @@ def _setup_logging(log_path):
     to_file = logging.FileHandler(log_path, encoding="utf-8")
     to_file.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(to_file)
+    for name in FORWARDED_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.handlers[:] = [console, to_file]
+
+
+def _stop_forwarding():
+    for name in FORWARDED_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
 
 
 def _read_image(path, n_channels):
@@ -206,6 +228,8 @@ def _read_testset(folder, n_channels, pipe):
 
 
 def _fmt(value, digits):
+    if value is None:
+        return "-"  # no image of the setting had this score (SSIM needs 11x11 pixels)
     return "inf" if value == float("inf") else f"{value:.{digits}f}"
 
 
@@ -215,7 +239,11 @@ def _mean(values):
 
 
 def _write_json(path, summaries):
-    atomic_write_bytes(path, (json.dumps(summaries, indent=2) + "\n").encode(), fsync=False)
+    """Strict JSON: an infinite average (a restoration equal to its ground truth) is null."""
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in summary.items()} for summary in summaries]
+    atomic_write_bytes(path, (json.dumps(finite, indent=2, allow_nan=False) + "\n").encode(),
+                       fsync=False)
 
 
 def _scores(img_E, img_H, clock, device):
@@ -253,8 +281,8 @@ def _summarize(setting, testset, model_name, skipped, summaries):
                "ssim": _mean(columns[1]), "psnrb": _mean(columns[2]),
                "qf_pred_mean": _mean(columns[3]), "skipped": skipped}
     if summary["psnr"] is not None:
-        LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%.3f|%s", setting.name,
-                 _fmt(summary["psnr"], 2), summary["ssim"], _fmt(summary["psnrb"], 2))
+        LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%s|%s", setting.name,
+                 _fmt(summary["psnr"], 2), _fmt(summary["ssim"], 3), _fmt(summary["psnrb"], 2))
     elif summary["qf_pred_mean"] is not None:
         LOG.info("Average predicted QF - %s -: %.1f", setting.name, summary["qf_pred_mean"])
     summaries.append(summary)
@@ -273,11 +301,33 @@ def run(preset, args, clock=None):
     speed = speed_options(args)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
+    if args.json:  # before the work, not after it
+        if os.path.isdir(args.json):
+            raise UserError(f"--json {args.json}: is a folder; give a file name")
+        make_folder(os.path.dirname(args.json) or ".")
     with clock("load_model"):
         model = load_model(args.model, device=device)
     _check_channels(model, preset.n_channels, args.model)
     prefix = f"{testset}_{model.name}"
     _setup_logging(os.path.join(args.results, f"{prefix}.log"))
+    try:
+        return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix)
+    finally:
+        _stop_forwarding()
+
+
+def _output_names(names):
+    """Restored PNG name per image: the stem + .png, or the whole name + .png for images whose
+    stems collide (`a.png` and `a.bmp`, `x.PNG` and `x.png`), so no result replaces another."""
+    stems = [os.path.splitext(name)[0] + ".png" for name in names]
+    shared = {stem for stem in stems if stems.count(stem) > 1}
+    if shared:
+        LOG.warning("images sharing a name keep their extension in the output name: %s",
+                    ", ".join(n for n, stem in zip(names, stems) if stem in shared))
+    return {name: name + ".png" if stem in shared else stem for name, stem in zip(names, stems)}
+
+
+def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix):
     LOG.info("model %s on %s (%s), device %s, %s", args.model, testset, testset_dir, device,
              ", ".join([speed.get("precision", "fp32")]
                        + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
@@ -291,6 +341,17 @@ def run(preset, args, clock=None):
     with Pipeline(args.workers) as pipe:
         with clock("read"):
             images, skipped = _read_testset(testset_dir, preset.n_channels, pipe)
+        if preset.mode == "double":  # the crop between the two JPEGs must leave a pixel
+            small = [name for name, img in images if min(img.shape[:2]) <= args.shift]
+            for name in small:
+                LOG.warning("skipped %s: smaller than %dx%d, nothing is left after --shift %d",
+                            name, args.shift + 1, args.shift + 1, args.shift)
+            images = [(name, img) for name, img in images if name not in small]
+            skipped += small
+            if not images:
+                raise UserError(f"--testset {testset_dir}: no image larger than --shift "
+                                f"{args.shift}")
+        out_names = _output_names([name for name, _ in images])
 
         def degrade(job):
             setting, _, img_H = job
@@ -314,7 +375,7 @@ def run(preset, args, clock=None):
                 img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
             scores = None if img_H is None else pipe.submit(_scores, img_E, img_H, clock, device)
             written = None if out_dir is None else pipe.submit(
-                _write_png, os.path.join(out_dir, os.path.splitext(name)[0] + ".png"), img_E, clock)
+                _write_png, os.path.join(out_dir, out_names[name]), img_E, clock)
             pipe.finish(_log_image, setting, name, qf_pred, scores, written)
             bar.update()
             if index == len(images) - 1:
