@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from models.model_zoo import load_model
+from utils.cli import bounded_int
 from utils.errors import UserError
 from utils.fileio import atomic_write
 
 __all__ = ["FBCNNExport", "export_onnx", "check_onnx", "main"]
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 11  # dynamic padding (opset 9 and 10 pad by constant sizes only)
 
 
 class FBCNNExport(nn.Module):
@@ -102,8 +104,9 @@ def main(argv=None):
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--qf-input", action="store_true",
                    help="add the qf_input graph input (QF control; negative = blind)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help="ONNX opset (default %(default)s)")
+    p.add_argument("--opset", type=bounded_int(MIN_OPSET, why=" (the graph pads the image to a "
+                                               "multiple of 8 by its size: opset 11 or later)"),
+                   default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="compare onnxruntime with PyTorch on two input sizes")
     args = p.parse_args(argv)
@@ -111,7 +114,13 @@ def main(argv=None):
         model = load_model(args.model, device="cpu")
         if model.net is None:
             raise UserError(f"--model {args.model}: the jpeg pseudo-model has no network to export")
-        export_onnx(model.net, args.output, qf_input=args.qf_input, opset=args.opset)
+        try:
+            export_onnx(model.net, args.output, qf_input=args.qf_input, opset=args.opset)
+        except RuntimeError as exc:
+            if "onnx_opset_version" not in str(exc):
+                raise
+            raise UserError(f"--opset {args.opset}: this PyTorch cannot export it "
+                            f"({exc})") from None
         print(f"wrote {args.output}")
         if args.check:
             diff = check_onnx(model.net, args.output, qf_input=args.qf_input)

@@ -65,3 +65,10 @@ def test_command_line_export_with_check(tmp_path, tiny_net, capsys):
     diff = float(out.split("max abs difference")[1])
     assert (tmp_path / "cli.onnx").is_file() and diff <= 1e-3
     assert main(["--model", "jpeg", "-o", str(tmp_path / "x.onnx")]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as low:  # argparse: the padding needs opset 11
+        main(["--model", str(weights), "-o", str(tmp_path / "x.onnx"), "--opset", "9"])
+    assert low.value.code == 2 and "opset 11 or later" in capsys.readouterr().err
+    assert main(["--model", str(weights), "-o", str(tmp_path / "x.onnx"), "--opset", "999"]) == 2
+    assert capsys.readouterr().err.startswith("error: --opset 999: this PyTorch cannot export it")
+    assert not (tmp_path / "x.onnx").exists()
