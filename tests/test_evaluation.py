@@ -168,6 +168,12 @@ def test_a_file_as_results_folder_is_one_error_line(tmp_path):
     assert str(tmp_path / "afile") in line and "a file of that name is in the way" in line
 
 
+def test_an_empty_results_folder_is_one_error_line(tmp_path):
+    line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "jpeg", "--qf", "10",
+                                   "--results", ""))
+    assert line.startswith("error: --results '': give a folder")
+
+
 def test_unknown_model_is_one_error_line(tmp_path):
     line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "fbcnn_grey",
                                    "--results", str(tmp_path)))

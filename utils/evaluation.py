@@ -301,6 +301,8 @@ def run(preset, args, clock=None):
     speed = speed_options(args)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
+    if not args.results.strip():
+        raise UserError("--results '': give a folder for the restored images and the log")
     if args.json:  # before the work, not after it
         if os.path.isdir(args.json):
             raise UserError(f"--json {args.json}: is a folder; give a file name")
