@@ -232,6 +232,12 @@ def test_docs_list_every_option():
     ("train.max_nonfinite_steps", 0, r"must be >= 1, got 0"),
     ("train.G_optimizer_lr", -1e-4, r"must be > 0, got -0\.0001"),
     ("train.G_optimizer_betas", [0.9, 1.0], r"each beta must be < 1"),
+    ("train.G_optimizer_lr", float("nan"), r"must be a finite number, got nan"),
+    ("train.QF_lossfn_weight", float("inf"), r"must be a finite number, got inf"),
+    ("netG.init_gain", float("-inf"), r"must be a finite number, got -inf"),
+    ("train.manual_seed", 2 ** 64, r"must be <= 4294967295"),
+    ("task", "", r"'' is not a folder name"),
+    ("task", "runs/a", r"'runs/a' is not a folder name"),
     ("train", 5, r"train: expected an object, got 5"),
     ("netG", [], r"netG: expected an object, got \[\]"),
 ])
@@ -264,6 +270,14 @@ def test_option_file_problems_are_one_line(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"list\.json: expected a JSON object at the top level"):
         load_options(str(tmp_path / "list.json"))
+    (tmp_path / "latin1.json").write_bytes(b'{"task": "caf\xe9"}')
+    with pytest.raises(UserError, match=r"latin1\.json: not a UTF-8 text file \(byte 13\)"):
+        load_options(str(tmp_path / "latin1.json"))
+    nan = _minimal(tmp_path)
+    nan["train"] = {"G_optimizer_lr": float("nan")}
+    (tmp_path / "nan.json").write_text(json.dumps(nan))  # Python writes NaN, and reads it back
+    with pytest.raises(UserError, match=r"nan\.json: train\.G_optimizer_lr: must be a finite"):
+        load_options(str(tmp_path / "nan.json"))
 
 
 def _bad_option_files(tmp_path):

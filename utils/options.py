@@ -12,6 +12,7 @@ Every error is a one-line `UserError` naming the option file (or `--set`) and th
 import copy
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -179,7 +180,7 @@ SCHEMA = Section({
                                    minimum=1),
         "manual_seed": Key("int", None, "seed of the initialisation and of every training "
                            "sample; null: drawn once and stored with the run", nullable=True,
-                           minimum=0),
+                           minimum=0, maximum=2 ** 32 - 1),
         "amp": Key("str", "off", "`off` (fp32, faithful) | `bf16` | `fp16` (with a gradient "
                    "scaler)", choices=("off", "bf16", "fp16")),
         "channels_last": Key("bool", False, "NHWC memory format for the network and batches"),
@@ -297,6 +298,8 @@ def _type_name(spec):
 
 
 def _check_number(value, spec, where):
+    if not math.isfinite(value):  # JSON's NaN and Infinity, which Python's parser accepts
+        raise UserError(f"{where}: must be a finite number, got {value}")
     if spec.minimum is not None:
         if value < spec.minimum or (spec.exclusive_min and value == spec.minimum):
             bound = f"> {spec.minimum}" if spec.exclusive_min else f">= {spec.minimum}"
@@ -399,6 +402,10 @@ def _cross_checks(opt, origin, world_size, check_paths):
         _check_registry_name(test_set["dataset_type"], DATASET_PRESETS,
                              origin("datasets.test.dataset_type"), "dataset type")
     _check_registry_name(net["net_type"], NETWORKS, origin("netG.net_type"), "network type")
+    task = opt["task"]
+    if task.strip() in ("", ".", "..") or "/" in task or os.sep in task:
+        raise UserError(f"{origin('task')}: {task!r} is not a folder name (the run goes to "
+                        "<path.root>/<task>/)")
 
     channels = dataset_channels(train_set["dataset_type"])
     if net["in_nc"] != channels:
@@ -466,6 +473,8 @@ def load_options(path, overrides=(), world_size=None, check_paths=True):
             text = f.read()
     except OSError as exc:
         raise UserError(f"{path}: cannot read option file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
     raw = parse_json_with_comments(text, source=path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object at the top level")
