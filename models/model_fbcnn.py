@@ -358,9 +358,10 @@ class ModelFBCNN:
         self.G_scheduler._last_lr = list(wanted)
 
     def parameter_fingerprint(self):
-        """Per-tensor sums of the parameters and buffers in float64, to compare processes."""
-        return [float(v.detach().double().sum()) for v in self.bare.state_dict().values()
-                if v.is_floating_point()]
+        """Per-tensor sums of the parameters in float64, to compare processes. Not the buffers:
+        BatchNorm's running statistics are each process's own (rank 0's are broadcast at the
+        start of each forward pass, then every process updates its copy from its own batch)."""
+        return [float(p.detach().double().sum()) for p in self.bare.parameters()]
 
     @staticmethod
     def describe(net):

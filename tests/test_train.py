@@ -167,6 +167,20 @@ def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides,
     assert warned == (overrides == ["train.amp=bf16"])  # these runs are on the CPU
 
 
+@pytest.mark.slow
+def test_ddp_with_batchnorm_finds_the_parameters_identical(option_file, tmp_path):
+    """BatchNorm's running statistics differ between processes by design; the parameters do
+    not (the check once compared the statistics too and reported an error at every save)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}", "--set",
+           "netG.act_mode=BR", "--set", "train.total_iter=2", "--set", "datasets.test=null"]
+    result = subprocess.run(cmd, env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = _log(os.path.join(tmp_path, "tiny"))
+    assert "parameters identical on all 2 processes" in log and "differ" not in log
+
+
 def test_ddp_two_processes_with_gloo(option_file, reference_run, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}",
