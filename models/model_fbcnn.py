@@ -309,7 +309,8 @@ class ModelFBCNN:
 
     # scheduler settings that come from the options: a resumed run takes them from its options
     # (e.g. a longer train.total_iter stretches the cosine), not from the checkpoint
-    _SCHEDULER_OPTIONS = ("milestones", "gamma", "T_max", "eta_min")
+    # the scheduler's settings, which come from the options (base_lrs: train.G_optimizer_lr)
+    _SCHEDULER_OPTIONS = ("milestones", "gamma", "T_max", "eta_min", "base_lrs")
 
     def training_state(self):
         """Optimiser, scheduler and scaler state (the scheduler's progress, not its settings)."""
@@ -321,6 +322,7 @@ class ModelFBCNN:
     def load_state(self, net_state, training_state):
         self.bare.load_state_dict(net_state, strict=True)
         self.G_optimizer.load_state_dict(training_state["optimizer"])
+        self._follow_the_options_optimizer()
         scheduler = dict(self.G_scheduler.state_dict())
         scheduler.update((k, v) for k, v in training_state["scheduler"].items()
                          if k not in self._SCHEDULER_OPTIONS)
@@ -339,6 +341,22 @@ class ModelFBCNN:
                     for base in self.G_scheduler.base_lrs]
         passed = bisect.bisect_right(sorted(t["G_scheduler_milestones"]), step)
         return [base * t["G_scheduler_gamma"] ** passed for base in self.G_scheduler.base_lrs]
+
+    def _follow_the_options_optimizer(self):
+        """After a resume: Adam's betas and weight decay, and the base learning rate, are the
+        options' (the checkpoint's state would otherwise keep the old ones, silently)."""
+        t = self.opt_train
+        wanted = {"initial_lr": t["G_optimizer_lr"], "betas": tuple(t["G_optimizer_betas"]),
+                  "weight_decay": t["G_optimizer_wd"]}
+        names = {"initial_lr": "G_optimizer_lr", "betas": "G_optimizer_betas",
+                 "weight_decay": "G_optimizer_wd"}
+        for group in self.G_optimizer.param_groups:
+            for key, value in wanted.items():
+                old = group.get(key, value)
+                if (tuple(old) if key == "betas" else old) != value:
+                    logger.info("train.%s %s -> %s: the options differ from the checkpoint's",
+                                names[key], old, value)
+                group[key] = value
 
     def _follow_the_options_schedule(self):
         """After a resume: if the checkpoint's learning rate is not where the options' schedule

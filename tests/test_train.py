@@ -472,6 +472,26 @@ def test_resume_with_a_longer_total_iter_stretches_the_cosine(option_file, stopp
     assert lrs == pytest.approx([_cosine(t, 8) for t in range(stopped_at + 1, 9)], rel=1e-9)
 
 
+def test_resume_takes_the_options_learning_rate_betas_and_weight_decay(option_file, caplog):
+    first = _tiny_model(option_file, "train.G_scheduler_milestones=[2]")
+    for _ in range(3):
+        first.G_optimizer.step()
+        first.update_learning_rate()
+    assert first.current_learning_rate() == pytest.approx(1e-3 * 0.5, rel=1e-12)
+    resumed = _tiny_model(option_file, "train.G_scheduler_milestones=[2]",
+                          "train.G_optimizer_lr=0.01", "train.G_optimizer_wd=0.1",
+                          "train.G_optimizer_betas=[0.5,0.9]")
+    with caplog.at_level(logging.INFO):
+        resumed.load_state(first.bare.state_dict(), first.training_state())
+    (group,) = resumed.G_optimizer.param_groups
+    assert (group["betas"], group["weight_decay"]) == ((0.5, 0.9), 0.1)
+    assert resumed.current_learning_rate() == pytest.approx(0.01 * 0.5, rel=1e-12)
+    resumed.G_optimizer.step()
+    resumed.update_learning_rate()
+    assert resumed.current_learning_rate() == pytest.approx(0.01 * 0.5, rel=1e-12)
+    assert "train.G_optimizer_wd 0.0 -> 0.1" in caplog.text
+
+
 def test_resume_with_the_same_schedule_keeps_the_learning_rate_bit_for_bit(option_file):
     for schedule in (["train.G_scheduler_type=CosineAnnealingLR", "train.total_iter=7"],
                      ["train.G_scheduler_milestones=[2,3]", "train.G_scheduler_gamma=0.3"]):
