@@ -333,6 +333,22 @@ def test_merge_bn_restarts_adam_but_keeps_the_learning_rate_schedule(option_file
     assert lrs == pytest.approx([_cosine(t, 6) for t in range(6)], rel=1e-12)
 
 
+def test_moving_merge_bn_startpoint_across_the_checkpoint_resumes(option_file, tmp_path):
+    common = ["netG.act_mode=BR", "merge_bn=true", "datasets.test=null"]
+    folded, later = tmp_path / "folded", tmp_path / "later"
+    # folded at 2, then the start point moved after the checkpoint: stays folded
+    _run(option_file, folded, *common, "merge_bn_startpoint=2", "train.total_iter=3")
+    _run(option_file, folded, *common, "merge_bn_startpoint=5", "train.total_iter=6")
+    # not folded by 2, then the start point moved before the checkpoint: folded at the resume
+    _run(option_file, later, *common, "merge_bn_startpoint=9", "train.total_iter=2")
+    _run(option_file, later, *common, "merge_bn_startpoint=1", "train.total_iter=3")
+    assert "BatchNorm folded now" in _log(os.path.join(later, "tiny"))
+    for root, last in ((folded, 6), (later, 3)):
+        weights = os.path.join(root, "tiny", "models", f"{last}_G.safetensors")
+        assert read_fbcnn_kwargs(weights)["act_mode"] == "R"
+        assert all(np.isfinite(v) for _, v in _losses(os.path.join(root, "tiny")))
+
+
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
     pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
     _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",

@@ -231,8 +231,9 @@ class _Trainer:
                            "before BatchNorm is folded, so its networks keep BatchNorm (resume "
                            "with a larger train.total_iter to fold it)",
                            opt["merge_bn_startpoint"], total)
-        merged = bool(opt["merge_bn"] and latest is not None
-                      and latest >= opt["merge_bn_startpoint"])
+        # the checkpoint says whether BatchNorm was folded (merge_bn_startpoint may have moved)
+        merged = saved is not None and "B" in opt["netG"]["act_mode"] and not any(
+            key.endswith("running_mean") for key in saved[0])
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
         self.start = latest or 0
         if saved is not None:
@@ -245,6 +246,10 @@ class _Trainer:
             ckpt.set_rng_state(saved[1]["rng"])
             logger.info("resuming from iteration %d: %s", latest,
                         ckpt.network_file(self.dirs.models, latest))
+            if opt["merge_bn"] and not merged and latest >= opt["merge_bn_startpoint"]:
+                self.model.merge_bnorm()  # the start point was moved before the checkpoint
+                logger.info("merge_bn_startpoint %d is not after the checkpoint's iteration: "
+                            "BatchNorm folded now", opt["merge_bn_startpoint"])
         elif opt["path"]["pretrained_netG"]:
             self.model.load_network(opt["path"]["pretrained_netG"])
             logger.info("starting from pretrained netG %s", opt["path"]["pretrained_netG"])
@@ -357,7 +362,8 @@ class _Trainer:
             while total is None or step < total:
                 data = next(batches)
                 step += 1
-                if self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]:
+                if self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"] \
+                        and "B" in net_act_mode(model.bare):
                     model.merge_bnorm()
                     logger.info("iteration %d: BatchNorm folded into the convolutions "
                                 "(act_mode now %s)", step, net_act_mode(model.bare))
