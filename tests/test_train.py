@@ -349,6 +349,23 @@ def test_moving_merge_bn_startpoint_across_the_checkpoint_resumes(option_file, t
         assert all(np.isfinite(v) for _, v in _losses(os.path.join(root, "tiny")))
 
 
+def test_a_second_run_on_the_same_folder_stops(option_file, tmp_path):
+    import fcntl
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a+") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        with pytest.raises(UserError, match=r"another training run is using this folder "
+                                            r"\(pid 12345 on elsewhere\)"):
+            _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null")
+    assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing written, the log neither
+    _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null")  # released: runs
+    _run(option_file, tmp_path, "train.total_iter=2", "datasets.test=null")
+    assert len(os.listdir(run_dir / "options")) == 2  # both starts recorded, same second or not
+
+
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
     pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
     _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",

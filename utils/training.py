@@ -12,10 +12,13 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
   `total_iter`), validating every `checkpoint_test`;
 - distributed runs: every process trains, rank 0 alone logs, validates and saves.
 """
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -266,8 +269,11 @@ class _Trainer:
             for folder in (self.dirs.models, self.dirs.options):  # images/: when one is saved
                 make_folder(folder)
             stamp = time.strftime("%y%m%d_%H%M%S")
-            atomic_write_bytes(os.path.join(self.dirs.options, f"train_{stamp}.json"),
-                               (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
+            path, n = os.path.join(self.dirs.options, f"train_{stamp}.json"), 1
+            while os.path.exists(path):  # two starts within one second keep both records
+                n += 1
+                path = os.path.join(self.dirs.options, f"train_{stamp}_{n}.json")
+            atomic_write_bytes(path, (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
             self.metrics = MetricsWriter(self.dirs.metrics, self.dirs.tensorboard)
             logger.info("options: %s", json.dumps(opt))
             logger.info("netG %s, act_mode %s; %d training images in %s, batch %d on %d "
@@ -399,13 +405,37 @@ def train(opt):
     """
     info = init_distributed(opt["gpu_ids"])
     dirs = RunDirs.from_options(opt)
-    undo_logging = setup_logging(dirs.log, info.is_main)
-    trainer = _Trainer(opt, info, dirs)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(cleanup)
+        if info.is_main:
+            stack.enter_context(_run_folder_lock(dirs.task_dir))
+        undo_logging = setup_logging(dirs.log, info.is_main)
+        stack.callback(undo_logging)
+        trainer = _Trainer(opt, info, dirs)
+        stack.callback(trainer.close)
         trainer.setup()
         end = trainer.run()
         return {"start": trainer.start, "end": end}
+
+
+@contextlib.contextmanager
+def _run_folder_lock(task_dir):
+    """Hold `<task_dir>/.lock` for the run: a second run on the same folder (same task and
+    path.root) would interleave its checkpoints and metrics with this one's, so it stops."""
+    make_folder(task_dir)
+    f = open(os.path.join(task_dir, ".lock"), "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{task_dir}: another training run is using this folder ({holder}); "
+                            "wait for it to end, or choose another task or path.root") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
     finally:
-        trainer.close()
-        undo_logging()
-        cleanup()
+        f.close()  # releases the lock
