@@ -11,9 +11,13 @@ Usage (from the repository root):
 Windows start every `step` pixels; a last window is added flush with the right/bottom edge when
 the remainder exceeds `thresh`, so nothing large is lost. Images smaller than `size` are kept
 whole. Outputs are PNG (lossless) named `<stem>_s<row>_<col>.png`, written atomically; files that
-already exist are skipped, so an interrupted run can simply be restarted.
+already exist are skipped, so an interrupted run can simply be restarted. The output folder
+records its --size/--step/--thresh in `.prepare.json`, and a restart with other values is
+refused (it would mix sub-images of two sizes). An output folder inside the input folder is
+not read as input.
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,7 +28,7 @@ import cv2
 from data.dataset_jpeg import list_images_recursive
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.fileio import make_folder
+from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import imread_uint, imwrite, read_image_header
 
 __all__ = ["window_starts", "cut_image", "prepare", "main"]
@@ -62,6 +66,20 @@ def _cut(args):
     return cut_image(*args)
 
 
+def _record_settings(dst, settings):
+    """Write `dst/.prepare.json`, or check that an earlier run wrote the same settings."""
+    path = os.path.join(dst, ".prepare.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        if earlier != settings:
+            shown = ", ".join(f"--{k} {v}" for k, v in earlier.items())
+            raise UserError(f"{dst}: holds sub-images cut with {shown}; use another output "
+                            "folder for other values (or delete it)")
+        return
+    atomic_write_bytes(path, (json.dumps(settings) + "\n").encode(), fsync=False)
+
+
 def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, progress=True):
     """Cut every image below `src` into `dst`; returns (images, sub-images written, skipped)."""
     from tqdm import tqdm
@@ -71,7 +89,11 @@ def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, p
     if size < 1 or step < 1 or thresh < 0:
         raise UserError(f"--size and --step must be positive and --thresh >= 0 "
                         f"(got {size}, {step}, {thresh})")
-    paths = list_images_recursive(src)
+    if os.path.realpath(dst) == os.path.realpath(src):
+        raise UserError(f"{dst}: the output folder is the input folder; the sub-images would "
+                        "be read as training images of the next run; choose another folder")
+    inside = os.path.realpath(dst) + os.sep
+    paths = [p for p in list_images_recursive(src) if not os.path.realpath(p).startswith(inside)]
     if not paths:
         raise UserError(f"{src}: no images found")
     seen = {}
@@ -82,6 +104,7 @@ def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, p
                             f"rename one of them")
         seen[stem] = path
     make_folder(dst)
+    _record_settings(dst, {"size": size, "step": step, "thresh": thresh})
     jobs = [(p, dst, size, step, thresh, compression) for p in paths]
     written = skipped = 0
     bar = tqdm(total=len(jobs), unit="img", desc="sub-images", disable=not progress or None)

@@ -209,7 +209,7 @@ def test_prepare_subimages_cuts_and_skips_existing(tmp_path):
     assert prepare_subimages.main([str(src), str(dst), "--size", "48", "--step", "24",
                                    "--thresh", "5", "--workers", "1"]) == 0
     outs = sorted(p.name for p in dst.iterdir())
-    assert len(outs) == 15 and outs[0] == "a_s000_000.png"
+    assert len(outs) == 16 and outs[:2] == [".prepare.json", "a_s000_000.png"]
     sub = cv2.imread(str(dst / "a_s002_004.png"))
     assert np.array_equal(sub, img[48:96, 82:130])
     assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
@@ -219,6 +219,30 @@ def test_prepare_subimages_cuts_and_skips_existing(tmp_path):
     (src / "a.png").write_bytes(src_bytes[:-12])  # drop IEND: decoding would now fail
     assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
                                      progress=False) == (1, 0, 15)
+
+
+def test_prepare_subimages_restarts_only_with_the_same_settings(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.zeros((100, 130, 3), np.uint8))
+    assert prepare_subimages.prepare(str(src), str(dst), 48, 24, 5, workers=1,
+                                     progress=False) == (1, 15, 0)
+    assert prepare_subimages.main([str(src), str(dst), "--size", "32", "--step", "24",
+                                   "--thresh", "5", "--workers", "1"]) == 2
+    assert "holds sub-images cut with --size 48, --step 24, --thresh 5" in capsys.readouterr().err
+    assert len(list(dst.glob("*.png"))) == 15  # nothing of the other size was added
+
+
+def test_prepare_subimages_does_not_read_its_output_inside_the_input(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.zeros((100, 130, 3), np.uint8))
+    for _ in range(2):  # a restart reads a.png only, not its own sub-images
+        assert prepare_subimages.prepare(str(src), str(src / "sub"), 48, 24, 5, workers=1,
+                                         progress=False)[0] == 1
+    assert len(list((src / "sub").glob("*.png"))) == 15
+    assert prepare_subimages.main([str(src), str(src), "--workers", "1"]) == 2
+    assert "the output folder is the input folder" in capsys.readouterr().err
 
 
 def test_prepare_subimages_refuses_two_images_with_one_stem(tmp_path, capsys):
