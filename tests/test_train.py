@@ -299,6 +299,24 @@ def test_validation_with_no_readable_image_is_skipped_not_fatal(option_file, tmp
     assert _records(os.path.join(tmp_path, "tiny"), "test") == []
 
 
+def test_validation_keeps_same_named_images_of_two_subfolders_apart(option_file, tmp_path):
+    test_dir = tmp_path / "set"
+    test_dir.mkdir()
+    _write_images(test_dir / "x", 1, (24, 32, 3), seed=1)
+    _write_images(test_dir / "y", 1, (24, 32, 3), seed=2)  # y/im0.png: other content
+    _run(option_file, tmp_path, "train.total_iter=2", "train.checkpoint_test=2",
+         f"datasets.test.dataroot_H={test_dir}", "datasets.test.save_images=true")
+    (record,) = _records(os.path.join(tmp_path, "tiny"), "test")
+    rows = {row["name"]: row for row in record["images"]}
+    assert sorted(rows) == [os.path.join("x", "im0"), os.path.join("y", "im0")]
+    for name, row in rows.items():
+        H = imread_uint(str(test_dir / f"{name}.png"), 3)
+        assert row["jpeg_psnr"] == pytest.approx(psnr(jpeg(H, 10), H), abs=1e-9)
+    images = os.path.join(tmp_path, "tiny", "images")
+    assert sorted(os.listdir(os.path.join(images, "x", "im0"))) == ["im0_2.png"]
+    assert sorted(os.listdir(os.path.join(images, "y", "im0"))) == ["im0_2.png"]
+
+
 def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=3",
               "train.checkpoint_keep=1", "train.checkpoint_test=4"]

@@ -123,19 +123,21 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
             continue
         E, qf_est = model.test(item["L"][None])
         img_E, img_H = tensor2uint(E), _uint8_image(item["H"])
-        name = os.path.splitext(os.path.basename(item["H_path"]))[0]
+        # the path below the test folder: images of one name in two sub-folders stay apart
+        name = os.path.splitext(os.path.relpath(item["H_path"], test_set.dataroot_H))[0]
         row = {"name": name, **_measure(img_E, img_H), "qf": label_to_qf(qf_est[0, 0])}
         if jpeg_cache is not None:
-            if name not in jpeg_cache:
-                jpeg_cache[name] = _measure(_uint8_image(item["L"]), img_H)
-            row.update({f"jpeg_{k}": v for k, v in jpeg_cache[name].items()})
+            key = item["H_path"]
+            if key not in jpeg_cache:
+                jpeg_cache[key] = _measure(_uint8_image(item["L"]), img_H)
+            row.update({f"jpeg_{k}": v for k, v in jpeg_cache[key].items()})
         rows.append(row)
         logger.info("%4d--> %20s | PSNR %.2fdB | SSIM %.4f | PSNR-B %.2fdB | QF %d",
                     index + 1, name, row["psnr"], row["ssim"], row["psnrb"], row["qf"])
         if image_dir is not None:
             folder = os.path.join(image_dir, name)
             make_folder(folder)
-            imwrite(os.path.join(folder, f"{name}_{step}.png"), img_E)
+            imwrite(os.path.join(folder, f"{os.path.basename(name)}_{step}.png"), img_E)
     keys = [k for k in rows[0] if k != "name"] if rows else []
     average = {k: _mean([r[k] for r in rows]) for k in keys}
     return rows, average
