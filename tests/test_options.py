@@ -190,6 +190,13 @@ def test_override_values_are_json_or_strings():
         parse_override("train.total_iter")
 
 
+def test_an_unknown_section_made_by_an_override_names_the_override(tmp_path):
+    raw = _minimal(tmp_path)
+    touched = apply_overrides(raw, ["foo.bar=1"])
+    with pytest.raises(UserError, match=r"^--set foo: unknown key 'foo'"):
+        validate(raw, "o.json", overridden=touched, check_paths=False)
+
+
 def test_override_into_a_non_object_is_an_error():
     with pytest.raises(UserError, match="task is not an object"):
         apply_overrides({"task": "x"}, ["task.name=1"])

@@ -253,6 +253,7 @@ def apply_overrides(opt, overrides):
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
                 node[part] = {}
+                touched.add(".".join(parts[:depth + 1]))  # created here: errors name --set
             if not isinstance(node[part], dict):
                 raise UserError(f"--set {text!r}: {'.'.join(parts[:depth + 1])} is not an object")
             node = node[part]
