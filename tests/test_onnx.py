@@ -56,6 +56,7 @@ def test_qf_input_controls_and_negative_means_blind(tmp_path, tiny_net):
     assert (controlled - blind).abs().max().item() > 1e-3  # the control changes the output
 
 
+@pytest.mark.filterwarnings("ignore:Exporting to ONNX opset version 999")  # torch, before it fails
 def test_command_line_export_with_check(tmp_path, tiny_net, capsys):
     from safetensors.torch import save_file
     weights = tmp_path / "tiny.safetensors"
