@@ -13,7 +13,6 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
 - distributed runs: every process trains, rank 0 alone logs, validates and saves.
 """
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -21,6 +20,11 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+
+try:
+    import fcntl  # POSIX; elsewhere runs go without the run-folder lock
+except ImportError:
+    fcntl = None
 
 import numpy as np
 import torch
@@ -425,6 +429,9 @@ def _run_folder_lock(task_dir):
     """Hold `<task_dir>/.lock` for the run: a second run on the same folder (same task and
     path.root) would interleave its checkpoints and metrics with this one's, so it stops."""
     make_folder(task_dir)
+    if fcntl is None:
+        yield
+        return
     f = open(os.path.join(task_dir, ".lock"), "a+", encoding="utf-8")
     try:
         try:
