@@ -4,6 +4,7 @@ Several GPUs: `torchrun --nproc_per_node N main_train_fbcnn.py -opt ...`. A run 
 from its newest complete checkpoint. See docs/training.md; the work happens in utils.training.
 """
 import argparse
+import signal
 import sys
 
 from utils.cli import run_cli
@@ -18,7 +19,15 @@ def main(argv=None):
                         help="override an option; VALUE is parsed as JSON, else taken as a string "
                              "(repeatable), e.g. --set train.total_iter=1000")
     args = parser.parse_args(argv)
-    return run_cli(lambda: train(load_options(args.opt, args.set)))
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop, like Ctrl+C
+    try:
+        return run_cli(lambda: train(load_options(args.opt, args.set)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -384,6 +384,40 @@ def test_a_second_run_on_the_same_folder_stops(option_file, tmp_path):
     assert len(os.listdir(run_dir / "options")) == 2  # both starts recorded, same second or not
 
 
+def test_an_interrupted_run_says_where_it_will_resume(option_file, tmp_path, monkeypatch):
+    real = ModelFBCNN.optimize_parameters
+
+    def stop_at_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(ModelFBCNN, "optimize_parameters", stop_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(option_file, tmp_path, "train.total_iter=6", "train.checkpoint_save=2",
+             "datasets.test=null")
+    assert "interrupted at iteration 4; the next start resumes from iteration 2" in _log(
+        os.path.join(tmp_path, "tiny"))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_like_ctrl_c(option_file, tmp_path):
+    cmd = [sys.executable, MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}", "--set",
+           "datasets.test=null", "--set", "train.checkpoint_save=1", "--set",
+           "train.total_iter=100000"]
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    models = os.path.join(tmp_path, "tiny", "models")
+    deadline = time.time() + 120
+    while not (os.path.isdir(models) and ckpt.complete_checkpoints(models)):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert "the next start resumes from iteration" in _log(os.path.join(tmp_path, "tiny"))
+
+
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
     pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
     _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",

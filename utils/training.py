@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -318,6 +320,10 @@ class _Trainer:
         self.metrics.write(record, scalars, step)
 
     def save(self, step):
+        with _interrupts_deferred():  # Ctrl+C or SIGTERM take effect after the save, not in it
+            self._save(step)
+
+    def _save(self, step):
         if self.info.is_main:
             state = {"iteration": step, **self.model.training_state(), "rng": ckpt.rng_state(),
                      "options": json.dumps(self.opt),
@@ -370,6 +376,7 @@ class _Trainer:
         bar = progress_bar(step, total, enabled=self.info.is_main)
         timer = {"time": time.time(), "step": step}
         batches = iter(self.loader)
+        saved = self.start  # the newest checkpoint on disk (0: none)
         try:
             while total is None or step < total:
                 data = next(batches)
@@ -391,8 +398,13 @@ class _Trainer:
                     timer = {"time": time.time(), "step": step}
                 if step % t["checkpoint_save"] == 0 or step == total:
                     self.save(step)
+                    saved = step
                 if self.has_test and step % t["checkpoint_test"] == 0:
                     self.test(step)
+        except KeyboardInterrupt:  # Ctrl+C, or SIGTERM (main_train_fbcnn.py turns it into this)
+            logger.warning("interrupted at iteration %d; the next start resumes from %s", step,
+                           f"iteration {saved}" if saved else "scratch (no checkpoint yet)")
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -422,6 +434,25 @@ def train(opt):
         trainer.setup()
         end = trainer.run()
         return {"start": trainer.start, "end": end}
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT and SIGTERM back for the block and raise KeyboardInterrupt after it if one
+    came: torch.save turns an interrupt inside it into an unrelated error and a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
