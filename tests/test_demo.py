@@ -7,6 +7,7 @@ import importlib.util
 import os
 import struct
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -256,6 +257,44 @@ def test_bad_options_stop_with_one_error_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "99999"], "argument --port: 99999 is not in 0..65535"),
+    (["--port", "-1"], "argument --port: -1 is not in 0..65535"),
+    (["--max-megapixels", "nan"], "argument --max-megapixels: nan is not a finite number"),
+])
+@pytest.mark.timeout(60)  # were one accepted, the server would start and serve until stopped
+def test_out_of_range_numbers_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@needs_gradio
+def test_an_address_that_is_not_this_machines_is_one_error_line(tiny_path, capsys):
+    assert main(["--model", tiny_path, "--host", "256.1.1.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 256.1.1.1: cannot serve on it") and "Traceback" not in err
+
+
+def test_formats_without_a_size_in_the_header_are_refused_before_decoding(demo, tmp_path,
+                                                                          monkeypatch):
+    import utils.demo
+    ok, jp2 = cv2.imencode(".jp2", np.full((64, 64, 3), 120, np.uint8))  # a tiny JPEG 2000
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(jp2.tobytes())
+    monkeypatch.setattr(utils.demo, "read_image", None)  # never decoded
+    with pytest.raises(UserError, match=r"^bomb\.jpg: not an image the demo takes"):
+        demo.run(str(path), "tiny")
+
+
+def test_a_long_upload_name_still_restores(demo, tmp_path, jpeg_file):
+    path = tmp_path / ("a" * 240 + ".jpg")
+    path.write_bytes(open(jpeg_file, "rb").read())
+    result = demo.run(str(path), "tiny")
+    assert os.path.isfile(result.png_path)
+    assert os.path.basename(result.png_path) == "a" * 100 + "_tiny_blind.png"
 
 
 @pytest.mark.parametrize("tile, message", [("12", "12 is not at least 16"),

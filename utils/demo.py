@@ -5,7 +5,8 @@ This module owns what the demo page does and how it is served:
   `DEMO_MODEL_ORDER` whose file is in the model folder (`model_zoo/`, or $FBCNN_MODEL_DIR);
   nothing is downloaded unless `--model` names a zoo model that is missing. With no model the
   page still starts and says how to get one. Each model is loaded once, on first use;
-- reading: an upload is refused above `--max-megapixels` from its header, then read as
+- reading: an upload is refused above `--max-megapixels` from its header (so formats the
+  header sniffer does not know, such as JPEG 2000, are refused before decoding), then read as
   `main_restore.py` reads it (`utils.restore_cli.read_image`: the project's one decoder with its
   header checks; a JPEG on its stored 8x8 grid, turned by its EXIF orientation after
   restoration), and every bad file becomes a message in the page (an error text and a warning
@@ -40,7 +41,7 @@ from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_over
                               plan_tile, resolve_device, restore)
 from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
                               model_label)
-from utils.cli import tile_size
+from utils.cli import bounded_int, non_negative_float, tile_size
 from utils.errors import UserError
 from utils.image import (ImageReadError, check_image_bytes, display_path, imread_uint,
                          imwrite)
@@ -206,8 +207,11 @@ class Demo:
                 header = check_image_bytes(f.read(), name)
         except OSError as exc:
             raise UserError(f"{name}: cannot read the upload ({exc.strerror or exc})") from None
+        if header is None:  # a format whose size cannot be read before decoding: no bombs
+            raise UserError(f"{name}: not an image the demo takes (PNG, JPEG, BMP, GIF, WebP, "
+                            "TIFF or PNM, whose size is checked before decoding)")
         limit = self.max_megapixels * 1e6
-        if header is not None and header.pixels > limit:
+        if header.pixels > limit:
             raise UserError(f"{name}: {header.width}x{header.height} pixels is over the demo's "
                             f"limit of {self.max_megapixels:g} megapixels (--max-megapixels)")
         try:
@@ -236,7 +240,7 @@ class Demo:
         seconds = time.perf_counter() - start
         img = apply_orientation(decoded.img, decoded.orientation)
         after = apply_orientation(after, decoded.orientation)
-        stem = os.path.splitext(os.path.basename(path))[0]
+        stem = os.path.splitext(os.path.basename(path))[0][:100]  # within 255 bytes, temp name too
         suffix = "blind" if qf is None else f"qf{int(qf)}"
         png_path = self._output_path(f"{stem}_{model_label}_{suffix}.png")
         imwrite(png_path, after)
@@ -365,7 +369,7 @@ def build_parser(prog=None):
                         + ", ".join(DEMO_MODEL_ORDER) + " present in model_zoo/")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=bounded_int(0, 65535), default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--tile", type=tile_size, default=None, metavar="N",
@@ -373,7 +377,7 @@ def build_parser(prog=None):
                              f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "
                              f"{CPU_MAX_UNTILED_MEGAPIXELS:g} megapixels and "
                              f"{DEFAULT_TILE['cuda']}-pixel tiles on CUDA when out of memory)")
-    parser.add_argument("--max-megapixels", type=float, default=24.0,
+    parser.add_argument("--max-megapixels", type=non_negative_float, default=24.0,
                         help="refuse uploads larger than this (default 24)")
     return parser
 
@@ -403,7 +407,11 @@ def main(argv=None):
         demo = Demo(models, work_dir, tile=args.tile, max_megapixels=args.max_megapixels)
         samples = prepare_samples(os.path.join(work_dir, "samples"))
         page = build_ui(demo, samples)
-        port = _free_port(args.host) if args.port == 0 else args.port
+        try:
+            port = _free_port(args.host) if args.port == 0 else args.port
+        except OSError as exc:  # an address this machine does not have, or no such name
+            raise UserError(f"--host {args.host}: cannot serve on it "
+                            f"({exc.strerror or exc})") from None
         page.queue(default_concurrency_limit=1)
         try:
             _, url, _ = page.launch(server_name=args.host, server_port=port, quiet=True,
@@ -411,8 +419,8 @@ def main(argv=None):
                                     allowed_paths=[work_dir], max_file_size="100mb")
         except OSError:  # Gradio's message names its own environment variables, not our flags
             raise UserError(f"--port {port}: cannot serve on {args.host} (the port is in use "
-                            f"or not allowed); try another port, or --port 0 for a free one") \
-                from None
+                            f"or not allowed, or the address is not this machine's); try "
+                            f"another port, or --port 0 for a free one") from None
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
