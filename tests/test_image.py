@@ -241,10 +241,13 @@ def test_sixteen_bit_png_is_rounded_to_eight_bits(tmp_path, caplog):
     assert np.array_equal(imread_uint(gray, 1), IMG[..., 1])
 
 
-def test_float_pixels_are_refused(tmp_path):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_float_pixels_are_refused(tmp_path, channels):
     path = _write(tmp_path, "float.tif", _encode(".tiff", IMG.astype(np.float32) / 255))
-    with pytest.raises(ImageReadError, match=r"float\.tif: float32 pixels are not supported"):
-        imread_uint(path)
+    gray = _write(tmp_path, "gray.tif", _encode(".tiff", IMG[:, :, 0].astype(np.float32) / 255))
+    for name, file in (("float", path), ("gray", gray)):  # also read with the other channels
+        with pytest.raises(ImageReadError, match=rf"{name}\.tif: float32 pixels are not "):
+            imread_uint(file, channels)
 
 
 def test_alpha_is_dropped_colour_kept(tmp_path):

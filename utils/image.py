@@ -314,6 +314,12 @@ def decode_uint8(data, flags, path):
         detail = " ".join(str(exc).split())[-160:]
         raise ImageReadError(f"{shown}: OpenCV refused to decode it ({detail})") from None
     if img is None or img.size == 0:
+        if header is not None and header.format == "TIFF":
+            # float TIFFs decode only with their own channel count: say why, not "corrupt"
+            raw = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+            if raw is not None and raw.dtype not in (np.uint8, np.uint16):
+                raise ImageReadError(f"{shown}: {raw.dtype} pixels are not supported; convert "
+                                     f"the file to 8 or 16 bits per channel")
         if header is not None:
             raise ImageReadError(f"{shown}: corrupt {header.format} file (OpenCV could not "
                                  f"decode it)")
