@@ -466,3 +466,25 @@ def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, capsys):
     code, out, _ = run([str(tmp_path / "clean.png"), "-o", str(tmp_path / "out"), "--qf",
                         "dominant", *IDENTITY], capsys)
     assert code == 0 and "QF network's (no JPEG trace found for --qf dominant)" in out
+
+
+def test_a_corrupt_model_file_is_named_with_its_flag(tmp_path, photo, capsys):
+    write_jpeg(tmp_path / "a.jpg", photo)
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    code, _, err = run([str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"), "--model",
+                        str(bad)], capsys)
+    assert code == 2 and f"a.jpg: --model: {bad}: " in err
+
+
+def test_automatic_tiling_is_shown_as_in_the_test_scripts(tmp_path, photo, tiny_models, capsys,
+                                                          monkeypatch):
+    import logging
+
+    import models.inference
+    monkeypatch.setattr(models.inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.001)
+    write_jpeg(tmp_path / "a.jpg", photo)
+    code, out, _ = run([str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"), "--model",
+                        tiny_models["color"], "--device", "cpu"], capsys)
+    assert code == 0 and "40x48 image is over 0.0 megapixels: tiling it" in out
+    assert not logging.getLogger("fbcnn.inference").handlers  # only while main_restore runs

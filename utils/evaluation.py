@@ -27,6 +27,7 @@ from utils.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, spee
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
+from utils.logger import forward_shared_logs
 from utils.metrics import scores
 from utils.pipeline import Pipeline, StageClock
 
@@ -156,11 +157,6 @@ def _settings(preset, args, prefix):
             *[Setting(f"{prefix}_qf{q}", {"qf_control": q}, qf_input=q) for q in args.qf_control]]
 
 
-# the notes of the shared modules a run uses (automatic tiling, out-of-memory fallback, 16-bit
-# inputs) go to the run's console and log too, for the length of the run
-FORWARDED_LOGGERS = ("fbcnn.inference", "utils.image")
-
-
 def _setup_logging(log_path):
     LOG.setLevel(logging.INFO)
     LOG.propagate = False
@@ -187,19 +183,8 @@ def _setup_logging(log_path):
     to_file = logging.FileHandler(log_path, encoding="utf-8")
     to_file.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(to_file)
-    for name in FORWARDED_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        logger.handlers[:] = [console, to_file]
-
-
-def _stop_forwarding():
-    for name in FORWARDED_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.setLevel(logging.NOTSET)
-        logger.propagate = True
+    # the shared modules' notes (automatic tiling, 16-bit inputs) go to the console and the log
+    return forward_shared_logs([console, to_file])
 
 
 def _read_image(path, n_channels):
@@ -311,11 +296,11 @@ def run(preset, args, clock=None):
         model = load_model(args.model, device=device)
     _check_channels(model, preset.n_channels, args.model)
     prefix = f"{testset}_{model.name}"
-    _setup_logging(os.path.join(args.results, f"{prefix}.log"))
+    stop_forwarding = _setup_logging(os.path.join(args.results, f"{prefix}.log"))
     try:
         return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix)
     finally:
-        _stop_forwarding()
+        stop_forwarding()
 
 
 def _output_names(names):

@@ -6,7 +6,10 @@ This module owns the run's outputs other than checkpoints and images:
 - `MetricsWriter` appends one JSON object per line to `metrics.jsonl` (training losses at each
   `checkpoint_print`, validation results at each `checkpoint_test`) and mirrors the scalars to
   TensorBoard when the `tensorboard` package is importable (it is optional);
-- `progress_bar` is a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal.
+- `progress_bar` is a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal;
+- `forward_shared_logs` lends a script's handlers to the shared modules' loggers (automatic
+  tiling, out-of-memory fallback, 16-bit inputs) for as long as the script runs, so the test
+  scripts and main_restore show those notes where they show their own.
 """
 import json
 import logging
@@ -18,7 +21,9 @@ from tqdm import tqdm
 
 from utils.fileio import make_folder
 
-__all__ = ["setup_logging", "MetricsWriter", "progress_bar", "LOG_FORMAT"]
+__all__ = ["setup_logging", "MetricsWriter", "progress_bar", "forward_shared_logs",
+           "SHARED_LOGGERS", "LOG_FORMAT"]
+SHARED_LOGGERS = ("fbcnn.inference", "utils.image")
 
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 _DATE_FORMAT = "%y-%m-%d %H:%M:%S"
@@ -111,3 +116,21 @@ def progress_bar(start, total, enabled=True):
         return None
     return tqdm(initial=start, total=total, unit="it", dynamic_ncols=True, file=sys.stderr,
                 desc="train")
+
+
+def forward_shared_logs(handlers, level=logging.INFO):
+    """Send SHARED_LOGGERS' records at `level` and above to `handlers` (only); returns the
+    function that gives the loggers back their defaults (propagating, no handlers)."""
+    for name in SHARED_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        logger.handlers[:] = list(handlers)
+
+    def undo():
+        for name in SHARED_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.handlers[:] = []
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
+    return undo

@@ -42,6 +42,7 @@ from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_p
                          imencode, read_file_bytes)
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
+from utils.logger import forward_shared_logs
 
 __all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache",
            "ModelUnavailable", "read_image", "choose_qf", "encode_image", "run_restore",
@@ -214,8 +215,10 @@ class ModelCache:
                     raise UserError(f"{option} {self.names[role]}: a {model.in_nc}-channel "
                                     f"model; {option} needs {wanted}")
             except UserError as exc:
-                self.failed[role] = str(exc)
-                raise ModelUnavailable(str(exc)) from None
+                text = str(exc)  # a corrupt file or a failed download names the file alone
+                text = text if text.startswith(option) else f"{option}: {text}"
+                self.failed[role] = text
+                raise ModelUnavailable(text) from None
             LOG.info("loaded %s %s on %s", option, self.names[role], self.device)
             self.loaded[role] = model
         return self.loaded[role]
@@ -305,11 +308,13 @@ def _setup_logging(quiet):
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     LOG.addHandler(handler)
+    # the shared modules' notes (automatic tiling, 16-bit inputs), as the test scripts show them
+    return forward_shared_logs([handler], LOG.level)
 
 
 def _failure(path, exc):
     """Log and return the one line that reports a failed file."""
-    detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+    detail = " ".join(str(exc).split())[:600] or type(exc).__name__
     line = detail if isinstance(exc, ImageReadError) else f"{display_path(path)}: {detail}"
     LOG.error("error: %s", line)
     return line
@@ -459,5 +464,8 @@ def run_qf_estimate(args):
 def main(argv=None, prog=None):
     """Entry point: exit status 0 (all done), 1 (some files failed) or 2 (usage error)."""
     args = build_parser(prog).parse_args(argv)
-    _setup_logging(args.quiet)
-    return run_cli(lambda: run_qf_estimate(args) if args.qf_estimate else run_restore(args))
+    stop_forwarding = _setup_logging(args.quiet)
+    try:
+        return run_cli(lambda: run_qf_estimate(args) if args.qf_estimate else run_restore(args))
+    finally:
+        stop_forwarding()
