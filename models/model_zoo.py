@@ -271,19 +271,20 @@ def model_label(name_or_path):
 
 def load_model(name_or_path, device="cpu", model_dir=None, progress=True, option="--model"):
     """Resolve `--model` (a zoo name, `jpeg`, or a weight file path) to a LoadedModel;
-    `option` is the flag an unknown name is reported under (e.g. `--gray-model`)."""
+    `option` is the flag every failure is reported under (e.g. `--gray-model`)."""
     label = model_label(name_or_path)
     if name_or_path == JPEG_MODEL:
         return LoadedModel(label, None, None)
-    if name_or_path in MODEL_ZOO:
-        path = resolve_weights(name_or_path, model_dir=model_dir, progress=progress)
-    elif os.path.isfile(name_or_path):
-        path = name_or_path
-    else:
+    if name_or_path not in MODEL_ZOO and not os.path.isfile(name_or_path):
         known = ", ".join([JPEG_MODEL, *MODEL_ZOO])
         raise UserError(f"{option} {name_or_path!r}: not a known model name ({known}) "
                         f"nor an existing .pth/.safetensors file")
-    state_dict = load_state_dict_file(path)
-    net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))
+    try:
+        path = resolve_weights(name_or_path, model_dir=model_dir, progress=progress) \
+            if name_or_path in MODEL_ZOO else name_or_path
+        state_dict = load_state_dict_file(path)
+        net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))
+    except UserError as exc:  # a failed download, a corrupt or foreign file: it names the file
+        raise UserError(f"{option}: {exc}") from None
     net = net.to(device)
     return LoadedModel(label, net, net.in_nc)

@@ -215,10 +215,8 @@ class ModelCache:
                     raise UserError(f"{option} {self.names[role]}: a {model.in_nc}-channel "
                                     f"model; {option} needs {wanted}")
             except UserError as exc:
-                text = str(exc)  # a corrupt file or a failed download names the file alone
-                text = text if text.startswith(option) else f"{option}: {text}"
-                self.failed[role] = text
-                raise ModelUnavailable(text) from None
+                self.failed[role] = str(exc)
+                raise ModelUnavailable(str(exc)) from None
             LOG.info("loaded %s %s on %s", option, self.names[role], self.device)
             self.loaded[role] = model
         return self.loaded[role]
