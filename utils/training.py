@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from data.dataset_jpeg import IterationBatchSampler, define_dataset, worker_init_fn
 from data.jpeg import label_to_qf
 from models.model_fbcnn import ModelFBCNN
+from models.model_zoo import infer_fbcnn_kwargs
 from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
@@ -243,8 +244,8 @@ class _Trainer:
                            "with a larger train.total_iter to fold it)",
                            opt["merge_bn_startpoint"], total)
         # the checkpoint says whether BatchNorm was folded (merge_bn_startpoint may have moved)
-        merged = saved is not None and "B" in opt["netG"]["act_mode"] and not any(
-            key.endswith("running_mean") for key in saved[0])
+        merged = saved is not None and "B" in opt["netG"]["act_mode"] and "B" not in \
+            infer_fbcnn_kwargs(saved[0], ckpt.network_file(self.dirs.models, latest))["act_mode"]
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
         self.start = latest or 0
         if saved is not None:
