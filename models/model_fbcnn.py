@@ -308,8 +308,8 @@ class ModelFBCNN:
         return kwargs
 
     # scheduler settings that come from the options: a resumed run takes them from its options
-    # (e.g. a longer train.total_iter stretches the cosine), not from the checkpoint
-    # the scheduler's settings, which come from the options (base_lrs: train.G_optimizer_lr)
+    # (e.g. a longer train.total_iter stretches the cosine), not from the checkpoint; base_lrs
+    # is train.G_optimizer_lr
     _SCHEDULER_OPTIONS = ("milestones", "gamma", "T_max", "eta_min", "base_lrs")
 
     def training_state(self):
@@ -346,16 +346,15 @@ class ModelFBCNN:
         """After a resume: Adam's betas and weight decay, and the base learning rate, are the
         options' (the checkpoint's state would otherwise keep the old ones, silently)."""
         t = self.opt_train
-        wanted = {"initial_lr": t["G_optimizer_lr"], "betas": tuple(t["G_optimizer_betas"]),
-                  "weight_decay": t["G_optimizer_wd"]}
-        names = {"initial_lr": "G_optimizer_lr", "betas": "G_optimizer_betas",
-                 "weight_decay": "G_optimizer_wd"}
+        wanted = {"initial_lr": ("G_optimizer_lr", t["G_optimizer_lr"]),
+                  "betas": ("G_optimizer_betas", tuple(t["G_optimizer_betas"])),
+                  "weight_decay": ("G_optimizer_wd", t["G_optimizer_wd"])}
         for group in self.G_optimizer.param_groups:
-            for key, value in wanted.items():
+            for key, (option, value) in wanted.items():
                 old = group.get(key, value)
                 if (tuple(old) if key == "betas" else old) != value:
                     logger.info("train.%s %s -> %s: the options differ from the checkpoint's",
-                                names[key], old, value)
+                                option, old, value)
                 group[key] = value
 
     def _follow_the_options_schedule(self):
