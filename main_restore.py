@@ -3,12 +3,12 @@
     python main_restore.py photos/ -o restored/ [--qf auto|header|dominant|N]
     python main_restore.py --qf-estimate 'scans/*.jpg' --json qf.json
 
-A thin entry point over utils/restore_cli.py; `--help` lists the options and docs/restore.md
+A thin entry point over runners/restore.py; `--help` lists the options and docs/restore.md
 explains them.
 """
 import sys
 
-from utils.restore_cli import main
+from runners.restore import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="main_restore.py"))

@@ -1,15 +1,15 @@
 """Train FBCNN: `python main_train_fbcnn.py -opt options/train_fbcnn_color.json [--set KEY=VALUE]`.
 
 Several GPUs: `torchrun --nproc_per_node N main_train_fbcnn.py -opt ...`. A run resumes by itself
-from its newest complete checkpoint. See docs/training.md; the work happens in utils.training.
+from its newest complete checkpoint. See docs/training.md; the work happens in runners.training.
 """
 import argparse
 import signal
 import sys
 
-from utils.cli import run_cli
-from utils.options import load_options
-from utils.training import train
+from runners.cli import run_cli
+from runners.train_options import load_options
+from runners.training import train
 
 
 def main(argv=None):

@@ -23,13 +23,13 @@ import time
 import numpy as np
 import torch
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import (PeakMemory, add_model_args, build_model, device_name, fbcnn_conv_flops,
-                    print_table, write_json)
+from benchmarks.benchlib import (PeakMemory, add_model_args, build_model, device_name,
+                                 fbcnn_conv_flops, print_table, write_json)
 from data.jpeg import jpeg
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
                               check_options, fit_overlap, restore)
-from utils.cli import run_cli
+from runners.cli import run_cli
+from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.image import imread_uint, list_images
 
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--layout", nargs="+", choices=("contiguous", "channels_last"),
                    default=["contiguous"])
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--testset", default=os.path.join(benchlib.REPO_ROOT, "testsets", "LIVE1_color"))
+    p.add_argument("--testset", default=os.path.join(REPO_ROOT, "testsets", "LIVE1_color"))
     p.add_argument("--limit", type=int, default=None,
                    help="use the first N images only (0: the synthetic photo alone)")
     p.add_argument("--crop", type=int, default=None, metavar="N",

@@ -18,12 +18,11 @@ from types import SimpleNamespace
 
 import torch
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import add_training_option_args, device_name, print_table, write_json
+from benchmarks.benchlib import add_training_option_args, device_name, print_table, write_json
 from data.dataset_jpeg import IterationBatchSampler, define_dataset
-from utils.cli import run_cli
-from utils.options import load_options
-from utils.training import make_loader
+from runners.cli import run_cli
+from runners.train_options import load_options
+from runners.training import make_loader
 
 COLUMNS = [("workers", "workers", "{}"), ("batch", "batch", "{}"), ("patch", "patch", "{}"),
            ("double_prob", "double JPEG share", "{:.2f}"), ("seconds", "s", "{:.2f}"),

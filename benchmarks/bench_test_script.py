@@ -1,6 +1,6 @@
 """The whole colour test script (main_test_fbcnn_color.py's runner), timed stage by stage.
 
-For each QF, runs `utils.evaluation.run` on the test set exactly as the script does (model load,
+For each QF, runs `runners.evaluation.run` on the test set exactly as the script does (model load,
 image reads, JPEG, network, PSNR/SSIM/PSNR-B, PNG writes, log), once serially (`--workers 0`)
 and once with the pipelined stages, in the same process, and reports the wall time, the seconds
 spent in each stage (summed over threads: with workers they overlap, so they can add up to more
@@ -19,13 +19,13 @@ import time
 
 import torch
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import add_model_args, build_model, device_name, print_table, write_json
+from benchmarks.benchlib import add_model_args, build_model, device_name, print_table, write_json
 from models.inference import PRECISIONS
-from utils.cli import run_cli
-from utils.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
+from runners.cli import run_cli
+from runners.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
+from runners.pipeline import StageClock
+from utils import REPO_ROOT
 from utils.image import list_images, read_image_header
-from utils.pipeline import StageClock
 
 STAGES = ("load_model", "read", "jpeg", "network", "metrics", "write")
 COLUMNS = [("qf", "QF", "{}"), ("workers", "workers", "{}"), ("wall_s", "wall s", "{:.2f}"),
@@ -63,7 +63,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     folder = args.testset if os.path.isdir(args.testset) else \
-        os.path.join(benchlib.REPO_ROOT, "testsets", args.testset)
+        os.path.join(REPO_ROOT, "testsets", args.testset)
     pixels = sum(read_image_header(path).pixels for path in list_images(folder))  # no decoding
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:

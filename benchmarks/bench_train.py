@@ -19,12 +19,11 @@ import time
 
 import torch
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import (PeakMemory, add_training_option_args, device_name, fbcnn_conv_flops,
-                      print_table, write_json)
+from benchmarks.benchlib import (PeakMemory, add_training_option_args, device_name,
+                                 fbcnn_conv_flops, print_table, write_json)
 from models.model_fbcnn import ModelFBCNN
-from utils.cli import run_cli
-from utils.options import load_options
+from runners.cli import run_cli
+from runners.train_options import load_options
 
 COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
            ("compile", "compile", "{}"),
@@ -90,8 +89,8 @@ def main(argv=None):
                      "patches_per_s": batch * args.steps / seconds,
                      "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
                      "peak_kind": memory.kind})
-        print(f"amp {amp}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s", file=sys.stderr,
-              flush=True)
+        print(f"amp {amp}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s",
+              file=sys.stderr, flush=True)
     nc, nb = model.bare.nc, model.bare.nb
     print(f"\nDevice: {device_name(device)}. Network: nc {nc}, nb {nb}, options {args.opt} "
           f"{' '.join(args.set)}.\n")

@@ -13,17 +13,13 @@ import json
 import os
 import platform
 import resource
-import sys
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # the benchmarks run as `python benchmarks/<name>.py`
-    sys.path.insert(0, REPO_ROOT)
-
-from models.model_zoo import LoadedModel, load_model  # noqa: E402
-from models.network_fbcnn import FBCNN  # noqa: E402
-from utils.fileio import atomic_write_bytes  # noqa: E402
+from models.model_zoo import LoadedModel, load_model
+from models.network_fbcnn import FBCNN
+from utils import REPO_ROOT
+from utils.fileio import atomic_write_bytes
 
 __all__ = ["add_model_args", "add_training_option_args", "build_model", "fbcnn_conv_flops",
            "PeakMemory", "device_name", "print_table", "write_json", "REPO_ROOT"]

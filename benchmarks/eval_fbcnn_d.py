@@ -19,14 +19,16 @@ from multiprocessing import Pool
 
 import numpy as np
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import write_json
+from benchmarks.benchlib import write_json
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg import double_jpeg, shift_crop
-from utils.cli import run_cli
+from models.inference import resolve_device, restore
+from models.model_zoo import load_model
+from runners.cli import run_cli
+from runners.evaluation import resolve_testset
 from utils.errors import UserError
-from utils.evaluation import resolve_testset
 from utils.image import imread_uint, list_images
+from utils.metrics import psnr
 
 
 def _pair(text):
@@ -95,9 +97,6 @@ def main(argv=None):
         p.error(str(exc))
     device = model = None
     if args.model:  # before the estimator's minutes, so a wrong --model fails at once
-        from models.inference import resolve_device, restore
-        from models.model_zoo import load_model
-        from utils.metrics import psnr
         device = resolve_device(args.device)
         model = load_model(args.model, device=device)
         if model.in_nc not in (None, 1):

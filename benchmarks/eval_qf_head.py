@@ -1,7 +1,7 @@
 """How well a model's QF head predicts the JPEG quality: predicted QF per true QF on a test set.
 
-    python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray] [--qf 10 30 50 70 90]
-                                      [--qf-input 10 50 90]
+    python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray]
+                                      [--qf 10 30 50 70 90] [--qf-input 10 50 90]
 
 Each image is compressed at each QF (data/jpeg.py, as the test scripts do) and the network's
 QF is read with `models.inference.predict_qf` (the encoder and the QF head, no decoder). The
@@ -21,14 +21,13 @@ import sys
 
 import numpy as np
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import print_table, write_json
+from benchmarks.benchlib import print_table, write_json
 from data.jpeg import jpeg
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import load_model
-from utils.cli import quality_factor, run_cli
+from runners.cli import quality_factor, run_cli
+from runners.evaluation import resolve_testset
 from utils.errors import UserError
-from utils.evaluation import resolve_testset
 from utils.image import imread_uint, list_images
 from utils.metrics import psnr
 

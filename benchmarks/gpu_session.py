@@ -21,8 +21,7 @@ import sys
 import tempfile
 import time
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import REPO_ROOT, device_name, write_json
+from benchmarks.benchlib import REPO_ROOT, device_name, write_json
 
 # name, time limit in s, arguments after `python` on the GPU, and with --smoke on the CPU;
 # {json} is the step's result file

@@ -34,14 +34,14 @@ from tqdm import tqdm
 
 from data.jpeg import augment_img, crop, jpeg, qf_to_label, random_crop, random_offset, sample_qf
 from utils.errors import UserError
-from utils.image import (IMG_EXTENSIONS, ImageReadError, display_path, imread_uint,
-                         read_image_header, rgb2y_matlab)
+from utils.fileio import display_path
+from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, read_image_header, rgb2y_matlab
 
-__all__ = ["Degradation", "DATASET_PRESETS", "SampleKey", "DatasetJPEG", "IterationBatchSampler",
-           "define_dataset", "list_images_recursive", "rgb_to_training_gray", "uint8_to_chw",
-           "worker_init_fn"]
+__all__ = ["Degradation", "DATASET_PRESETS", "dataset_preset", "dataset_channels", "SampleKey",
+           "DatasetJPEG", "IterationBatchSampler", "define_dataset", "list_images_recursive",
+           "rgb_to_training_gray", "uint8_to_chw", "worker_init_fn"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 _DECADES_60 = (10, 20, 30, 40, 50, 60)
 _DECADES_70 = (10, 20, 30, 40, 50, 60, 70)
@@ -82,6 +82,18 @@ DATASET_PRESETS = {
     "jpegdouble": Degradation(gray=False, qf_range=(5, 95), qf_choices=_DECADES_70,
                               double_prob=0.5),
 }
+
+def dataset_preset(name):
+    """The Degradation of a `dataset_type` name; UserError listing the known names."""
+    if name not in DATASET_PRESETS:
+        raise UserError(f"dataset_type {name!r} is unknown; known: {', '.join(DATASET_PRESETS)}")
+    return DATASET_PRESETS[name]
+
+
+def dataset_channels(name):
+    """Channels of the patches a dataset type yields (1 for the gray presets)."""
+    return 1 if dataset_preset(name).gray else 3
+
 
 SampleKey = namedtuple("SampleKey", "index position double")
 SampleKey.__doc__ = ("What the sampler hands the dataset: image `index`, the sample's `position` "
@@ -301,10 +313,7 @@ def define_dataset(dataset_opt, phase, n_channels, seed=0, progress=False):
     For the test phase `n_channels` is the network's input channel count, whatever the entry's
     dataset type says (the original's gray configs name the colour `jpeg` type for their test set).
     """
-    name = dataset_opt["dataset_type"]
-    if name not in DATASET_PRESETS:
-        raise UserError(f"dataset_type {name!r} is unknown; known: {', '.join(DATASET_PRESETS)}")
-    degradation = DATASET_PRESETS[name]
+    degradation = dataset_preset(dataset_opt["dataset_type"])
     if phase == "test":
         return DatasetJPEG(dataset_opt["dataroot_H"], degradation, phase="test",
                            n_channels=n_channels, qf=dataset_opt["qf"])

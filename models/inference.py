@@ -35,8 +35,8 @@ memory than the faithful default (fp32, the whole image in one pass):
   always reused. With a QF given by the user it is a single pass.
 - Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
   `DEFAULT_TILE["cuda"]` pixels, and a tiled pass that runs out of memory is retried without
-  the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of memory kills the process
-  instead of raising, so images above `max_untiled_megapixels` (default
+  the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of
+  memory kills the process instead of raising, so images above `max_untiled_megapixels` (default
   `CPU_MAX_UNTILED_MEGAPIXELS`) are tiled from the start with `DEFAULT_TILE["cpu"]`.
 """
 import contextlib
@@ -57,7 +57,7 @@ __all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device"
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
-LOG = logging.getLogger("fbcnn.inference")
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 
 # autocast dtype per precision; "fp32" is full IEEE fp32 (PyTorch lets cuDNN use TF32 for
 # fp32 convolutions on Ampere and later unless told otherwise), "tf32" allows it

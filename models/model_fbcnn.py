@@ -18,7 +18,7 @@ This module owns what one training iteration does to `netG`:
 - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
   backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
   iterations in a row stop the run with a `NonFiniteLossError` (one clear line).
-The loop around it (data, validation, checkpoints, logging) lives in `utils.training`.
+The loop around it (data, validation, checkpoints, logging) lives in `runners.training`.
 """
 import bisect
 import contextlib
@@ -38,7 +38,7 @@ from utils.errors import UserError
 __all__ = ["ModelFBCNN", "NonFiniteLossError", "image_loss", "masked_qf_loss",
            "regularizer_orth", "regularizer_clip"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 
 def _charbonnier(x, y, eps=1e-9):

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from models.network_fbcnn import FBCNN
+from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import atomic_write
 
@@ -32,8 +33,7 @@ __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "r
            "DEFAULT_MODEL_DIR"]
 
 RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "model_zoo")
+DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "model_zoo")
 JPEG_MODEL = "jpeg"
 
 
@@ -50,8 +50,9 @@ MODEL_ZOO = {
                             "8b0e4ef23d59cf7ac934a342cb31a17619e4fa4a0b3374a9d78c5174312387e8", 3),
     "fbcnn_gray": ZooEntry("fbcnn_gray.pth",
                            "7beec25b883a6c3bd7d103429b78a2371f7e85c1f5261a6e2e5d0702d9e9f977", 1),
-    "fbcnn_gray_double": ZooEntry("fbcnn_gray_double.pth",
-                                  "4444b8b2393649a4acd5d8730410ec3106d15b6e262a49081e4e87b44cfa5cea", 1),
+    "fbcnn_gray_double": ZooEntry(
+        "fbcnn_gray_double.pth", "4444b8b2393649a4acd5d8730410ec3106d15b6e262a49081e4e87b44cfa5cea",
+        1),
 }
 
 

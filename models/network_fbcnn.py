@@ -76,7 +76,8 @@ def _up_layer(c_in, c_out, mode):
 
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"FBCNN: {name}={value!r} is not supported; choose one of {', '.join(choices)}")
+        raise ValueError(f"FBCNN: {name}={value!r} is not supported; choose one of "
+                         f"{', '.join(choices)}")
 
 
 class FBCNN(nn.Module):
@@ -109,9 +110,10 @@ class FBCNN(nn.Module):
                                   *[QFAttention(c_out, act_mode) for _ in range(nb)]])
 
         self.m_head = nn.Conv2d(in_nc, nc[0], 3, 1, 1, bias=True)
-        self.m_down1 = nn.Sequential(*res_blocks(nc[0]), *_down_layers(nc[0], nc[1], downsample_mode))
-        self.m_down2 = nn.Sequential(*res_blocks(nc[1]), *_down_layers(nc[1], nc[2], downsample_mode))
-        self.m_down3 = nn.Sequential(*res_blocks(nc[2]), *_down_layers(nc[2], nc[3], downsample_mode))
+        down = downsample_mode
+        self.m_down1 = nn.Sequential(*res_blocks(nc[0]), *_down_layers(nc[0], nc[1], down))
+        self.m_down2 = nn.Sequential(*res_blocks(nc[1]), *_down_layers(nc[1], nc[2], down))
+        self.m_down3 = nn.Sequential(*res_blocks(nc[2]), *_down_layers(nc[2], nc[3], down))
         self.m_body_encoder = nn.Sequential(*res_blocks(nc[3]))
         self.m_body_decoder = nn.Sequential(*res_blocks(nc[3]))
         self.m_up3 = up_stage(nc[3], nc[2])
@@ -121,7 +123,8 @@ class FBCNN(nn.Module):
 
         self.qf_pred = nn.Sequential(
             *res_blocks(nc[3]), nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
-            nn.Linear(nc[3], w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 1), nn.Sigmoid())
+            nn.Linear(nc[3], w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 1),
+            nn.Sigmoid())
         self.qf_embed = nn.Sequential(
             nn.Linear(1, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
         self.to_gamma_3 = nn.Sequential(nn.Linear(w, nc[2]), nn.Sigmoid())

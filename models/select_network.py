@@ -20,7 +20,7 @@ from utils.errors import UserError
 
 __all__ = ["NETWORKS", "define_G", "init_weights", "merge_bn", "net_act_mode"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 
 def _build_fbcnn(opt_net):

@@ -1,13 +1,11 @@
-"""Shared fixtures: the repository root on sys.path and the locations of the test data."""
+"""Shared fixtures: the locations of the repository and of the test data (pytest.ini puts the
+repository on the path)."""
 import os
-import sys
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 
 @pytest.fixture(scope="session")

@@ -2,30 +2,21 @@
 inference, training-step and loader benchmarks (their tables and JSON)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import (bench_inference, bench_loader, bench_test_script, bench_train, eval_fbcnn_d,
+                        eval_qf_head, gpu_session)
+from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
+from data.jpeg import double_jpeg, jpeg, shift_crop
+from models.inference import predict_qf, restore
+from models.model_zoo import load_model
+from models.network_fbcnn import FBCNN
 from tests.conftest import REPO_ROOT
-
-sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
-import bench_inference  # noqa: E402
-import bench_loader  # noqa: E402
-import bench_test_script  # noqa: E402
-import bench_train  # noqa: E402
-import eval_fbcnn_d  # noqa: E402
-import eval_qf_head  # noqa: E402
-import gpu_session  # noqa: E402
-from benchlib import PeakMemory, fbcnn_conv_flops  # noqa: E402
-
-from data.jpeg import double_jpeg, jpeg, shift_crop  # noqa: E402
-from models.inference import predict_qf, restore  # noqa: E402
-from models.model_zoo import load_model  # noqa: E402
-from models.network_fbcnn import FBCNN  # noqa: E402
-from utils.image import imread_uint, imwrite  # noqa: E402
-from utils.metrics import psnr  # noqa: E402
+from utils.image import imread_uint, imwrite
+from utils.metrics import psnr
 
 
 def _hooked_conv_flops(net, height, width):

@@ -1,10 +1,11 @@
-"""utils/cli.py: argument types and the speed flags shared by the test scripts and main_restore."""
+"""runners/cli.py: argument types and the speed flags shared by the test scripts and
+main_restore."""
 import argparse
 
 import pytest
 
-from utils.cli import (add_speed_args, bounded_int, non_negative_float, quality_factor,
-                       speed_options)
+from runners.cli import (add_speed_args, bounded_int, non_negative_float, quality_factor,
+                         speed_options)
 from utils.errors import UserError
 
 

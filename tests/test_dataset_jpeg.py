@@ -1,4 +1,4 @@
-"""Tests of data/dataset_jpeg.py, data/prepare_subimages.py and the sampling in data/jpeg.py."""
+"""Tests of data/dataset_jpeg.py, runners/prepare_subimages.py and the sampling in data/jpeg.py."""
 import math
 
 import cv2
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data import prepare_subimages
+from runners import prepare_subimages
 from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
                                SampleKey, define_dataset, rgb_to_training_gray)
 from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, sample_qf

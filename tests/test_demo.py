@@ -1,4 +1,4 @@
-"""utils/demo.py without a browser: model discovery, reading uploads, restoring, callbacks.
+"""runners/demo.py without a browser: model discovery, reading uploads, restoring, callbacks.
 
 The restoration checks compare with `models.inference.restore` on the same tiny random FBCNN;
 the Gradio callbacks run only when gradio is importable.
@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from data.jpeg import jpeg, jpeg_encode
 import models.inference as inference
+from data.jpeg import jpeg, jpeg_encode
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
+from runners.demo import Demo, ModelChoices, find_models, main, prepare_samples
 from tests.conftest import REPO_ROOT
-from utils.demo import Demo, ModelChoices, find_models, main, prepare_samples
 from utils.errors import UserError
 from utils.image import imread_uint
 
@@ -240,7 +240,7 @@ def test_unexpected_failures_are_one_line_in_the_page(demo, jpeg_file, monkeypat
 
 @needs_gradio
 def test_page_has_the_controls_the_browser_test_uses(demo):
-    from utils.demo import build_ui
+    from runners.demo import build_ui
     page = build_ui(demo, {"sample": os.path.join(REPO_ROOT, "testsets", "Real", "1.jpg")})
     ids = {block.elem_id for block in page.blocks.values()}
     assert {"upload", "sample", "model", "qf", "blind", "qf-info", "error", "download",
@@ -280,11 +280,11 @@ def test_an_address_that_is_not_this_machines_is_one_error_line(tiny_path, capsy
 
 def test_formats_without_a_size_in_the_header_are_refused_before_decoding(demo, tmp_path,
                                                                           monkeypatch):
-    import utils.demo
+    import runners.demo
     ok, jp2 = cv2.imencode(".jp2", np.full((64, 64, 3), 120, np.uint8))  # a tiny JPEG 2000
     path = tmp_path / "bomb.jpg"
     path.write_bytes(jp2.tobytes())
-    monkeypatch.setattr(utils.demo, "read_image", None)  # never decoded
+    monkeypatch.setattr(runners.demo, "read_image", None)  # never decoded
     with pytest.raises(UserError, match=r"^bomb\.jpg: not an image the demo takes"):
         demo.run(str(path), "tiny")
 

@@ -1,4 +1,4 @@
-"""utils/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
+"""runners/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
 outputs on disk, and one clear error line for bad input."""
 import json
 import logging
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from models.network_fbcnn import FBCNN
+from runners import evaluation
+from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
 from tests.conftest import REPO_ROOT
-from utils import evaluation
-from utils.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
 from utils.image import imread_uint, imwrite
 
 
@@ -202,7 +202,7 @@ def test_bad_quality_factor_is_rejected(tmp_path):
 
 
 def test_defaults_are_the_originals():
-    from utils.evaluation import build_parser
+    from runners.evaluation import build_parser
     color = build_parser(COLOR).parse_args([])
     assert (color.testset, color.model, color.qf) == ("LIVE1_color", "fbcnn_color",
                                                       list(range(10, 100, 10)))
@@ -229,7 +229,7 @@ def test_scripts_are_thin():
     for name in ("main_test_fbcnn_color.py", "main_test_fbcnn_gray.py",
                  "main_test_fbcnn_gray_doublejpeg.py", "main_test_fbcnn_color_real.py"):
         with open(os.path.join(REPO_ROOT, name)) as f:
-            code = [l for l in f if l.strip() and not l.startswith((" ", '"', "#"))]
+            code = [line for line in f if line.strip() and not line.startswith((" ", '"', "#"))]
         assert len(code) <= 4, name
 
 
@@ -303,7 +303,7 @@ def test_the_runner_logs_automatic_tiling(tmp_path, small_set, tiny_models, monk
                         "20", "--results", str(tmp_path / "res"), "--device", "cpu"]) == 0
     log = (tmp_path / "res" / "small_tiny3.log").read_text()
     assert "61x45 image is over 0.0 megapixels: tiling it" in log
-    assert not logging.getLogger("fbcnn.inference").handlers  # only for the run's length
+    assert not logging.getLogger("fbcnn").handlers  # only for the run's length
 
 
 @pytest.mark.parametrize("where", ["folder", "below_a_file"])

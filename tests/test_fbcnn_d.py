@@ -5,8 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.dominant_qf import (DominantQF, analysis_window, estimate_dominant_qf,
-                              recompression_errors)
+from data.dominant_qf import DominantQF, analysis_window, estimate_dominant_qf, recompression_errors
 from data.jpeg import double_jpeg, jpeg
 
 

@@ -21,9 +21,8 @@ from tests.conftest import REPO_ROOT
 from utils import fileio
 from utils import image as image_module
 from utils.errors import UserError
-from utils.fileio import WriteError
-from utils.image import (ImageReadError, display_path, imread_uint, imwrite, read_header,
-                         read_image_header)
+from utils.fileio import WriteError, display_path
+from utils.image import ImageReadError, imread_uint, imwrite, read_header, read_image_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -227,7 +226,7 @@ def test_sixteen_bit_png_is_rounded_to_eight_bits(tmp_path, caplog):
     img16 = np.resize(values, (40, 48, 3))
     img16[0, :3, 0] = (0, 65535, 32896)  # 32896 = 128 * 257
     path = _write(tmp_path, "deep.png", _encode(".png", img16))
-    with caplog.at_level(logging.WARNING, logger="utils.image"):
+    with caplog.at_level(logging.WARNING, logger="fbcnn.utils.image"):
         got = imread_uint(path, 3)
         imread_uint(path, 3)
     expected = np.floor(img16.astype(np.float64) / 257 + 0.5).astype(np.uint8)

@@ -23,10 +23,9 @@ from models.inference import (check_options, fit_overlap, forward_tiled, plan_ti
                               restore, tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
-from utils.evaluation import COLOR, main
+from runners.evaluation import COLOR, main
+from runners.pipeline import Pipeline
 from utils.image import imread_uint, imwrite
-from utils.pipeline import Pipeline
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,7 +205,8 @@ def test_tile_encoder_cache_is_bit_exact_and_saves_encodings(model, photo, monke
     assert np.array_equal(restored, expected) and qf == expected_qf
     cached = min(tiles_cached, 11)
     assert counts["encode"] == 12 + 11 - cached  # QF pass, then the tiles not cached
-    assert counts["head"] == 12 + 11 - cached + cached  # inside each encode, and once per cached tile
+    # inside each encode, and once per cached tile
+    assert counts["head"] == 12 + 11 - cached + cached
 
 
 def test_out_of_memory_with_the_encoder_cache_retries_without_it(model, photo, monkeypatch,
@@ -222,7 +222,7 @@ def test_out_of_memory_with_the_encoder_cache_retries_without_it(model, photo, m
         return tiled(fns, x, qf_input, tile, overlap, cache_bytes, qf_only)
 
     monkeypatch.setattr(inference, "forward_tiled", no_room_for_a_cache)
-    with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+    with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):
         restored, qf = restore(model, photo, tile=96, tile_overlap=32, tile_cache_gib=0.5)
     assert calls == [(96, 2 ** 29), (96, 0)]
     assert "without the encoder cache" in caplog.records[-1].getMessage()
@@ -279,7 +279,7 @@ def test_out_of_memory_falls_back_to_tiles_then_smaller_tiles(model, photo, monk
     monkeypatch.setattr(inference, "_release_cached_memory", released.append)
     monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 128)
     sizes = _oom_above(monkeypatch, model.net, 100 * 100)  # 128-pixel tiles fail, 64 fit
-    with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+    with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):
         restored, qf = restore(model, photo)
     assert sizes[0] == (200, 264) and sizes[1] == (128, 128) and set(sizes[2:]) == {(64, 64)}
     assert len(released) == 2 and len(caplog.records) == 2
@@ -478,7 +478,7 @@ def test_cuda_out_of_memory_really_falls_back_to_tiles(photo, caplog):
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(2.5 * 2 ** 30 / torch.cuda.mem_get_info()[1])
     try:
-        with caplog.at_level(logging.WARNING, logger="fbcnn.inference"):
+        with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):
             restored, _ = restore(model, big, device="cuda")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

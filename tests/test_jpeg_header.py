@@ -1,4 +1,4 @@
-"""data/jpeg_header.py: DQT parsing and the inversion of IJG quality scaling."""
+"""utils/jpeg_header.py: DQT parsing and the inversion of IJG quality scaling."""
 import struct
 
 import cv2
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from data.jpeg import jpeg_encode
-from data.jpeg_header import (STD_CHROMINANCE, STD_LUMINANCE, ZIGZAG, JpegHeaderError,
-                              header_qf, ijg_table, iter_segments, parse_jpeg, qf_from_tables)
+from utils.jpeg_header import (STD_CHROMINANCE, STD_LUMINANCE, ZIGZAG, JpegHeaderError, header_qf,
+                               ijg_table, iter_segments, parse_jpeg, qf_from_tables)
 
 
 @pytest.fixture(scope="module")

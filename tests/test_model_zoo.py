@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 from models import model_zoo
 from models.model_zoo import (MODEL_ZOO, ZooEntry, build_from_state_dict, download,
-                              infer_fbcnn_kwargs, load_model, load_state_dict_file,
-                              resolve_weights)
+                              infer_fbcnn_kwargs, load_model, load_state_dict_file, resolve_weights)
 from models.network_fbcnn import FBCNN
 from tests.test_image import _FullDisk
 from utils import checkpoint as ckpt

@@ -35,7 +35,8 @@ def test_official_parameter_count():
 @pytest.mark.parametrize("kind,channels", [("color", 3), ("gray", 1)])
 def test_state_dict_built_from_spec_loads_strictly(official_spec, kind, channels):
     gen = torch.Generator().manual_seed(0)
-    state_dict = {k: torch.randn(shape, generator=gen) * 0.01 for k, shape in official_spec[kind].items()}
+    state_dict = {k: torch.randn(shape, generator=gen) * 0.01
+                  for k, shape in official_spec[kind].items()}
     net = FBCNN(in_nc=channels, out_nc=channels)
     result = net.load_state_dict(state_dict, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -84,7 +85,8 @@ def test_other_widths_take_qf_pred_width_from_nc():
 
 
 @pytest.mark.parametrize("act_mode,down,up,keys", [
-    ("BR", "strideconv", "convtranspose", ["m_down1.0.res.1.running_mean", "m_down1.0.res.3.weight"]),
+    ("BR", "strideconv", "convtranspose",
+     ["m_down1.0.res.1.running_mean", "m_down1.0.res.3.weight"]),
     ("R", "avgpool", "upconv", ["m_down1.2.weight", "m_up3.0.1.weight"]),
     ("R", "maxpool", "pixelshuffle", ["m_down1.2.weight", "m_up3.0.0.weight"]),
 ])

@@ -1,10 +1,10 @@
-"""models/export_onnx.py: dynamic-size ONNX export, checked against PyTorch with onnxruntime."""
+"""runners/export_onnx.py: dynamic-size ONNX export, checked against PyTorch with onnxruntime."""
 import numpy as np
 import pytest
 import torch
 
-from models.export_onnx import export_onnx, main
 from models.network_fbcnn import FBCNN
+from runners.export_onnx import export_onnx, main
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

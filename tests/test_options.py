@@ -1,4 +1,5 @@
-"""Tests of utils/options.py: the shipped option files, `//` comments, overrides and validation."""
+"""utils/options.py (the engine) and runners/train_options.py (the training schema): the
+shipped option files, `//` comments, overrides and validation."""
 import json
 import os
 import subprocess
@@ -9,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import main_train_fbcnn
+from runners.train_options import SCHEMA, load_options, options_reference_markdown, validate
 from utils.errors import UserError
-from utils.options import (SCHEMA, Section, _all_paths, apply_overrides, load_options,
-                           parse_json_with_comments, parse_override, validate)
+from utils.options import (Section, all_paths, apply_overrides, parse_json_with_comments,
+                           parse_override)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTION_FILES = {name: os.path.join(ROOT, "options", f"train_fbcnn_{name}.json")
@@ -163,7 +165,7 @@ def test_defaults_fill_every_missing_key(tmp_path):
     assert opt["train"]["total_iter"] is None and opt["train"]["manual_seed"] is None
     assert opt["datasets"]["test"] is None  # optional section: no validation
     assert opt["netG"]["act_mode"] == "R" and opt["path"]["root"] == "deblocking"
-    for path, spec in _all_paths(SCHEMA):
+    for path, spec in all_paths(SCHEMA):
         if isinstance(spec, Section) or path.startswith("datasets.test."):
             continue
         node = opt
@@ -212,7 +214,7 @@ def test_main_reports_one_line_and_exit_status_2(capsys):
 def test_docs_list_every_option():
     with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
         docs = f.read()
-    missing = [path for path, spec in _all_paths(SCHEMA)
+    missing = [path for path, spec in all_paths(SCHEMA)
                if not isinstance(spec, Section) and f"`{path}`" not in docs]
     assert not missing
 
@@ -261,7 +263,7 @@ def test_every_schema_key_rejects_a_wrong_type():
     """Each option, given a value of a type it cannot take, is refused naming that option."""
     wrong = {"str": 1, "int": "1", "float": "x", "bool": 1, "list_int": {"a": 1},
              "list_float": "x"}
-    for path, spec in _all_paths(SCHEMA):
+    for path, spec in all_paths(SCHEMA):
         if isinstance(spec, Section):
             continue
         raw = _raw()
@@ -330,8 +332,7 @@ def test_train_script_prints_one_error_line_and_exits_2(tmp_path):
 
 
 def test_docs_training_holds_the_options_reference_as_printed():
-    from utils.options import options_reference_markdown
     with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
         doc = f.read()
     assert options_reference_markdown() in doc, \
-        "docs/training.md is out of date: paste the output of `python -m utils.options`"
+        "docs/training.md is out of date: paste the output of `python -m runners.train_options`"

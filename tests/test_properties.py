@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the JPEG functions (data/jpeg.py), the metrics
 (utils/metrics.py), tiled inference (models/inference.py) and the QF read from JPEG headers
-(data/jpeg_header.py). Example counts are kept small so the file runs in well under a minute."""
+(utils/jpeg_header.py). Example counts are kept small so the file runs in well under a minute."""
 import math
 
 import numpy as np
@@ -10,14 +10,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from data.jpeg import double_jpeg, jpeg, jpeg_encode, label_to_qf, qf_to_label, shift_crop
+from models.inference import forward_tiled, restore
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from utils import metrics
 from utils.image import rgb2y_matlab
+from utils.jpeg_header import header_qf
 from utils.metrics import psnr, psnrb, ssim
-
-from data.jpeg_header import header_qf
-from models.inference import forward_tiled, restore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""main_restore.py / utils/restore_cli.py: inputs, routing, QF modes, outputs and metadata."""
+"""main_restore.py / runners/restore.py: inputs, routing, QF modes, outputs and metadata."""
 import json
 import os
 import struct
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import utils.restore_cli as cli
+import runners.restore as cli
 from data.jpeg import jpeg_decode, jpeg_encode
 from models.inference import restore
 from models.model_zoo import load_model
@@ -487,4 +487,4 @@ def test_automatic_tiling_is_shown_as_in_the_test_scripts(tmp_path, photo, tiny_
     code, out, _ = run([str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"), "--model",
                         tiny_models["color"], "--device", "cpu"], capsys)
     assert code == 0 and "40x48 image is over 0.0 megapixels: tiling it" in out
-    assert not logging.getLogger("fbcnn.inference").handlers  # only while main_restore runs
+    assert not logging.getLogger("fbcnn").handlers  # only while main_restore runs

@@ -15,17 +15,17 @@ import main_train_fbcnn
 from models import model_fbcnn as model_module
 from models.model_fbcnn import ModelFBCNN, NonFiniteLossError
 from models.network_fbcnn import FBCNN
+from runners import evaluation
+from runners.evaluation import COLOR, GRAY, main
+from runners.train_options import load_options
+from runners.training import train
 from tests.conftest import REPO_ROOT
-from tests.test_image import IMG, _FullDisk, _encode, _png_claiming
+from tests.test_image import IMG, _encode, _FullDisk, _png_claiming
 from utils import checkpoint as ckpt
-from utils import evaluation, fileio
+from utils import fileio
 from utils.errors import UserError
-from utils.evaluation import COLOR, GRAY, main
 from utils.fileio import WriteError
 from utils.image import imread_uint
-from utils.options import load_options
-from utils.training import train
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests of the training half: utils/training.py, models/model_fbcnn.py, models/select_network.py,
+"""Tests of the training half: runners/training.py, models/model_fbcnn.py, models/select_network.py,
 utils/checkpoint.py, utils/dist.py and main_train_fbcnn.py, on tiny networks and images (CPU)."""
 import json
 import logging
@@ -26,13 +26,13 @@ from models.model_zoo import (LoadedModel, build_from_state_dict, load_model, lo
                               read_fbcnn_kwargs)
 from models.network_fbcnn import FBCNN
 from models.select_network import define_G, init_weights, merge_bn, net_act_mode
+from runners.train_options import load_options
+from runners.training import train
 from utils import checkpoint as ckpt
 from utils.errors import UserError
 from utils.image import imread_uint
 from utils.logger import progress_bar
 from utils.metrics import psnr, psnrb, ssim
-from utils.options import load_options
-from utils.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main_train_fbcnn.py")

@@ -32,7 +32,7 @@ __all__ = ["atomic_write", "save_checkpoint", "complete_checkpoints", "latest_ch
            "load_training_state", "remove_checkpoint", "remove_stale_temporaries",
            "rng_state", "set_rng_state", "network_file"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 _DONE_RE = re.compile(r"^(\d+)_done\.json$")
 _NETWORK_FILES = ("{}_G.safetensors", "{}_G.pth")  # current layout first, then the earlier one

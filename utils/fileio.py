@@ -9,14 +9,17 @@ quota, an interruption) the temporary file is removed, the target keeps its prev
 and the error is a `WriteError` naming the file and the reason. A process killed outright
 (SIGKILL, power loss) can leave a temporary file behind, never a partial target;
 `remove_stale_temporaries` clears them.
+
+Paths in messages go through `display_path`: file names that are not valid UTF-8 (surrogate
+escapes from `os.listdir`, bytes paths) show as \\xNN escapes, printable on any terminal.
 """
 import os
 import threading
 
 from utils.errors import UserError
 
-__all__ = ["WriteError", "make_folder", "atomic_write", "atomic_write_bytes", "temporary_name",
-           "is_temporary_name", "remove_stale_temporaries"]
+__all__ = ["WriteError", "printable", "display_path", "make_folder", "atomic_write",
+           "atomic_write_bytes", "temporary_name", "is_temporary_name", "remove_stale_temporaries"]
 
 _TMP_MARK = ".tmp-"
 
@@ -49,9 +52,19 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _shown(path):
-    from utils.image import display_path  # late import: utils.image writes through this module
-    return display_path(path)
+def printable(text):
+    """`text` with any surrogate-escaped bytes (from names that are not UTF-8) as \\xNN escapes,
+    so it can be written to a strict UTF-8 stream or log file."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that os.fsdecode would never produce
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def display_path(path):
+    """`path` (str, bytes or path-like) as printable text: bytes that are not UTF-8 appear as
+    \\xNN escapes."""
+    return printable(os.fsdecode(path))
 
 
 class _RecordingFile:
@@ -98,8 +111,8 @@ def make_folder(folder):
             path = os.path.dirname(path)  # the nearest part of the path that exists
         if not os.path.isdir(path):
             reason = ("a file of that name is in the way" if path == os.path.abspath(folder)
-                      else f"{_shown(path)} is a file, not a folder")
-        raise WriteError(f"{_shown(folder)}: cannot create this folder ({reason})") from None
+                      else f"{display_path(path)} is a file, not a folder")
+        raise WriteError(f"{display_path(folder)}: cannot create this folder ({reason})") from None
     return folder
 
 
@@ -142,7 +155,7 @@ def atomic_write(path, write, fsync=True, replace=True):
                 raise
             exc = recorder.error
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise WriteError(f"{_shown(path)}: cannot write ({reason}); the file was not written "
+        raise WriteError(f"{display_path(path)}: cannot write ({reason}); the file was not written "
                          f"or keeps its previous content") from None
     finally:
         if os.path.lexists(tmp):

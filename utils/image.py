@@ -36,23 +36,23 @@ write (full disk) leaves no partial image and raises an error naming the file.
 import logging
 import os
 import struct
-from dataclasses import dataclass
+import dataclasses
 
 import cv2
 import numpy as np
 import torch
 
-from data.jpeg_header import JpegHeaderError, JpegTruncatedError, SOF_MARKERS, segment_spans
 from utils import parse_pixel_count
 from utils.errors import UserError
-from utils.fileio import WriteError, atomic_write_bytes
+from utils.fileio import WriteError, atomic_write_bytes, display_path
+from utils.jpeg_header import SOF_MARKERS, JpegHeaderError, JpegTruncatedError, segment_spans
 
-__all__ = ["IMG_EXTENSIONS", "read_file_bytes", "imencode", "ImageReadError", "ImageHeader", "MAX_PIXELS_ENV",
-           "DEFAULT_MAX_PIXELS", "max_pixels", "printable", "display_path", "read_header",
+__all__ = ["IMG_EXTENSIONS", "read_file_bytes", "imencode", "ImageReadError", "ImageHeader",
+           "MAX_PIXELS_ENV", "DEFAULT_MAX_PIXELS", "max_pixels", "read_header",
            "check_image_bytes", "read_image_header", "decode_uint8", "list_images", "imread_uint",
            "imwrite", "rgb2y_matlab", "uint2tensor", "tensor2uint"]
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -77,22 +77,7 @@ def max_pixels():
     return value
 
 
-def printable(text):
-    """`text` with any surrogate-escaped bytes (from names that are not UTF-8) as \\xNN escapes,
-    so it can be written to a strict UTF-8 stream or log file."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # surrogates that os.fsdecode would never produce
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def display_path(path):
-    """`path` (str, bytes or path-like) as printable text: bytes that are not UTF-8 appear as
-    \\xNN escapes."""
-    return printable(os.fsdecode(path))
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ImageHeader:
     """What a file's header says: the format and the stored size (before any EXIF rotation).
 

@@ -11,7 +11,7 @@ import zlib
 import cv2
 import numpy as np
 
-from data.jpeg_header import JpegHeaderError, is_jpeg, iter_segments
+from utils.jpeg_header import JpegHeaderError, is_jpeg, iter_segments
 
 __all__ = ["PNG_SIGNATURE", "ICC_FORMATS", "read_orientation", "read_icc_profile",
            "icc_colour_space", "apply_orientation", "png_chunks", "embed_icc"]

@@ -1,15 +1,23 @@
-"""Where a training run reports: train.log, the console, metrics.jsonl, TensorBoard, a progress bar.
+"""How the project logs, and where a training run reports: console, log files, metrics.
 
-This module owns the run's outputs other than checkpoints and images:
-- `setup_logging` sends every logger's INFO records to `<run>/train.log` and to stderr (through
-  tqdm so a progress bar stays intact); processes other than rank 0 log warnings only, to stderr;
+This module owns:
+- the logger tree: every module logs to `logging.getLogger(f"fbcnn.{__name__}")`, so one
+  configuration of the `fbcnn` logger reaches all of them (the network's notes on tiling, the
+  image reader's on 16-bit files, a run's own lines) and nothing else's;
+- `setup_logging`, the one logging setup of every script: the `fbcnn` records at a level and
+  above go to the console through `TqdmHandler` (above a progress bar, never through it), on one
+  stream or split by level (warnings and errors to stderr), and to a log file, each with its
+  format; it returns the function that undoes it;
 - `MetricsWriter` appends one JSON object per line to `metrics.jsonl` (training losses at each
   `checkpoint_print`, validation results at each `checkpoint_test`) and mirrors the scalars to
-  TensorBoard when the `tensorboard` package is importable (it is optional);
-- `progress_bar` is a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal;
-- `forward_shared_logs` lends a script's handlers to the shared modules' loggers (automatic
-  tiling, out-of-memory fallback, 16-bit inputs) for as long as the script runs, so the test
-  scripts and main_restore show those notes where they show their own.
+  TensorBoard when the `tensorboard` package is importable;
+- `progress_bar` is a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal.
+
+tqdm ships a redirect, `tqdm.contrib.logging.logging_redirect_tqdm`; it falls short here in
+two ways: it keeps one console handler per logger and drops the others, so a split of info to
+stdout and warnings to stderr (main_restore.py's) cannot pass through it, and the handler it puts
+in does not keep the level of the one it replaces. `TqdmHandler` is its ten lines with a stream
+and a level of its own.
 """
 import json
 import logging
@@ -19,51 +27,71 @@ import sys
 
 from tqdm import tqdm
 
-from utils.fileio import make_folder
+from utils.fileio import make_folder, printable
 
-__all__ = ["setup_logging", "MetricsWriter", "progress_bar", "forward_shared_logs",
-           "SHARED_LOGGERS", "LOG_FORMAT"]
-SHARED_LOGGERS = ("fbcnn.inference", "utils.image")
+__all__ = ["ROOT_LOGGER", "LOG_FORMAT", "TqdmHandler", "setup_logging", "MetricsWriter",
+           "progress_bar"]
 
+ROOT_LOGGER = "fbcnn"
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
 _DATE_FORMAT = "%y-%m-%d %H:%M:%S"
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """A stderr handler that prints above an active tqdm bar instead of through it."""
+class _PrintableFormatter(logging.Formatter):
+    """File names need not be valid UTF-8: log them escaped, never crash on them."""
+
+    def format(self, record):
+        return printable(super().format(record))
+
+
+class TqdmHandler(logging.StreamHandler):
+    """A console handler that prints above an active tqdm bar instead of through it."""
 
     def emit(self, record):
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never crash training
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging must never crash the run
             self.handleError(record)
 
 
-def setup_logging(log_file=None, is_main=True):
-    """Configure the root logger for a run; returns a function that undoes it."""
-    root = logging.getLogger()
-    previous_level = root.level
-    formatter = logging.Formatter(LOG_FORMAT, _DATE_FORMAT)
+def setup_logging(log_file=None, level=logging.INFO, console_format="%(message)s",
+                  file_format=LOG_FORMAT, stream=None, error_stream=None):
+    """Send the `fbcnn` loggers' records at `level` and above to the console and `log_file`.
+
+    The console is `stream` (default stderr); with `error_stream`, records at WARNING and above
+    go there instead. `log_file` (appended, its folder created) gets every record at `level`
+    and above in `file_format`. Returns the function that removes these handlers again.
+    """
+    logger = logging.getLogger(ROOT_LOGGER)
+    saved = (logger.level, list(logger.handlers))
+    stream = sys.stderr if stream is None else stream
+    if error_stream is None:
+        consoles = [(stream, None)]
+    else:
+        consoles = [(stream, lambda record: record.levelno < logging.WARNING),
+                    (error_stream, lambda record: record.levelno >= logging.WARNING)]
     handlers = []
-    console = _TqdmHandler()
-    console.setFormatter(formatter)
-    console.setLevel(logging.INFO if is_main else logging.WARNING)
-    handlers.append(console)
-    if log_file is not None and is_main:
+    for target, keep in consoles:
+        handler = TqdmHandler(target)
+        handler.setFormatter(_PrintableFormatter(console_format, _DATE_FORMAT))
+        if keep is not None:
+            handler.addFilter(keep)
+        handlers.append(handler)
+    if log_file is not None:
         make_folder(os.path.dirname(os.path.abspath(log_file)))
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(formatter)
-        file_handler.setLevel(logging.INFO)
-        handlers.append(file_handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(_PrintableFormatter(file_format, _DATE_FORMAT))
+        handlers.append(to_file)
+    logger.handlers[:] = handlers
+    logger.setLevel(level)  # the records still propagate: to pytest's caplog, or an embedding
+    # application's own handlers (the scripts leave the root logger without handlers)
 
     def undo():
         for handler in handlers:
-            root.removeHandler(handler)
             handler.close()
-        root.setLevel(previous_level)
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]
 
     return undo
 
@@ -90,7 +118,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                logging.getLogger(__name__).info(
+                logging.getLogger(f"{ROOT_LOGGER}.{__name__}").info(
                     "TensorBoard logging is off: the tensorboard package is not installed")
             else:
                 self.tb = SummaryWriter(tensorboard_dir)
@@ -116,21 +144,3 @@ def progress_bar(start, total, enabled=True):
         return None
     return tqdm(initial=start, total=total, unit="it", dynamic_ncols=True, file=sys.stderr,
                 desc="train")
-
-
-def forward_shared_logs(handlers, level=logging.INFO):
-    """Send SHARED_LOGGERS' records at `level` and above to `handlers` (only); returns the
-    function that gives the loggers back their defaults (propagating, no handlers)."""
-    for name in SHARED_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.setLevel(level)
-        logger.propagate = False
-        logger.handlers[:] = list(handlers)
-
-    def undo():
-        for name in SHARED_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.handlers[:] = []
-            logger.setLevel(logging.NOTSET)
-            logger.propagate = True
-    return undo

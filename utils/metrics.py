@@ -29,11 +29,19 @@ import torch
 
 from utils.image import rgb2y_matlab
 
-__all__ = ["psnr", "psnrb", "scores", "ssim"]
+__all__ = ["psnr", "psnrb", "scores", "ssim", "mean_score"]
 
 _SSIM_KERNEL = cv2.getGaussianKernel(11, 1.5)  # float64; the window is its outer product
 _C1 = (0.01 * 255) ** 2
 _C2 = (0.03 * 255) ** 2
+
+
+def mean_score(values):
+    """The mean of the scores that exist: None (a score not computed) and NaN (SSIM of an image
+    under 11x11 pixels) are left out; None when nothing is left. An infinite PSNR (a result
+    equal to its reference) makes the mean infinite."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else None
 
 
 def _prepare(img, ref, border):

@@ -7,7 +7,7 @@ This module owns what the demo page does and how it is served:
   page still starts and says how to get one. Each model is loaded once, on first use;
 - reading: an upload is refused above `--max-megapixels` from its header (so formats the
   header sniffer does not know, such as JPEG 2000, are refused before decoding), then read as
-  `main_restore.py` reads it (`utils.restore_cli.read_image`: the project's one decoder with its
+  `main_restore.py` reads it (`runners.restore.read_image`: the project's one decoder with its
   header checks; a JPEG on its stored 8x8 grid, turned by its EXIF orientation after
   restoration), and every bad file becomes a message in the page (an error text and a warning
   toast) naming the file, never a traceback;
@@ -37,26 +37,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
-from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap,
-                              plan_tile, resolve_device, restore)
-from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
-                              model_label)
-from utils.cli import bounded_int, non_negative_float, tile_size
+from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap, plan_tile,
+                              resolve_device, restore)
+from models.model_zoo import DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model, model_label
+from runners.cli import bounded_int, non_negative_float, tile_size
+from runners.restore import read_image
+from utils import REPO_ROOT
 from utils.errors import UserError
-from utils.image import (ImageReadError, check_image_bytes, display_path, imread_uint,
-                         imwrite)
+from utils.fileio import display_path
+from utils.image import ImageReadError, check_image_bytes, imread_uint, imwrite
 from utils.image_meta import apply_orientation
-from utils.restore_cli import read_image
+from utils.logger import setup_logging
 
 __all__ = ["DEMO_MODEL_ORDER", "DEFAULT_PORT", "ModelChoices", "Result", "Demo",
            "find_models", "prepare_samples", "build_ui", "build_parser", "main"]
 
-LOG = logging.getLogger("fbcnn.demo")
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 
 # Preferred first: the bundled lite model, then the released weights.
 DEMO_MODEL_ORDER = ("fbcnn_color_lite", "fbcnn_color", "fbcnn_gray", "fbcnn_gray_double")
 DEFAULT_PORT = 7860
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTSETS = os.path.join(REPO_ROOT, "testsets")
 NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released weights) in "
                  "`model_zoo/`, or restart with `python app.py --model PATH_OR_NAME`: a "
@@ -199,7 +199,7 @@ class Demo:
         os.makedirs(os.path.join(work_dir, "outputs"), exist_ok=True)
 
     def read(self, path, in_nc=3):
-        """An upload as a `utils.restore_cli.Decoded` (pixels as stored, RGB for in_nc 3, gray
+        """An upload as a `runners.restore.Decoded` (pixels as stored, RGB for in_nc 3, gray
         for 1); UserError names the file."""
         name = os.path.basename(path)
         try:
@@ -385,8 +385,7 @@ def build_parser(prog=None):
 def main(argv=None):
     """Serve the demo until interrupted; returns the exit status."""
     args = build_parser(prog="app.py").parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests
+    setup_logging(console_format="%(levelname)s %(name)s: %(message)s")
     try:
         import gradio  # noqa: F401
     except ImportError:

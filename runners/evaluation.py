@@ -6,7 +6,7 @@ control), the per-image and average PSNR / SSIM / PSNR-B lines, the restored PNG
 the results folder, and the `--json` summaries. The model is loaded once per run; the scripts
 are presets (`Preset`) that fix the mode, the channel count and the defaults of the original.
 Inputs are degraded ahead, and results scored and written behind the network, on worker threads
-(utils/pipeline.py); the output is the same as a serial run's (`--workers 0`), in the same order.
+(runners/pipeline.py); the output is the same as a serial run's (`--workers 0`), in the same order.
 """
 import argparse
 import json
@@ -16,26 +16,25 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import resolve_device, restore
 from models.model_zoo import load_model
-from utils.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
+from runners.pipeline import Pipeline, StageClock
+from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
-from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, printable
-from utils.logger import forward_shared_logs
-from utils.metrics import scores
-from utils.pipeline import Pipeline, StageClock
+from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite
+from utils.logger import setup_logging
+from utils.metrics import mean_score, scores
 
 __all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser",
            "resolve_testset", "run", "main"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG = logging.getLogger("fbcnn.test")
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
@@ -88,7 +87,8 @@ def build_parser(preset, prog=None):
         p.add_argument("--shift", type=int, default=preset.shift,
                        help="rows and columns cropped between the two JPEGs (default %(default)s)")
     else:
-        p.add_argument("--qf-control", type=quality_factor, nargs="+", default=list(preset.qf_control),
+        p.add_argument("--qf-control", type=quality_factor, nargs="+",
+                       default=list(preset.qf_control),
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -157,36 +157,6 @@ def _settings(preset, args, prefix):
             *[Setting(f"{prefix}_qf{q}", {"qf_control": q}, qf_input=q) for q in args.qf_control]]
 
 
-def _setup_logging(log_path):
-    LOG.setLevel(logging.INFO)
-    LOG.propagate = False
-    for handler in list(LOG.handlers):
-        LOG.removeHandler(handler)
-        handler.close()
-
-    class PrintableFormatter(logging.Formatter):
-        """File names need not be valid UTF-8: log them escaped, never crash on them."""
-        def format(self, record):
-            return printable(super().format(record))
-
-    class TqdmHandler(logging.Handler):
-        def emit(self, record):
-            try:
-                tqdm.write(self.format(record), file=sys.stdout)
-            except Exception:
-                self.handleError(record)
-
-    console = TqdmHandler()
-    console.setFormatter(PrintableFormatter("%(message)s"))
-    LOG.addHandler(console)
-    make_folder(os.path.dirname(log_path))
-    to_file = logging.FileHandler(log_path, encoding="utf-8")
-    to_file.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
-    LOG.addHandler(to_file)
-    # the shared modules' notes (automatic tiling, 16-bit inputs) go to the console and the log
-    return forward_shared_logs([console, to_file])
-
-
 def _read_image(path, n_channels):
     try:
         return imread_uint(path, n_channels), None
@@ -216,11 +186,6 @@ def _fmt(value, digits):
     if value is None:
         return "-"  # no image of the setting had this score (SSIM needs 11x11 pixels)
     return "inf" if value == float("inf") else f"{value:.{digits}f}"
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]  # NaN: SSIM under 11 px
-    return float(np.mean(values)) if values else None
 
 
 def _write_json(path, summaries):
@@ -262,9 +227,9 @@ def _summarize(setting, testset, model_name, skipped, summaries):
     """Average one setting's scores and log its line (on the finishing thread, after its images)."""
     columns = list(zip(*setting.scores))
     summary = {"testset": testset, "model": model_name, **setting.keys,
-               "n_images": len(setting.scores), "psnr": _mean(columns[0]),
-               "ssim": _mean(columns[1]), "psnrb": _mean(columns[2]),
-               "qf_pred_mean": _mean(columns[3]), "skipped": skipped}
+               "n_images": len(setting.scores), "psnr": mean_score(columns[0]),
+               "ssim": mean_score(columns[1]), "psnrb": mean_score(columns[2]),
+               "qf_pred_mean": mean_score(columns[3]), "skipped": skipped}
     if summary["psnr"] is not None:
         LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%s|%s", setting.name,
                  _fmt(summary["psnr"], 2), _fmt(summary["ssim"], 3), _fmt(summary["psnrb"], 2))
@@ -296,11 +261,15 @@ def run(preset, args, clock=None):
         model = load_model(args.model, device=device)
     _check_channels(model, preset.n_channels, args.model)
     prefix = f"{testset}_{model.name}"
-    stop_forwarding = _setup_logging(os.path.join(args.results, f"{prefix}.log"))
+    # the run's lines, and the shared modules' notes (automatic tiling, 16-bit inputs), go to
+    # stdout and to the appended log of this test set and model
+    undo_logging = setup_logging(os.path.join(args.results, f"{prefix}.log"),
+                                 file_format="%(asctime)s %(levelname)s %(message)s",
+                                 stream=sys.stdout)
     try:
         return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix)
     finally:
-        stop_forwarding()
+        undo_logging()
 
 
 def _output_names(names):

@@ -18,7 +18,7 @@ order. `segment_spans` is the one walk over JPEG markers: utils/image_meta.py re
 segments through it and utils/image.py the frame size it checks before decoding.
 """
 import struct
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class JpegTruncatedError(JpegHeaderError):
     """The bytes end inside the JPEG header."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class JpegInfo:
     """The parts of a JPEG header this project uses."""
     width: int
@@ -87,7 +87,7 @@ class JpegInfo:
         return self.qtables.get(self.component_tables[1])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class HeaderQF:
     """The QF read from quantization tables: `exact` when they are IJG tables at that QF."""
     qf: int

@@ -2,7 +2,7 @@
 
 This module owns turning a loaded FBCNN into an `.onnx` file that other runtimes can use:
 
-    python -m models.export_onnx --model fbcnn_color -o fbcnn_color.onnx [--qf-input] [--check]
+    python -m runners.export_onnx --model fbcnn_color -o fbcnn_color.onnx [--qf-input] [--check]
 
 Graph: input `image` (N, C, H, W) float32 in [0, 1], any H and W; outputs `restored`
 (N, C, H, W) and `qf` (N, 1), the predicted `1 - QF/100` (QF = round(100 * (1 - qf))). The
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.model_zoo import load_model
-from utils.cli import bounded_int
+from runners.cli import bounded_int
 from utils.errors import UserError
 from utils.fileio import atomic_write
 
@@ -97,7 +97,7 @@ def check_onnx(net, path, sizes=((61, 83), (96, 128)), qf_input=False, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m models.export_onnx",
+    p = argparse.ArgumentParser(prog="python -m runners.export_onnx",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="a model name (fbcnn_color, ...) or a .pth/.safetensors file")

@@ -5,13 +5,14 @@ images on disk, one at a time, with every model loaded at most once:
 - routing: a grayscale image (a one-component JPEG; for other formats, three equal channels)
   goes to `--gray-model`, any other to `--model`, unless `--channels` forces one;
 - the QF fed to the network (`--qf`): the network's own estimate (auto), the file's
-  quantization tables (header, data/jpeg_header.py), FBCNN-D's dominant QF (dominant,
+  quantization tables (header, utils/jpeg_header.py), FBCNN-D's dominant QF (dominant,
   data/dominant_qf.py) or a fixed number;
 - files: outputs in `-o OUTDIR` (folder inputs keep their sub-folders), PNG by default, written
   atomically and only when the file was restored in full; an input is never overwritten and an
   existing output only with `--overwrite`; files found in folders that are outputs of other
   inputs (an earlier run's results) are not inputs; JPEGs are restored on their stored 8x8
-  grid and then turned by their EXIF orientation; ICC profiles are carried into PNG and JPEG outputs;
+  grid and then turned by their EXIF orientation; ICC profiles are carried into PNG and JPEG
+  outputs;
 - reporting: a progress bar, one line per failed file naming it, a summary, exit status 1 when
   any file failed (the others are still processed), 2 for a usage error;
 - `--qf-estimate`: per file the header QF, the network's QF and the dominant QF, as a table
@@ -32,23 +33,22 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
-from data.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
-from utils.cli import add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
-from utils.fileio import atomic_write_bytes
-from utils.image import (IMG_EXTENSIONS, ImageReadError, decode_uint8, display_path,
-                         imencode, read_file_bytes)
+from utils.fileio import atomic_write_bytes, display_path
+from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, imencode, read_file_bytes
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
-from utils.logger import forward_shared_logs
+from utils.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
+from utils.logger import setup_logging
 
 __all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache",
            "ModelUnavailable", "read_image", "choose_qf", "encode_image", "run_restore",
            "run_qf_estimate", "main"]
 
-LOG = logging.getLogger("fbcnn.restore")
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
            "tiff": ".tif", "bmp": ".bmp"}
 GLOB_CHARS = "*?["
@@ -60,7 +60,8 @@ def _qf_mode(text):
     try:
         return quality_factor(text)
     except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}: use auto, header, dominant or a quality factor") from None
+        raise argparse.ArgumentTypeError(f"{exc}: use auto, header, dominant or a quality "
+                                         "factor") from None
 
 
 def build_parser(prog=None):
@@ -229,7 +230,7 @@ class Decoded:
     gray: bool
     orientation: int  # EXIF orientation still to apply to the result (1 = none)
     icc: object  # bytes or None
-    jpeg_info: object  # data.jpeg_header.JpegInfo, or None for other formats
+    jpeg_info: object  # utils.jpeg_header.JpegInfo, or None for other formats
 
 
 def read_image(path, channels="auto"):
@@ -291,23 +292,6 @@ def encode_image(img, ext, quality=95, icc=None):
               ".webp": [int(cv2.IMWRITE_WEBP_QUALITY), quality]}.get(ext, [])
     data = imencode(img, ext, params)
     return embed_icc(data, ext, icc) if icc is not None else data
-
-
-def _setup_logging(quiet):
-    class TqdmHandler(logging.Handler):
-        def emit(self, record):
-            tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING
-                       else sys.stdout)
-
-    LOG.setLevel(logging.WARNING if quiet else logging.INFO)
-    LOG.propagate = False
-    for handler in list(LOG.handlers):
-        LOG.removeHandler(handler)
-    handler = TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    LOG.addHandler(handler)
-    # the shared modules' notes (automatic tiling, 16-bit inputs), as the test scripts show them
-    return forward_shared_logs([handler], LOG.level)
 
 
 def _failure(path, exc):
@@ -462,8 +446,11 @@ def run_qf_estimate(args):
 def main(argv=None, prog=None):
     """Entry point: exit status 0 (all done), 1 (some files failed) or 2 (usage error)."""
     args = build_parser(prog).parse_args(argv)
-    stop_forwarding = _setup_logging(args.quiet)
+    # info to stdout, warnings and errors to stderr; the shared modules' notes (automatic
+    # tiling, 16-bit inputs) as the test scripts show them
+    undo_logging = setup_logging(level=logging.WARNING if args.quiet else logging.INFO,
+                                 stream=sys.stdout, error_stream=sys.stderr)
     try:
         return run_cli(lambda: run_qf_estimate(args) if args.qf_estimate else run_restore(args))
     finally:
-        stop_forwarding()
+        undo_logging()

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data.dataset_jpeg import IterationBatchSampler, define_dataset, worker_init_fn
+from data.dataset_jpeg import (IterationBatchSampler, dataset_channels, define_dataset,
+                               worker_init_fn)
 from data.jpeg import label_to_qf
 from models.model_fbcnn import ModelFBCNN
 from models.model_zoo import infer_fbcnn_kwargs
@@ -43,13 +44,12 @@ from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, ini
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import ImageReadError, imwrite, tensor2uint
-from utils.logger import MetricsWriter, progress_bar, setup_logging
-from utils.metrics import scores
-from utils.options import dataset_channels
+from utils.logger import LOG_FORMAT, MetricsWriter, progress_bar, setup_logging
+from utils.metrics import mean_score, scores
 
 __all__ = ["RunDirs", "make_loader", "train", "validate"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,6 @@ def _measure(E, H):
     return dict(zip(("psnr", "ssim", "psnrb"), scores(E, H)))
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
     """Restore every test image blind; per-image and average PSNR/SSIM/PSNR-B and predicted QF.
 
@@ -146,7 +141,7 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
             make_folder(folder)
             imwrite(os.path.join(folder, f"{os.path.basename(name)}_{step}.png"), img_E)
     keys = [k for k in rows[0] if k != "name"] if rows else []
-    average = {k: _mean([r[k] for r in rows]) for k in keys}
+    average = {k: mean_score([r[k] for r in rows]) for k in keys}
     return rows, average
 
 
@@ -428,7 +423,9 @@ def train(opt):
         stack.callback(cleanup)
         if info.is_main:
             stack.enter_context(_run_folder_lock(dirs.task_dir))
-        undo_logging = setup_logging(dirs.log, info.is_main)
+        undo_logging = setup_logging(dirs.log if info.is_main else None,
+                                     logging.INFO if info.is_main else logging.WARNING,
+                                     console_format=LOG_FORMAT)
         stack.callback(undo_logging)
         trainer = _Trainer(opt, info, dirs)
         stack.callback(trainer.close)

@@ -5,7 +5,7 @@ sub-image has 12 times fewer pixels to decode and still leaves room for the rand
 of the double-JPEG presets.
 Usage (from the repository root):
 
-    python -m data.prepare_subimages ../trainsets/Data_DIV2K_Flickr2K ../trainsets/DF2K_sub480 \
+    python -m runners.prepare_subimages ../trainsets/Data_DIV2K_Flickr2K ../trainsets/DF2K_sub480 \
         --size 480 --step 240 --workers 8
 
 Windows start every `step` pixels; a last window is added flush with the right/bottom edge when
@@ -24,16 +24,18 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import cv2
+from tqdm import tqdm
 
 from data.dataset_jpeg import list_images_recursive
-from utils.cli import run_cli
+from runners.cli import run_cli
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import imread_uint, imwrite, read_image_header
+from utils.logger import setup_logging
 
 __all__ = ["window_starts", "cut_image", "prepare", "main"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"fbcnn.{__name__}")
 
 
 def window_starts(length, size, step, thresh):
@@ -82,8 +84,6 @@ def _record_settings(dst, settings):
 
 def prepare(src, dst, size=480, step=240, thresh=48, workers=4, compression=3, progress=True):
     """Cut every image below `src` into `dst`; returns (images, sub-images written, skipped)."""
-    from tqdm import tqdm
-
     if not os.path.isdir(src):
         raise UserError(f"{src}: no such folder")
     if size < 1 or step < 1 or thresh < 0:
@@ -138,7 +138,8 @@ def main(argv=None):
     parser.add_argument("--compression", type=int, default=3,
                         help="PNG compression 0-9 (default 3)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
+
     def body():
         n, written, skipped = prepare(args.src, args.dst, args.size, args.step, args.thresh,
                                       args.workers, args.compression)
