@@ -61,6 +61,12 @@ SCHEMA = Section({
             "dataloader_persistent_workers": Key("bool", True, "keep loader processes alive"),
             "dataloader_prefetch_factor": Key("int", 2, "batches each loader process prepares "
                                               "ahead", minimum=1),
+            "qf_uniform_prob": Key("float", None, "share of the first JPEGs whose QF is drawn "
+                                   "uniformly from the dataset type's range instead of from "
+                                   "its list of decades; null: the dataset type's (0.25, as "
+                                   "the original). Higher values show the network more high "
+                                   "QFs (the lite CPU recipes)", nullable=True, minimum=0,
+                                   maximum=1),
             "cache": Key("str", "none", "`memory`: decode every training image once and keep it "
                          "in RAM (small sets only)", choices=("none", "memory")),
         }),

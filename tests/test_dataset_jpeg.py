@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from runners import prepare_subimages
 from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
                                SampleKey, define_dataset, rgb_to_training_gray)
 from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, sample_qf
+from runners import prepare_subimages
 from utils.errors import UserError
 from utils.image import imread_uint, rgb2y_matlab
 
@@ -39,14 +39,14 @@ def _labels(dataset, n, double=False):
 def test_presets_follow_spec_section_2():
     color, gray, gray2, color2 = (DATASET_PRESETS[n] for n in
                                   ("jpeg", "jpeggray", "jpeggraydouble", "jpegdouble"))
-    assert (color.gray, color.qf_range, color.qf_choices, color.double_prob) == \
-        (False, (8, 96), (10, 20, 30, 40, 50, 60), 0.0)
-    assert (gray.gray, gray.qf_range, gray.qf_choices, gray.double_prob) == \
-        (True, (5, 95), (10, 20, 30, 40, 50, 60), 0.0)
-    assert (gray2.gray, gray2.qf_range, gray2.qf_choices, gray2.double_prob) == \
-        (True, (5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5)
-    assert (gray2.double_qf_range, gray2.double_qf_choices, gray2.double_qf_uniform_prob) == \
-        ((5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5)
+    assert ((color.gray, color.qf_range, color.qf_choices, color.double_prob) ==
+            (False, (8, 96), (10, 20, 30, 40, 50, 60), 0.0))
+    assert ((gray.gray, gray.qf_range, gray.qf_choices, gray.double_prob) ==
+            (True, (5, 95), (10, 20, 30, 40, 50, 60), 0.0))
+    assert ((gray2.gray, gray2.qf_range, gray2.qf_choices, gray2.double_prob) ==
+            (True, (5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5))
+    assert ((gray2.double_qf_range, gray2.double_qf_choices, gray2.double_qf_uniform_prob) ==
+            ((5, 95), (10, 20, 30, 40, 50, 60, 70), 0.5))
     assert color2 == Degradation(**{**gray2.__dict__, "gray": False})
     for d in (color, gray, gray2, color2):
         assert (d.qf_uniform_prob, d.y_prob, d.shift_prob, d.max_shift) == (0.25, 0.75, 0.5, 8)
@@ -148,6 +148,23 @@ def test_memory_cache_gives_the_same_items(image_dir):
     assert cached.images is not None and len(cached.images) == 4
     for key in (SampleKey(0, 0, False), SampleKey(3, 17, False)):
         assert torch.equal(disk[key]["L"], cached[key]["L"])
+
+
+def test_qf_uniform_prob_option_changes_the_share_of_uniform_draws(image_dir):
+    """datasets.train.qf_uniform_prob replaces the preset's 0.25: at 1 no QF comes from the
+    decades alone, so QFs off the decades appear about 80/89 of the time (jpeg: 8..96)."""
+    entry = {"dataset_type": "jpeg", "dataroot_H": str(image_dir), "H_size": P, "cache": "none"}
+    off_decades = {}
+    for prob in (None, 1.0):
+        dataset = define_dataset({**entry, "qf_uniform_prob": prob}, "train", 3, seed=5)
+        assert dataset.degradation.qf_uniform_prob == (0.25 if prob is None else prob)
+        qfs = [round(100 - 100 * label) for label in _labels(dataset, 400)]
+        off_decades[prob] = np.mean([q % 10 != 0 or q > 60 for q in qfs])
+    assert off_decades[None] == pytest.approx(0.25 * 80 / 89, abs=0.06)
+    assert off_decades[1.0] == pytest.approx(80 / 89, abs=0.06)
+    test_set = define_dataset({"dataset_type": "jpeg", "dataroot_H": str(image_dir), "qf": 10},
+                              "test", 3)
+    assert test_set.degradation is DATASET_PRESETS["jpeg"]  # a training option only
 
 
 def test_unknown_dataset_type_and_small_images(image_dir):
