@@ -156,8 +156,8 @@ def main(argv=None):
             for layout in args.layout:
                 for tile, cache in tilings:
                     megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
-                    label = "untiled" if tile is None else \
-                        f"{tile}/{args.tile_overlap}, cache {cache:g} GiB"
+                    label = ("untiled" if tile is None else
+                             f"{tile}/{args.tile_overlap}, cache {cache:g} GiB")
                     base = {"input": name, "precision": precision, "layout": layout,
                             "tiling": label}
                     if tile is None and megapixels > untiled_max:

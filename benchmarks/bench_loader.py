@@ -56,8 +56,8 @@ def main(argv=None):
                                         double_prob=dataset.degradation.double_prob)
         info = SimpleNamespace(world_size=1, device=torch.device("cpu"))
         batches = iter(make_loader(dataset, sampler, train_opt, info))
-        warmup = args.warmup if args.warmup is not None else \
-            max(2, workers * train_opt["dataloader_prefetch_factor"])
+        warmup = (args.warmup if args.warmup is not None else
+                  max(2, workers * train_opt["dataloader_prefetch_factor"]))
         for _ in range(warmup):
             next(batches)
         start = time.perf_counter()

@@ -62,8 +62,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    folder = args.testset if os.path.isdir(args.testset) else \
-        os.path.join(REPO_ROOT, "testsets", args.testset)
+    folder = (args.testset if os.path.isdir(args.testset) else
+              os.path.join(REPO_ROOT, "testsets", args.testset))
     pixels = sum(read_image_header(path).pixels for path in list_images(folder))  # no decoding
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:

@@ -157,8 +157,8 @@ def device_name(device):
                     break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def print_table(rows, columns):

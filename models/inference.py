@@ -85,8 +85,8 @@ def check_options(precision="fp32", tile=None, tile_overlap=32):
     """Raise ValueError, naming the argument, unless the options are valid for `restore`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if tile_overlap is None or int(tile_overlap) != tile_overlap or tile_overlap < 0 \
-            or tile_overlap % 8:
+    if (tile_overlap is None or int(tile_overlap) != tile_overlap or tile_overlap < 0
+            or tile_overlap % 8):
         raise ValueError(f"tile_overlap={tile_overlap!r}: must be 0 or a positive multiple of 8 "
                          f"(tiles stay on the 8x8 JPEG grid)")
     if tile is None:
@@ -305,16 +305,16 @@ def resolve_device(device):
 
 
 def _untiled_limit(max_untiled_megapixels):
-    return CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None \
-        else max_untiled_megapixels
+    return (CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None
+            else max_untiled_megapixels)
 
 
 def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=None):
     """`(tile, tile_overlap)` that `restore` starts with for an image of `shape` (H, W, ...):
     the given tile, or on CPU `DEFAULT_TILE["cpu"]` above `max_untiled_megapixels`. (On CUDA an
     untiled pass may still fall back to tiles when it runs out of memory.)"""
-    if tile is None and torch.device(device).type == "cpu" \
-            and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels) * 1e6:
+    if (tile is None and torch.device(device).type == "cpu"
+            and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels) * 1e6):
         tile = DEFAULT_TILE["cpu"]
         tile_overlap = fit_overlap(tile, tile_overlap)
     return tile, tile_overlap

@@ -261,11 +261,11 @@ class ModelFBCNN:
     def _regularize(self, current_step):
         t = self.opt_train
         on_save = current_step % t["checkpoint_save"] == 0
-        if t["G_regularizer_orthstep"] and current_step % t["G_regularizer_orthstep"] == 0 \
-                and not on_save:
+        if (t["G_regularizer_orthstep"] and current_step % t["G_regularizer_orthstep"] == 0
+                and not on_save):
             self.bare.apply(regularizer_orth)
-        if t["G_regularizer_clipstep"] and current_step % t["G_regularizer_clipstep"] == 0 \
-                and not on_save:
+        if (t["G_regularizer_clipstep"] and current_step % t["G_regularizer_clipstep"] == 0
+                and not on_save):
             self.bare.apply(regularizer_clip)
 
     def update_learning_rate(self):

@@ -281,8 +281,8 @@ def load_model(name_or_path, device="cpu", model_dir=None, progress=True, option
         raise UserError(f"{option} {name_or_path!r}: not a known model name ({known}) "
                         f"nor an existing .pth/.safetensors file")
     try:
-        path = resolve_weights(name_or_path, model_dir=model_dir, progress=progress) \
-            if name_or_path in MODEL_ZOO else name_or_path
+        path = (resolve_weights(name_or_path, model_dir=model_dir, progress=progress)
+                if name_or_path in MODEL_ZOO else name_or_path)
         state_dict = load_state_dict_file(path)
         net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))
     except UserError as exc:  # a failed download, a corrupt or foreign file: it names the file

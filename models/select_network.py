@@ -98,8 +98,8 @@ def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2, 
 
 
 def _is_bn_branch(module):
-    return isinstance(module, nn.Sequential) and len(module) == 4 and \
-        isinstance(module[1], nn.BatchNorm2d)
+    return (isinstance(module, nn.Sequential) and len(module) == 4 and
+            isinstance(module[1], nn.BatchNorm2d))
 
 
 @torch.no_grad()

@@ -121,8 +121,8 @@ def resolve_testset(testset, root):
         return os.path.abspath(path)
     if os.path.isdir(testset):
         return os.path.abspath(testset)
-    known = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
-        if os.path.isdir(root) else []
+    known = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+             if os.path.isdir(root) else [])
     hint = f"; sets in {root}: {', '.join(known)}" if known else f"; {root} holds no test sets"
     raise UserError(f"--testset {testset!r}: no folder {path}{hint}")
 

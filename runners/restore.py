@@ -162,8 +162,8 @@ def collect_inputs(inputs, recursive=False, exclude=None):
             def unreadable(exc, unlisted=unlisted):  # a folder that cannot be listed
                 unlisted.append(f"{exc.filename}: cannot list this folder ({exc.strerror})")
 
-            walker = os.walk(arg, onerror=unreadable) if recursive else \
-                _top_level(arg, unreadable)
+            walker = (os.walk(arg, onerror=unreadable) if recursive else
+                      _top_level(arg, unreadable))
             for folder, dirs, names in walker:
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
                     exclude and _strictly_inside(exclude, arg)
@@ -258,8 +258,8 @@ def read_image(path, channels="auto"):
         flags = (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_GRAYSCALE
     img = decode_uint8(data, flags, path)
     if img.ndim == 3:
-        if channels == "auto" and info is None and np.array_equal(img[..., 0], img[..., 1]) \
-                and np.array_equal(img[..., 1], img[..., 2]):
+        if (channels == "auto" and info is None and np.array_equal(img[..., 0], img[..., 1])
+                and np.array_equal(img[..., 1], img[..., 2])):
             gray = True
         if gray:
             img = img[..., 0] if channels == "auto" else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
@@ -366,8 +366,8 @@ def run_restore(args):
             atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
                                replace=args.overwrite)
             done += 1
-            used = f"{qf} ({qf_source})" if qf is not None else \
-                "network's" if qf_source == "network" else f"network's ({qf_source})"
+            used = (f"{qf} ({qf_source})" if qf is not None else
+                    "network's" if qf_source == "network" else f"network's ({qf_source})")
             predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
             LOG.info("%s -> %s [%s, QF %s%s]", shown, display_path(dest),
                      "gray" if decoded.gray else "colour", used, predicted)

@@ -182,65 +182,96 @@ class _Trainer:
         self.jpeg_cache = {}
 
     def setup(self):
-        opt, info, t = self.opt, self.info, self.t
-        latest = _resume_point(self.dirs, info)
-        saved = None
-        if latest is not None:
-            try:
-                saved = ckpt.load_training_state(self.dirs.models, latest)
-            except UserError as exc:
-                if info.world_size > 1 and not info.is_main:
-                    raise UserError(f"{exc}; multi-node runs need the run folder on a shared "
-                                    f"filesystem to resume") from None
-                raise
-            saved_opt = json.loads(saved[1]["options"])
+        """Everything before the first iteration, in order: the resume point, the seed, the
+        data, warnings about the options, the model (resumed, pretrained or new), the loader,
+        and the run folder's records."""
+        latest, saved = self._resume_state()
+        seed = self._settle_seed(saved)
+        self._build_datasets(seed)
+        self._warn_about_options()
+        self._build_model(latest, saved)
+        self._build_loader(seed)
+        if self.info.is_main:
+            self._start_records()
+
+    def _resume_state(self):
+        """`(iteration, (network state, training state))` of the newest complete checkpoint,
+        or `(None, None)` for a new run."""
+        latest = _resume_point(self.dirs, self.info)
+        if latest is None:
+            return None, None
+        try:
+            return latest, ckpt.load_training_state(self.dirs.models, latest)
+        except UserError as exc:
+            if self.info.world_size > 1 and not self.info.is_main:
+                raise UserError(f"{exc}; multi-node runs need the run folder on a shared "
+                                f"filesystem to resume") from None
+            raise
+
+    def _settle_seed(self, saved):
+        """The run's seed (from the options, else the checkpoint's, else drawn once and then
+        stored with every checkpoint); every RNG is seeded with it."""
+        t, info = self.t, self.info
+        if saved is not None:
+            stored = json.loads(saved[1]["options"])["train"]["manual_seed"]
             if t["manual_seed"] is None:
-                t["manual_seed"] = saved_opt["train"]["manual_seed"]
-            elif t["manual_seed"] != saved_opt["train"]["manual_seed"]:
+                t["manual_seed"] = stored
+            elif t["manual_seed"] != stored:
                 logger.warning("train.manual_seed %d differs from the checkpoint's %d: the data "
-                               "stream will not continue as before", t["manual_seed"],
-                               saved_opt["train"]["manual_seed"])
+                               "stream will not continue as before", t["manual_seed"], stored)
         if t["manual_seed"] is None:
             t["manual_seed"] = _broadcast_int(random.SystemRandom().randrange(2 ** 31)
                                               if info.is_main else 0, info)
-        seed = t["manual_seed"]
-        _seed_everything(seed)
+        _seed_everything(t["manual_seed"])
         if info.device.type == "cuda":
             torch.backends.cudnn.benchmark = t["cudnn_benchmark"]
+        return t["manual_seed"]
 
-        train_opt = opt["datasets"]["train"]
+    def _build_datasets(self, seed):
+        opt, info = self.opt, self.info
+        train_opt, test_opt = opt["datasets"]["train"], opt["datasets"]["test"]
         self.train_set = define_dataset(train_opt, "train", opt["n_channels"], seed=seed,
                                         progress=info.is_main)
-        self.test_set = None
-        test_opt = opt["datasets"]["test"]
         self.has_test = test_opt is not None
+        self.test_set = None
         if self.has_test and info.is_main:
             self.test_set = define_dataset(test_opt, "test", opt["netG"]["in_nc"])
-            if dataset_channels(test_opt["dataset_type"]) != opt["netG"]["in_nc"]:
-                logger.info("datasets.test.dataset_type %r does not match netG.in_nc %d: the "
-                            "test images are read with %d channel(s)", test_opt["dataset_type"],
-                            opt["netG"]["in_nc"], opt["netG"]["in_nc"])
-        for phase, entry in (("train", train_opt), ("test", test_opt)):
-            if entry is not None and entry["dataroot_L"] is not None and info.is_main:
+
+    def _warn_about_options(self):
+        """Log (rank 0) what the options ask for that will not happen as written."""
+        opt = self.opt
+        if not self.info.is_main:
+            return
+        test_opt = opt["datasets"]["test"]
+        if test_opt is not None and (dataset_channels(test_opt["dataset_type"])
+                                     != opt["netG"]["in_nc"]):
+            logger.info("datasets.test.dataset_type %r does not match netG.in_nc %d: the "
+                        "test images are read with %d channel(s)", test_opt["dataset_type"],
+                        opt["netG"]["in_nc"], opt["netG"]["in_nc"])
+        for phase in ("train", "test"):
+            entry = opt["datasets"][phase]
+            if entry is not None and entry["dataroot_L"] is not None:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
-
-        if torch.device(info.device).type == "cpu" and opt["train"]["amp"] != "off" \
-                and info.is_main:
+        if self.info.device.type == "cpu" and self.t["amp"] != "off":
             logger.warning("train.amp %r on the CPU: autocast is much slower than fp32 on CPUs "
                            "without native %s arithmetic (15x on this project's 2-core AMD "
                            "EPYC, docs/training.md); --set train.amp=off for CPU runs",
-                           opt["train"]["amp"], opt["train"]["amp"])
-        total = opt["train"]["total_iter"]
-        if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total \
-                and info.is_main:
+                           self.t["amp"], self.t["amp"])
+        total = self.t["total_iter"]
+        if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total:
             logger.warning("merge_bn_startpoint %d is after train.total_iter %d: this run ends "
                            "before BatchNorm is folded, so its networks keep BatchNorm (resume "
                            "with a larger train.total_iter to fold it)",
                            opt["merge_bn_startpoint"], total)
+
+    def _build_model(self, latest, saved):
+        """The model, from the checkpoint, from `path.pretrained_netG`, or initialised."""
+        opt, info = self.opt, self.info
         # the checkpoint says whether BatchNorm was folded (merge_bn_startpoint may have moved)
-        merged = saved is not None and "B" in opt["netG"]["act_mode"] and "B" not in \
-            infer_fbcnn_kwargs(saved[0], ckpt.network_file(self.dirs.models, latest))["act_mode"]
+        merged = (saved is not None and "B" in opt["netG"]["act_mode"] and "B" not in
+                  infer_fbcnn_kwargs(saved[0], ckpt.network_file(self.dirs.models,
+                                                                 latest))["act_mode"])
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
         self.start = latest or 0
         if saved is not None:
@@ -263,28 +294,33 @@ class _Trainer:
         else:
             logger.info("starting from scratch (init_type %s)", opt["netG"]["init_type"])
 
+    def _build_loader(self, seed):
+        train_opt, info = self.opt["datasets"]["train"], self.info
         self.sampler = IterationBatchSampler(
             len(self.train_set), train_opt["dataloader_batch_size"], info.rank, info.world_size,
             seed=seed, shuffle=train_opt["dataloader_shuffle"],
             double_prob=self.train_set.degradation.double_prob, start_iter=self.start + 1)
-        self.loader = make_loader(self.train_set, self.sampler, train_opt, info)
+        self.loader = make_loader(self.train_set, self.sampler, train_opt, self.info)
 
-        if info.is_main:
-            for folder in (self.dirs.models, self.dirs.options):  # images/: when one is saved
-                make_folder(folder)
-            stamp = time.strftime("%y%m%d_%H%M%S")
-            path, n = os.path.join(self.dirs.options, f"train_{stamp}.json"), 1
-            while os.path.exists(path):  # two starts within one second keep both records
-                n += 1
-                path = os.path.join(self.dirs.options, f"train_{stamp}_{n}.json")
-            atomic_write_bytes(path, (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
-            self.metrics = MetricsWriter(self.dirs.metrics, self.dirs.tensorboard)
-            logger.info("options: %s", json.dumps(opt))
-            logger.info("netG %s, act_mode %s; %d training images in %s, batch %d on %d "
-                        "process(es), device %s", ModelFBCNN.describe(self.model.bare),
-                        net_act_mode(self.model.bare), len(self.train_set),
-                        train_opt["dataroot_H"], train_opt["dataloader_batch_size"],
-                        info.world_size, info.device)
+    def _start_records(self):
+        """The run folder's models/ and options/ (this start's resolved options, kept beside
+        every earlier start's), metrics.jsonl, and the first log lines."""
+        opt, train_opt = self.opt, self.opt["datasets"]["train"]
+        for folder in (self.dirs.models, self.dirs.options):  # images/: when one is saved
+            make_folder(folder)
+        stamp = time.strftime("%y%m%d_%H%M%S")
+        path, n = os.path.join(self.dirs.options, f"train_{stamp}.json"), 1
+        while os.path.exists(path):  # two starts within one second keep both records
+            n += 1
+            path = os.path.join(self.dirs.options, f"train_{stamp}_{n}.json")
+        atomic_write_bytes(path, (json.dumps(opt, indent=2) + "\n").encode(), fsync=False)
+        self.metrics = MetricsWriter(self.dirs.metrics, self.dirs.tensorboard)
+        logger.info("options: %s", json.dumps(opt))
+        logger.info("netG %s, act_mode %s; %d training images in %s, batch %d on %d "
+                    "process(es), device %s", ModelFBCNN.describe(self.model.bare),
+                    net_act_mode(self.model.bare), len(self.train_set),
+                    train_opt["dataroot_H"], train_opt["dataloader_batch_size"],
+                    self.info.world_size, self.info.device)
 
     def log_train(self, step, timer):
         values = {k: float(v) for k, v in self.model.log_dict.items()}
@@ -377,8 +413,8 @@ class _Trainer:
             while total is None or step < total:
                 data = next(batches)
                 step += 1
-                if self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"] \
-                        and "B" in net_act_mode(model.bare):
+                if (self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]
+                        and "B" in net_act_mode(model.bare)):
                     model.merge_bnorm()
                     logger.info("iteration %d: BatchNorm folded into the convolutions "
                                 "(act_mode now %s)", step, net_act_mode(model.bare))

@@ -43,8 +43,8 @@ def test_conv_flops_match_the_layers_and_the_reference_cost():
     assert fbcnn_conv_flops(net, 37, 50) == _hooked_conv_flops(net, 37, 50)
     full = FBCNN()  # nc 64..512, nb 4: the 5.41 TFLOP per megapixel
     assert fbcnn_conv_flops(full, 1000, 1000) / 1e12 == pytest.approx(5.41, abs=0.01)
-    assert fbcnn_conv_flops(full, 1000, 1000, with_qf_head=False) \
-        < fbcnn_conv_flops(full, 1000, 1000)
+    assert (fbcnn_conv_flops(full, 1000, 1000, with_qf_head=False)
+            < fbcnn_conv_flops(full, 1000, 1000))
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -151,8 +151,8 @@ def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, k
                               "--workers", "1", "--max-size", "64", "--model", str(weights),
                               "--device", "cpu", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
-    assert [(s["qf1"], s["qf2"], s["dominant"], s["n_images"]) for s in result["summaries"]] \
-        == [(10, 30, 10, 2), (30, 10, 10, 2)]
+    assert ([(s["qf1"], s["qf2"], s["dominant"], s["n_images"]) for s in result["summaries"]]
+            == [(10, 30, 10, 2), (30, 10, 10, 2)])
     model = load_model(str(weights))
     for row in result["images"]:
         img_H = imread_uint(str(folder / row["image"]), 1)
@@ -206,8 +206,8 @@ def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
     assert [s["name"] for s in result["steps"]] == [s[0] for s in gpu_session.STEPS]
     assert all(s["status"] == "ok" for s in result["steps"])
     by_name = {s["name"]: s for s in result["steps"]}
-    assert [r["input"].split()[0] for r in by_name["inference_12mp"]["results"]["rows"]] == \
-        ["synthetic"] * 3  # --limit 0: the synthetic photo alone, untiled and two caches
+    assert ([r["input"].split()[0] for r in by_name["inference_12mp"]["results"]["rows"]] ==
+            ["synthetic"] * 3)  # --limit 0: the synthetic photo alone, untiled and two caches
     assert by_name["test_script_fp32"]["results"]["rows"][0]["n_images"] == 5
     assert by_name["train"]["results"]["rows"][0]["patches_per_s"] > 0
     log = (tmp_path / "gpu_session.log").read_text()

@@ -71,8 +71,8 @@ def test_find_models_prefers_requested_then_lite_then_released(tmp_path, tiny_pa
     assert found["fbcnn_color_lite"] == lite and found["fbcnn_color"] == "fbcnn_color"
     found = find_models(model_dir=str(tmp_path), requested=tiny_path)
     assert list(found)[0] == "tiny" and found["tiny"] == tiny_path
-    assert list(find_models(model_dir=str(tmp_path), requested="fbcnn_color")) == \
-        ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"]
+    assert (list(find_models(model_dir=str(tmp_path), requested="fbcnn_color")) ==
+            ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"])
 
 
 def test_find_models_refuses_the_jpeg_pseudo_model(tmp_path):
@@ -303,5 +303,5 @@ def test_tile_off_the_jpeg_grid_is_a_usage_error(tile, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--tile", tile])
     assert exit_.value.code == 2
-    assert f"argument --tile: {message} (tiles follow the 8x8 JPEG grid)" \
-        in capsys.readouterr().err
+    assert (f"argument --tile: {message} (tiles follow the 8x8 JPEG grid)"
+            in capsys.readouterr().err)

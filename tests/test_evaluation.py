@@ -220,8 +220,8 @@ def test_testsets_are_copies_of_shared(testsets_dir, shared_testsets):
         ours = sorted(os.listdir(os.path.join(testsets_dir, name)))
         assert ours == sorted(os.listdir(os.path.join(shared_testsets, name)))
         for file in ours:
-            with open(os.path.join(testsets_dir, name, file), "rb") as a, \
-                    open(os.path.join(shared_testsets, name, file), "rb") as b:
+            with (open(os.path.join(testsets_dir, name, file), "rb") as a,
+                  open(os.path.join(shared_testsets, name, file), "rb") as b):
                 assert a.read() == b.read(), f"{name}/{file} differs"
 
 

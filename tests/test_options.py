@@ -44,11 +44,11 @@ def test_shipped_option_files_load_unchanged_with_spec_values(name, dataset_type
             train_set["dataloader_num_workers"]) == (96, 128, 16)
     assert (net["nc"], net["nb"], net["act_mode"], net["init_type"], net["init_bn_type"],
             net["init_gain"]) == ([64, 128, 256, 512], 4, "BR", "orthogonal", "uniform", 0.2)
-    assert (train["G_optimizer_lr"], train["QF_lossfn_weight"], train["G_scheduler_gamma"]) == \
-        (2e-5, 0.001, 0.5)
+    assert ((train["G_optimizer_lr"], train["QF_lossfn_weight"], train["G_scheduler_gamma"]) ==
+            (2e-5, 0.001, 0.5))
     assert train["G_scheduler_milestones"] == [200000, 400000, 1200000, 1600000, 1800000]
-    assert (train["checkpoint_test"], train["checkpoint_save"], train["checkpoint_print"]) == \
-        (2500, 5000, 500)
+    assert ((train["checkpoint_test"], train["checkpoint_save"], train["checkpoint_print"]) ==
+            (2500, 5000, 500))
     assert opt["datasets"]["test"]["dataset_type"] == "jpeg"  # gray nets: follows in_nc instead
     assert train["total_iter"] is None and train["amp"] == "off"
 
@@ -334,5 +334,5 @@ def test_train_script_prints_one_error_line_and_exits_2(tmp_path):
 def test_docs_training_holds_the_options_reference_as_printed():
     with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
         doc = f.read()
-    assert options_reference_markdown() in doc, \
-        "docs/training.md is out of date: paste the output of `python -m runners.train_options`"
+    assert options_reference_markdown() in doc, (
+        "docs/training.md is out of date: paste the output of `python -m runners.train_options`")

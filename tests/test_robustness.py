@@ -115,8 +115,8 @@ def test_runner_reports_a_folder_named_like_an_image(set_with_a_folder, tiny_wei
     assert main(COLOR, ["--model", tiny_weights[3], "--testset", str(set_with_a_folder),
                         "--qf", "20", "--json", str(summary_path),
                         "--results", str(tmp_path / "res")]) == 0
-    assert f"skipped {set_with_a_folder}/folder.png: a folder, not an image file" in \
-        capsys.readouterr().out
+    assert (f"skipped {set_with_a_folder}/folder.png: a folder, not an image file" in
+            capsys.readouterr().out)
     assert json.loads(summary_path.read_text())[0]["skipped"] == ["folder.png"]
 
 

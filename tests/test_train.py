@@ -150,8 +150,8 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
     for row in record["images"]:
         H = imread_uint(os.path.join(test_dir, f"{row['name']}.png"), 3)
         E, qf = restore(LoadedModel("tiny", net, 3), jpeg(H, 10))
-        assert (psnr(E, H), ssim(E, H), psnrb(E, H), qf) == \
-            pytest.approx((row["psnr"], row["ssim"], row["psnrb"], row["qf"]), abs=1e-9)
+        assert ((psnr(E, H), ssim(E, H), psnrb(E, H), qf) ==
+                pytest.approx((row["psnr"], row["ssim"], row["psnrb"], row["qf"]), abs=1e-9))
 
 
 @pytest.mark.parametrize("overrides,rel", [(["train.amp=bf16"], 3e-2),
@@ -271,8 +271,8 @@ def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
     status = main_train_fbcnn.main(["-opt", option_file, "--set", f"path.root={tmp_path}",
                                     "--set", "datasets.train.dataroot_H=/no/such/folder"])
     assert status == 2
-    assert "datasets.train.dataroot_H: training folder '/no/such/folder' does not exist" in \
-        capsys.readouterr().err
+    assert ("datasets.train.dataroot_H: training folder '/no/such/folder' does not exist" in
+            capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
 
 
@@ -282,8 +282,8 @@ def test_a_file_where_the_run_folder_should_be_is_one_error_line(option_file, tm
     status = main_train_fbcnn.main(["-opt", option_file, "--set", f"path.root={blocker}"])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert f"error: {blocker}{os.sep}tiny: cannot create this folder ({blocker} is a file, " \
-        "not a folder)" in err
+    assert (f"error: {blocker}{os.sep}tiny: cannot create this folder ({blocker} is a file, "
+            "not a folder)" in err)
 
 
 def test_validation_with_no_readable_image_is_skipped_not_fatal(option_file, tmp_path, caplog):
@@ -324,8 +324,8 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     assert "merge_bn_startpoint 3 is after train.total_iter 2" in _log(
         os.path.join(tmp_path, "tiny"))
     models = os.path.join(tmp_path, "tiny", "models")
-    assert build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.safetensors"))) \
-        .m_down1[0].res[1].__class__.__name__ == "BatchNorm2d"
+    assert (build_from_state_dict(load_state_dict_file(os.path.join(models, "2_G.safetensors")))
+            .m_down1[0].res[1].__class__.__name__ == "BatchNorm2d")
     _run(option_file, tmp_path, "train.total_iter=4", *common)
     _run(option_file, tmp_path, "train.total_iter=5", *common)
     assert ckpt.complete_checkpoints(models) == [5]
@@ -446,8 +446,8 @@ def test_masked_qf_loss_skips_nan_labels():
     assert loss.item() == 0 and int(count) == 0 and torch.all(est.grad == 0)
     labels = torch.tensor([[0.1], [0.2], [0.3]])
     assert masked_qf_loss(est, labels)[0].item() == pytest.approx(F.l1_loss(est, labels).item())
-    assert masked_qf_loss(est, labels, "l2")[0].item() == \
-        pytest.approx(F.mse_loss(est, labels).item())
+    assert (masked_qf_loss(est, labels, "l2")[0].item() ==
+            pytest.approx(F.mse_loss(est, labels).item()))
 
 
 def _tiny_model(option_file, *overrides):

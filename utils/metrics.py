@@ -245,8 +245,8 @@ def _bef_torch(img, block=8):
     img = img.to(torch.int32)
     col_diff = img[:, :-1] - img[:, 1:]
     row_diff = img[:-1, :] - img[1:, :]
-    boundary = _sum_sq_torch(col_diff[:, block - 1::block]) \
-        + _sum_sq_torch(row_diff[block - 1::block, :])
+    boundary = (_sum_sq_torch(col_diff[:, block - 1::block])
+                + _sum_sq_torch(row_diff[block - 1::block, :]))
     inside = _sum_sq_torch(col_diff) + _sum_sq_torch(row_diff) - boundary
     return _bef_from_sums(*img.shape, boundary, inside, block)
 
