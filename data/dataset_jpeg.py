@@ -56,6 +56,9 @@ class Degradation:
     `qf_choices`. Double JPEG (iterations drawn with `double_prob`): a second JPEG after an offset
     in [0, `max_shift`], its QF drawn the same way from the `double_qf_*` fields. Gray presets
     convert RGB patches with the MATLAB Y channel (probability `y_prob`) or OpenCV's RGB->GRAY.
+    The final P x P crop is at offset 0, or (probability `shift_prob`) at a random offset in
+    [0, side - P] of the patch at hand: [0, 8] for single and double JPEG alike, except for a
+    single-JPEG sample of a double type, whose (P+16)-pixel patch allows [0, 16].
     """
     gray: bool
     qf_range: tuple
@@ -243,7 +246,11 @@ class DatasetJPEG(Dataset):
                             deg.double_qf_uniform_prob)
             patch_L = jpeg(np.ascontiguousarray(patch_L), qf2)
             label = math.nan
-        top, left = random_offset(rng, deg.max_shift) if rng.random() < deg.shift_prob else (0, 0)
+        # the final crop's offset spans what the patch at hand leaves: [0, 8] after a double
+        # JPEG, [0, 16] for a single-JPEG sample of a double type, whose patch is still P+16
+        # (the original's randint(0, H - patch_size), data/dataset_jpeggraydouble.py)
+        side = patch_L.shape[0] - size
+        top, left = random_offset(rng, side) if rng.random() < deg.shift_prob else (0, 0)
         return {"L": uint8_to_chw(crop(patch_L, top, left, size)),
                 "H": uint8_to_chw(crop(patch_H, top, left, size)),
                 "qf": torch.tensor([label], dtype=torch.float32),

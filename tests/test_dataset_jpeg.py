@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from data import dataset_jpeg
 from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
                                SampleKey, define_dataset, rgb_to_training_gray)
 from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, sample_qf
@@ -68,6 +69,36 @@ def test_training_gray_is_matlab_y_three_times_in_four():
     outs = [rgb_to_training_gray(img, rng) for _ in range(4000)]
     assert all(np.array_equal(o, y) or np.array_equal(o, cv_gray) for o in outs)
     assert abs(np.mean([np.array_equal(o, y) for o in outs]) - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("name,double,largest", [("jpeg", False, 8), ("jpeggray", False, 8),
+                                                  ("jpeggraydouble", False, 16),
+                                                  ("jpeggraydouble", True, 8),
+                                                  ("jpegdouble", False, 16),
+                                                  ("jpegdouble", True, 8)])
+def test_final_crop_offset_spans_the_patch_at_hand(image_dir, monkeypatch, name, double, largest):
+    """The P x P crop's offset is uniform in [0, side - P]: single-JPEG samples of the double
+    types keep their P+16 patch until then ([0, 16]), double-JPEG ones are P+8 ([0, 8])."""
+    calls, crop = [], dataset_jpeg.crop
+
+    def recording_crop(img, top, left, size):
+        calls.append((img.shape[0], top, left, size))
+        return crop(img, top, left, size)
+
+    monkeypatch.setattr(dataset_jpeg, "crop", recording_crop)
+    dataset = _dataset(image_dir, name)
+    offsets = []
+    for i in range(600):
+        calls.clear()
+        item = dataset[SampleKey(i % len(dataset), i, double)]
+        assert item["L"].shape[-1] == P
+        side, top, left, size = calls[-1]  # the final crop (of H; L's is the same)
+        assert size == P and side - P == largest
+        offsets += [top, left]
+    counts = np.bincount(offsets, minlength=largest + 1)
+    assert len(counts) == largest + 1  # nothing beyond the patch
+    # offset 0 also comes from the unshifted half: the other values each about 1/4 / (largest+1)
+    assert min(counts[1:]) > 0.5 * len(offsets) * 0.5 / (largest + 1)
 
 
 def test_augment_modes_are_the_eight_symmetries():

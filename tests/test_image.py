@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+from data import dataset_jpeg
 from models.inference import restore
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from tests.conftest import REPO_ROOT
-from utils import fileio
+from utils import fileio, metrics
 from utils import image as image_module
 from utils.errors import UserError
 from utils.fileio import WriteError, display_path
-from utils.image import ImageReadError, imread_uint, imwrite, read_header, read_image_header
+from utils.image import (ImageReadError, imread_uint, imwrite, read_header, read_image_header,
+                         rgb2y_matlab)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -439,3 +441,20 @@ def test_images_smaller_than_a_jpeg_block_restore(tmp_path, tiny_nets, shape, ch
     pad = ((0, -shape[0] % 8), (0, -shape[1] % 8)) + (((0, 0),) if channels == 3 else ())
     padded, qf_padded = restore(tiny_nets[channels], np.pad(img, pad, mode="edge"))
     assert np.array_equal(restored, padded[:shape[0], :shape[1]]) and qf == qf_padded
+
+
+def test_matlab_y_is_the_weighted_sum_then_one_division_on_all_rgb_triples():
+    """rgb2y_matlab over all 2^24 RGB triples equals round((65.481 R + 128.553 G + 24.966 B)
+    / 255 + 16) in float64; dividing each term first (the old formula) differs in exactly the
+    42 triples the spec counts. The data layer and the metrics use this one function."""
+    v = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([(v >> 16) & 255, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8)
+    y = rgb2y_matlab(rgb.reshape(4096, 4096, 3)).reshape(-1)
+    x = rgb.astype(np.float64)
+    formula = np.round((65.481 * x[:, 0] + 128.553 * x[:, 1] + 24.966 * x[:, 2]) / 255 + 16)
+    assert np.array_equal(y, formula.astype(np.uint8))
+    per_term = np.round(x[:, 0] * 65.481 / 255 + x[:, 1] * 128.553 / 255
+                        + x[:, 2] * 24.966 / 255 + 16)
+    assert int(np.count_nonzero(y != per_term)) == 42
+    assert (y.min(), y.max()) == (16, 235)
+    assert dataset_jpeg.rgb2y_matlab is rgb2y_matlab and metrics.rgb2y_matlab is rgb2y_matlab

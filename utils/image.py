@@ -393,9 +393,17 @@ def imwrite(path, img, params=()):
 
 
 def rgb2y_matlab(img):
-    """MATLAB-style Y (BT.601, range 16-235) of an RGB uint8 image, rounded to uint8."""
-    img = img.astype(np.float64)
-    y = img[..., 0] * 65.481 / 255 + img[..., 1] * 128.553 / 255 + img[..., 2] * 24.966 / 255 + 16
+    """MATLAB-style Y (BT.601, range 16-235) of an RGB uint8 image, rounded to uint8.
+
+    `round((65.481*R + 128.553*G + 24.966*B) / 255 + 16)` in float64: the weighted sum first,
+    then one division, as KAIR's `rgb2ycbcr(img, only_y=True)` (utils/utils_image.py) computes
+    it. The one Y of the project: the gray training datasets and PSNR-B's colour quirk use it.
+    (Dividing each term separately rounds 42 of the 2^24 RGB triples differently; KAIR writes
+    the sum as `np.dot`, whose BLAS may order or fuse it otherwise on some machines: 22 triples
+    on this project's machine, so the sum here is spelled out.)
+    """
+    rgb = img.astype(np.float64)
+    y = (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255 + 16
     return np.round(y).astype(np.uint8)
 
 

@@ -162,7 +162,7 @@ def _psnrb_from(mse, bef):
     total = mse + bef
     if total == 0:
         return float("inf")
-    return 20 * math.log10(255.0 / math.sqrt(total))  # spec section 3, as PSNR
+    return 20 * math.log10(255.0 / math.sqrt(total))  # as PSNR, with MSE + BEF
 
 
 def _psnrb(img_full, img, border, mse):
@@ -251,13 +251,6 @@ def _bef_torch(img, block=8):
     return _bef_from_sums(*img.shape, boundary, inside, block)
 
 
-def _y_torch(img):
-    """`rgb2y_matlab` of an (H, W, 3) uint8 tensor, with the same float64 operations."""
-    x = img.to(torch.float64)
-    y = x[..., 0] * 65.481 / 255 + x[..., 1] * 128.553 / 255 + x[..., 2] * 24.966 / 255 + 16
-    return torch.round(y).to(torch.uint8)  # round half to even, as np.round
-
-
 def _scores_torch(img, ref_b, border, device):
     """`scores` on `device`: `img` whole (its Y gives the colour BEF), `ref_b` already trimmed
     by `_prepare`."""
@@ -271,7 +264,9 @@ def _scores_torch(img, ref_b, border, device):
     ssim_value = _ssim_torch(a.permute(2, 0, 1).to(torch.float64),
                              b.permute(2, 0, 1).to(torch.float64))
     if a.shape[2] == 3:  # the paper's quirk: BEF on the Y of the image, MSE over RGB
-        bef = _bef_torch(_y_torch(full)[border:h - border, border:w - border])
+        # the Y channel from the one function of utils.image (on the host, one cheap pass)
+        y = torch.from_numpy(rgb2y_matlab(img)).to(device)
+        bef = _bef_torch(y[border:h - border, border:w - border])
     else:
         bef = _bef_torch(a[..., 0])
     return _psnr_from_mse(mse), ssim_value, _psnrb_from(mse, bef)
