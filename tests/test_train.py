@@ -22,13 +22,14 @@ from data.dataset_jpeg import IterationBatchSampler, define_dataset
 from data.jpeg import jpeg
 from models.inference import restore
 from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
-from models.model_zoo import (LoadedModel, build_from_state_dict, load_model, load_state_dict_file,
-                              read_fbcnn_kwargs)
+from models.model_zoo import (LoadedModel, build_from_state_dict, infer_fbcnn_kwargs, load_model,
+                              load_state_dict_file, read_fbcnn_kwargs)
 from models.network_fbcnn import FBCNN
 from models.select_network import define_G, init_weights, merge_bn, net_act_mode
 from runners.train_options import load_options
 from runners.training import train
 from utils import checkpoint as ckpt
+from utils.checkpoint import save_network
 from utils.errors import UserError
 from utils.image import imread_uint
 from utils.logger import progress_bar
@@ -724,3 +725,20 @@ def test_double_jpeg_iterations_skip_the_qf_loss(option_file, tmp_path):
         assert np.isfinite(record["loss"])
         assert (record["QF_loss"] is None) == double
         assert double or record["QF_loss"] > 0
+
+
+def test_save_network_writes_fp16_with_its_architecture(tmp_path):
+    """utils.checkpoint.save_network: the state dict in fp16 with fbcnn_kwargs, loadable by
+    name-free load_model (the architecture comes from the file), equal to the fp32 network
+    rounded to fp16."""
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1)
+    kwargs = infer_fbcnn_kwargs(net.state_dict())
+    path = save_network(str(tmp_path / "lite.safetensors"), net.state_dict(), kwargs,
+                        metadata={"trained_on": "test"}, dtype=torch.float16)
+    with safe_open(path, framework="pt") as f:
+        assert json.loads(f.metadata()["fbcnn_kwargs"]) == kwargs
+        assert f.metadata()["trained_on"] == "test"
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    loaded = load_model(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value.half().float())

@@ -28,9 +28,9 @@ from safetensors.torch import save as save_safetensors_bytes
 from utils.errors import UserError
 from utils.fileio import atomic_write, atomic_write_bytes, make_folder, remove_stale_temporaries
 
-__all__ = ["atomic_write", "save_checkpoint", "complete_checkpoints", "latest_checkpoint",
-           "load_training_state", "remove_checkpoint", "remove_stale_temporaries",
-           "rng_state", "set_rng_state", "network_file"]
+__all__ = ["atomic_write", "save_network", "save_checkpoint", "complete_checkpoints",
+           "latest_checkpoint", "load_training_state", "remove_checkpoint",
+           "remove_stale_temporaries", "rng_state", "set_rng_state", "network_file"]
 
 logger = logging.getLogger(f"fbcnn.{__name__}")
 
@@ -58,6 +58,23 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
+def save_network(path, net_state, net_kwargs=None, metadata=None, dtype=None, fsync=True):
+    """Write a network's state dict as safetensors, atomically; returns `path`.
+
+    `net_kwargs` (the FBCNN constructor arguments) go into the metadata as `fbcnn_kwargs`, so
+    the file loads without guessing the architecture; `metadata` adds string entries. `dtype`
+    (e.g. torch.float16, for shipped weights) converts the floating-point tensors.
+    """
+    entries = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    if net_kwargs is not None:
+        entries["fbcnn_kwargs"] = json.dumps(net_kwargs, sort_keys=True)
+    if dtype is not None:
+        net_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net_state.items()}
+    net_state = {k: v.detach().cpu().contiguous() for k, v in net_state.items()}
+    return atomic_write_bytes(path, save_safetensors_bytes(net_state, metadata=entries),
+                              fsync=fsync)
+
+
 def save_checkpoint(models_dir, iteration, net_state, training_state, net_kwargs=None):
     """Write checkpoint `iteration`: network, training state, then the completion marker.
 
@@ -65,13 +82,9 @@ def save_checkpoint(models_dir, iteration, net_state, training_state, net_kwargs
     network file's path. Raises WriteError when a file cannot be written.
     """
     make_folder(models_dir)
-    metadata = {"format": "pt", "iteration": str(iteration)}
-    if net_kwargs is not None:
-        metadata["fbcnn_kwargs"] = json.dumps(net_kwargs, sort_keys=True)
     net_name, state_name = f"{iteration}_G.safetensors", f"{iteration}_state.pth"
-    net_bytes = save_safetensors_bytes(net_state, metadata=metadata)
-    atomic_write_bytes(os.path.join(models_dir, net_name), net_bytes)
-    del net_bytes
+    save_network(os.path.join(models_dir, net_name), net_state, net_kwargs,
+                 metadata={"iteration": iteration})
     atomic_write(os.path.join(models_dir, state_name), lambda f: torch.save(training_state, f))
     sizes = {name: os.path.getsize(os.path.join(models_dir, name))
              for name in (net_name, state_name)}
