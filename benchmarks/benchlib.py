@@ -24,9 +24,6 @@ from utils.fileio import atomic_write_bytes
 __all__ = ["add_model_args", "add_training_option_args", "build_model", "fbcnn_conv_flops",
            "PeakMemory", "device_name", "print_table", "write_json", "REPO_ROOT"]
 
-# The reference cost of full FBCNN (nc 64..512, nb 4), TFLOP per megapixel.
-REFERENCE_TFLOP_PER_MP = 5.41
-
 
 def add_model_args(parser):
     parser.add_argument("--model", default=None,

@@ -41,7 +41,7 @@ def _hooked_conv_flops(net, height, width):
 def test_conv_flops_match_the_layers_and_the_reference_cost():
     net = FBCNN(in_nc=1, out_nc=1, nc=(8, 16, 24, 40), nb=2)
     assert fbcnn_conv_flops(net, 37, 50) == _hooked_conv_flops(net, 37, 50)
-    full = FBCNN()  # nc 64..512, nb 4: the 5.41 TFLOP per megapixel
+    full = FBCNN()  # nc 64..512, nb 4: 5.41 TFLOP per megapixel
     assert fbcnn_conv_flops(full, 1000, 1000) / 1e12 == pytest.approx(5.41, abs=0.01)
     assert (fbcnn_conv_flops(full, 1000, 1000, with_qf_head=False)
             < fbcnn_conv_flops(full, 1000, 1000))
