@@ -4,15 +4,26 @@ For each QF, runs `runners.evaluation.run` on the test set exactly as the script
 image reads, JPEG, network, PSNR/SSIM/PSNR-B, PNG writes, log), once serially (`--workers 0`)
 and once with the pipelined stages, in the same process, and reports the wall time, the seconds
 spent in each stage (summed over threads: with workers they overlap, so they can add up to more
-than the wall time) and megapixels/s after the model load. A `--random-init` model is saved to
-a temporary .safetensors file and loaded through the same path as released weights.
+than the wall time) and megapixels/s after the model load. `--warmup` untimed runs come first
+(by default one on CUDA, where the first pass pays for the CUDA context and cuDNN's choice of
+kernels per image shape), so these rows are the runner's steady speed.
+
+Then, for each `--workers` value, it runs `python main_test_fbcnn_color.py` with every `--qf` in
+a new process, as a user does, and times it from start to exit: Python's start-up, the imports,
+the model load and the first, cold pass are in that time, which is what a user waits for. Its
+PSNR per QF is compared with the runner's rows (the same on the CPU).
+
+A `--random-init` model is saved to a temporary .safetensors file and loaded through the same
+path as released weights.
 
     python benchmarks/bench_test_script.py --model fbcnn_color --device cuda --qf 10 20 30 40
     python benchmarks/bench_test_script.py --random-init --nc 16 32 64 128 --nb 2 --device cpu
 """
 import argparse
 import contextlib
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +36,19 @@ from runners.cli import run_cli
 from runners.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
 from runners.pipeline import StageClock
 from utils import REPO_ROOT
+from utils.errors import UserError
 from utils.image import list_images, read_image_header
 
 STAGES = ("load_model", "read", "jpeg", "network", "metrics", "write")
 COLUMNS = [("qf", "QF", "{}"), ("workers", "workers", "{}"), ("wall_s", "wall s", "{:.2f}"),
            *[(f"{s}_s", f"{s} s", "{:.2f}") for s in STAGES],
            ("mp_per_s_after_load", "MP/s after load", "{:.3f}"), ("psnr", "PSNR", "{:.4f}")]
+PROCESS_COLUMNS = [("qfs", "QFs", "{}"), ("workers", "workers", "{}"),
+                   ("process_s", "process s", "{:.2f}"),
+                   ("runner_s", "runner s (in-process, summed)", "{:.2f}"),
+                   ("outside_runner_s", "difference s", "{:.2f}"),
+                   ("mp_per_s", "MP/s (process)", "{:.3f}")]
+SCRIPT = os.path.join(REPO_ROOT, "main_test_fbcnn_color.py")
 
 
 def _model_argument(args, workdir):
@@ -41,6 +59,48 @@ def _model_argument(args, workdir):
     path = os.path.join(workdir, f"{model.name}.safetensors")
     save_file(model.net.state_dict(), path)
     return path
+
+
+def _runner_flags(args, model_arg, testset):
+    """The test script's command line shared by the in-process runs and the process runs."""
+    flags = ["--model", model_arg, "--testset", testset, "--device", args.device,
+             "--precision", args.precision]
+    flags += ["--tile", args.tile] if args.tile else []
+    flags += ["--channels-last"] if args.channels_last else []
+    return flags
+
+
+def _run_runner(flags, qf, workers, results):
+    """One in-process run of the runner for one QF: (wall seconds, StageClock, summary)."""
+    run_args = build_parser(COLOR).parse_args(
+        [*flags, "--qf", str(qf), "--workers", str(workers), "--results", results])
+    clock = StageClock()
+    start = time.perf_counter()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        (summary,) = run(COLOR, run_args, clock)
+    return time.perf_counter() - start, clock, summary
+
+
+def _run_process(flags, qfs, workers, workdir, threads):
+    """`python main_test_fbcnn_color.py` with every QF in a new process, timed from its start to
+    its exit: (seconds, the summaries of its --json)."""
+    results = os.path.join(workdir, f"process_w{workers}")
+    summaries = os.path.join(workdir, f"process_w{workers}.json")
+    command = [sys.executable, SCRIPT, *flags, "--qf", *map(str, qfs), "--workers", str(workers),
+               "--results", results, "--json", summaries]
+    env = dict(os.environ)
+    if threads:  # as torch.set_num_threads in this process
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = " ".join(proc.stderr.split()[-40:])
+        raise UserError(f"{os.path.basename(SCRIPT)} --workers {workers} exited with status "
+                        f"{proc.returncode}: {tail}")
+    with open(summaries, encoding="utf-8") as f:
+        return seconds, json.load(f)
 
 
 def main(argv=None):
@@ -56,32 +116,34 @@ def main(argv=None):
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     p.add_argument("--tile", default=None, help="runner --tile")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs of the first QF before the timed ones (default: 1 on "
+                        "CUDA, 0 on CPU)")
+    p.add_argument("--no-process", action="store_true",
+                   help="skip the runs of the script in a new process")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else int(args.device == "cuda")
 
     folder = (args.testset if os.path.isdir(args.testset) else
               os.path.join(REPO_ROOT, "testsets", args.testset))
+    testset = os.path.abspath(folder) if os.path.isdir(folder) else args.testset
     pixels = sum(read_image_header(path).pixels for path in list_images(folder))  # no decoding
-    rows = []
+    rows, process_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:
         model_arg = _model_argument(args, workdir)
+        flags = _runner_flags(args, model_arg, testset)
+        for i in range(warmup):
+            seconds, _, _ = _run_runner(flags, args.qf[0], args.workers[0],
+                                        os.path.join(workdir, f"warmup{i}"))
+            print(f"warm-up {i + 1}: {seconds:.1f} s", file=sys.stderr, flush=True)
         for qf in args.qf:
             for workers in args.workers:
-                results = os.path.join(workdir, f"results_qf{qf}_w{workers}")
-                cli = ["--model", model_arg, "--testset", args.testset, "--qf", str(qf),
-                       "--device", args.device, "--precision", args.precision,
-                       "--workers", str(workers), "--results", results]
-                cli += ["--tile", args.tile] if args.tile else []
-                cli += ["--channels-last"] if args.channels_last else []
-                run_args = build_parser(COLOR).parse_args(cli)
-                clock = StageClock()
-                start = time.perf_counter()
-                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                    (summary,) = run(COLOR, run_args, clock)
-                wall = time.perf_counter() - start
+                wall, clock, summary = _run_runner(flags, qf, workers, os.path.join(
+                    workdir, f"results_qf{qf}_w{workers}"))
                 row = {"qf": qf, "workers": workers, "wall_s": wall,
                        **{f"{s}_s": clock.seconds.get(s, 0.0) for s in STAGES},
                        "megapixels": pixels / 1e6,
@@ -90,14 +152,36 @@ def main(argv=None):
                        "psnrb": summary["psnrb"], "n_images": summary["n_images"]}
                 rows.append(row)
                 print(f"QF {qf}, workers {workers}: {wall:.1f} s", file=sys.stderr, flush=True)
+        for workers in [] if args.no_process else args.workers:
+            seconds, summaries = _run_process(flags, args.qf, workers, workdir, args.threads)
+            runner = [r for r in rows if r["workers"] == workers]
+            # equal on the CPU; on CUDA, cuDNN may pick other kernels in another process
+            psnr_diff = max(abs(s["psnr"] - r["psnr"]) for s, r in zip(summaries, runner))
+            if psnr_diff > 0.01:
+                print(f"warning: the script in a new process scored up to {psnr_diff:.4f} dB "
+                      f"apart from the runner", file=sys.stderr)
+            runner_s = sum(r["wall_s"] for r in runner)
+            process_rows.append({"qfs": ",".join(map(str, args.qf)), "workers": workers,
+                                 "process_s": seconds, "runner_s": runner_s,
+                                 "outside_runner_s": seconds - runner_s,
+                                 "mp_per_s": pixels * len(args.qf) / 1e6 / seconds,
+                                 "psnr": [s["psnr"] for s in summaries],
+                                 "max_psnr_diff": psnr_diff})
+            print(f"process, workers {workers}: {seconds:.1f} s", file=sys.stderr, flush=True)
     model_name = os.path.splitext(os.path.basename(model_arg))[0]
     print(f"\nDevice: {device_name(args.device)}. Model: {model_name}. Test set: {args.testset}, "
           f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. Precision "
-          f"{args.precision}. Stage seconds are summed over threads.\n")
+          f"{args.precision}. {warmup} untimed warm-up run(s) first. Stage seconds are summed "
+          f"over threads.\n")
     print_table(rows, COLUMNS)
+    if process_rows:
+        print("\nThe script in a new process (python main_test_fbcnn_color.py, every QF), from "
+              "start to exit, against the in-process runs above:\n")
+        print_table(process_rows, PROCESS_COLUMNS)
     if args.json:
         write_json(args.json, {"device": device_name(args.device), "model": model_name,
-                               "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
+                               "argv": sys.argv[1:] if argv is None else argv, "warmup": warmup,
+                               "rows": rows, "process_rows": process_rows})
     return 0
 
 

@@ -122,18 +122,36 @@ def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
     assert "3 images in" in capsys.readouterr().out
 
 
-def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep_threads):
+def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep_threads,
+                                                          monkeypatch):
     folder = _noise_images(tmp_path / "set", 2, (48, 64, 3), seed=1)
     path = tmp_path / "script.json"
+    runs = []
+    real_run = bench_test_script.run
+    monkeypatch.setattr(bench_test_script, "run",
+                        lambda *a, **k: runs.append(a[1].qf) or real_run(*a, **k))
     assert bench_test_script.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
                                    "--device", "cpu", "--testset", str(folder), "--qf", "10",
-                                   "--workers", "0", "2", "--threads", "1",
+                                   "30", "--workers", "0", "2", "--threads", "1", "--warmup", "1",
                                    "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
-    assert [(r["qf"], r["workers"], r["n_images"]) for r in rows] == [(10, 0, 2), (10, 2, 2)]
+    assert runs == [[10]] * 3 + [[30]] * 2  # the warm-up run comes before the timed ones
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert [(r["qf"], r["workers"], r["n_images"]) for r in rows] == [
+        (10, 0, 2), (10, 2, 2), (30, 0, 2), (30, 2, 2)]
     assert rows[0]["megapixels"] == pytest.approx(2 * 48 * 64 / 1e6)
     assert rows[0]["psnr"] == rows[1]["psnr"]  # serial and pipelined runs score alike
     assert all(r["network_s"] > 0 and r["metrics_s"] > 0 for r in rows)
+    # the script itself, in a new process per workers value, with both QFs: the same scores,
+    # and the start-up the warm runner rows leave out
+    process = result["process_rows"]
+    assert [(r["qfs"], r["workers"]) for r in process] == [("10,30", 0), ("10,30", 2)]
+    for r in process:
+        assert r["psnr"] == [rows[0]["psnr"], rows[2]["psnr"]] and r["max_psnr_diff"] == 0
+        assert r["runner_s"] == pytest.approx(sum(x["wall_s"] for x in rows
+                                                  if x["workers"] == r["workers"]))
+        assert r["process_s"] == pytest.approx(r["runner_s"] + r["outside_runner_s"])
+    assert "| 10,30 | 0       |" in capsys.readouterr().out
 
 
 def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, keep_threads):
