@@ -2,18 +2,21 @@
 
 Measures forward passes only (the JPEG inputs are made before the clock starts), on a test set
 (default LIVE1_color at QF 10) and on a synthetic photo of `--synthetic-mp` megapixels (a mosaic
-of the test set's images, JPEG-compressed at the same QF). For every precision and layout it
-runs the untiled and the tiled path (once per `--tile-cache-gib` size) in the same process, one
-after the other, and reports megapixels/s, achieved TFLOP/s (convolution FLOPs of one untiled
-pass, counted analytically for the model's widths; tiled rows do more work than that, so theirs
-is the useful rate), peak memory, and the largest difference in grey levels from the fp32
-untiled output.
+of the test set's images, JPEG-compressed at the same QF). For every precision, layout and
+`--compile` setting it runs the untiled and the tiled path (once per `--tile-cache-gib` size)
+in the same process, one after the other, and reports megapixels/s, achieved TFLOP/s
+(convolution FLOPs of one untiled pass, counted analytically for the model's widths; tiled rows
+do more work than that, so theirs is the useful rate), peak memory, and the largest difference
+in grey levels from the first row of each input (fp32, untiled, uncompiled where asked for).
 
     python benchmarks/bench_inference.py --model fbcnn_color --device cuda --json r.json
     python benchmarks/bench_inference.py --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
         --precision fp32 bf16 --limit 4 --synthetic-mp 2 --tile 256
+    python benchmarks/bench_inference.py --random-init --device cuda --precision bf16 \\
+        --layout channels_last --compile off on --synthetic-mp 0 --tile 0
 """
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -34,7 +37,8 @@ from utils.errors import UserError
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("input", "input", "{}"), ("precision", "precision", "{}"), ("layout", "layout", "{}"),
-           ("tiling", "tiling", "{}"), ("megapixels", "MP", "{:.2f}"),
+           ("compile", "compile", "{}"), ("tiling", "tiling", "{}"),
+           ("megapixels", "MP", "{:.2f}"),
            ("seconds", "s", "{:.2f}"), ("mp_per_s", "MP/s", "{:.3f}"),
            ("tflops", "TFLOP/s", "{:.3f}"), ("peak_gib", "peak GiB", "{:.2f}"),
            ("max_diff", "max |diff| vs fp32", "{}"), ("qf_pred", "QF", "{}")]
@@ -95,7 +99,8 @@ def main(argv=None):
                    default=list(PRECISIONS))
     p.add_argument("--layout", nargs="+", choices=("contiguous", "channels_last"),
                    default=["contiguous"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
+                   help="torch.compile settings to compare (compiled in the warm-up passes)")
     p.add_argument("--testset", default=os.path.join(REPO_ROOT, "testsets", "LIVE1_color"))
     p.add_argument("--limit", type=int, default=None,
                    help="use the first N images only (0: the synthetic photo alone)")
@@ -152,32 +157,29 @@ def main(argv=None):
     rows = []
     for name, inputs in sets:
         reference = None
-        for precision in args.precision:
-            for layout in args.layout:
-                for tile, cache in tilings:
-                    megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
-                    label = ("untiled" if tile is None else
-                             f"{tile}/{args.tile_overlap}, cache {cache:g} GiB")
-                    base = {"input": name, "precision": precision, "layout": layout,
-                            "tiling": label}
-                    if tile is None and megapixels > untiled_max:
-                        rows.append({**base, "note": f"skipped: over {untiled_max} MP untiled"})
-                        print(f"{base}: skipped, over {untiled_max} MP", file=sys.stderr)
-                        continue
-                    row, outputs = measure(model, inputs, device, reference, warmup,
-                                           precision=precision, tile=tile,
-                                           tile_overlap=args.tile_overlap,
-                                           channels_last=layout == "channels_last",
-                                           compile=args.compile,
-                                           max_untiled_megapixels=math.inf,
-                                           tile_cache_gib=cache)
-                    if reference is None:  # the first row: fp32 untiled when not skipped
-                        reference = outputs
-                        row["max_diff"] = 0
-                        base["reference"] = True
-                    rows.append({**base, **row})
-                    print(f"{base}: {row['mp_per_s']:.3f} MP/s, peak {row['peak_gib']:.2f} GiB",
-                          file=sys.stderr, flush=True)
+        for precision, layout, compile, (tile, cache) in itertools.product(
+                args.precision, args.layout, args.compile, tilings):
+            megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
+            label = ("untiled" if tile is None else
+                     f"{tile}/{args.tile_overlap}, cache {cache:g} GiB")
+            base = {"input": name, "precision": precision, "layout": layout, "compile": compile,
+                    "tiling": label}
+            if tile is None and megapixels > untiled_max:
+                rows.append({**base, "note": f"skipped: over {untiled_max} MP untiled"})
+                print(f"{base}: skipped, over {untiled_max} MP", file=sys.stderr)
+                continue
+            row, outputs = measure(model, inputs, device, reference, warmup, precision=precision,
+                                   tile=tile, tile_overlap=args.tile_overlap,
+                                   channels_last=layout == "channels_last",
+                                   compile=compile == "on", max_untiled_megapixels=math.inf,
+                                   tile_cache_gib=cache)
+            if reference is None:  # the first row: fp32 untiled uncompiled when not skipped
+                reference = outputs
+                row["max_diff"] = 0
+                base["reference"] = True
+            rows.append({**base, **row})
+            print(f"{base}: {row['mp_per_s']:.3f} MP/s, peak {row['peak_gib']:.2f} GiB",
+                  file=sys.stderr, flush=True)
     tflop_per_mp = fbcnn_conv_flops(model.net, 1000, 1000) / 1e12
     print(f"\nDevice: {device_name(device)}. Model: {model.name} ({tflop_per_mp:.3f} TFLOP per "
           f"megapixel). Differences are against the first row of each input.\n")

@@ -86,6 +86,7 @@ def test_inference_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_th
         ("synthetic", "untiled"), ("synthetic", "128/32, cache 0 GiB"),
         ("synthetic", "128/32, cache 1 GiB")]
     assert rows[0]["max_diff"] == 0 and all(r["max_diff"] <= 1 for r in rows)
+    assert {r["compile"] for r in rows} == {"off"}  # the default: no torch.compile
     assert rows[3]["megapixels"] == pytest.approx(0.05, rel=0.02)
     assert rows[1]["max_diff"] == rows[2]["max_diff"] and rows[4]["max_diff"] == rows[5]["max_diff"]
     assert all(r["mp_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
