@@ -1,26 +1,29 @@
 """The whole colour test script (main_test_fbcnn_color.py's runner), timed stage by stage.
 
-For each QF, runs `runners.evaluation.run` on the test set exactly as the script does (model load,
-image reads, JPEG, network, PSNR/SSIM/PSNR-B, PNG writes, log), once serially (`--workers 0`)
-and once with the pipelined stages, in the same process, and reports the wall time, the seconds
-spent in each stage (summed over threads: with workers they overlap, so they can add up to more
-than the wall time) and megapixels/s after the model load. `--warmup` untimed runs come first
-(by default one on CUDA, where the first pass pays for the CUDA context and cuDNN's choice of
-kernels per image shape), so these rows are the runner's steady speed.
+For each precision and QF, runs `runners.evaluation.run` on the test set exactly as the script
+does (model load, image reads, JPEG, network, PSNR/SSIM/PSNR-B, PNG writes, log), once serially
+(`--workers 0`) and once with the pipelined stages, in the same process, and reports the wall
+time, the seconds spent in each stage (summed over threads: with workers they overlap, so they
+can add up to more than the wall time) and megapixels/s after the model load. `--warmup` untimed
+runs come first (by default one on CUDA, where the first pass pays for the CUDA context and
+cuDNN's choice of kernels per image shape), so these rows are the runner's steady speed.
 
-Then, for each `--workers` value, it runs `python main_test_fbcnn_color.py` with every `--qf` in
-a new process, as a user does, and times it from start to exit: Python's start-up, the imports,
-the model load and the first, cold pass are in that time, which is what a user waits for. Its
-PSNR per QF is compared with the runner's rows (the same on the CPU).
+Then, for each precision and `--workers` value, it runs `python main_test_fbcnn_color.py` with
+every `--qf` in a new process, as a user does, and times it from start to exit: Python's
+start-up, the imports, the model load and the first, cold pass are in that time, which is what
+a user waits for. Its PSNR per QF is compared with the runner's rows (the same on the CPU).
 
 A `--random-init` model is saved to a temporary .safetensors file and loaded through the same
 path as released weights.
 
     python benchmarks/bench_test_script.py --model fbcnn_color --device cuda --qf 10 20 30 40
     python benchmarks/bench_test_script.py --random-init --nc 16 32 64 128 --nb 2 --device cpu
+    python benchmarks/bench_test_script.py --random-init --device cuda --precision fp32 bf16 fp16 \\
+        --channels-last --qf 10 40 --workers 8 --no-process
 """
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -40,10 +43,12 @@ from utils.errors import UserError
 from utils.image import list_images, read_image_header
 
 STAGES = ("load_model", "read", "jpeg", "network", "metrics", "write")
-COLUMNS = [("qf", "QF", "{}"), ("workers", "workers", "{}"), ("wall_s", "wall s", "{:.2f}"),
+COLUMNS = [("precision", "precision", "{}"), ("qf", "QF", "{}"), ("workers", "workers", "{}"),
+           ("wall_s", "wall s", "{:.2f}"),
            *[(f"{s}_s", f"{s} s", "{:.2f}") for s in STAGES],
            ("mp_per_s_after_load", "MP/s after load", "{:.3f}"), ("psnr", "PSNR", "{:.4f}")]
-PROCESS_COLUMNS = [("qfs", "QFs", "{}"), ("workers", "workers", "{}"),
+PROCESS_COLUMNS = [("precision", "precision", "{}"), ("qfs", "QFs", "{}"),
+                   ("workers", "workers", "{}"),
                    ("process_s", "process s", "{:.2f}"),
                    ("runner_s", "runner s (in-process, summed)", "{:.2f}"),
                    ("outside_runner_s", "difference s", "{:.2f}"),
@@ -61,10 +66,10 @@ def _model_argument(args, workdir):
     return path
 
 
-def _runner_flags(args, model_arg, testset):
+def _runner_flags(args, model_arg, testset, precision):
     """The test script's command line shared by the in-process runs and the process runs."""
     flags = ["--model", model_arg, "--testset", testset, "--device", args.device,
-             "--precision", args.precision]
+             "--precision", precision]
     flags += ["--tile", args.tile] if args.tile else []
     flags += ["--channels-last"] if args.channels_last else []
     return flags
@@ -84,8 +89,8 @@ def _run_runner(flags, qf, workers, results):
 def _run_process(flags, qfs, workers, workdir, threads):
     """`python main_test_fbcnn_color.py` with every QF in a new process, timed from its start to
     its exit: (seconds, the summaries of its --json)."""
-    results = os.path.join(workdir, f"process_w{workers}")
-    summaries = os.path.join(workdir, f"process_w{workers}.json")
+    results = tempfile.mkdtemp(prefix="process_", dir=workdir)
+    summaries = os.path.join(results, "summaries.json")
     command = [sys.executable, SCRIPT, *flags, "--qf", *map(str, qfs), "--workers", str(workers),
                "--results", results, "--json", summaries]
     env = dict(os.environ)
@@ -103,6 +108,24 @@ def _run_process(flags, qfs, workers, workdir, threads):
         return seconds, json.load(f)
 
 
+def _process_row(flags, args, workers, workdir, pixels, runner):
+    """Run the script in a new process with every QF; its row beside the runner's `runner`."""
+    seconds, summaries = _run_process(flags, args.qf, workers, workdir, args.threads)
+    # equal on the CPU; on CUDA, cuDNN may pick other kernels in another process
+    psnr_diff = max(abs(s["psnr"] - r["psnr"]) for s, r in zip(summaries, runner))
+    if psnr_diff > 0.01:
+        print(f"warning: the script in a new process scored up to {psnr_diff:.4f} dB apart "
+              f"from the runner", file=sys.stderr)
+    runner_s = sum(r["wall_s"] for r in runner)
+    print(f"{runner[0]['precision']}, process, workers {workers}: {seconds:.1f} s",
+          file=sys.stderr, flush=True)
+    return {"precision": runner[0]["precision"], "qfs": ",".join(map(str, args.qf)),
+            "workers": workers, "process_s": seconds, "runner_s": runner_s,
+            "outside_runner_s": seconds - runner_s,
+            "mp_per_s": pixels * len(args.qf) / 1e6 / seconds,
+            "psnr": [s["psnr"] for s in summaries], "max_psnr_diff": psnr_diff}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +136,8 @@ def main(argv=None):
     p.add_argument("--qf", type=int, nargs="+", default=[10])
     p.add_argument("--workers", type=int, nargs="+", default=[0, DEFAULT_WORKERS],
                    help="runner --workers values to compare (default %(default)s)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    p.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=["fp32"],
+                   help="runner --precision values to compare (default fp32)")
     p.add_argument("--tile", default=None, help="runner --tile")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=None,
@@ -135,44 +159,33 @@ def main(argv=None):
     rows, process_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:
         model_arg = _model_argument(args, workdir)
-        flags = _runner_flags(args, model_arg, testset)
         for i in range(warmup):
+            flags = _runner_flags(args, model_arg, testset, args.precision[0])
             seconds, _, _ = _run_runner(flags, args.qf[0], args.workers[0],
                                         os.path.join(workdir, f"warmup{i}"))
             print(f"warm-up {i + 1}: {seconds:.1f} s", file=sys.stderr, flush=True)
-        for qf in args.qf:
-            for workers in args.workers:
+        for precision in args.precision:
+            flags = _runner_flags(args, model_arg, testset, precision)
+            for qf, workers in itertools.product(args.qf, args.workers):
                 wall, clock, summary = _run_runner(flags, qf, workers, os.path.join(
-                    workdir, f"results_qf{qf}_w{workers}"))
-                row = {"qf": qf, "workers": workers, "wall_s": wall,
-                       **{f"{s}_s": clock.seconds.get(s, 0.0) for s in STAGES},
-                       "megapixels": pixels / 1e6,
-                       "mp_per_s_after_load": pixels / 1e6 / (wall - clock.seconds["load_model"]),
-                       "psnr": summary["psnr"], "ssim": summary["ssim"],
-                       "psnrb": summary["psnrb"], "n_images": summary["n_images"]}
-                rows.append(row)
-                print(f"QF {qf}, workers {workers}: {wall:.1f} s", file=sys.stderr, flush=True)
-        for workers in [] if args.no_process else args.workers:
-            seconds, summaries = _run_process(flags, args.qf, workers, workdir, args.threads)
-            runner = [r for r in rows if r["workers"] == workers]
-            # equal on the CPU; on CUDA, cuDNN may pick other kernels in another process
-            psnr_diff = max(abs(s["psnr"] - r["psnr"]) for s, r in zip(summaries, runner))
-            if psnr_diff > 0.01:
-                print(f"warning: the script in a new process scored up to {psnr_diff:.4f} dB "
-                      f"apart from the runner", file=sys.stderr)
-            runner_s = sum(r["wall_s"] for r in runner)
-            process_rows.append({"qfs": ",".join(map(str, args.qf)), "workers": workers,
-                                 "process_s": seconds, "runner_s": runner_s,
-                                 "outside_runner_s": seconds - runner_s,
-                                 "mp_per_s": pixels * len(args.qf) / 1e6 / seconds,
-                                 "psnr": [s["psnr"] for s in summaries],
-                                 "max_psnr_diff": psnr_diff})
-            print(f"process, workers {workers}: {seconds:.1f} s", file=sys.stderr, flush=True)
+                    workdir, f"results_{precision}_qf{qf}_w{workers}"))
+                rows.append({"precision": precision, "qf": qf, "workers": workers,
+                             "wall_s": wall, **{f"{s}_s": clock.seconds.get(s, 0.0)
+                                                for s in STAGES},
+                             "megapixels": pixels / 1e6,
+                             "mp_per_s_after_load": (pixels / 1e6
+                                                     / (wall - clock.seconds["load_model"])),
+                             "psnr": summary["psnr"], "ssim": summary["ssim"],
+                             "psnrb": summary["psnrb"], "n_images": summary["n_images"]})
+                print(f"{precision}, QF {qf}, workers {workers}: {wall:.1f} s", file=sys.stderr,
+                      flush=True)
+            for workers in [] if args.no_process else args.workers:
+                process_rows.append(_process_row(flags, args, workers, workdir, pixels, [
+                    r for r in rows if (r["precision"], r["workers"]) == (precision, workers)]))
     model_name = os.path.splitext(os.path.basename(model_arg))[0]
     print(f"\nDevice: {device_name(args.device)}. Model: {model_name}. Test set: {args.testset}, "
-          f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. Precision "
-          f"{args.precision}. {warmup} untimed warm-up run(s) first. Stage seconds are summed "
-          f"over threads.\n")
+          f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. {warmup} untimed "
+          f"warm-up run(s) first. Stage seconds are summed over threads.\n")
     print_table(rows, COLUMNS)
     if process_rows:
         print("\nThe script in a new process (python main_test_fbcnn_color.py, every QF), from "

@@ -146,13 +146,14 @@ def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep
     # the script itself, in a new process per workers value, with both QFs: the same scores,
     # and the start-up the warm runner rows leave out
     process = result["process_rows"]
-    assert [(r["qfs"], r["workers"]) for r in process] == [("10,30", 0), ("10,30", 2)]
+    assert [(r["precision"], r["qfs"], r["workers"]) for r in process] == [
+        ("fp32", "10,30", 0), ("fp32", "10,30", 2)]
     for r in process:
         assert r["psnr"] == [rows[0]["psnr"], rows[2]["psnr"]] and r["max_psnr_diff"] == 0
         assert r["runner_s"] == pytest.approx(sum(x["wall_s"] for x in rows
                                                   if x["workers"] == r["workers"]))
         assert r["process_s"] == pytest.approx(r["runner_s"] + r["outside_runner_s"])
-    assert "| 10,30 | 0       |" in capsys.readouterr().out
+    assert "| fp32      | 10,30 | 0       |" in capsys.readouterr().out
 
 
 def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, keep_threads):
