@@ -1,17 +1,33 @@
-"""Every GPU measurement the open issues owe, in one time-boxed command for a borrowed GPU.
+"""The GPU measurements of docs/benchmarks.md in one time-boxed command.
 
     python benchmarks/gpu_session.py --out "$OUT"            # on the GPU machine
     python benchmarks/gpu_session.py --smoke --out /tmp/s     # the same steps, tiny, on CPU
 
-GPU time comes in short loans (one command of at most 10 minutes), so this script runs the
-measurements of docs/benchmarks.md ("Measurements owed on a GPU") in priority order, each in
-its own process with its own time limit, and stops starting new steps when `--budget-s` is
-spent: a step that fails, runs out of memory or hits its limit costs only itself. Each step
-writes its JSON into a scratch folder; at the end (and after every step) everything is merged
-into two files under `--out`, `gpu_session.json` (device, per step: command, exit status,
-seconds, results) and `gpu_session.log` (each step's output), so the handful of files a loan
-returns holds it all. `--smoke` swaps in tiny networks and inputs on the CPU, to check the
-script itself without a GPU (tests/test_benchmarks.py runs it).
+A GPU may be at hand for one command of a few minutes only, so this script runs the measurements
+of docs/benchmarks.md ("Measurements to make on a GPU") in priority order, each in its own
+process with its own time limit, and starts no step after `--budget-s`: a step that fails, runs
+out of memory or hits its limit costs only itself. The steps, all with full-size FBCNN
+(`--random-init`), in order:
+
+1. `gpu_tests`: the GPU tests (each precision within its grey-level bound of the CPU's fp32,
+   the out-of-memory fallback to tiles, the metrics on CUDA);
+2. `inference_live1`: LIVE1_color at QF 10, fp32/tf32/bf16/fp16 x contiguous/channels_last;
+3. `inference_12mp`: a 12-megapixel photo, fp32 and bf16, untiled vs 1024-pixel tiles with
+   encoder caches of 0, 1 and 2 GiB;
+4. `test_script_fp32`: the whole colour test script at QF 10 to 40, serial (`--workers 0`, the
+   baseline) and pipelined (`--workers 8`), then each as a new process, start to exit;
+5. `train`: training steps at batch 128 of 96x96, `train.amp` off/bf16/fp16, channels_last;
+6. `test_script_precision`: the test script in fp32, bf16 and fp16 side by side, channels_last,
+   pipelined;
+7. `inference_compile`: LIVE1_color in bf16 channels_last, without and with torch.compile;
+8. `train_compile`: bf16 channels_last training steps, without and with torch.compile.
+
+Each step writes its JSON into a scratch folder; at the end (and after every step) everything
+is merged into two files under `--out`, `gpu_session.json` (device, per step: command, exit
+status, seconds, results) and `gpu_session.log` (each step's output). `--smoke` swaps in tiny
+networks and inputs on the CPU (and leaves torch.compile off), to check the script itself
+without a GPU (tests/test_benchmarks.py runs it). Training a lite model to ship is a command of
+its own, as long as the time at hand allows: benchmarks/gpu_train_lite.py.
 """
 import argparse
 import json
@@ -29,39 +45,48 @@ _TINY = ["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1", "--device", 
          "--threads", "1"]
 _TESTS = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_inference.py",
           "tests/test_metrics.py"]
+_INFER = ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda"]
+_INFER_TINY = ["benchmarks/bench_inference.py", *_TINY, "--limit", "1", "--crop", "64"]
+_SCRIPT = ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10",
+           "20", "30", "40"]
+_SCRIPT_TINY = ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10"]
+_TRAIN = ["benchmarks/bench_train.py", "--device", "cuda", "--set", "train.cudnn_benchmark=true",
+          "--channels-last"]
+_TRAIN_TINY = ["benchmarks/bench_train.py", "--device", "cpu", "--threads", "1", "--set",
+               "netG.nc=[4,8,8,16]", "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
+               "--set", "datasets.train.dataloader_batch_size=2", "--steps", "1", "--warmup", "1"]
 STEPS = [
-    ("gpu_tests", 120, _TESTS,
+    ("gpu_tests", 90, _TESTS,
      _TESTS),  # without CUDA every gpu test is skipped: quick, and still collected and run
-    ("inference_live1", 120,
-     ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda", "--precision", "fp32",
-      "tf32", "bf16", "fp16", "--layout", "contiguous", "channels_last", "--synthetic-mp", "0",
-      "--tile", "0", "--json", "{json}"],
-     ["benchmarks/bench_inference.py", *_TINY, "--precision", "fp32", "--limit", "1", "--crop",
-      "64", "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"]),
+    ("inference_live1", 90,
+     [*_INFER, "--precision", "fp32", "tf32", "bf16", "fp16", "--layout", "contiguous",
+      "channels_last", "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"],
+     [*_INFER_TINY, "--precision", "fp32", "--layout", "contiguous", "channels_last",
+      "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"]),
     ("inference_12mp", 150,
-     ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda", "--precision", "fp32",
-      "bf16", "--limit", "0", "--synthetic-mp", "12", "--tile", "1024", "--tile-overlap", "32",
-      "--tile-cache-gib", "0", "1", "2", "--json", "{json}"],
-     ["benchmarks/bench_inference.py", *_TINY, "--precision", "fp32", "--limit", "0",
-      "--synthetic-mp", "0.05", "--tile", "128", "--tile-overlap", "32", "--tile-cache-gib", "0",
-      "1", "--json", "{json}"]),
-    ("test_script_fp32", 90,
-     ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10", "20",
-      "30", "40", "--workers", "8", "--json", "{json}"],
-     ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10",
-      "--workers", "2", "--json", "{json}"]),
-    ("test_script_bf16", 90,
-     ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10", "20",
-      "30", "40", "--workers", "8", "--precision", "bf16", "--channels-last", "--json", "{json}"],
-     ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10",
-      "--workers", "2", "--channels-last", "--json", "{json}"]),
+     [*_INFER, "--precision", "fp32", "bf16", "--limit", "0", "--synthetic-mp", "12", "--tile",
+      "1024", "--tile-overlap", "32", "--tile-cache-gib", "0", "1", "2", "--json", "{json}"],
+     [*_INFER_TINY, "--precision", "fp32", "--limit", "0", "--synthetic-mp", "0.05", "--tile",
+      "128", "--tile-overlap", "32", "--tile-cache-gib", "0", "1", "--json", "{json}"]),
+    ("test_script_fp32", 120,
+     [*_SCRIPT, "--workers", "0", "8", "--json", "{json}"],
+     [*_SCRIPT_TINY, "--workers", "0", "2", "--json", "{json}"]),
     ("train", 120,
-     ["benchmarks/bench_train.py", "--device", "cuda", "--set", "train.cudnn_benchmark=true",
-      "--amp", "off", "bf16", "--channels-last", "--json", "{json}"],
-     ["benchmarks/bench_train.py", "--device", "cpu", "--threads", "1", "--set",
-      "netG.nc=[4,8,8,16]", "--set", "netG.nb=1", "--set", "datasets.train.H_size=32", "--set",
-      "datasets.train.dataloader_batch_size=2", "--amp", "off", "--steps", "1", "--warmup", "1",
-      "--json", "{json}"]),
+     [*_TRAIN, "--amp", "off", "bf16", "fp16", "--json", "{json}"],
+     [*_TRAIN_TINY, "--amp", "off", "--json", "{json}"]),
+    ("test_script_precision", 90,
+     [*_SCRIPT, "--precision", "fp32", "bf16", "fp16", "--channels-last", "--workers", "8",
+      "--no-process", "--json", "{json}"],
+     [*_SCRIPT_TINY, "--precision", "fp32", "bf16", "--channels-last", "--workers", "2",
+      "--no-process", "--json", "{json}"]),
+    ("inference_compile", 120,
+     [*_INFER, "--precision", "bf16", "--layout", "channels_last", "--compile", "off", "on",
+      "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"],
+     [*_INFER_TINY, "--precision", "fp32", "--compile", "off", "--synthetic-mp", "0", "--tile",
+      "0", "--json", "{json}"]),
+    ("train_compile", 150,
+     [*_TRAIN, "--amp", "bf16", "--compile", "off", "on", "--json", "{json}"],
+     [*_TRAIN_TINY, "--amp", "off", "--compile", "off", "--json", "{json}"]),
 ]
 
 

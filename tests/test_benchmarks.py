@@ -215,7 +215,8 @@ def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
 
 def test_gpu_session_spends_no_step_past_its_budget(tmp_path):
     result = gpu_session.run_session(str(tmp_path), smoke=True, budget_s=0)
-    assert [s["status"] for s in result["steps"]] == ["not started (budget spent)"] * 6
+    assert ([s["status"] for s in result["steps"]]
+            == ["not started (budget spent)"] * len(gpu_session.STEPS))
     assert json.loads((tmp_path / "gpu_session.json").read_text())["steps"] == result["steps"]
 
 
@@ -228,8 +229,15 @@ def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
     by_name = {s["name"]: s for s in result["steps"]}
     assert ([r["input"].split()[0] for r in by_name["inference_12mp"]["results"]["rows"]] ==
             ["synthetic"] * 3)  # --limit 0: the synthetic photo alone, untiled and two caches
-    assert by_name["test_script_fp32"]["results"]["rows"][0]["n_images"] == 5
+    script = by_name["test_script_fp32"]["results"]
+    assert script["rows"][0]["n_images"] == 5
+    # the serial run is the pipelined one's baseline, in the runner and as a new process
+    assert [r["workers"] for r in script["rows"]] == [0, 2]
+    assert [r["workers"] for r in script["process_rows"]] == [0, 2]
+    assert [r["precision"] for r in by_name["test_script_precision"]["results"]["rows"]] == [
+        "fp32", "bf16"]
     assert by_name["train"]["results"]["rows"][0]["patches_per_s"] > 0
+    assert [r["compile"] for r in by_name["inference_compile"]["results"]["rows"]] == ["off"]
     log = (tmp_path / "gpu_session.log").read_text()
     assert all(f"===== {s[0]}: ok" in log for s in gpu_session.STEPS)
 
