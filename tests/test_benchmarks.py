@@ -2,13 +2,15 @@
 inference, training-step and loader benchmarks (their tables and JSON)."""
 import json
 import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks import (bench_inference, bench_loader, bench_test_script, bench_train, eval_fbcnn_d,
-                        eval_qf_head, gpu_session)
+                        eval_qf_head, gpu_session, travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import predict_qf, restore
@@ -268,3 +270,43 @@ def test_qf_head_evaluation_reports_predict_qf_per_true_qf(tmp_path, capsys):
         assert psnr_row["blind"] != psnr_row["qf_input 30"]  # the untrained net still reacts
     out = capsys.readouterr().out
     assert "| 10      |" in out and "qf_input 30" in out
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_travel_size_counts_tracked_untracked_and_carried_files(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    (repo / "a.txt").write_bytes(b"x" * 100)
+    (repo / "sub" / "b.bin").write_bytes(b"y" * 1000)
+    (repo / ".gitignore").write_text("data/\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    (repo / "new.txt").write_bytes(b"z" * 10)  # untracked, not ignored: it travels too
+    (repo / "data" / "pack").mkdir(parents=True)
+    (repo / "data" / "pack" / "t.png").write_bytes(b"p" * 5000)
+    (repo / "data" / "other.png").write_bytes(b"q" * 7000)  # ignored and not carried
+    shared = tmp_path / "shared" / "elsewhere"  # ../shared/<path> stands in for a missing path
+    shared.mkdir(parents=True)
+    (shared / "u.png").write_bytes(b"s" * 300)
+    result = travel_size.measure(str(repo), ["data/pack", "elsewhere", "missing"])
+    assert [(p["part"], p["bytes"], p["files"]) for p in result["parts"]] == [
+        ("tracked files", 100 + 1000 + 6, 3), ("untracked, not ignored", 10, 1),
+        ("carried: data/pack", 5000, None), ("carried: elsewhere", 300, None),
+        ("carried: missing", 0, None)]
+    assert result["total_bytes"] == 100 + 1000 + 6 + 10 + 5000 + 300
+    assert {(e["folder"], e["bytes"]) for e in result["by_folder"]} == {
+        ("sub", 1000), ("(top level)", 106)}
+
+
+@pytest.mark.skipif(shutil.which("git") is None
+                    or not os.path.exists(os.path.join(REPO_ROOT, ".git")),
+                    reason="needs git and a git checkout")
+def test_a_gpu_run_with_the_training_tiles_fits_the_64_mib_it_may_carry():
+    """The tracked tree plus trainsets/train_pack (benchmarks/gpu_train_lite.py's data) must
+    stay within what a run on the GPU machine can take along."""
+    result = travel_size.measure(REPO_ROOT)
+    assert result["total_bytes"] <= travel_size.LIMIT_BYTES, travel_size.describe(result)
