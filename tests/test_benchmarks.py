@@ -1,5 +1,6 @@
 """benchmarks/: the analytic FLOP count, peak-memory reading and tiny end-to-end runs of the
 inference, training-step and loader benchmarks (their tables and JSON)."""
+import hashlib
 import json
 import os
 import shutil
@@ -10,13 +11,15 @@ import pytest
 import torch
 
 from benchmarks import (bench_inference, bench_loader, bench_test_script, bench_train, eval_fbcnn_d,
-                        eval_qf_head, gpu_session, travel_size)
+                        eval_qf_head, gpu_session, gpu_train_lite, travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import predict_qf, restore
-from models.model_zoo import load_model
+from models.model_zoo import load_model, read_fbcnn_kwargs
 from models.network_fbcnn import FBCNN
+from safetensors import safe_open
 from tests.conftest import REPO_ROOT
+from utils.errors import UserError
 from utils.image import imread_uint, imwrite
 from utils.metrics import psnr
 
@@ -310,3 +313,83 @@ def test_a_gpu_run_with_the_training_tiles_fits_the_64_mib_it_may_carry():
     stay within what a run on the GPU machine can take along."""
     result = travel_size.measure(REPO_ROOT)
     assert result["total_bytes"] <= travel_size.LIMIT_BYTES, travel_size.describe(result)
+
+
+def test_gpu_train_lite_plans_from_the_probe_records():
+    records = [{"iter": 10, "time": 100.0}, {"iter": 30, "time": 102.0},
+               {"iter": 50, "time": 104.0}]
+    rate, startup = gpu_train_lite.probe_rate(records, started=95.0)
+    assert rate == pytest.approx(10.0)  # the first interval (start-up included) is left out
+    assert startup == pytest.approx(100.0 - 95.0 - 10 / 10.0)
+    assert gpu_train_lite.plan_iterations(10.0, 100.0) == (950, 855)  # 95% filled, fold at 90%
+    assert gpu_train_lite.plan_iterations(10.0, 100.0, max_iter=40) == (40, 36)
+    assert gpu_train_lite.plan_iterations(10.0, 100.0, merge=False) == (950, None)
+    assert gpu_train_lite.plan_iterations(10.0, 0.25) == (2, 1)  # the fold before the end
+    with pytest.raises(UserError, match="fewer than 2 iterations"):
+        gpu_train_lite.plan_iterations(10.0, 0.1)
+
+
+@pytest.mark.parametrize("model, in_nc, dataset_type", [("color", 3, "jpeg"),
+                                                       ("gray", 1, "jpeggray"),
+                                                       ("gray_double", 1, "jpeggraydouble")])
+def test_gpu_train_lite_smoke_trains_writes_and_scores_a_lite_model(model, in_nc, dataset_type,
+                                                                    tmp_path, capsys,
+                                                                    keep_threads):
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert gpu_train_lite.main(["--smoke", "--model", model, "--out", str(out),
+                                "--workdir", str(work)]) == 0
+    name = gpu_train_lite.RECIPES[model].name
+    assert sorted(os.listdir(out)) == sorted(f"{name}{end}" for end in (
+        ".safetensors", ".json", "_train.log", "_metrics.jsonl", "_eval.log"))
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["options"]["datasets"]["train"]["dataset_type"] == dataset_type
+    assert result["plan"] == {**result["plan"], "total_iter": 20, "merge_bn_startpoint": 18}
+    assert result["training"]["iterations"] == 20 and not result["training"]["stopped_at_deadline"]
+    assert result["probe"]["it_per_s"] > 0 and result["probe"]["iterations"] >= 6
+    # the written network: fp16, BatchNorm folded, its architecture in the metadata
+    weights = out / f"{name}.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads(meta["fbcnn_kwargs"]) == result["weights"]["fbcnn_kwargs"]
+    assert json.loads(meta["fbcnn_kwargs"])["act_mode"] == "R"
+    assert meta["dataset_type"] == dataset_type and meta["iterations"] == "20"
+    assert result["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # its scores are the runner's on the written file, beside the JPEG input's
+    loaded = load_model(str(weights))
+    assert loaded.in_nc == in_nc
+    testset = work / "smoke_testset"
+    images = [imread_uint(str(path), in_nc) for path in sorted(testset.iterdir())]
+    rows = result["evaluation"]["rows"]
+    assert [r["qf"] for r in rows] == [10, 20, 30, 40] and rows[0]["n_images"] == 2
+    for row in (rows[0], rows[3]):
+        assert row["psnr"] == pytest.approx(np.mean(
+            [psnr(restore(loaded, jpeg(img, row["qf"]))[0], img) for img in images]))
+        assert row["jpeg_psnr"] == pytest.approx(np.mean(
+            [psnr(jpeg(img, row["qf"]), img) for img in images]))
+    assert "interrupted at iteration" in (out / f"{name}_train.log").read_text()  # the probe
+    assert f"| 10 | {rows[0]['jpeg_psnr']:.2f}" in capsys.readouterr().out
+
+
+def test_gpu_train_lite_stops_at_its_deadline_and_folds_batchnorm_on_writing(tmp_path,
+                                                                           monkeypatch,
+                                                                           keep_threads):
+    # a plan far past the budget: the run is stopped at budget - reserve, before the fold
+    monkeypatch.setattr(gpu_train_lite, "plan_iterations", lambda *a: (10 ** 6, 9 * 10 ** 5))
+    out = tmp_path / "out"
+    assert gpu_train_lite.main(["--smoke", "--model", "gray", "--out", str(out),
+                                "--budget-s", "12", "--eval-reserve-s", "4", "--measure-s", "1",
+                                "--set", "train.checkpoint_save=5"]) == 0
+    result = json.loads((out / "fbcnn_gray_lite.json").read_text())
+    training = result["training"]
+    assert training["stopped_at_deadline"] and 0 < training["iterations"] < 10 ** 6
+    assert training["iterations"] % 5 == 0  # the newest checkpoint
+    kwargs = read_fbcnn_kwargs(str(out / "fbcnn_gray_lite.safetensors"))
+    assert kwargs["act_mode"] == "R" and kwargs["in_nc"] == 1
+
+
+def test_gpu_train_lite_names_a_missing_data_folder(tmp_path, capsys):
+    assert gpu_train_lite.main(["--model", "color", "--data", str(tmp_path / "none"),
+                                "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    assert "copy ../shared/trainsets/train_pack to trainsets/train_pack" in (
+        capsys.readouterr().err)
