@@ -218,6 +218,15 @@ def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
         assert ("{json}" in gpu_args) == ("{json}" in smoke_args) == (name != "gpu_tests")
 
 
+def test_docs_list_the_gpu_session_steps_as_the_script_runs_them():
+    """docs/benchmarks.md's table of gpu_session.py's steps: the same names, order and limits."""
+    with open(os.path.join(REPO_ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        rows = [line.split("|")[1:3] for line in f if line.startswith("| `")]
+    documented = [(name.strip(" `"), int(limit)) for name, limit in rows
+                  if limit.strip().isdigit()]
+    assert documented == [(name, limit) for name, limit, _, _ in gpu_session.STEPS]
+
+
 def test_gpu_session_spends_no_step_past_its_budget(tmp_path):
     result = gpu_session.run_session(str(tmp_path), smoke=True, budget_s=0)
     assert ([s["status"] for s in result["steps"]]
