@@ -64,6 +64,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -71,7 +72,7 @@ from benchmarks.benchlib import device_name, print_table, write_json
 from models.model_zoo import infer_fbcnn_kwargs, load_model, load_state_dict_file, read_fbcnn_kwargs
 from models.select_network import merge_bn
 from runners.cli import run_cli
-from runners.evaluation import COLOR, GRAY, build_parser, resolve_testset, run
+from runners.evaluation import COLOR, GRAY, Preset, build_parser, resolve_testset, run
 from runners.train_options import load_options
 from runners.training import RunDirs, train
 from utils import REPO_ROOT
@@ -82,20 +83,23 @@ from utils.image import imread_uint, imwrite, list_images
 
 __all__ = ["RECIPES", "MAX_OUT_FILE_BYTES", "plan_iterations", "probe_rate", "main"]
 
-class Recipe:
-    """What one `--model` value trains and where it is scored."""
 
-    def __init__(self, name, option_file, overrides, preset, testset):
-        self.name, self.option_file, self.overrides = name, option_file, overrides
-        self.preset, self.testset = preset, testset
+@dataclass(frozen=True)
+class Recipe:
+    """What one `--model` value trains (an option file and overrides) and where it is scored."""
+    name: str
+    option_file: str
+    overrides: tuple
+    preset: Preset
+    testset: str
 
 
 RECIPES = {
-    "color": Recipe("fbcnn_color_lite", "train_fbcnn_color_lite.json", [], COLOR, "LIVE1_color"),
+    "color": Recipe("fbcnn_color_lite", "train_fbcnn_color_lite.json", (), COLOR, "LIVE1_color"),
     "gray": Recipe("fbcnn_gray_lite", "train_fbcnn_gray_lite.json",
-                   ["datasets.train.dataset_type=jpeggray"], GRAY, "LIVE1_gray"),
+                   ("datasets.train.dataset_type=jpeggray",), GRAY, "LIVE1_gray"),
     "gray_double": Recipe("fbcnn_gray_double_lite", "train_fbcnn_gray_lite.json",
-                          ["datasets.train.dataset_type=jpeggraydouble"], GRAY, "LIVE1_gray"),
+                          ("datasets.train.dataset_type=jpeggraydouble",), GRAY, "LIVE1_gray"),
 }
 EVAL_QFS = (10, 20, 30, 40)
 MAX_OUT_FILE_BYTES = 16 * 2 ** 20  # the largest file a GPU run returns
