@@ -2,8 +2,10 @@
 
 This module owns what one training iteration does to `netG`:
 - loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
-  where the QF loss is averaged over the samples whose label is not NaN (double JPEG samples have
-  no single QF and contribute nothing; the original checked only a batch's first sample);
+  every type the original's options accept (image: l1, l2, l2sum, ssim; QF: l1, l2, l2sum) and
+  Charbonnier; the QF loss takes only the samples whose label is not NaN (averaged over them, or
+  summed for l2sum: double JPEG samples have no single QF and contribute nothing; the original
+  checked only a batch's first sample);
 - teacher forcing of the QF (`train.qf_input_prob`, off by default, not in the original): in
   that share of the iterations whose samples all carry a label, the decoder gets the true labels
   as `qf_input` instead of the predicted QF; the draw depends only on the seed and the
@@ -31,12 +33,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from models.loss_ssim import SSIMLoss
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import define_G, merge_bn, net_act_mode
 from utils.errors import UserError
 
-__all__ = ["ModelFBCNN", "NonFiniteLossError", "image_loss", "masked_qf_loss",
-           "regularizer_orth", "regularizer_clip"]
+__all__ = ["ModelFBCNN", "NonFiniteLossError", "IMAGE_LOSSES", "QF_LOSSES", "image_loss",
+           "masked_qf_loss", "regularizer_orth", "regularizer_clip"]
 
 logger = logging.getLogger(f"fbcnn.{__name__}")
 
@@ -46,27 +49,40 @@ def _charbonnier(x, y, eps=1e-9):
     return torch.mean(torch.sqrt(diff * diff + eps))
 
 
+# the original's G_lossfn_type values (l1, l2, l2sum, ssim) and Charbonnier
+IMAGE_LOSSES = ("l1", "l2", "l2sum", "ssim", "charbonnier")
+QF_LOSSES = ("l1", "l2", "l2sum")  # the original's QF_lossfn_type values
+
+
 def image_loss(kind):
-    """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2 or Charbonnier."""
+    """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2, 1 - SSIM (KAIR's
+    SSIM loss, `models.loss_ssim`) or Charbonnier."""
     losses = {"l1": F.l1_loss, "l2": F.mse_loss,
               "l2sum": lambda x, y: F.mse_loss(x, y, reduction="sum"),
-              "charbonnier": _charbonnier}
+              "ssim": SSIMLoss(), "charbonnier": _charbonnier}
     if kind not in losses:
         raise UserError(f"train.G_lossfn_type {kind!r} is unknown; known: {', '.join(losses)}")
     return losses[kind]
 
 
 def masked_qf_loss(qf_est, qf_label, kind="l1"):
-    """QF loss averaged over the samples whose label is not NaN; 0 (with a graph) if none is.
+    """QF loss over the samples whose label is not NaN; 0 (with a graph) if none is.
 
-    Returns `(loss, number of labelled samples)`. With every label present this equals
-    `F.l1_loss` (or `F.mse_loss`) of the whole batch.
+    Returns `(loss, number of labelled samples)`. `kind` l1 and l2 average the absolute or
+    squared error over the labelled samples, l2sum sums the squared error over them; with every
+    label present they equal `F.l1_loss`, `F.mse_loss` and `F.mse_loss(reduction="sum")` of the
+    whole batch, as the original's `QF_lossfn_type`.
     """
+    if kind not in QF_LOSSES:
+        raise UserError(f"train.QF_lossfn_type {kind!r} is unknown; known: {', '.join(QF_LOSSES)}")
     valid = ~torch.isnan(qf_label)
     diff = qf_est - torch.nan_to_num(qf_label, nan=0.0)
     err = diff.abs() if kind == "l1" else diff * diff
     count = valid.sum()
-    return (err * valid).sum() / count.clamp(min=1), count
+    total = (err * valid).sum()
+    if kind == "l2sum":
+        return total, count
+    return total / count.clamp(min=1), count
 
 
 @torch.no_grad()
@@ -115,6 +131,8 @@ class ModelFBCNN:
             bare = merge_bn(bare)
         self._set_network(bare)
         self.G_lossfn = image_loss(self.opt_train["G_lossfn_type"])
+        if isinstance(self.G_lossfn, torch.nn.Module):  # the SSIM loss: its window goes along
+            self.G_lossfn.to(device)
         self.G_lossfn_weight = self.opt_train["G_lossfn_weight"]
         self.QF_lossfn_type = self.opt_train["QF_lossfn_type"]
         self.QF_lossfn_weight = self.opt_train["QF_lossfn_weight"]

@@ -14,6 +14,7 @@ import os
 import sys
 
 from data.dataset_jpeg import DATASET_PRESETS, dataset_channels
+from models.model_fbcnn import IMAGE_LOSSES, QF_LOSSES
 from models.select_network import NETWORKS
 from utils.errors import UserError
 from utils.options import Key, Section, origin_namer, read_option_file, reference_markdown, resolve
@@ -108,11 +109,14 @@ SCHEMA = Section({
                                 nullable=True, minimum=0),
     }),
     "train": Section({
-        "G_lossfn_type": Key("str", "l1", "image loss",
-                             choices=("l1", "l2", "l2sum", "charbonnier")),
+        "G_lossfn_type": Key("str", "l1", "image loss: mean absolute error, mean or summed "
+                             "squared error, `1 - SSIM` (KAIR's SSIM loss: 11x11 Gaussian "
+                             "window, per channel) or Charbonnier (not in the original)",
+                             choices=IMAGE_LOSSES),
         "G_lossfn_weight": Key("float", 1.0, "weight of the image loss", minimum=0),
-        "QF_lossfn_type": Key("str", "l1", "QF loss (skipped per sample where the label is NaN)",
-                              choices=("l1", "l2")),
+        "QF_lossfn_type": Key("str", "l1", "QF loss: mean absolute, mean squared or summed "
+                              "squared error over the samples whose label is not NaN",
+                              choices=QF_LOSSES),
         "QF_lossfn_weight": Key("float", 0.001, "weight of the QF loss", minimum=0),
         "qf_input_prob": Key("float", 0.0, "probability that an iteration whose samples all "
                              "carry a QF label gives the decoder the true labels as `qf_input` "

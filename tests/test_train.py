@@ -21,6 +21,7 @@ import main_train_fbcnn
 from data.dataset_jpeg import IterationBatchSampler, define_dataset
 from data.jpeg import jpeg
 from models.inference import restore
+from models.loss_ssim import SSIMLoss
 from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
 from models.model_zoo import (LoadedModel, build_from_state_dict, infer_fbcnn_kwargs, load_model,
                               load_state_dict_file, read_fbcnn_kwargs)
@@ -449,6 +450,20 @@ def test_masked_qf_loss_skips_nan_labels():
     assert masked_qf_loss(est, labels)[0].item() == pytest.approx(F.l1_loss(est, labels).item())
     assert (masked_qf_loss(est, labels, "l2")[0].item() ==
             pytest.approx(F.mse_loss(est, labels).item()))
+    assert (masked_qf_loss(est, labels, "l2sum")[0].item() ==
+            pytest.approx(F.mse_loss(est, labels, reduction="sum").item()))
+
+
+def test_masked_l2sum_qf_loss_sums_over_the_labelled_samples_only():
+    est = torch.tensor([[0.2], [0.5], [0.9], [0.4]], requires_grad=True)
+    labels = torch.tensor([[0.3], [float("nan")], [0.5], [0.1]])
+    loss, count = masked_qf_loss(est, labels, "l2sum")
+    assert loss.item() == pytest.approx(0.1 ** 2 + 0.4 ** 2 + 0.3 ** 2) and int(count) == 3
+    loss.backward()
+    assert est.grad.flatten().tolist() == pytest.approx([-0.2, 0.0, 0.8, 0.6])
+    assert masked_qf_loss(est, torch.full((4, 1), float("nan")), "l2sum")[0].item() == 0
+    with pytest.raises(UserError, match="QF_lossfn_type 'l3' is unknown; known: l1, l2, l2sum"):
+        masked_qf_loss(est, labels, "l3")
 
 
 def _tiny_model(option_file, *overrides):
@@ -482,6 +497,32 @@ def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     expected = F.l1_loss(E, model.H) + 0.5 * (qf[0, 0] - 0.5).abs()
     assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert int(logs["QF_labelled"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "l2sum", "ssim", "charbonnier"])
+def test_every_image_loss_type_is_its_direct_computation(option_file, kind):
+    model = _tiny_model(option_file, f"train.G_lossfn_type={kind}", "train.G_lossfn_weight=2")
+    with torch.no_grad():
+        E, _ = model.bare(model.L)
+    d = (E - model.H).double()
+    expected = {"l1": d.abs().mean(), "l2": (d * d).mean(), "l2sum": (d * d).sum(),
+                "ssim": 1 - SSIMLoss().ssim(E.double(), model.H.double()),
+                "charbonnier": torch.sqrt(d * d + 1e-9).mean()}[kind]
+    assert float(model.optimize_parameters(1)["G_loss"]) == pytest.approx(2 * float(expected),
+                                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "l2sum"])
+def test_every_qf_loss_type_is_its_direct_computation(option_file, kind):
+    model = _labelled(_tiny_model(option_file, f"train.QF_lossfn_type={kind}"),
+                      [[0.9], [0.2]])
+    with torch.no_grad():
+        _, qf = model.bare(model.L)
+    d = (qf - torch.tensor([[0.9], [0.2]])).double()
+    expected = {"l1": d.abs().mean(), "l2": (d * d).mean(), "l2sum": (d * d).sum()}[kind]
+    logs = model.optimize_parameters(1)
+    assert float(logs["QF_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert int(logs["QF_labelled"]) == 2
 
 
 def _labelled(model, labels):
