@@ -6,10 +6,12 @@ the user (`qf_input = 1 - QF/100`), and every way of running the network faster 
 memory than the faithful default (fp32, the whole image in one pass):
 
 - `precision`: "fp32" (IEEE fp32 everywhere: cuDNN's TF32 convolutions, which PyTorch allows
-  by default, are switched off for the call), "tf32" (cuDNN may use TF32 tensor cores; the same
-  as fp32 on CPU), or "bf16" / "fp16" through `torch.autocast` (weights stay fp32, so the model
-  can switch back). bf16/fp16 work on CUDA and, with torch >= 2.4, on CPU; a CPU without native
-  bf16/fp16 arithmetic runs them slower than fp32, so there they serve to compare with fp32.
+  by default, and cuBLAS's TF32 matrix products are switched off for the call), "tf32" (cuDNN
+  and cuBLAS may use TF32 tensor cores; the same as fp32 on CPU), or "bf16" / "fp16" through
+  `torch.autocast` (weights stay fp32, so the model can switch back). bf16/fp16 work on CUDA
+  and, with torch >= 2.4, on CPU; a CPU without native bf16/fp16 arithmetic runs them slower
+  than fp32, so there they serve to compare with fp32. `precision_autocast` and `tf32_allowed`
+  are the two halves of this, shared with training (`models.model_fbcnn`).
 - `channels_last` (NHWC activations and weights) and `compile` (`torch.compile`, compiled once
   per network and kept while the network lives).
 - `tile`: tiled inference. The image is replicate-padded to a multiple of 8 (as the network pads
@@ -55,6 +57,7 @@ from utils.image import tensor2uint, uint2tensor
 
 __all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
+           "precision_autocast", "tf32_allowed",
            "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
@@ -121,27 +124,42 @@ def _set_memory_format(net, channels_last):
         net._fbcnn_channels_last = channels_last
 
 
-def _autocast(device, precision):
+def precision_autocast(device, precision):
+    """The autocast context of a precision: bf16/fp16 autocast on `device`'s type, or none."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _tf32_switches(allowed):
+    """(owner, attribute, value) of the TF32 switches of cuDNN's convolutions and cuBLAS's
+    matrix products: the per-backend `fp32_precision` of torch >= 2.9, else `allow_tf32`."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    switches = []
+    for new_owner, old_owner in ((conv, torch.backends.cudnn), (matmul, matmul)):
+        if new_owner is not None and hasattr(new_owner, "fp32_precision"):
+            switches.append((new_owner, "fp32_precision", "tf32" if allowed else "ieee"))
+        else:
+            switches.append((old_owner, "allow_tf32", allowed))
+    return switches
 
 
 @contextlib.contextmanager
-def _cudnn_tf32(allowed):
-    """cuDNN's fp32 convolutions in TF32 (`allowed`) or in IEEE fp32, restored afterwards."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        owner, name, value = conv, "fp32_precision", "tf32" if allowed else "ieee"
-    else:
-        owner, name, value = torch.backends.cudnn, "allow_tf32", allowed
-    previous = getattr(owner, name)
-    setattr(owner, name, value)
+def tf32_allowed(allowed):
+    """fp32 convolutions (cuDNN) and matrix products (cuBLAS) in TF32 (`allowed`) or in IEEE
+    fp32 for the block; the previous settings come back afterwards. The switches are
+    process-wide, like PyTorch's own; they matter only on GPUs with TF32 (Ampere and later)."""
+    switches = _tf32_switches(allowed)
+    previous = [getattr(owner, name) for owner, name, _ in switches]
     try:
+        for owner, name, value in switches:
+            setattr(owner, name, value)
         yield
     finally:
-        setattr(owner, name, previous)
+        for (owner, name, _), value in zip(switches, previous):
+            setattr(owner, name, value)
 
 
 @dataclass(frozen=True)
@@ -370,7 +388,7 @@ def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, c
         LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
                  "bound memory", img.shape[1], img.shape[0],
                  _untiled_limit(max_untiled_megapixels), tile, tile_overlap)
-    with _autocast(device, precision), _cudnn_tf32(precision == "tf32"):
+    with precision_autocast(device, precision), tf32_allowed(precision == "tf32"):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
         cache_bytes = 0 if qf_input is not None or qf_only else int(tile_cache_gib * 2 ** 30)

@@ -14,8 +14,12 @@ This module owns what one training iteration does to `netG`:
   after the optimiser);
 - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
   would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
-- mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
-  channels_last and torch.compile (`train.compile`), all off by default;
+- the arithmetic (`train.precision`, the choices of inference, `models.inference.PRECISIONS`,
+  through the same two contexts): fp32 is IEEE fp32 with TF32 switched off for the whole step,
+  forward, backward and update (PyTorch would otherwise let cuDNN use TF32); tf32 lets cuDNN and
+  cuBLAS use it; bf16 autocast, or fp16 autocast with a gradient scaler, for the forward pass.
+  Validation (`test`) is always IEEE fp32, so its numbers compare across runs;
+- channels_last and torch.compile (`train.compile`), off by default;
 - DistributedDataParallel wrapping when the run has several processes;
 - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
   backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
@@ -23,7 +27,6 @@ This module owns what one training iteration does to `netG`:
 The loop around it (data, validation, checkpoints, logging) lives in `runners.training`.
 """
 import bisect
-import contextlib
 import logging
 import math
 
@@ -33,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from models.inference import precision_autocast, tf32_allowed
 from models.loss_ssim import SSIMLoss
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import define_G, merge_bn, net_act_mode
@@ -124,7 +128,7 @@ class ModelFBCNN:
     def __init__(self, opt, device, distributed=False, merged=False):
         self.opt, self.opt_train = opt, opt["train"]
         self.device, self.distributed = device, distributed
-        self.amp = self.opt_train["amp"]
+        self.precision = self.opt_train["precision"]
         self.channels_last = self.opt_train["channels_last"]
         bare = define_G(opt["netG"], initialize=True)
         if merged:
@@ -140,7 +144,7 @@ class ModelFBCNN:
         self.seed = self.opt_train["manual_seed"] or 0
         self.define_optimizer()
         self.define_scheduler()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.grad_norm = None
         self.log_dict = {}
         self.max_nonfinite_steps = self.opt_train["max_nonfinite_steps"]
@@ -190,11 +194,12 @@ class ModelFBCNN:
             raise UserError(f"path.pretrained_netG {path}: does not fit netG ({detail})") from None
 
     def autocast(self):
-        """The forward-pass precision context `train.amp` asks for."""
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """The forward pass's autocast context of `train.precision` (none for fp32 and tf32)."""
+        return precision_autocast(self.device, self.precision)
+
+    def tf32(self):
+        """The TF32 switches of `train.precision` for a whole step: allowed for tf32 only."""
+        return tf32_allowed(self.precision == "tf32")
 
     def _to_input(self, img):
         img = img.to(self.device, non_blocking=True).float().div_(255.0)
@@ -224,6 +229,10 @@ class ModelFBCNN:
         A NaN or infinite loss (on any process) skips the backward pass and the update; see
         `_skip_nonfinite`. Checking it costs one device synchronisation per iteration.
         """
+        with self.tf32():
+            return self._optimize(current_step)
+
+    def _optimize(self, current_step):
         self.G_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             E, QF_est = self.netG(self.L, self.teacher_qf_input(current_step))
@@ -274,7 +283,7 @@ class ModelFBCNN:
                 f"{self.nonfinite_streak} consecutive iterations ({first} to {current_step}); "
                 f"stopping. The network was not updated by them; restarting resumes from the "
                 f"last complete checkpoint. Check the training images, or lower "
-                f"train.G_optimizer_lr, or use train.amp \"off\" if it is fp16")
+                f"train.G_optimizer_lr, or use train.precision \"fp32\" if it is fp16")
 
     def _regularize(self, current_step):
         t = self.opt_train
@@ -303,10 +312,12 @@ class ModelFBCNN:
 
     @torch.no_grad()
     def test(self, L):
-        """Blind restoration of one uint8 (1, C, H, W) tensor in eval mode: (E, predicted label)."""
+        """Blind restoration of one uint8 (1, C, H, W) tensor in eval mode and IEEE fp32,
+        whatever `train.precision`: (E, predicted label)."""
         self.bare.eval()
         try:
-            E, QF_est = self.bare(self._to_input(L))
+            with tf32_allowed(False):
+                E, QF_est = self.bare(self._to_input(L))
         finally:
             self.bare.train()
         return E.float(), QF_est.float()

@@ -65,7 +65,7 @@ def add_speed_args(parser):
     """Add the speed-and-memory flags (SPEED_FLAGS) to `parser`, as one argument group."""
     g = parser.add_argument_group("speed and memory (the defaults are the faithful path)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="network arithmetic: fp32 (IEEE), tf32 (cuDNN TF32 convolutions), or "
+                   help="network arithmetic: fp32 (IEEE), tf32 (TF32 convolutions and matmuls), or "
                         "bf16/fp16 autocast (default fp32)")
     g.add_argument("--tile", type=tile_size, default=None, metavar="N",
                    help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "

@@ -253,11 +253,15 @@ class _Trainer:
             if entry is not None and entry["dataroot_L"] is not None:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
-        if self.info.device.type == "cpu" and self.t["amp"] != "off":
-            logger.warning("train.amp %r on the CPU: autocast is much slower than fp32 on CPUs "
-                           "without native %s arithmetic (15x on this project's 2-core AMD "
-                           "EPYC, docs/training.md); --set train.amp=off for CPU runs",
-                           self.t["amp"], self.t["amp"])
+        if self.t["amp"] is not None:
+            logger.info("train.amp %r is the former name of train.precision: read as "
+                        "train.precision %r", self.t["amp"], self.t["precision"])
+        precision = self.t["precision"]
+        if self.info.device.type == "cpu" and precision in ("bf16", "fp16"):
+            logger.warning("train.precision %r on the CPU: autocast is much slower than fp32 on "
+                           "CPUs without native %s arithmetic (15x on this project's 2-core AMD "
+                           "EPYC, docs/training.md); --set train.precision=fp32 for CPU runs",
+                           precision, precision)
         total = self.t["total_iter"]
         if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total:
             logger.warning("merge_bn_startpoint %d is after train.total_iter %d: this run ends "

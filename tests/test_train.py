@@ -156,7 +156,8 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
                 pytest.approx((row["psnr"], row["ssim"], row["psnrb"], row["qf"]), abs=1e-9))
 
 
-@pytest.mark.parametrize("overrides,rel", [(["train.amp=bf16"], 3e-2),
+@pytest.mark.parametrize("overrides,rel", [(["train.precision=bf16"], 3e-2),
+                                           (["train.precision=tf32"], 0),  # fp32 on a CPU
                                            (["train.channels_last=true"], 1e-4),
                                            pytest.param(["train.compile=true"], 1e-4,
                                                         marks=pytest.mark.slow)])
@@ -166,7 +167,7 @@ def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides,
     ref = _losses(reference_run)[:3]
     assert [v for _, v in fast] == pytest.approx([v for _, v in ref], rel=rel)
     warned = "autocast is much slower than fp32" in _log(os.path.join(tmp_path, "tiny"))
-    assert warned == (overrides == ["train.amp=bf16"])  # these runs are on the CPU
+    assert warned == (overrides == ["train.precision=bf16"])  # these runs are on the CPU
 
 
 @pytest.mark.slow
@@ -475,6 +476,43 @@ def _tiny_model(option_file, *overrides):
     model.feed_data({"H": H, "L": (H.float() * 0.9).to(torch.uint8),
                      "qf": torch.tensor([[0.5], [float("nan")]])})
     return model
+
+
+def _tf32_switches():
+    """(cuDNN convolutions, cuBLAS matrix products): "tf32", "ieee" (or torch >= 2.9's "none",
+    inherit); read where torch keeps them, so reading never mixes its two APIs."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, matmul.fp32_precision
+    return tuple("tf32" if flag else "ieee"
+                 for flag in (torch.backends.cudnn.allow_tf32, matmul.allow_tf32))
+
+
+@pytest.mark.parametrize("precision, during, dtype", [("fp32", "ieee", torch.float32),
+                                                      ("tf32", "tf32", torch.float32),
+                                                      ("bf16", "ieee", torch.bfloat16),
+                                                      ("fp16", "ieee", torch.float16)])
+def test_precision_sets_tf32_around_the_whole_step_and_autocasts_the_forward(
+        option_file, precision, during, dtype):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default: fp32 must switch that off
+    for the forward pass, the backward pass and the update, then put the switches back."""
+    model = _tiny_model(option_file, f"train.precision={precision}")
+    before = _tf32_switches()
+    seen = {}
+    model.bare.register_forward_hook(
+        lambda module, args, out: seen.update(forward=_tf32_switches(), dtype=out[0].dtype))
+    model.bare.m_head.weight.register_hook(lambda grad: seen.update(backward=_tf32_switches()))
+    model.G_optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.update(update=_tf32_switches()))
+    model.optimize_parameters(1)
+    assert seen == {"forward": (during, during), "backward": (during, during),
+                    "update": (during, during), "dtype": dtype}
+    assert _tf32_switches() == before
+    assert model.scaler.is_enabled() == (precision == "fp16")
+    seen.clear()
+    model.test(model.L[:1].mul(255).to(torch.uint8))  # validation: IEEE fp32 whatever the run's
+    assert (seen["forward"], seen["dtype"]) == (("ieee", "ieee"), torch.float32)
+    assert _tf32_switches() == before
 
 
 def test_gradient_clipping_bounds_the_update(option_file):
