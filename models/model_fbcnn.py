@@ -360,6 +360,14 @@ class ModelFBCNN:
         if training_state.get("scaler"):
             self.scaler.load_state_dict(training_state["scaler"])
 
+    def load_weights_only(self, net_state, iteration):
+        """Resume at `iteration` from a network alone (a checkpoint of the original,
+        `N_G.pth`): its weights, strictly; a fresh optimiser (no moment estimates); the
+        learning rate where the options' schedule puts `iteration`."""
+        self.bare.load_state_dict(net_state, strict=True)
+        self.G_scheduler.last_epoch = iteration
+        self._set_lrs(self.scheduled_lrs())
+
     def scheduled_lrs(self):
         """The learning rates the options' schedule gives at the scheduler's iteration, in
         closed form (the schedulers themselves update the current rate step by step)."""
@@ -399,9 +407,12 @@ class ModelFBCNN:
         logger.info("learning rate %.3e -> %.3e at iteration %d: the options' schedule differs "
                     "from the checkpoint's", groups[0]["lr"], wanted[0],
                     self.G_scheduler.last_epoch)
-        for group, lr in zip(groups, wanted):
+        self._set_lrs(wanted)
+
+    def _set_lrs(self, lrs):
+        for group, lr in zip(self.G_optimizer.param_groups, lrs):
             group["lr"] = lr
-        self.G_scheduler._last_lr = list(wanted)
+        self.G_scheduler._last_lr = list(lrs)
 
     def parameter_fingerprint(self):
         """Per-tensor sums of the parameters in float64, to compare processes. Not the buffers:

@@ -437,6 +437,56 @@ def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_p
     assert "starting from pretrained netG" in _log(os.path.join(tmp_path, "tiny"))
 
 
+def test_an_original_run_folder_resumes_at_its_iteration_with_a_fresh_optimiser(option_file,
+                                                                               tmp_path):
+    """A run folder of the original holds `models/<N>_G.pth` alone (torch.save of the state
+    dict): training resumes at the newest N, from those weights, with a fresh Adam and the
+    learning rate of the schedule at N (milestone 3: halved), and says so."""
+    opt = load_options(option_file)
+    models = tmp_path / "tiny" / "models"
+    models.mkdir(parents=True)
+    weights = {}
+    for n, seed in ((2, 1), (4, 2)):
+        torch.manual_seed(seed)
+        weights[n] = define_G(opt["netG"]).state_dict()
+        torch.save(weights[n], models / f"{n}_G.pth")
+    assert ckpt.resume_point(str(models)) == (4, True)
+    assert _run(option_file, tmp_path, "train.total_iter=6",
+                "datasets.test=null") == {"start": 4, "end": 6}
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert (f"resuming from iteration 4: {models / '4_G.pth'}, weights only (a checkpoint of the "
+            f"original): the optimiser starts fresh, the learning rate is the schedule's at "
+            f"iteration 4 (5.000e-04)") in _log(run_dir)
+    records = _records(run_dir, "train")
+    assert [(r["iter"], r["lr"]) for r in records] == [(5, 5e-4), (6, 5e-4)]
+    dataset = define_dataset(opt["datasets"]["train"], "train", 3, seed=11)
+    batch = default_collate([dataset[k] for k in IterationBatchSampler(6, 4, seed=11).batch(5)])
+    net = build_from_state_dict(weights[4]).train()
+    with torch.no_grad():
+        E, qf = net(batch["L"].float() / 255)
+    expected = F.l1_loss(E, batch["H"].float() / 255) + 0.001 * F.l1_loss(qf, batch["qf"])
+    assert records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    state = torch.load(models / "6_state.pth", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # fresh at 5
+    assert ckpt.complete_checkpoints(str(models)) == [6]
+    assert (models / "2_G.pth").exists() and (models / "4_G.pth").exists()  # left as they were
+
+
+def test_resume_point_is_the_newest_complete_or_weights_only_checkpoint(tmp_path):
+    models = str(tmp_path / "models")
+    assert ckpt.resume_point(models) is None
+    ckpt.save_checkpoint(models, 4, {"w": torch.zeros(2)}, {"iteration": 4})
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "2_G.pth"))  # older: not taken
+    assert ckpt.resume_point(models) == (4, False)
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "6_G.pth"))
+    assert ckpt.weights_only_checkpoints(models) == [2, 6]
+    assert ckpt.resume_point(models) == (6, True)
+    # an older version's save cut short after the network: not a checkpoint of the original
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "8_G.pth"))
+    torch.save({"iteration": 8}, os.path.join(models, "8_state.pth"))
+    assert ckpt.resume_point(models) == (6, True)
+
+
 def test_masked_qf_loss_skips_nan_labels():
     est = torch.tensor([[0.2], [0.5], [0.9]], requires_grad=True)
     loss, count = masked_qf_loss(est, torch.tensor([[0.3], [float("nan")], [0.5]]))
