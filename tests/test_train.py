@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import default_collate
 
 import main_train_fbcnn
@@ -118,6 +119,21 @@ def test_smoke_run_writes_checkpoints_logs_and_validation(reference_run):
     log = _log(reference_run)
     assert "starting from scratch" in log and "tinytest at QF 10: Average PSNR" in log
     assert os.listdir(os.path.join(reference_run, "options"))
+
+
+def test_tensorboard_holds_the_logged_losses_and_validation(reference_run):
+    """The run's tensorboard/ folder, read with TensorBoard's own reader, has the losses of
+    metrics.jsonl at their iterations and the validation averages."""
+    events = EventAccumulator(os.path.join(reference_run, "tensorboard"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"train/loss", "train/G_loss", "train/QF_loss", "train/lr", "test/psnr",
+            "test/ssim", "test/qf"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(i, pytest.approx(v, rel=1e-6)) for i, v in _losses(reference_run)]
+    tests = _records(reference_run, "test")
+    assert [(e.step, e.value) for e in events.Scalars("test/psnr")] == [
+        (r["iter"], pytest.approx(r["average"]["psnr"], rel=1e-6)) for r in tests]
 
 
 def test_resume_continues_with_identical_losses(option_file, reference_run, tmp_path):
