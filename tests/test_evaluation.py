@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from data.jpeg import jpeg
+from models.inference import restore
+from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from runners import evaluation
 from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
@@ -145,6 +148,25 @@ def test_speed_flags_reach_restore_and_unset_ones_keep_its_defaults(tmp_path, sm
                         "bf16"]) == 0
     assert calls[0] == dict(device="cpu", tile=32, tile_overlap=16, tile_cache_gib=0.5,
                             precision="bf16")
+
+
+def test_x8_runs_the_self_ensemble_and_says_so(tmp_path, small_set, tiny_models):
+    model = load_model(str(tiny_models[3]))
+    img = imread_uint(str(small_set / "monarch.png"), 3)
+    rows = {}
+    for flags in ([], ["--x8"]):
+        path = tmp_path / f"r{len(flags)}.json"
+        assert main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(small_set),
+                            "--qf", "20", "--json", str(path), "--results", str(tmp_path / "res"),
+                            "--device", "cpu", *flags]) == 0
+        (rows[bool(flags)],) = json.loads(path.read_text())
+    assert rows[False]["x8"] is False and rows[True]["x8"] is True
+    assert rows[True]["psnr"] != rows[False]["psnr"]
+    for x8, folder in ((False, "small_tiny3_qf20"), (True, "small_tiny3_qf20_x8")):
+        written = imread_uint(str(tmp_path / "res" / folder / "monarch.png"), 3)
+        assert np.array_equal(written, restore(model, jpeg(img, 20), x8=x8)[0])
+    log = (tmp_path / "res" / "small_tiny3.log").read_text()
+    assert ", fp32, --x8" in log and "Average PSNR/SSIM/PSNRB - small_tiny3_qf20_x8 -:" in log
 
 
 def _one_error_line(out):

@@ -275,9 +275,9 @@ class RecordingRestore:
         self.calls = []
 
     def __call__(self, model, img, qf=None, device="cpu", precision="fp32", tile=None,
-                 tile_overlap=32, channels_last=False):
+                 tile_overlap=32, channels_last=False, x8=False):
         self.calls.append(dict(qf=qf, device=device, precision=precision, tile=tile,
-                               tile_overlap=tile_overlap, channels_last=channels_last))
+                               tile_overlap=tile_overlap, channels_last=channels_last, x8=x8))
         return img, 42
 
 
@@ -298,14 +298,29 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     assert qf_used("--qf", "12")["qf"] == 12
     assert qf_used("--qf", "header")["qf"] == 37
     call = qf_used("--precision", "bf16", "--tile", "256", "--tile-overlap", "16",
-                   "--channels-last", "--device", "cpu")
+                   "--channels-last", "--device", "cpu", "--x8")
     assert call == dict(qf=None, device="cpu", precision="bf16", tile=256, tile_overlap=16,
-                        channels_last=True)
+                        channels_last=True, x8=True)
     assert qf_used()["tile"] is None and qf_used()["precision"] == "fp32"  # restore()'s defaults
+    assert qf_used()["x8"] is False
 
     code, _, err = run([str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--qf", "header",
                         *IDENTITY], capsys)
     assert code == 1 and "b.png" in err and "not a JPEG" in err
+
+
+def test_x8_restores_with_the_self_ensemble_and_says_so(tmp_path, photo, tiny_models, capsys):
+    path = write_jpeg(tmp_path / "a.jpg", photo, 20)
+    model = load_model(tiny_models["color"])
+    img = jpeg_decode(path.read_bytes(), 3)
+    assert not np.array_equal(restore(model, img)[0], restore(model, img, x8=True)[0])
+    for flags, x8 in (([], False), (["--x8"], True)):
+        code, out, _ = run([str(path), "-o", str(tmp_path / "out"), "--overwrite", "--model",
+                            tiny_models["color"], "--device", "cpu", *flags], capsys)
+        assert code == 0 and ("network estimate" in out) and (", x8]" in out) == x8
+        assert ("(x8 self-ensemble)" in out) == x8
+        expected, _ = restore(model, img, x8=x8)
+        np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
 
 
 @pytest.mark.parametrize("flags, message", [
