@@ -320,11 +320,21 @@ def test_channels_last_matches_the_default_layout(model, photo, faithful):
     assert np.array_equal(restored, faithful[0])
 
 
+def _compiled_frames():
+    """Frames torch.compile has compiled so far in this process (a frame whose compilation
+    failed and fell back to eager, e.g. under `suppress_errors`, is not counted)."""
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
 @pytest.mark.slow
-def test_compile_matches_eager(photo):
+@pytest.mark.parametrize("tile, entry_points", [(None, 1), (64, 3)])
+def test_compile_matches_eager(photo, tile, entry_points):
+    """Untiled, `forward` is compiled; tiled, `encode`, `qf_features` and `decode` are."""
     model = _model(nc=(4, 4, 4, 4))
-    expected, qf = restore(model, photo[:64, :80])
-    restored, qf_compiled = restore(model, photo[:64, :80], compile=True)
+    expected, qf = restore(model, photo[:64, :80], tile=tile)
+    before = _compiled_frames()
+    restored, qf_compiled = restore(model, photo[:64, :80], compile=True, tile=tile)
+    assert _compiled_frames() - before >= entry_points  # compiled, not a silent eager fall-back
     assert _grey_diff(restored, expected).max() <= 1 and qf_compiled == qf
 
 
