@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import runners.restore as cli
-from data.jpeg import jpeg_decode, jpeg_encode
+from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
 from models.inference import restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
@@ -481,6 +481,36 @@ def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, capsys):
     code, out, _ = run([str(tmp_path / "clean.png"), "-o", str(tmp_path / "out"), "--qf",
                         "dominant", *IDENTITY], capsys)
     assert code == 0 and "QF network's (no JPEG trace found for --qf dominant)" in out
+
+
+def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, testsets_dir,
+                                                                     tiny_models, capsys,
+                                                                     monkeypatch):
+    """FBCNN-D end to end: a gray file stored at QF 30 after a QF-10 JPEG shifted by (4, 4)
+    (the paper's protocol); `--qf dominant` finds 10 and the network receives 1 - 10/100."""
+    gray = cv2.imread(os.path.join(testsets_dir, "LIVE1_gray", "monarch.png"),
+                      cv2.IMREAD_GRAYSCALE)
+    first = jpeg(np.ascontiguousarray(gray[100:175, 200:275]), 10)
+    path = tmp_path / "double.jpg"
+    path.write_bytes(jpeg_encode(np.ascontiguousarray(shift_crop(first, 4)), 30))
+    received = []
+    forward = FBCNN.forward
+
+    def recording(net, x, qf_input=None):
+        received.append((x.shape[1], None if qf_input is None else qf_input.tolist()))
+        return forward(net, x, qf_input)
+
+    monkeypatch.setattr(FBCNN, "forward", recording)
+    for mode, qf in (("dominant", 10), ("header", 30)):  # the file's own tables say 30
+        received.clear()
+        code, out, _ = run([str(path), "-o", str(tmp_path / mode), "--qf", mode, "--gray-model",
+                            tiny_models["gray"], "--device", "cpu"], capsys)
+        assert code == 0 and f"[gray, QF {qf} ({mode})" in out
+        assert received == [(1, [[pytest.approx(1 - qf / 100)]])]
+    expected, _ = restore(load_model(tiny_models["gray"]), jpeg_decode(path.read_bytes(), 1),
+                          qf=10)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dominant" / "double.png"),
+                                             cv2.IMREAD_GRAYSCALE), expected)
 
 
 def test_a_corrupt_model_file_is_named_with_its_flag(tmp_path, photo, capsys):
