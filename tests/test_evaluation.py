@@ -1,5 +1,6 @@
 """runners/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
 outputs on disk, and one clear error line for bad input."""
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from runners import evaluation
 from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
-from tests.conftest import REPO_ROOT
+from tests.conftest import REFERENCE, REPO_ROOT, shared_testset
 from utils.image import imread_uint, imwrite
 
 
@@ -54,13 +55,13 @@ def test_color_script_reproduces_live1_jpeg_row(tmp_path):
     assert not (tmp_path / "LIVE1_color_jpeg_qf10").exists()
 
 
-def test_color_script_reproduces_bsds500_jpeg_row(tmp_path, shared_testsets):
+def test_color_script_reproduces_bsds500_jpeg_row(tmp_path):
     path = tmp_path / "r.json"
-    assert main(COLOR, ["--model", "jpeg", "--testset", "BSDS500_color", "--testsets-root",
-                        shared_testsets, "--qf", "10", "--json", str(path),
-                        "--results", str(tmp_path), "--no-save-images"]) == 0
+    assert main(COLOR, ["--model", "jpeg", "--testset", shared_testset("BSDS500_color"), "--qf",
+                        "10", "--json", str(path), "--results", str(tmp_path),
+                        "--no-save-images"]) == 0
     (summary,) = json.loads(path.read_text())
-    assert summary["n_images"] == 200
+    assert summary["testset"] == "BSDS500_color" and summary["n_images"] == 200
     assert _rounded(summary) == (25.84, 0.741, 24.12)
 
 
@@ -237,14 +238,20 @@ def test_defaults_are_the_originals():
     assert (real.testset, real.qf_control) == ("Real", [5, 10, 30, 50, 70, 90])
 
 
-def test_testsets_are_copies_of_shared(testsets_dir, shared_testsets):
-    for name in ("Classic5", "LIVE1_color", "LIVE1_gray", "Real"):
-        ours = sorted(os.listdir(os.path.join(testsets_dir, name)))
-        assert ours == sorted(os.listdir(os.path.join(shared_testsets, name)))
-        for file in ours:
-            with (open(os.path.join(testsets_dir, name, file), "rb") as a,
-                  open(os.path.join(shared_testsets, name, file), "rb") as b):
-                assert a.read() == b.read(), f"{name}/{file} differs"
+def test_testsets_are_copies_of_shared(testsets_dir):
+    """Every file of the repository's test sets, and nothing else, has the SHA-256 recorded from
+    the shared copies (tests/reference/testsets.sha256)."""
+    with open(os.path.join(REFERENCE, "testsets.sha256"), encoding="utf-8") as f:
+        recorded = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f)
+    assert len(recorded) == 5 + 29 + 29 + 6
+    ours = {}
+    for name in sorted(os.listdir(testsets_dir)):
+        for file in sorted(os.listdir(os.path.join(testsets_dir, name))):
+            with open(os.path.join(testsets_dir, name, file), "rb") as f:
+                ours[f"{name}/{file}"] = hashlib.sha256(f.read()).hexdigest()
+    assert sorted(ours) == sorted(recorded)
+    for path, digest in recorded.items():
+        assert ours[path] == digest, f"testsets/{path} differs from the shared copy"
 
 
 def test_scripts_are_thin():
