@@ -178,7 +178,10 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
                                            pytest.param(["train.compile=true"], 1e-4,
                                                         marks=pytest.mark.slow)])
 def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides, rel):
+    compiled = torch._dynamo.utils.counters["frames"]["ok"]
     _run(option_file, tmp_path, "train.total_iter=3", "datasets.test=null", *overrides)
+    if overrides == ["train.compile=true"]:  # frames compiled, not a silent eager fall-back
+        assert torch._dynamo.utils.counters["frames"]["ok"] > compiled
     fast = _losses(os.path.join(tmp_path, "tiny"))
     ref = _losses(reference_run)[:3]
     assert [v for _, v in fast] == pytest.approx([v for _, v in ref], rel=rel)
