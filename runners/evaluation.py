@@ -110,6 +110,7 @@ class Setting:
     keys: dict
     degrade: object = None  # uint8 H -> (L, H aligned with L)
     qf_input: object = None
+    x8: bool = False  # restored with the self-ensemble (--x8): its name ends in _x8
     scores: list = field(default_factory=list)
 
 
@@ -226,7 +227,7 @@ def _log_image(setting, name, qf_pred, scores, written):
 def _summarize(setting, testset, model_name, skipped, summaries):
     """Average one setting's scores and log its line (on the finishing thread, after its images)."""
     columns = list(zip(*setting.scores))
-    summary = {"testset": testset, "model": model_name, **setting.keys,
+    summary = {"testset": testset, "model": model_name, **setting.keys, "x8": setting.x8,
                "n_images": len(setting.scores), "psnr": mean_score(columns[0]),
                "ssim": mean_score(columns[1]), "psnrb": mean_score(columns[2]),
                "qf_pred_mean": mean_score(columns[3]), "skipped": skipped}
@@ -289,6 +290,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                        + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
                           for k, v in speed.items() if k != "precision"]))
     settings = _settings(preset, args, prefix)
+    if speed.get("x8"):  # its own rows, folders and log lines beside the plain run's
+        for setting in settings:
+            setting.name, setting.x8 = f"{setting.name}_x8", True
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
     speed["device"] = device
