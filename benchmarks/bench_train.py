@@ -1,16 +1,17 @@
-"""Training speed: patches/s of `ModelFBCNN.optimize_parameters`, per mixed-precision mode.
+"""Training speed: patches/s of `ModelFBCNN.optimize_parameters`, per training precision.
 
 Builds the model from an option file exactly as main_train_fbcnn.py does (`--set` overrides
 as there), feeds it synthetic uint8 batches of the configured patch size (the step's cost does
 not depend on pixel values; the data pipeline is not part of this measurement), and times
-`--steps` iterations after `--warmup` ones for each `train.amp` mode and `train.compile`
-setting, in one process. Achieved TFLOP/s counts a training step as 3x the forward convolution
-FLOPs (forward, and a backward pass for activations and weights).
+`--steps` iterations after `--warmup` ones for each `train.precision` (fp32 is IEEE fp32; tf32
+lets cuDNN and cuBLAS use TF32, PyTorch's default for convolutions and so the original's) and
+`train.compile` setting, in one process. Achieved TFLOP/s counts a training step as 3x the
+forward convolution FLOPs (forward, and a backward pass for activations and weights).
 
-    python benchmarks/bench_train.py --device cuda --amp off bf16 fp16 --json train.json
-    python benchmarks/bench_train.py --device cuda --amp bf16 --channels-last --compile off on
+    python benchmarks/bench_train.py --device cuda --precision fp32 tf32 bf16 fp16 --json t.json
+    python benchmarks/bench_train.py --device cuda --precision bf16 --channels-last --compile off on
     python benchmarks/bench_train.py --device cpu --set netG.nc=[16,32,64,128] --set netG.nb=2 \\
-        --set datasets.train.dataloader_batch_size=4 --amp off --steps 3
+        --set datasets.train.dataloader_batch_size=4 --precision fp32 --steps 3
 """
 import argparse
 import itertools
@@ -21,11 +22,13 @@ import torch
 
 from benchmarks.benchlib import (PeakMemory, add_training_option_args, device_name,
                                  fbcnn_conv_flops, print_table, write_json)
+from models.inference import PRECISIONS
 from models.model_fbcnn import ModelFBCNN
 from runners.cli import run_cli
 from runners.train_options import load_options
 
-COLUMNS = [("amp", "amp", "{}"), ("channels_last", "channels_last", "{}"),
+_AMP_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}  # --amp, as train.amp reads
+COLUMNS = [("precision", "precision", "{}"), ("channels_last", "channels_last", "{}"),
            ("compile", "compile", "{}"),
            ("batch", "batch", "{}"), ("patch", "patch", "{}"), ("seconds", "s", "{:.2f}"),
            ("patches_per_s", "patches/s", "{:.2f}"), ("tflops", "TFLOP/s (3x fwd)", "{:.3f}"),
@@ -37,7 +40,10 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_option_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", nargs="+", choices=("off", "bf16", "fp16"), default=["off", "bf16"])
+    p.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=None,
+                   help="train.precision values to compare (default fp32 bf16)")
+    p.add_argument("--amp", nargs="+", choices=tuple(_AMP_PRECISION), default=None,
+                   help="the former name of --precision: off is fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
                    help="train.compile settings to compare (compiled during the warm-up steps)")
@@ -46,13 +52,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.amp and args.precision:
+        p.error("give --precision or its former name --amp, not both")
+    precisions = ([_AMP_PRECISION[a] for a in args.amp] if args.amp else
+                  args.precision or ["fp32", "bf16"])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     rows = []
-    for amp, compile in itertools.product(args.amp, args.compile):
-        overrides = [*args.set, f"train.amp={amp}",
+    for precision, compile in itertools.product(precisions, args.compile):
+        overrides = [*args.set, f"train.precision={precision}",
                      f"train.channels_last={'true' if args.channels_last else 'false'}",
                      f"train.compile={'true' if compile == 'on' else 'false'}"]
         opt = load_options(args.opt, overrides, world_size=1, check_paths=False)
@@ -83,13 +93,14 @@ def main(argv=None):
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         flops = 3 * fbcnn_conv_flops(model.bare, patch, patch) * batch * args.steps
-        rows.append({"amp": amp, "channels_last": args.channels_last, "compile": compile,
+        rows.append({"precision": precision, "channels_last": args.channels_last,
+                     "compile": compile,
                      "batch": batch,
                      "patch": patch, "seconds": seconds,
                      "patches_per_s": batch * args.steps / seconds,
                      "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
                      "peak_kind": memory.kind})
-        print(f"amp {amp}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s",
+        print(f"{precision}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s",
               file=sys.stderr, flush=True)
     nc, nb = model.bare.nc, model.bare.nb
     print(f"\nDevice: {device_name(device)}. Network: nc {nc}, nb {nb}, options {args.opt} "

@@ -16,7 +16,8 @@ out of memory or hits its limit costs only itself. The steps, all with full-size
    encoder caches of 0, 1 and 2 GiB;
 4. `test_script_fp32`: the whole colour test script at QF 10 to 40, serial (`--workers 0`, the
    baseline) and pipelined (`--workers 8`), then each as a new process, start to exit;
-5. `train`: training steps at batch 128 of 96x96, `train.amp` off/bf16/fp16, channels_last;
+5. `train`: training steps at batch 128 of 96x96, `train.precision` fp32/tf32/bf16/fp16,
+   channels_last;
 6. `test_script_precision`: the test script in fp32, bf16 and fp16 side by side, channels_last,
    pipelined;
 7. `inference_compile`: LIVE1_color in bf16 channels_last, without and with torch.compile;
@@ -72,8 +73,8 @@ STEPS = [
      [*_SCRIPT, "--workers", "0", "8", "--json", "{json}"],
      [*_SCRIPT_TINY, "--workers", "0", "2", "--json", "{json}"]),
     ("train", 120,
-     [*_TRAIN, "--amp", "off", "bf16", "fp16", "--json", "{json}"],
-     [*_TRAIN_TINY, "--amp", "off", "--json", "{json}"]),
+     [*_TRAIN, "--precision", "fp32", "tf32", "bf16", "fp16", "--json", "{json}"],
+     [*_TRAIN_TINY, "--precision", "fp32", "--json", "{json}"]),
     ("test_script_precision", 90,
      [*_SCRIPT, "--precision", "fp32", "bf16", "fp16", "--channels-last", "--workers", "8",
       "--no-process", "--json", "{json}"],
@@ -85,8 +86,8 @@ STEPS = [
      [*_INFER_TINY, "--precision", "fp32", "--compile", "off", "--synthetic-mp", "0", "--tile",
       "0", "--json", "{json}"]),
     ("train_compile", 150,
-     [*_TRAIN, "--amp", "bf16", "--compile", "off", "on", "--json", "{json}"],
-     [*_TRAIN_TINY, "--amp", "off", "--compile", "off", "--json", "{json}"]),
+     [*_TRAIN, "--precision", "bf16", "--compile", "off", "on", "--json", "{json}"],
+     [*_TRAIN_TINY, "--precision", "fp32", "--compile", "off", "--json", "{json}"]),
 ]
 
 

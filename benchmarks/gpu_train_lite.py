@@ -108,7 +108,7 @@ SAFETY = 0.95  # share of the planned training time the planned iterations are m
 PROBE_TOTAL_ITER = 10 ** 7  # the probe's schedule: a cosine that has not moved in 30 s
 SMOKE_OPTIONS = ["netG.nc=[4,8,8,16]", "netG.nb=1", "datasets.train.H_size=32",
                  "datasets.train.dataloader_batch_size=2",
-                 "datasets.train.dataloader_num_workers=0", "train.amp=off",
+                 "datasets.train.dataloader_num_workers=0", "train.precision=fp32",
                  "train.channels_last=false", "train.cudnn_benchmark=false"]
 
 

@@ -102,16 +102,23 @@ def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_thread
     path = tmp_path / "train.json"
     assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
                              "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
-                             "--set", "datasets.train.dataloader_batch_size=2", "--amp", "off",
-                             "bf16", "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
+                             "--set", "datasets.train.dataloader_batch_size=2", "--precision",
+                             "fp32", "bf16", "--steps", "1", "--warmup", "1",
+                             "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["amp"], r["compile"], r["batch"], r["patch"]) for r in rows] == [
-        ("off", "off", 2, 32), ("bf16", "off", 2, 32)]
+    assert [(r["precision"], r["compile"], r["batch"], r["patch"]) for r in rows] == [
+        ("fp32", "off", 2, 32), ("bf16", "off", 2, 32)]
     assert all(r["patches_per_s"] > 0 and r["tflops"] > 0 for r in rows)
     table = [line.split("|")[1:4] for line in capsys.readouterr().out.splitlines()
              if line.startswith("| ") and "patches/s" not in line]
-    assert [[cell.strip() for cell in row] for row in table] == [["off", "False", "off"],
+    assert [[cell.strip() for cell in row] for row in table] == [["fp32", "False", "off"],
                                                                  ["bf16", "False", "off"]]
+    # --amp, the former name, as train.amp reads: off is fp32
+    assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
+                             "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
+                             "--set", "datasets.train.dataloader_batch_size=2", "--amp", "off",
+                             "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
+    assert [r["precision"] for r in json.loads(path.read_text())["rows"]] == ["fp32"]
 
 
 def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):
