@@ -2,7 +2,7 @@
 
 This module owns the command
 
-    python -m runners.convert_weights IN OUT [--overwrite]
+    python -m runners.convert_weights IN OUT [--overwrite] [--fp16]
 
 - `.pth`/`.pt` -> `.safetensors`: the state dict (loaded with `torch.load(weights_only=True)`:
   no pickled code runs; a DataParallel `module.` prefix or a `params`/`state_dict` wrapper is
@@ -14,6 +14,9 @@ This module owns the command
   loading pairs keys by position), which the original's
   `model.load_state_dict(torch.load(path), strict=True)` accepts, as do tools that read only
   `.pth`; the metadata cannot come along (a `.pth` of the original has none).
+
+`--fp16` stores the floating-point tensors of a `.safetensors` OUT in fp16 (half the size: the
+shipped lite models); IN may then be a `.safetensors` file too.
 
 Both ways the weights are checked first by building the FBCNN they describe and loading them
 strictly, so a file that is not an FBCNN state dict stops with one error line and writes nothing.
@@ -50,12 +53,15 @@ def _format(path, what):
                     f"expected .pth, .pt or .safetensors")
 
 
-def convert(src, dst, overwrite=False):
-    """Convert the FBCNN weights in `src` to the other format at `dst`; returns the FBCNN
-    constructor arguments of the weights. UserError when the formats are the same, `src` is
-    not an FBCNN state dict, or `dst` exists and `overwrite` is false."""
+def convert(src, dst, overwrite=False, fp16=False):
+    """Convert the FBCNN weights in `src` to the other format at `dst` (with `fp16`, to fp16
+    safetensors from either format); returns the FBCNN constructor arguments of the weights.
+    UserError when there is nothing to convert, `src` is not an FBCNN state dict, or `dst`
+    exists and `overwrite` is false."""
     src_format, dst_format = _format(src, "IN"), _format(dst, "OUT")
-    if src_format == dst_format:
+    if fp16 and dst_format != "safetensors":
+        raise UserError(f"--fp16: OUT {display_path(dst)} must be a .safetensors file")
+    if src_format == dst_format and not fp16:
         raise UserError(f"IN and OUT are both {src_format} files: nothing to convert "
                         f"(.pth/.pt <-> .safetensors)")
     if not overwrite and os.path.lexists(dst):
@@ -69,7 +75,7 @@ def convert(src, dst, overwrite=False):
     try:
         if dst_format == "safetensors":
             save_network(dst, state, kwargs, metadata={"converted_from": os.path.basename(src)},
-                         replace=overwrite)
+                         dtype=torch.float16 if fp16 else None, replace=overwrite)
         else:
             atomic_write(dst, lambda f: torch.save(state, f), replace=overwrite)
     except FileExistsError:  # it appeared while converting
@@ -85,10 +91,12 @@ def main(argv=None):
     p.add_argument("input", metavar="IN", help="a .pth/.pt or .safetensors weight file")
     p.add_argument("output", metavar="OUT", help="the file to write, in the other format")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--fp16", action="store_true",
+                   help="store a .safetensors OUT in fp16 (IN may be .safetensors too)")
     args = p.parse_args(argv)
 
     def body():
-        kwargs = convert(args.input, args.output, overwrite=args.overwrite)
+        kwargs = convert(args.input, args.output, overwrite=args.overwrite, fp16=args.fp16)
         print(f"wrote {args.output} (FBCNN in_nc {kwargs['in_nc']}, nc {kwargs['nc']}, "
               f"nb {kwargs['nb']}, act_mode {kwargs['act_mode']})")
 

@@ -58,6 +58,25 @@ def test_our_fp16_safetensors_become_a_pth_the_original_loads(tmp_path):
         assert torch.equal(model.state_dict()[key], value.half().float())
 
 
+def test_fp16_writes_half_size_safetensors_from_either_format(tmp_path, capsys):
+    """--fp16 ships a training checkpoint: fp32 safetensors (or .pth) in, fp16 safetensors with
+    the same architecture out, every tensor the fp32 one rounded to fp16; never a .pth."""
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1)
+    kwargs = infer_fbcnn_kwargs(net.state_dict())
+    src = save_network(str(tmp_path / "18000_G.safetensors"), net.state_dict(), kwargs)
+    out = tmp_path / "lite.safetensors"
+    assert convert_weights.main([src, str(out), "--fp16"]) == 0
+    assert read_fbcnn_kwargs(str(out)) == kwargs
+    with safe_open(str(out), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert all(torch.equal(f.get_tensor(k), v.half()) for k, v in net.state_dict().items())
+    assert os.path.getsize(out) < 0.6 * os.path.getsize(src)
+    capsys.readouterr()
+    assert convert_weights.main([src, str(tmp_path / "lite.pth"), "--fp16"]) == 2
+    assert "--fp16: OUT" in capsys.readouterr().err
+    assert convert_weights.main([src, str(tmp_path / "same.safetensors")]) == 2  # nothing to do
+
+
 def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
     _original_pth(tmp_path / "w.pth")
     out = tmp_path / "w.safetensors"
