@@ -20,6 +20,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from benchmarks.benchlib import print_table, write_json
 from data.jpeg import jpeg
@@ -48,6 +49,10 @@ def main(argv=None):
     p.add_argument("--qf-input", type=quality_factor, nargs="+", default=[], metavar="QF",
                    help="also restore blind and with each of these QFs as qf_input, and report "
                         "the mean PSNR of each per true QF")
+    p.add_argument("--units", action="store_true",
+                   help="also report, per ReLU of the QF head's and the QF embedding's MLPs, the "
+                        "share of units active on at least one input (a dead MLP predicts one "
+                        "QF for everything)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -61,6 +66,7 @@ def main(argv=None):
     testset = args.testset or ("LIVE1_gray" if channels == 1 else "LIVE1_color")
     paths = list_images(resolve_testset(testset, args.testsets_root))[:args.limit]
     images = [imread_uint(path, channels) for path in paths]
+    active = _watch_units(model.net) if args.units else None
     rows, per_image, psnr_rows = [], [], []
     for qf in args.qf:
         inputs = [jpeg(img, qf) for img in images]
@@ -80,6 +86,14 @@ def main(argv=None):
     print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
     print_table(rows, COLUMNS)
     result = {"model": args.model, "testset": testset, "rows": rows, "images": per_image}
+    if active is not None:
+        units = [{"layer": name, "units": int(seen.numel()),
+                  "active": float(seen.float().mean())} for name, seen in active.items()
+                 if seen is not None]
+        print("\nQF MLP units active on at least one input:")
+        print_table(units, [("layer", "ReLU", "{}"), ("units", "units", "{}"),
+                            ("active", "share active", "{:.3f}")])
+        result["units"] = units
     if args.qf_input:
         print("\nmean PSNR (dB) blind and with each qf_input:")
         print_table(psnr_rows, [("qf", "true QF", "{}"), ("jpeg", "JPEG", "{:.2f}"),
@@ -89,6 +103,23 @@ def main(argv=None):
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def _watch_units(net):
+    """Forward hooks on the ReLUs of `qf_pred` and `qf_embed`: {name: bool tensor of the units
+    active on some input so far (None before the first pass)}."""
+    active = {}
+    for part in ("qf_pred", "qf_embed"):
+        for index, layer in enumerate(getattr(net, part)):
+            if isinstance(layer, torch.nn.ReLU):
+                name = f"{part}.{index}"
+                active[name] = None
+
+                def hook(module, inputs, output, name=name):
+                    seen = (output.detach() > 0).reshape(output.shape[0], -1).any(0).cpu()
+                    active[name] = seen if active[name] is None else active[name] | seen
+                layer.register_forward_hook(hook)
+    return active
 
 
 def _psnr_row(qf, images, inputs, blind, model, qf_inputs, device):
