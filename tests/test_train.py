@@ -352,6 +352,19 @@ def test_merge_bn_restarts_adam_but_keeps_the_learning_rate_schedule(option_file
     assert lrs == pytest.approx([_cosine(t, 6) for t in range(6)], rel=1e-12)
 
 
+def test_rerunning_a_finished_folded_run_reports_no_changed_option(option_file, tmp_path):
+    """A recipe that folds BatchNorm, run to its end and started again unchanged: the
+    optimiser's base rate is still train.G_optimizer_lr (not the rate at the fold)."""
+    common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=2", "datasets.test=null",
+              "train.G_scheduler_type=CosineAnnealingLR", "train.total_iter=3"]
+    _run(option_file, tmp_path, *common)
+    state = ckpt.load_training_state(os.path.join(tmp_path, "tiny", "models"), 3)[1]
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [1e-3]
+    assert _run(option_file, tmp_path, *common) == {"start": 3, "end": 3}
+    log = _log(os.path.join(tmp_path, "tiny"))
+    assert "nothing to do" in log and "the options differ" not in log
+
+
 def test_moving_merge_bn_startpoint_across_the_checkpoint_resumes(option_file, tmp_path):
     common = ["netG.act_mode=BR", "merge_bn=true", "datasets.test=null"]
     folded, later = tmp_path / "folded", tmp_path / "later"
@@ -576,6 +589,24 @@ def test_resume_takes_the_options_learning_rate_betas_and_weight_decay(option_fi
     resumed.update_learning_rate()
     assert resumed.current_learning_rate() == pytest.approx(0.01 * 0.5, rel=1e-12)
     assert "train.G_optimizer_wd 0.0 -> 0.1" in caplog.text
+
+
+def test_changed_optimizer_options_are_told_against_the_checkpoints_options(option_file,
+                                                                          caplog):
+    """A checkpoint folded by an earlier version holds the rate at the fold as initial_lr: with
+    its recorded options unchanged nothing is reported; a real change still is."""
+    first = _tiny_model(option_file)
+    state = {**first.training_state(), "options": json.dumps(first.opt)}
+    for group in state["optimizer"]["param_groups"]:
+        group["initial_lr"] = 2.3918e-05
+    with caplog.at_level(logging.INFO):
+        _tiny_model(option_file).load_state(first.bare.state_dict(), state)
+    assert "differ" not in caplog.text
+    resumed = _tiny_model(option_file, "train.G_optimizer_lr=0.01")
+    with caplog.at_level(logging.INFO):
+        resumed.load_state(first.bare.state_dict(), state)
+    assert "train.G_optimizer_lr 0.001 -> 0.01: the options differ" in caplog.text
+    assert resumed.G_optimizer.param_groups[0]["initial_lr"] == 0.01
 
 
 def test_resume_with_the_same_schedule_keeps_the_learning_rate_bit_for_bit(option_file):
