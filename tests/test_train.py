@@ -432,6 +432,87 @@ def test_sigterm_stops_training_like_ctrl_c(option_file, tmp_path):
     assert "the next start resumes from iteration" in _log(os.path.join(tmp_path, "tiny"))
 
 
+# Runs main_train_fbcnn.py with one moment of the run (a training step, a save, a validation)
+# announced on stderr and made long, so that the test can signal the run inside it. The step
+# spends its time in one C call that releases the GIL and never returns to Python meanwhile, as
+# a long network step does (Python's own signal handler waits for it).
+_SLOW_MOMENT = """
+import hashlib, sys, time
+MOMENT = sys.argv.pop(1)
+import main_train_fbcnn
+from models.model_fbcnn import ModelFBCNN
+from utils import checkpoint
+
+def slow(where):
+    sys.stderr.write("AT %s\\n" % where)
+    sys.stderr.flush()
+    if where == "step":
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 8_000_000)
+    else:
+        time.sleep(3)
+    sys.stderr.write("LEFT %s\\n" % where)
+    sys.stderr.flush()
+
+def wrap(owner, name, moment, when):
+    real = getattr(owner, name)
+    calls = []
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if MOMENT == moment and when(args, len(calls)):
+            slow(moment)
+        return real(*args, **kwargs)
+    setattr(owner, name, patched)
+
+wrap(ModelFBCNN, "optimize_parameters", "step", lambda args, n: args[1] == 3)
+wrap(checkpoint, "save_checkpoint", "save", lambda args, n: n == 1)
+wrap(ModelFBCNN, "test", "validation", lambda args, n: n == 1)
+sys.exit(main_train_fbcnn.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, stopped_at", [("step", 3), ("save", 2), ("validation", 2)])
+def test_sigterm_to_the_whole_run_stops_it_cleanly(option_file, tmp_path, moment, stopped_at):
+    """SIGTERM to the run's process group, loader workers included (as `timeout` and a terminal
+    send it): said at once, the iteration finishes, the workers are shut down, one exit 130."""
+    cmd = [sys.executable, "-c", _SLOW_MOMENT, moment, "-opt", option_file,
+           "--set", f"path.root={tmp_path}", "--set", "datasets.train.dataloader_num_workers=2",
+           "--set", "train.checkpoint_save=2", "--set", "train.checkpoint_test=2",
+           "--set", "train.total_iter=100"]
+    err_path = tmp_path / "err.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        try:
+            reached = _wait_for(lambda: f"AT {moment}" in err_path.read_text(), 180, proc)
+            assert reached, err_path.read_text()[-3000:]
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    said = err.index("SIGTERM: stopping after this iteration")
+    assert said < err.index(f"LEFT {moment}")  # at once, not once the moment is over
+    assert err.rstrip().endswith("interrupted")
+    assert (f"interrupted at iteration {stopped_at}; the next start resumes from iteration 2"
+            in _log(os.path.join(tmp_path, "tiny")))
+    assert ckpt.complete_checkpoints(os.path.join(tmp_path, "tiny", "models")) == [2]
+    if moment == "validation":
+        assert "iteration 2: validation abandoned (stopping)" in err
+    deadline = time.time() + 10
+    while True:  # the workers ended with the run: its process group is empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "loader workers outlived the run"
+        time.sleep(0.2)
+
+
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
     pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
     _run(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",
