@@ -277,6 +277,19 @@ def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_missing_training_folder_says_where_training_images_come_from(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the lite recipes' relative trainsets/train_pack is not here
+    lite = os.path.join(ROOT, "options", "train_fbcnn_color_lite.json")
+    assert main_train_fbcnn.main(["-opt", lite]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {lite}: datasets.train.dataroot_H: training folder "
+                           f"'trainsets/train_pack' does not exist (relative to {tmp_path}); ")
+    assert "not in the repository" in line and "../shared/trainsets/train_pack" in line
+    assert line.endswith("--set datasets.train.dataroot_H=DIR")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_file_where_the_run_folder_should_be_is_one_error_line(option_file, tmp_path, capsys):
     blocker = tmp_path / "runs"
     blocker.write_text("not a folder")
