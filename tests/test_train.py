@@ -746,6 +746,7 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
                               "train.checkpoint_test=2", "gpu_ids=[]"])
     assert opt["train"]["G_scheduler_type"] == "CosineAnnealingLR"
     assert opt["netG"]["act_mode"] == "BR" and opt["merge_bn"]  # trained with BatchNorm...
+    assert opt["train"]["checkpoint_keep"] == 3  # 65 MB each: not 20 of them (issue #17)
     assert train(opt) == {"start": 0, "end": 2}
     run_dir = os.path.join(tmp_path, f"fbcnn_{name}")
     weights = ckpt.network_file(os.path.join(run_dir, "models"), 2)
