@@ -22,7 +22,8 @@ from tqdm import tqdm
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import resolve_device, restore
 from models.model_zoo import load_model
-from runners.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
+                         speed_options)
 from runners.pipeline import Pipeline, StageClock
 from utils import REPO_ROOT
 from utils.errors import UserError
@@ -91,7 +92,8 @@ def build_parser(preset, prog=None):
                        default=list(preset.qf_control),
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help=DEVICE_HELP)
     speed = add_speed_args(p)
     speed.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help="threads that prepare JPEG inputs and write results while the network "
