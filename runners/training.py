@@ -210,7 +210,8 @@ class _StopRequest:
     while `interruptible` (the loop's body outside saves), or when the save ends.
     """
 
-    def __init__(self):
+    def __init__(self, announce=True):
+        self.announce = announce  # rank 0 alone says it, in a distributed run
         self.requested = threading.Event()
         self.interruptible = False
         self.pending = False  # a second signal came while not interruptible
@@ -261,8 +262,9 @@ class _StopRequest:
             if names and not announced:
                 announced = True
                 self.requested.set()
-                logger.warning("%s: stopping after this iteration (a second Ctrl+C or SIGTERM "
-                               "stops at once)", names[0])
+                if self.announce:
+                        logger.warning("%s: stopping after this iteration (a second Ctrl+C or "
+                                   "SIGTERM stops at once)", names[0])
 
     @contextlib.contextmanager
     def critical(self):
@@ -312,7 +314,7 @@ class _Trainer:
         self.t = opt["train"]
         self.metrics = None
         self.jpeg_cache = {}
-        self.stop = _StopRequest()
+        self.stop = _StopRequest(announce=info.is_main)
 
     def setup(self):
         """Everything before the first iteration, in order: the resume point, the seed, the
@@ -548,6 +550,7 @@ class _Trainer:
         bar = progress_bar(step, total, enabled=self.info.is_main)
         timer = {"time": time.time(), "step": step}
         self.saved = self.start  # the newest checkpoint on disk (0: none)
+        self.stopping = False
         try:
             with self.stop:
                 with _signals_held():  # the workers start holding them, then ignore them
@@ -579,7 +582,7 @@ class _Trainer:
                 finally:
                     self.stop.interruptible = False
                     _stop_workers(batches)
-            if self.stop.requested.is_set():
+            if self.stopping:
                 raise KeyboardInterrupt
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM, after the iteration or (twice) at once
             logger.warning("interrupted at iteration %d; the next start resumes from %s", step,
@@ -597,7 +600,8 @@ class _Trainer:
         stop together (one that went on alone would wait for the others forever)."""
         requested = self.stop.requested.is_set()
         if self.info.distributed:
-            return all_reduce_mean([float(requested)], self.info.device)[0] > 0
+            requested = all_reduce_mean([float(requested)], self.info.device)[0] > 0
+        self.stopping = requested
         return requested
 
     def close(self):
