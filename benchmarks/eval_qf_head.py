@@ -5,10 +5,10 @@
 
 Each image is compressed at each QF (data/jpeg.py, as the test scripts do) and the network's
 QF is read with `models.inference.predict_qf` (the encoder and the QF head, no decoder). The
-table gives, per true QF, the mean and the range of the predictions and the mean absolute
-error. FBCNN's flexible control rests on this head: a head that predicts the same QF for every
-input (it has not learned, say after a short run) makes blind restoration ignore the quality,
-and then a decoder trained on its output has never seen `qf_input` vary either.
+table gives, per true QF, the mean and the range of the predictions and the mean and median
+absolute error. FBCNN's flexible control rests on this head: a head that predicts the same QF
+for every input (it has not learned, say after a short run) makes blind restoration ignore the
+quality, and then a decoder trained on its output has never seen `qf_input` vary either.
 
 `--qf-input` checks the decoder's side of that control: per true QF, the mean PSNR of the JPEG
 input, of blind restoration and of restoration with each given QF as `qf_input`
@@ -32,7 +32,8 @@ from utils.image import imread_uint, list_images
 from utils.metrics import psnr
 
 COLUMNS = [("qf", "true QF", "{}"), ("mean", "mean predicted", "{:.1f}"),
-           ("min", "min", "{}"), ("max", "max", "{}"), ("mae", "mean abs error", "{:.1f}")]
+           ("min", "min", "{}"), ("max", "max", "{}"), ("mae", "mean abs error", "{:.1f}"),
+           ("medae", "median abs error", "{:.1f}")]
 
 
 def main(argv=None):
@@ -74,7 +75,8 @@ def main(argv=None):
                       for path, pred in zip(paths, predicted)]
         rows.append({"qf": qf, "mean": float(np.mean(predicted)), "min": int(min(predicted)),
                      "max": int(max(predicted)),
-                     "mae": float(np.mean(np.abs(np.array(predicted) - qf)))})
+                     "mae": float(np.mean(np.abs(np.array(predicted) - qf))),
+                     "medae": float(np.median(np.abs(np.array(predicted) - qf)))})
     print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
     print_table(rows, COLUMNS)
     result = {"model": args.model, "testset": testset, "rows": rows, "images": per_image}

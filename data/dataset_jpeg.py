@@ -3,8 +3,9 @@
 This module owns how training patches and validation images are made from clean images:
 - `DatasetJPEG` reads clean (H) images and JPEG-compresses them on the fly with the functions of
   `data.jpeg` (the same ones the test runner uses), colour or gray, single or double JPEG;
-- `DATASET_PRESETS` maps the option names `jpeg`, `jpeggray`, `jpeggraydouble` (spec section 2)
-  and `jpegdouble` (colour with the same double-JPEG augmentation) to their `Degradation`;
+- `DATASET_PRESETS` maps the option names `jpeg`, `jpeggray`, `jpeggraydouble` (the original's
+  data/dataset_jpeg.py, dataset_jpeggray.py and dataset_jpeggraydouble.py) and `jpegdouble`
+  (colour with the same double-JPEG augmentation) to their `Degradation`;
 - `IterationBatchSampler` decides which images and which random seed each sample of each
   iteration gets, and whether the whole iteration is double JPEG (the original meant a per-batch
   draw; here it is one draw per iteration, shared by all processes of a distributed run).
@@ -50,7 +51,7 @@ _DECADES_70 = (10, 20, 30, 40, 50, 60, 70)
 
 @dataclass(frozen=True)
 class Degradation:
-    """How a clean patch becomes a training pair (see spec section 2).
+    """How a clean patch becomes a training pair (as the original's datasets make it).
 
     First JPEG: QF uniform in `qf_range` with probability `qf_uniform_prob`, else from
     `qf_choices`. Double JPEG (iterations drawn with `double_prob`): a second JPEG after an offset

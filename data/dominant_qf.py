@@ -1,9 +1,9 @@
 """FBCNN-D: the dominant JPEG quality of an image, estimated from its pixels alone.
 
-This module owns the paper's blind fix for double JPEG (section 4 of the spec): find the QF of
-the compression that dominates the artifacts, to feed it to FBCNN as `qf_input`. It uses only
-re-compression with data/jpeg.py's encoder, so it works on any decoded image (a PNG screenshot
-of a JPEG, a crop of a JPEG, a JPEG of a JPEG).
+This module owns the paper's blind fix for non-aligned double JPEG (FBCNN-D, which the original
+code does not ship): find the QF of the compression that dominates the artifacts, to feed it
+to FBCNN as `qf_input`. It uses only re-compression with data/jpeg.py's encoder, so it works on
+any decoded image (a PNG screenshot of a JPEG, a crop of a JPEG, a JPEG of a JPEG).
 
 The observation ("JPEG ghosts"): re-compress an image at QF' on the 8x8 grid it was compressed
 on, and the error against it dips sharply at QF' = its QF, since its DCT coefficients are

@@ -6,10 +6,12 @@ the user (`qf_input = 1 - QF/100`), and every way of running the network faster 
 memory than the faithful default (fp32, the whole image in one pass):
 
 - `precision`: "fp32" (IEEE fp32 everywhere: cuDNN's TF32 convolutions, which PyTorch allows
-  by default, are switched off for the call), "tf32" (cuDNN may use TF32 tensor cores; the same
-  as fp32 on CPU), or "bf16" / "fp16" through `torch.autocast` (weights stay fp32, so the model
-  can switch back). bf16/fp16 work on CUDA and, with torch >= 2.4, on CPU; a CPU without native
-  bf16/fp16 arithmetic runs them slower than fp32, so there they serve to compare with fp32.
+  by default, and cuBLAS's TF32 matrix products are switched off for the call), "tf32" (cuDNN
+  and cuBLAS may use TF32 tensor cores; the same as fp32 on CPU), or "bf16" / "fp16" through
+  `torch.autocast` (weights stay fp32, so the model can switch back). bf16/fp16 work on CUDA
+  and, with torch >= 2.4, on CPU; a CPU without native bf16/fp16 arithmetic runs them slower
+  than fp32, so there they serve to compare with fp32. `precision_autocast` and `tf32_allowed`
+  are the two halves of this, shared with training (`models.model_fbcnn`).
 - `channels_last` (NHWC activations and weights) and `compile` (`torch.compile`, compiled once
   per network and kept while the network lives).
 - `tile`: tiled inference. The image is replicate-padded to a multiple of 8 (as the network pads
@@ -33,6 +35,23 @@ memory than the faithful default (fp32, the whole image in one pass):
   many tiles as fit in `tile_cache_gib`, and the second pass recomputes only the first skip (one
   3x3 convolution) for them; the output is the same bit for bit. The last tile's encoding is
   always reused. With a QF given by the user it is a single pass.
+- `x8`: the self-ensemble of the original's model class (KAIR's `testx8`): the image is run
+  under each of the 8 rotations and mirrorings of the square, each output is turned back, and
+  the 8 outputs are averaged (in fp32, before clipping and rounding). Off by default; 8 times
+  the network's work. Our choices, where the original gives none:
+  - One QF per image. The identity pass runs first, blind or with the user's QF as usual; its
+    predicted qf is the QF reported, and in blind mode it is also fed as `qf_input` to the
+    other seven passes, so all eight decoders are conditioned alike (as all tiles are). The
+    original's `testx8` (KAIR's `utils_model.test_mode(mode=3)`) slices and averages the
+    network's return value as one tensor: FBCNN's second output, the qf, is never handled (the
+    call fails on the (image, qf) pair), and none of the original's scripts call it.
+  - The image is first replicate-padded to a multiple of 8, as the network pads it, and then
+    turned, so the JPEG 8x8 grid falls on the network's 8x8 cells in every pass (KAIR turns
+    the unpadded image, which moves the grid when a side is not a multiple of 8); the padding
+    is cropped after averaging.
+  - Each pass is an ordinary pass of its own: precision, memory layout and compilation apply
+    to it, and with `tile` each turned image is tiled on its own grid (so are the automatic
+    tiling and the out-of-memory fallback; a fallback's tile size is kept for the later passes).
 - Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
   `DEFAULT_TILE["cuda"]` pixels, and a tiled pass that runs out of memory is retried without
   the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of
@@ -55,7 +74,9 @@ from utils.image import tensor2uint, uint2tensor
 
 __all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
-           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB"]
+           "precision_autocast", "tf32_allowed",
+           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB",
+           "DIHEDRAL"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
 
@@ -73,6 +94,8 @@ CPU_MAX_UNTILED_MEGAPIXELS = 2.0
 DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0, "cpu": 0.0}
 
 _COMPILED = weakref.WeakKeyDictionary()  # net -> its torch.compile'd entry points
+# The 8 transforms of x8 as (quarter turns, then mirrored left-right?); the identity first
+DIHEDRAL = tuple((turns, mirror) for mirror in (False, True) for turns in range(4))
 
 
 def fit_overlap(tile, overlap=32):
@@ -121,27 +144,42 @@ def _set_memory_format(net, channels_last):
         net._fbcnn_channels_last = channels_last
 
 
-def _autocast(device, precision):
+def precision_autocast(device, precision):
+    """The autocast context of a precision: bf16/fp16 autocast on `device`'s type, or none."""
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _tf32_switches(allowed):
+    """(owner, attribute, value) of the TF32 switches of cuDNN's convolutions and cuBLAS's
+    matrix products: the per-backend `fp32_precision` of torch >= 2.9, else `allow_tf32`."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    switches = []
+    for new_owner, old_owner in ((conv, torch.backends.cudnn), (matmul, matmul)):
+        if new_owner is not None and hasattr(new_owner, "fp32_precision"):
+            switches.append((new_owner, "fp32_precision", "tf32" if allowed else "ieee"))
+        else:
+            switches.append((old_owner, "allow_tf32", allowed))
+    return switches
 
 
 @contextlib.contextmanager
-def _cudnn_tf32(allowed):
-    """cuDNN's fp32 convolutions in TF32 (`allowed`) or in IEEE fp32, restored afterwards."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        owner, name, value = conv, "fp32_precision", "tf32" if allowed else "ieee"
-    else:
-        owner, name, value = torch.backends.cudnn, "allow_tf32", allowed
-    previous = getattr(owner, name)
-    setattr(owner, name, value)
+def tf32_allowed(allowed):
+    """fp32 convolutions (cuDNN) and matrix products (cuBLAS) in TF32 (`allowed`) or in IEEE
+    fp32 for the block; the previous settings come back afterwards. The switches are
+    process-wide, like PyTorch's own; they matter only on GPUs with TF32 (Ampere and later)."""
+    switches = _tf32_switches(allowed)
+    previous = [getattr(owner, name) for owner, name, _ in switches]
     try:
+        for owner, name, value in switches:
+            setattr(owner, name, value)
         yield
     finally:
-        setattr(owner, name, previous)
+        for (owner, name, _), value in zip(switches, previous):
+            setattr(owner, name, value)
 
 
 @dataclass(frozen=True)
@@ -267,10 +305,12 @@ def _release_cached_memory(device):
 
 def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False):
     """Untiled or tiled pass, falling back to tiles when CUDA runs out of memory: first without
-    the encoder cache, then with smaller tiles. `qf_only`: the encoder and QF head alone."""
+    the encoder cache, then with smaller tiles. `qf_only`: the encoder and QF head alone.
+    Returns `(restored, qf, (tile, overlap))`, the last being what the pass ended with."""
     if tile is None:
         try:
-            return (None, fns.encode(x)[1]) if qf_only else fns.forward(x, qf_input)
+            out = (None, fns.encode(x)[1]) if qf_only else fns.forward(x, qf_input)
+            return (*out, (None, overlap))
         except torch.cuda.OutOfMemoryError:
             pass  # leaving the except clause frees the failed pass's tensors first
         tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cuda"])
@@ -280,7 +320,8 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
                     x.shape[-1], x.shape[-2], tile, overlap)
     while True:
         try:
-            return forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes, qf_only)
+            out = forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes, qf_only)
+            return (*out, (tile, overlap))
         except torch.cuda.OutOfMemoryError:
             if tile <= MIN_TILE and not cache_bytes:
                 raise
@@ -293,6 +334,37 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
         overlap = fit_overlap(tile, overlap)
         LOG.warning("out of memory with tiles; retrying with %d-pixel tiles (overlap %d)",
                     tile, overlap)
+
+
+def _turn(x, turns, mirror):
+    """`x` rotated by `turns` quarter turns (H, W plane), then mirrored left-right."""
+    x = torch.rot90(x, turns, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if mirror else x
+
+
+def _turn_back(y, turns, mirror):
+    """The inverse of `_turn(., turns, mirror)`."""
+    y = torch.flip(y, dims=(-1,)) if mirror else y
+    return torch.rot90(y, -turns, dims=(-2, -1))
+
+
+def _forward_x8(fns, x, qf_input, tile, overlap, device, cache_bytes, memory_format):
+    """The self-ensemble (see the module docstring): the mean of the 8 turned passes, turned
+    back, and the identity pass's qf; in blind mode that qf is fed to the other seven."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (0, -w % 8, 0, -h % 8), mode="replicate")  # the grid stays on the cells
+    total, qf = None, None
+    for turns, mirror in DIHEDRAL:
+        turned = _turn(x, turns, mirror).contiguous(memory_format=memory_format)
+        restored, qf_pass, (tile, overlap) = _forward(fns, turned, qf_input, tile, overlap,
+                                                      device, cache_bytes)
+        if qf is None:  # the identity pass
+            qf = qf_pass
+            if qf_input is None:
+                qf_input, cache_bytes = qf_pass, 0  # one QF for the image; one pass each now
+        restored = _turn_back(restored.float(), turns, mirror)
+        total = restored if total is None else total + restored
+    return (total / len(DIHEDRAL))[..., :h, :w], qf
 
 
 def resolve_device(device):
@@ -321,7 +393,8 @@ def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=
 
 
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
-            channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None):
+            channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None,
+            x8=False):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
 
     `model` is a LoadedModel (its `net` None for the `jpeg` pseudo-model, which returns the
@@ -330,13 +403,16 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     options are described in the module docstring. `max_untiled_megapixels` applies on CPU
     only (default `CPU_MAX_UNTILED_MEGAPIXELS`; `float("inf")` never tiles automatically).
     `tile_cache_gib`: the encoder cache of blind tiled passes (default `DEFAULT_TILE_CACHE_GIB`
-    for the device; 0 recomputes every tile's encoder).
+    for the device; 0 recomputes every tile's encoder). `x8`: the self-ensemble of the 8
+    rotations and mirrorings, averaged; the QF reported (and, when blind, fed to the other
+    seven passes) is the identity pass's.
     """
     if model.net is None:
         check_options(precision, tile, tile_overlap)
         return img, None
     restored, qf_pred = _run(model, img, qf, device, precision, tile, tile_overlap, channels_last,
-                             compile, max_untiled_megapixels, tile_cache_gib, qf_only=False)
+                             compile, max_untiled_megapixels, tile_cache_gib, qf_only=False,
+                             x8=x8)
     return tensor2uint(restored), label_to_qf(qf_pred[0, 0])
 
 
@@ -348,13 +424,13 @@ def predict_qf(model, img, device="cpu", precision="fp32", tile=None, tile_overl
         check_options(precision, tile, tile_overlap)
         return None
     _, qf_pred = _run(model, img, None, device, precision, tile, tile_overlap, channels_last,
-                      compile, max_untiled_megapixels, 0, qf_only=True)
+                      compile, max_untiled_megapixels, 0, qf_only=True, x8=False)
     return label_to_qf(qf_pred[0, 0])
 
 
 @torch.no_grad()
 def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, compile,
-         max_untiled_megapixels, tile_cache_gib, qf_only):
+         max_untiled_megapixels, tile_cache_gib, qf_only, x8):
     check_options(precision, tile, tile_overlap)
     device = torch.device(device)
     net = model.net
@@ -370,8 +446,11 @@ def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, c
         LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
                  "bound memory", img.shape[1], img.shape[0],
                  _untiled_limit(max_untiled_megapixels), tile, tile_overlap)
-    with _autocast(device, precision), _cudnn_tf32(precision == "tf32"):
+    with precision_autocast(device, precision), tf32_allowed(precision == "tf32"):
         if tile_cache_gib is None:
             tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
         cache_bytes = 0 if qf_input is not None or qf_only else int(tile_cache_gib * 2 ** 30)
-        return _forward(fns, x, qf_input, tile, tile_overlap, device, cache_bytes, qf_only)
+        if x8:
+            return _forward_x8(fns, x, qf_input, tile, tile_overlap, device, cache_bytes,
+                               torch.channels_last if channels_last else torch.contiguous_format)
+        return _forward(fns, x, qf_input, tile, tile_overlap, device, cache_bytes, qf_only)[:2]

@@ -2,8 +2,10 @@
 
 This module owns what one training iteration does to `netG`:
 - loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
-  where the QF loss is averaged over the samples whose label is not NaN (double JPEG samples have
-  no single QF and contribute nothing; the original checked only a batch's first sample);
+  every type the original's options accept (image: l1, l2, l2sum, ssim; QF: l1, l2, l2sum) and
+  Charbonnier; the QF loss takes only the samples whose label is not NaN (averaged over them, or
+  summed for l2sum: double JPEG samples have no single QF and contribute nothing; the original
+  checked only a batch's first sample);
 - teacher forcing of the QF (`train.qf_input_prob`, off by default, not in the original): in
   that share of the iterations whose samples all carry a label, the decoder gets the true labels
   as `qf_input` instead of the predicted QF; the draw depends only on the seed and the
@@ -12,8 +14,12 @@ This module owns what one training iteration does to `netG`:
   after the optimiser);
 - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
   would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
-- mixed precision (`train.amp`: bf16 autocast, or fp16 autocast with a gradient scaler) and
-  channels_last and torch.compile (`train.compile`), all off by default;
+- the arithmetic (`train.precision`, the choices of inference, `models.inference.PRECISIONS`,
+  through the same two contexts): fp32 is IEEE fp32 with TF32 switched off for the whole step,
+  forward, backward and update (PyTorch would otherwise let cuDNN use TF32); tf32 lets cuDNN and
+  cuBLAS use it; bf16 autocast, or fp16 autocast with a gradient scaler, for the forward pass.
+  Validation (`test`) is always IEEE fp32, so its numbers compare across runs;
+- channels_last and torch.compile (`train.compile`), off by default;
 - DistributedDataParallel wrapping when the run has several processes;
 - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
   backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
@@ -21,7 +27,6 @@ This module owns what one training iteration does to `netG`:
 The loop around it (data, validation, checkpoints, logging) lives in `runners.training`.
 """
 import bisect
-import contextlib
 import json
 import logging
 import math
@@ -32,12 +37,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from models.inference import precision_autocast, tf32_allowed
+from models.loss_ssim import SSIMLoss
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import define_G, merge_bn, net_act_mode
 from utils.errors import UserError
 
-__all__ = ["ModelFBCNN", "NonFiniteLossError", "image_loss", "masked_qf_loss",
-           "regularizer_orth", "regularizer_clip"]
+__all__ = ["ModelFBCNN", "NonFiniteLossError", "IMAGE_LOSSES", "QF_LOSSES", "image_loss",
+           "masked_qf_loss", "regularizer_orth", "regularizer_clip"]
 
 logger = logging.getLogger(f"fbcnn.{__name__}")
 
@@ -47,27 +54,40 @@ def _charbonnier(x, y, eps=1e-9):
     return torch.mean(torch.sqrt(diff * diff + eps))
 
 
+# the original's G_lossfn_type values (l1, l2, l2sum, ssim) and Charbonnier
+IMAGE_LOSSES = ("l1", "l2", "l2sum", "ssim", "charbonnier")
+QF_LOSSES = ("l1", "l2", "l2sum")  # the original's QF_lossfn_type values
+
+
 def image_loss(kind):
-    """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2 or Charbonnier."""
+    """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2, 1 - SSIM (KAIR's
+    SSIM loss, `models.loss_ssim`) or Charbonnier."""
     losses = {"l1": F.l1_loss, "l2": F.mse_loss,
               "l2sum": lambda x, y: F.mse_loss(x, y, reduction="sum"),
-              "charbonnier": _charbonnier}
+              "ssim": SSIMLoss(), "charbonnier": _charbonnier}
     if kind not in losses:
         raise UserError(f"train.G_lossfn_type {kind!r} is unknown; known: {', '.join(losses)}")
     return losses[kind]
 
 
 def masked_qf_loss(qf_est, qf_label, kind="l1"):
-    """QF loss averaged over the samples whose label is not NaN; 0 (with a graph) if none is.
+    """QF loss over the samples whose label is not NaN; 0 (with a graph) if none is.
 
-    Returns `(loss, number of labelled samples)`. With every label present this equals
-    `F.l1_loss` (or `F.mse_loss`) of the whole batch.
+    Returns `(loss, number of labelled samples)`. `kind` l1 and l2 average the absolute or
+    squared error over the labelled samples, l2sum sums the squared error over them; with every
+    label present they equal `F.l1_loss`, `F.mse_loss` and `F.mse_loss(reduction="sum")` of the
+    whole batch, as the original's `QF_lossfn_type`.
     """
+    if kind not in QF_LOSSES:
+        raise UserError(f"train.QF_lossfn_type {kind!r} is unknown; known: {', '.join(QF_LOSSES)}")
     valid = ~torch.isnan(qf_label)
     diff = qf_est - torch.nan_to_num(qf_label, nan=0.0)
     err = diff.abs() if kind == "l1" else diff * diff
     count = valid.sum()
-    return (err * valid).sum() / count.clamp(min=1), count
+    total = (err * valid).sum()
+    if kind == "l2sum":
+        return total, count
+    return total / count.clamp(min=1), count
 
 
 @torch.no_grad()
@@ -109,13 +129,15 @@ class ModelFBCNN:
     def __init__(self, opt, device, distributed=False, merged=False):
         self.opt, self.opt_train = opt, opt["train"]
         self.device, self.distributed = device, distributed
-        self.amp = self.opt_train["amp"]
+        self.precision = self.opt_train["precision"]
         self.channels_last = self.opt_train["channels_last"]
         bare = define_G(opt["netG"], initialize=True)
         if merged:
             bare = merge_bn(bare)
         self._set_network(bare)
         self.G_lossfn = image_loss(self.opt_train["G_lossfn_type"])
+        if isinstance(self.G_lossfn, torch.nn.Module):  # the SSIM loss: its window goes along
+            self.G_lossfn.to(device)
         self.G_lossfn_weight = self.opt_train["G_lossfn_weight"]
         self.QF_lossfn_type = self.opt_train["QF_lossfn_type"]
         self.QF_lossfn_weight = self.opt_train["QF_lossfn_weight"]
@@ -123,7 +145,7 @@ class ModelFBCNN:
         self.seed = self.opt_train["manual_seed"] or 0
         self.define_optimizer()
         self.define_scheduler()
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.grad_norm = None
         self.log_dict = {}
         self.max_nonfinite_steps = self.opt_train["max_nonfinite_steps"]
@@ -173,11 +195,12 @@ class ModelFBCNN:
             raise UserError(f"path.pretrained_netG {path}: does not fit netG ({detail})") from None
 
     def autocast(self):
-        """The forward-pass precision context `train.amp` asks for."""
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        """The forward pass's autocast context of `train.precision` (none for fp32 and tf32)."""
+        return precision_autocast(self.device, self.precision)
+
+    def tf32(self):
+        """The TF32 switches of `train.precision` for a whole step: allowed for tf32 only."""
+        return tf32_allowed(self.precision == "tf32")
 
     def _to_input(self, img):
         img = img.to(self.device, non_blocking=True).float().div_(255.0)
@@ -207,6 +230,10 @@ class ModelFBCNN:
         A NaN or infinite loss (on any process) skips the backward pass and the update; see
         `_skip_nonfinite`. Checking it costs one device synchronisation per iteration.
         """
+        with self.tf32():
+            return self._optimize(current_step)
+
+    def _optimize(self, current_step):
         self.G_optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             E, QF_est = self.netG(self.L, self.teacher_qf_input(current_step))
@@ -257,7 +284,7 @@ class ModelFBCNN:
                 f"{self.nonfinite_streak} consecutive iterations ({first} to {current_step}); "
                 f"stopping. The network was not updated by them; restarting resumes from the "
                 f"last complete checkpoint. Check the training images, or lower "
-                f"train.G_optimizer_lr, or use train.amp \"off\" if it is fp16")
+                f"train.G_optimizer_lr, or use train.precision \"fp32\" if it is fp16")
 
     def _regularize(self, current_step):
         t = self.opt_train
@@ -293,10 +320,12 @@ class ModelFBCNN:
 
     @torch.no_grad()
     def test(self, L):
-        """Blind restoration of one uint8 (1, C, H, W) tensor in eval mode: (E, predicted label)."""
+        """Blind restoration of one uint8 (1, C, H, W) tensor in eval mode and IEEE fp32,
+        whatever `train.precision`: (E, predicted label)."""
         self.bare.eval()
         try:
-            E, QF_est = self.bare(self._to_input(L))
+            with tf32_allowed(False):
+                E, QF_est = self.bare(self._to_input(L))
         finally:
             self.bare.train()
         return E.float(), QF_est.float()
@@ -333,7 +362,7 @@ class ModelFBCNN:
         self.bare.load_state_dict(net_state, strict=True)
         self.G_optimizer.load_state_dict(training_state["optimizer"])
         saved = training_state.get("options")
-        self._follow_the_options_optimizer(json.loads(saved)["train"] if saved else None)
+        self._follow_the_options_optimizer(json.loads(saved).get("train") if saved else None)
         scheduler = dict(self.G_scheduler.state_dict())
         scheduler.update((k, v) for k, v in training_state["scheduler"].items()
                          if k not in self._SCHEDULER_OPTIONS)
@@ -341,6 +370,14 @@ class ModelFBCNN:
         self._follow_the_options_schedule()
         if training_state.get("scaler"):
             self.scaler.load_state_dict(training_state["scaler"])
+
+    def load_weights_only(self, net_state, iteration):
+        """Resume at `iteration` from a network alone (a checkpoint of the original,
+        `N_G.pth`): its weights, strictly; a fresh optimiser (no moment estimates); the
+        learning rate where the options' schedule puts `iteration`."""
+        self.bare.load_state_dict(net_state, strict=True)
+        self.G_scheduler.last_epoch = iteration
+        self._set_lrs(self.scheduled_lrs())
 
     def scheduled_lrs(self):
         """The learning rates the options' schedule gives at the scheduler's iteration, in
@@ -385,9 +422,12 @@ class ModelFBCNN:
         logger.info("learning rate %.3e -> %.3e at iteration %d: the options' schedule differs "
                     "from the checkpoint's", groups[0]["lr"], wanted[0],
                     self.G_scheduler.last_epoch)
-        for group, lr in zip(groups, wanted):
+        self._set_lrs(wanted)
+
+    def _set_lrs(self, lrs):
+        for group, lr in zip(self.G_optimizer.param_groups, lrs):
             group["lr"] = lr
-        self.G_scheduler._last_lr = list(wanted)
+        self.G_scheduler._last_lr = list(lrs)
 
     def parameter_fingerprint(self):
         """Per-tensor sums of the parameters in float64, to compare processes. Not the buffers:

@@ -3,9 +3,9 @@
 This module owns how an integer argument is checked, so every script words the error alike
 (argparse then prints it with the option's name and exits with status 2); the flags that choose
 how the network runs (`add_speed_args`: precision, tiles, encoder cache, memory layout,
-compile), the same on every test script and `main_restore.py`, and how they become
-`models.inference.restore` keyword arguments (`speed_options`); and how a script ends: one
-`error:` line and status 2 for a UserError, 130 for Ctrl+C.
+compile, and the x8 self-ensemble), the same on every test script and `main_restore.py`, and
+how they become `models.inference.restore` keyword arguments (`speed_options`); and how a
+script ends: one `error:` line and status 2 for a UserError, 130 for Ctrl+C.
 """
 import argparse
 import sys
@@ -61,14 +61,15 @@ def non_negative_float(text):
 # own (faithful) defaults.
 SPEED_FLAGS = {"precision": "--precision", "tile": "--tile", "tile_overlap": "--tile-overlap",
                "tile_cache_gib": "--tile-cache-gib", "channels_last": "--channels-last",
-               "compile": "--compile"}
+               "compile": "--compile", "x8": "--x8"}
 
 
 def add_speed_args(parser):
     """Add the speed-and-memory flags (SPEED_FLAGS) to `parser`, as one argument group."""
-    g = parser.add_argument_group("speed and memory (the defaults are the faithful path)")
+    g = parser.add_argument_group("speed, memory and self-ensemble (the defaults are the "
+                                  "faithful path)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="network arithmetic: fp32 (IEEE), tf32 (cuDNN TF32 convolutions), or "
+                   help="network arithmetic: fp32 (IEEE), tf32 (TF32 convolutions and matmuls), or "
                         "bf16/fp16 autocast (default fp32)")
     g.add_argument("--tile", type=tile_size, default=None, metavar="N",
                    help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "
@@ -86,6 +87,10 @@ def add_speed_args(parser):
                    help="NHWC memory layout for the network")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the network (pays off on many or large images)")
+    g.add_argument("--x8", action="store_true", default=None,
+                   help="self-ensemble: average the network's outputs over the 8 rotations "
+                        "and mirrorings of each image, with the QF of the unturned pass (8x "
+                        "the time)")
     return g
 
 

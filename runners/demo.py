@@ -386,7 +386,15 @@ def build_parser(prog=None):
 def main(argv=None):
     """Serve the demo until interrupted; returns the exit status."""
     args = build_parser(prog="app.py").parse_args(argv)
-    setup_logging(console_format="%(levelname)s %(name)s: %(message)s")
+    undo_logging = setup_logging(console_format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _serve(args)
+    finally:
+        undo_logging()
+
+
+def _serve(args):
+    """Start the page for `args` and block until Ctrl+C or SIGTERM; returns the exit status."""
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -112,6 +112,7 @@ class Setting:
     keys: dict
     degrade: object = None  # uint8 H -> (L, H aligned with L)
     qf_input: object = None
+    x8: bool = False  # restored with the self-ensemble (--x8): its name ends in _x8
     scores: list = field(default_factory=list)
 
 
@@ -225,6 +226,8 @@ def _describe(setting, n_images, restores):
         what = "blind: each file restored with the QF the network predicts for it"
     else:
         what = f"QF {keys['qf_control']} fed to the network (qf_input) for every file"
+    if setting.x8:
+        what += ", self-ensemble of 8 flips and rotations (--x8)"
     return f"{setting.name}: {what}; {n_images} image(s)"
 
 
@@ -254,7 +257,7 @@ def _log_image(setting, name, qf_pred, scores, written):
 def _summarize(setting, testset, model_name, skipped, summaries):
     """Average one setting's scores and log its line (on the finishing thread, after its images)."""
     columns = list(zip(*setting.scores))
-    summary = {"testset": testset, "model": model_name, **setting.keys,
+    summary = {"testset": testset, "model": model_name, **setting.keys, "x8": setting.x8,
                "n_images": len(setting.scores), "psnr": mean_score(columns[0]),
                "ssim": mean_score(columns[1]), "psnrb": mean_score(columns[2]),
                "qf_pred_mean": mean_score(columns[3]), "skipped": skipped}
@@ -322,6 +325,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                        + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
                           for k, v in speed.items() if k != "precision"]))
     settings = _settings(preset, args, prefix)
+    if speed.get("x8"):  # its own rows, folders and log lines beside the plain run's
+        for setting in settings:
+            setting.name, setting.x8 = f"{setting.name}_x8", True
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
     speed["device"] = device

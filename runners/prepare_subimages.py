@@ -138,14 +138,17 @@ def main(argv=None):
     parser.add_argument("--compression", type=int, default=3,
                         help="PNG compression 0-9 (default 3)")
     args = parser.parse_args(argv)
-    setup_logging()
+    undo_logging = setup_logging()
 
     def body():
         n, written, skipped = prepare(args.src, args.dst, args.size, args.step, args.thresh,
                                       args.workers, args.compression)
         logger.info("%d images -> %d sub-images written, %d already there, in %s", n, written,
                     skipped, args.dst)
-    return run_cli(body)
+    try:
+        return run_cli(body)
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":

@@ -375,8 +375,9 @@ def run_restore(args):
             else:
                 used = "QF network's" + ("" if qf_source == "network" else f" ({qf_source})")
             predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
-            LOG.info("%s -> %s [%s, %s%s]", shown, display_path(dest),
-                     "gray" if decoded.gray else "colour", used, predicted)
+            LOG.info("%s -> %s [%s, %s%s%s]", shown, display_path(dest),
+                     "gray" if decoded.gray else "colour", used, predicted,
+                     ", x8" if options.get("x8") and model.net is not None else "")
         except FileExistsError:
             LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
                      display_path(dest))
@@ -387,6 +388,8 @@ def run_restore(args):
         LOG.warning("warning: ICC profile not carried for %s", item)
     elapsed = time.perf_counter() - start
     summary = f"{done} restored, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s"
+    if options.get("x8"):
+        summary += " (x8 self-ensemble)"
     if done:
         summary += f" -> {args.output}"
     tqdm.write(summary, file=sys.stderr if failures else sys.stdout)
@@ -414,6 +417,7 @@ def run_qf_estimate(args):
     device = None if args.no_network else resolve_device(args.device)
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
+    options.pop("x8", None)  # x8 reports the QF of its unturned pass: the plain one
     jobs, failures = collect_inputs(args.inputs, args.recursive)
     if args.json:
         _check_json_path(args.json, jobs, args.overwrite)

@@ -5,7 +5,9 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
   `metrics.jsonl`;
 - resuming by itself from the newest complete checkpoint (the seed, optimiser, scheduler and
   iteration come back, and the data sampler continues at the next iteration, so on the CPU a
-  resumed run computes exactly the losses of an uninterrupted one);
+  resumed run computes exactly the losses of an uninterrupted one), or from a newer checkpoint
+  of the original (`<iter>_G.pth`, weights only: a fresh optimiser, the schedule at that
+  iteration, logged as such);
 - the data loader (`IterationBatchSampler`, per-process share of batch and workers, pinned memory,
   persistent workers);
 - logging the losses every `checkpoint_print`, saving every `checkpoint_save` (and at
@@ -41,7 +43,7 @@ from data.dataset_jpeg import (IterationBatchSampler, dataset_channels, define_d
                                worker_init_fn)
 from data.jpeg import label_to_qf
 from models.model_fbcnn import ModelFBCNN
-from models.model_zoo import infer_fbcnn_kwargs
+from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
@@ -293,14 +295,18 @@ def make_loader(dataset, sampler, train_opt, info):
 
 
 def _resume_point(dirs, info):
-    latest = None
+    """`(iteration, weights_only)` of rank 0's resume point (`utils.checkpoint.resume_point`),
+    or `(None, False)`, on every process."""
+    point = None
     if info.is_main:
         stale = ckpt.remove_stale_temporaries(dirs.models)
         if stale:
             logger.warning("removed %d temporary file(s) of an interrupted save: %s", len(stale),
                            ", ".join(stale))
-        latest = ckpt.latest_checkpoint(dirs.models)
-    return _broadcast_int(latest, info)
+        point = ckpt.resume_point(dirs.models)
+    latest = _broadcast_int(None if point is None else point[0], info)
+    weights_only = _broadcast_int(int(point is not None and point[1]), info)
+    return latest, bool(weights_only)
 
 
 def _format_eta(seconds):
@@ -315,6 +321,7 @@ class _Trainer:
         self.metrics = None
         self.jpeg_cache = {}
         self.stop = _StopRequest(announce=info.is_main)
+        self.resume_file = None  # the network file of the checkpoint resumed from
 
     def setup(self):
         """Everything before the first iteration, in order: the resume point, the seed, the
@@ -330,12 +337,17 @@ class _Trainer:
             self._start_records()
 
     def _resume_state(self):
-        """`(iteration, (network state, training state))` of the newest complete checkpoint,
-        or `(None, None)` for a new run."""
-        latest = _resume_point(self.dirs, self.info)
+        """`(iteration, (network state, training state))` of the newest checkpoint, or
+        `(None, None)` for a new run. The training state is None for a checkpoint of the
+        original, which holds the network alone (`<iter>_G.pth`)."""
+        latest, weights_only = _resume_point(self.dirs, self.info)
         if latest is None:
             return None, None
         try:
+            if weights_only:
+                self.resume_file = os.path.join(self.dirs.models, f"{latest}_G.pth")
+                return latest, (load_state_dict_file(self.resume_file), None)
+            self.resume_file = ckpt.network_file(self.dirs.models, latest)
             return latest, ckpt.load_training_state(self.dirs.models, latest)
         except UserError as exc:
             if self.info.world_size > 1 and not self.info.is_main:
@@ -347,7 +359,7 @@ class _Trainer:
         """The run's seed (from the options, else the checkpoint's, else drawn once and then
         stored with every checkpoint); every RNG is seeded with it."""
         t, info = self.t, self.info
-        if saved is not None:
+        if saved is not None and saved[1] is not None:
             stored = json.loads(saved[1]["options"])["train"]["manual_seed"]
             if t["manual_seed"] is None:
                 t["manual_seed"] = stored
@@ -388,11 +400,15 @@ class _Trainer:
             if entry is not None and entry["dataroot_L"] is not None:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
-        if self.info.device.type == "cpu" and self.t["amp"] != "off":
-            logger.warning("train.amp %r on the CPU: autocast is much slower than fp32 on CPUs "
-                           "without native %s arithmetic (15x on this project's 2-core AMD "
-                           "EPYC, docs/training.md); --set train.amp=off for CPU runs",
-                           self.t["amp"], self.t["amp"])
+        if self.t["amp"] is not None:
+            logger.info("train.amp %r is the former name of train.precision: read as "
+                        "train.precision %r", self.t["amp"], self.t["precision"])
+        precision = self.t["precision"]
+        if self.info.device.type == "cpu" and precision in ("bf16", "fp16"):
+            logger.warning("train.precision %r on the CPU: autocast is much slower than fp32 on "
+                           "CPUs without native %s arithmetic (15x on this project's 2-core AMD "
+                           "EPYC, docs/training.md); --set train.precision=fp32 for CPU runs",
+                           precision, precision)
         total = self.t["total_iter"]
         if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total:
             logger.warning("merge_bn_startpoint %d is after train.total_iter %d: this run ends "
@@ -405,20 +421,28 @@ class _Trainer:
         opt, info = self.opt, self.info
         # the checkpoint says whether BatchNorm was folded (merge_bn_startpoint may have moved)
         merged = (saved is not None and "B" in opt["netG"]["act_mode"] and "B" not in
-                  infer_fbcnn_kwargs(saved[0], ckpt.network_file(self.dirs.models,
-                                                                 latest))["act_mode"])
+                  infer_fbcnn_kwargs(saved[0], self.resume_file)["act_mode"])
         self.model = ModelFBCNN(opt, info.device, distributed=info.distributed, merged=merged)
         self.start = latest or 0
         if saved is not None:
             try:
-                self.model.load_state(saved[0], saved[1])
+                if saved[1] is None:
+                    self.model.load_weights_only(saved[0], latest)
+                else:
+                    self.model.load_state(saved[0], saved[1])
             except (RuntimeError, ValueError, KeyError) as exc:
                 detail = " ".join(str(exc).split())[:300]
                 raise UserError(f"{self.dirs.models}: checkpoint {latest} does not fit the "
                                 f"netG/train options ({detail})") from None
-            ckpt.set_rng_state(saved[1]["rng"])
-            logger.info("resuming from iteration %d: %s", latest,
-                        ckpt.network_file(self.dirs.models, latest))
+            if saved[1] is None:
+                logger.info("resuming from iteration %d: %s, weights only (a checkpoint of the "
+                            "original): the optimiser starts fresh, the learning rate is the "
+                            "schedule's at iteration %d (%.3e), the seed and data stream are "
+                            "this run's", latest, self.resume_file, latest,
+                            self.model.current_learning_rate())
+            else:
+                ckpt.set_rng_state(saved[1]["rng"])
+                logger.info("resuming from iteration %d: %s", latest, self.resume_file)
             if opt["merge_bn"] and not merged and latest >= opt["merge_bn_startpoint"]:
                 self.model.merge_bnorm()  # the start point was moved before the checkpoint
                 logger.info("merge_bn_startpoint %d is not after the checkpoint's iteration: "

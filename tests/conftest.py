@@ -1,10 +1,12 @@
 """Shared fixtures: the locations of the repository and of the test data (pytest.ini puts the
-repository on the path)."""
+repository on the path). The small references live in tests/reference/; only the large test
+sets (BSDS500, McMaster) are read from ../shared/testsets, by `shared_testset`."""
 import os
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(REPO_ROOT, "tests", "reference")
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 
 
@@ -18,12 +20,12 @@ def testsets_dir():
     return os.path.join(REPO_ROOT, "testsets")
 
 
-@pytest.fixture(scope="session")
-def shared_testsets():
-    """../shared/testsets (BSDS500 and McMaster live only there)."""
-    path = os.path.join(SHARED, "testsets")
+def shared_testset(name):
+    """The folder of a large test set kept only in ../shared/testsets (BSDS500_color,
+    BSDS500_gray, McMaster); the calling test is skipped, naming the folder, without it."""
+    path = os.path.join(SHARED, "testsets", name)
     if not os.path.isdir(path):
-        pytest.skip(f"{path} is not present beside the repository")
+        pytest.skip(f"needs the test set folder {path} (too large for the repository)")
     return path
 
 

@@ -232,6 +232,7 @@ def test_qf_head_evaluation_reports_predict_qf_per_true_qf(tmp_path, capsys):
         assert row["qf"] == qf and row["mean"] == pytest.approx(np.mean(expected))
         assert (row["min"], row["max"]) == (min(expected), max(expected))
         assert row["mae"] == pytest.approx(np.mean(np.abs(np.array(expected) - qf)))
+        assert row["medae"] == pytest.approx(np.median(np.abs(np.array(expected) - qf)))
         net_psnr = {key: np.mean([psnr(restore(model, jpeg(img, qf), qf=given)[0], img)
                                   for img in images])
                     for key, given in (("blind", None), ("qf_input 30", 30))}

@@ -45,8 +45,8 @@ def _speed(*argv):
 def test_unset_speed_flags_leave_restores_defaults():
     assert _speed() == {}
     assert _speed("--precision", "bf16", "--tile-cache-gib", "0", "--channels-last",
-                  "--compile") == dict(precision="bf16", tile_cache_gib=0.0, channels_last=True,
-                                       compile=True)
+                  "--compile", "--x8") == dict(precision="bf16", tile_cache_gib=0.0,
+                                               channels_last=True, compile=True, x8=True)
 
 
 @pytest.mark.parametrize("tile, overlap", [(16, 8), (48, 24), (64, 32), (512, 32)])

@@ -1,4 +1,5 @@
 """Tests of data/dataset_jpeg.py, runners/prepare_subimages.py and the sampling in data/jpeg.py."""
+import dataclasses
 import math
 
 import cv2
@@ -159,6 +160,44 @@ def test_double_patch_is_the_second_jpeg_of_the_first(image_dir):
         assert np.array_equal(L, jpeg(jpeg(H, 30), 10))
         assert not np.array_equal(L, jpeg(H, 30))
         assert math.isnan(float(double["qf"]))
+
+
+def _dihedral_colour_image(side):
+    """A colour image every flip and rotation leaves unchanged (each channel a symmetric
+    function of the distances to the centre), so the preset's random augmentation cannot
+    change it; the three channels differ."""
+    d = np.abs(np.arange(side) - (side - 1) / 2) - 0.5
+    u, w = np.meshgrid(d, d, indexing="ij")
+    channels = [128 + 100 * np.sin(0.7 * (u + w) + k) * np.cos(0.3 * u * w) for k in range(3)]
+    return np.clip(np.stack(channels, axis=2), 0, 255).round().astype(np.uint8)
+
+
+def test_colour_double_jpeg_samples_are_the_second_jpeg_of_the_first(tmp_path):
+    """jpegdouble's double branch: an RGB P x P patch, label NaN, and L exactly
+    jpeg(crop(jpeg(H, QF1)), QF2); the single-JPEG sample of the same draw is jpeg(H, QF1)."""
+    img = _dihedral_colour_image(P + 16)  # the crop of a double type: the whole image
+    assert all(np.array_equal(augment_img(img, m), img) for m in range(8))
+    cv2.imwrite(str(tmp_path / "sym.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    preset = DATASET_PRESETS["jpegdouble"]
+    assert not preset.gray and preset.double_prob == 0.5
+    fixed = dataclasses.replace(preset, qf_range=(30, 30), qf_choices=(30,),
+                                double_qf_range=(10, 10), double_qf_choices=(10,),
+                                shift_prob=0.0, max_shift=0)
+    ds = DatasetJPEG(str(tmp_path), fixed, patch_size=P, seed=0)
+    first = jpeg(img, 30)
+    for position in range(3):
+        double, single = ds[SampleKey(0, position, True)], ds[SampleKey(0, position, False)]
+        assert double["L"].shape == double["H"].shape == (3, P, P)
+        assert math.isnan(float(double["qf"])) and float(single["qf"]) == pytest.approx(0.7)
+        H, L = (double[k].permute(1, 2, 0).numpy() for k in ("H", "L"))
+        assert np.array_equal(H, img[:P, :P]) and not np.array_equal(H[..., 0], H[..., 1])
+        assert np.array_equal(L, jpeg(np.ascontiguousarray(first[:P + 8, :P + 8]), 10)[:P, :P])
+        assert np.array_equal(single["L"].permute(1, 2, 0).numpy(), first[:P, :P])
+        assert not np.array_equal(L, first[:P, :P])  # the second compression is there
+    real = DatasetJPEG(str(tmp_path), preset, patch_size=P, seed=0)
+    for position in range(8):
+        item = real[SampleKey(0, position, True)]
+        assert item["L"].shape == (3, P, P) and math.isnan(float(item["qf"]))
 
 
 def test_test_phase_follows_the_net_channels(image_dir):

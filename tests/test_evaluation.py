@@ -1,5 +1,6 @@
 """runners/evaluation.py and the four main_test_fbcnn_*.py scripts: the paper's JPEG rows,
 outputs on disk, and one clear error line for bad input."""
+import hashlib
 import json
 import logging
 import os
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from data.jpeg import jpeg
+from models.inference import restore
+from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from runners import evaluation
 from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
-from tests.conftest import REPO_ROOT
+from tests.conftest import REFERENCE, REPO_ROOT, shared_testset
 from utils.image import imread_uint, imwrite
 
 
@@ -51,13 +55,13 @@ def test_color_script_reproduces_live1_jpeg_row(tmp_path):
     assert not (tmp_path / "LIVE1_color_jpeg_qf10").exists()
 
 
-def test_color_script_reproduces_bsds500_jpeg_row(tmp_path, shared_testsets):
+def test_color_script_reproduces_bsds500_jpeg_row(tmp_path):
     path = tmp_path / "r.json"
-    assert main(COLOR, ["--model", "jpeg", "--testset", "BSDS500_color", "--testsets-root",
-                        shared_testsets, "--qf", "10", "--json", str(path),
-                        "--results", str(tmp_path), "--no-save-images"]) == 0
+    assert main(COLOR, ["--model", "jpeg", "--testset", shared_testset("BSDS500_color"), "--qf",
+                        "10", "--json", str(path), "--results", str(tmp_path),
+                        "--no-save-images"]) == 0
     (summary,) = json.loads(path.read_text())
-    assert summary["n_images"] == 200
+    assert summary["testset"] == "BSDS500_color" and summary["n_images"] == 200
     assert _rounded(summary) == (25.84, 0.741, 24.12)
 
 
@@ -218,6 +222,25 @@ def test_speed_flags_reach_restore_and_unset_ones_keep_its_defaults(tmp_path, sm
                             precision="bf16")
 
 
+def test_x8_runs_the_self_ensemble_and_says_so(tmp_path, small_set, tiny_models):
+    model = load_model(str(tiny_models[3]))
+    img = imread_uint(str(small_set / "monarch.png"), 3)
+    rows = {}
+    for flags in ([], ["--x8"]):
+        path = tmp_path / f"r{len(flags)}.json"
+        assert main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(small_set),
+                            "--qf", "20", "--json", str(path), "--results", str(tmp_path / "res"),
+                            "--device", "cpu", *flags]) == 0
+        (rows[bool(flags)],) = json.loads(path.read_text())
+    assert rows[False]["x8"] is False and rows[True]["x8"] is True
+    assert rows[True]["psnr"] != rows[False]["psnr"]
+    for x8, folder in ((False, "small_tiny3_qf20"), (True, "small_tiny3_qf20_x8")):
+        written = imread_uint(str(tmp_path / "res" / folder / "monarch.png"), 3)
+        assert np.array_equal(written, restore(model, jpeg(img, 20), x8=x8)[0])
+    log = (tmp_path / "res" / "small_tiny3.log").read_text()
+    assert ", fp32, --x8" in log and "Average PSNR/SSIM/PSNRB - small_tiny3_qf20_x8 -:" in log
+
+
 def _one_error_line(out):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
@@ -286,14 +309,20 @@ def test_defaults_are_the_originals():
     assert (real.testset, real.qf_control) == ("Real", [5, 10, 30, 50, 70, 90])
 
 
-def test_testsets_are_copies_of_shared(testsets_dir, shared_testsets):
-    for name in ("Classic5", "LIVE1_color", "LIVE1_gray", "Real"):
-        ours = sorted(os.listdir(os.path.join(testsets_dir, name)))
-        assert ours == sorted(os.listdir(os.path.join(shared_testsets, name)))
-        for file in ours:
-            with (open(os.path.join(testsets_dir, name, file), "rb") as a,
-                  open(os.path.join(shared_testsets, name, file), "rb") as b):
-                assert a.read() == b.read(), f"{name}/{file} differs"
+def test_testsets_are_copies_of_shared(testsets_dir):
+    """Every file of the repository's test sets, and nothing else, has the SHA-256 recorded from
+    the shared copies (tests/reference/testsets.sha256)."""
+    with open(os.path.join(REFERENCE, "testsets.sha256"), encoding="utf-8") as f:
+        recorded = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f)
+    assert len(recorded) == 5 + 29 + 29 + 6
+    ours = {}
+    for name in sorted(os.listdir(testsets_dir)):
+        for file in sorted(os.listdir(os.path.join(testsets_dir, name))):
+            with open(os.path.join(testsets_dir, name, file), "rb") as f:
+                ours[f"{name}/{file}"] = hashlib.sha256(f.read()).hexdigest()
+    assert sorted(ours) == sorted(recorded)
+    for path, digest in recorded.items():
+        assert ours[path] == digest, f"testsets/{path} differs from the shared copy"
 
 
 def test_scripts_are_thin():

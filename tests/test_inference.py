@@ -320,11 +320,21 @@ def test_channels_last_matches_the_default_layout(model, photo, faithful):
     assert np.array_equal(restored, faithful[0])
 
 
+def _compiled_frames():
+    """Frames torch.compile has compiled so far in this process (a frame whose compilation
+    failed and fell back to eager, e.g. under `suppress_errors`, is not counted)."""
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
 @pytest.mark.slow
-def test_compile_matches_eager(photo):
+@pytest.mark.parametrize("tile, entry_points", [(None, 1), (64, 3)])
+def test_compile_matches_eager(photo, tile, entry_points):
+    """Untiled, `forward` is compiled; tiled, `encode`, `qf_features` and `decode` are."""
     model = _model(nc=(4, 4, 4, 4))
-    expected, qf = restore(model, photo[:64, :80])
-    restored, qf_compiled = restore(model, photo[:64, :80], compile=True)
+    expected, qf = restore(model, photo[:64, :80], tile=tile)
+    before = _compiled_frames()
+    restored, qf_compiled = restore(model, photo[:64, :80], compile=True, tile=tile)
+    assert _compiled_frames() - before >= entry_points  # compiled, not a silent eager fall-back
     assert _grey_diff(restored, expected).max() <= 1 and qf_compiled == qf
 
 
@@ -380,8 +390,88 @@ def test_predict_qf_is_restores_qf_without_decoding(model, photo, monkeypatch, t
 
 
 def test_jpeg_pseudo_model_returns_its_input(photo):
-    restored, qf = restore(LoadedModel("jpeg", None, None), photo, precision="bf16", tile=64)
+    restored, qf = restore(LoadedModel("jpeg", None, None), photo, precision="bf16", tile=64,
+                           x8=True)
     assert restored is photo and qf is None
+
+
+# The x8 self-ensemble
+
+def _x8_by_hand(net, img, qf_label=None):
+    """KAIR's test_x8 written out with NumPy: the image padded to a multiple of 8 (edge
+    replication, as the network pads), turned each of the 8 ways, restored, turned back,
+    averaged, cropped. One qf for all eight: `qf_label`, else the unturned image's prediction."""
+    h, w = img.shape[:2]
+    padded = np.pad(img, ((0, -h % 8), (0, -w % 8), (0, 0)), mode="edge")
+
+    def run(arr, qf):
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            restored, predicted = net(x, qf)
+        return restored[0].permute(1, 2, 0).numpy(), predicted
+
+    qf = torch.full((1, 1), qf_label) if qf_label is not None else run(padded, None)[1]
+    outputs = []
+    for turns in range(4):
+        for mirror in (False, True):
+            turned = np.rot90(padded, turns)
+            restored, _ = run(turned[:, ::-1] if mirror else turned, qf)
+            outputs.append(np.rot90(restored[:, ::-1] if mirror else restored, -turns))
+    mean = np.mean(outputs, axis=0, dtype=np.float64)[:h, :w]
+    return np.round(np.clip(mean, 0, 1) * 255).astype(np.uint8), label_to_qf(qf[0, 0])
+
+
+@pytest.mark.parametrize("qf", [None, 30])
+def test_x8_is_the_mean_of_the_eight_transforms_done_by_hand(model, photo, qf):
+    img = photo[:61, :75]  # sides that are not multiples of 8: the padding is turned too
+    expected, expected_qf = _x8_by_hand(model.net, img, None if qf is None else qf_to_label(qf))
+    restored, reported_qf = restore(model, img, qf=qf, x8=True)
+    diff = _grey_diff(restored, expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # fp32 sums in another order
+    plain, plain_qf = restore(model, img, qf=qf)
+    assert _grey_diff(plain, expected).max() > 1  # the ensemble is not the plain pass
+    assert reported_qf == plain_qf  # the unturned pass's prediction, as without --x8
+    if qf is None:
+        assert reported_qf == expected_qf
+
+
+@pytest.mark.parametrize("qf", [None, 30])
+def test_x8_feeds_one_qf_to_all_eight_decoders(model, photo, faithful, monkeypatch, qf):
+    seen = _record_decodes(monkeypatch, model.net)
+    _, reported_qf = restore(model, photo, qf=qf, x8=True)
+    assert len(seen) == 8 and all(torch.equal(q, seen[0]) for q in seen)
+    expected = faithful[1] if qf is None else qf
+    assert label_to_qf(seen[0][0, 0]) == expected and reported_qf == faithful[1]
+
+
+@pytest.mark.parametrize("transform", [np.rot90, np.fliplr, lambda a: np.rot90(a, 3)[::-1]])
+def test_x8_commutes_with_the_transforms_it_averages_over(model, photo, transform):
+    """With a given QF and sides that are multiples of 8, restoring a turned image with x8 is
+    turning the x8 restoration (the same eight passes, summed in another order)."""
+    img = photo[:64, :80]
+    turned = np.ascontiguousarray(transform(img))
+    expected = np.ascontiguousarray(transform(restore(model, img, qf=30, x8=True)[0]))
+    assert _grey_diff(restore(model, turned, qf=30, x8=True)[0], expected).max() <= 1
+    assert _grey_diff(restore(model, turned, qf=30)[0], expected).max() > 1  # could fail
+
+
+def test_x8_with_tiles_is_within_one_grey_level(model, photo, monkeypatch):
+    expected, expected_qf = restore(model, photo, x8=True)
+    seen = _record_decodes(monkeypatch, model.net)
+    restored, qf = restore(model, photo, x8=True, tile=96, tile_overlap=32)
+    # 200x264 and 264x200 both make 3 x 4 tiles of 96 pixels; one qf for all of them
+    assert len(seen) == 8 * 12 and all(torch.equal(q, seen[0]) for q in seen)
+    assert _grey_diff(restored, expected).max() <= 1 and qf == expected_qf
+
+
+@pytest.mark.parametrize("options, max_levels", [(dict(precision="bf16"), 3),
+                                                 (dict(channels_last=True), 1)])
+def test_x8_fast_paths_are_close_to_fp32_x8(model, photo, options, max_levels):
+    img = photo[:64, :80]
+    expected, expected_qf = restore(model, img, x8=True)
+    restored, qf = restore(model, img, x8=True, **options)
+    assert _grey_diff(restored, expected).max() <= max_levels and abs(qf - expected_qf) <= 1
+    restore(model, img)  # back to the default layout for the other tests
 
 
 # The pipelined runner

@@ -1,4 +1,6 @@
 """data/jpeg.py: the OpenCV JPEG protocol for colour, gray and shifted double JPEG."""
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -44,12 +46,31 @@ def test_encode_decode_round_trip(rgb):
     assert np.abs(out.astype(int) - smooth).max() <= 6
 
 
-def test_double_jpeg_is_aligned_with_shift_crop(rgb):
+def _opencv_double_jpeg_gray(gray, qf1, qf2, rows, cols):
+    """The original double-JPEG test script's steps, straight from OpenCV."""
+    _, enc = cv2.imencode(".jpg", gray, [int(cv2.IMWRITE_JPEG_QUALITY), qf1])
+    shifted = cv2.imdecode(enc, 0)[rows:, cols:]
+    _, enc = cv2.imencode(".jpg", shifted, [int(cv2.IMWRITE_JPEG_QUALITY), qf2])
+    return cv2.imdecode(enc, 0)
+
+
+@pytest.mark.parametrize("shift, rows, cols", [(4, 4, 4), ((1, 2), 1, 2), ((0, 5), 0, 5)])
+def test_double_jpeg_is_the_original_scripts_opencv_steps(rgb, shift, rows, cols):
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    out = double_jpeg(gray, 10, 30, 4)
-    assert out.shape == shift_crop(gray, 4).shape == (28, 36)
-    np.testing.assert_array_equal(out, jpeg(jpeg(gray, 10)[4:, 4:], 30))
-    assert shift_crop(gray, (1, 2)).shape == (31, 38)
+    out = double_jpeg(gray, 10, 30, shift)
+    assert out.shape == shift_crop(gray, shift).shape == (32 - rows, 40 - cols)
+    np.testing.assert_array_equal(out, _opencv_double_jpeg_gray(gray, 10, 30, rows, cols))
+    np.testing.assert_array_equal(shift_crop(gray, shift), gray[rows:, cols:])
+
+
+def test_double_jpeg_golden_psnr(testsets_dir):
+    """The spec's golden value: LIVE1_gray/monarch, QF1 10, shift (4, 4), QF2 30 against the
+    ground truth cropped alike, PSNR 29.946885 (computed here, not by utils/metrics.py)."""
+    gray = cv2.imread(os.path.join(testsets_dir, "LIVE1_gray", "monarch.png"),
+                      cv2.IMREAD_GRAYSCALE)
+    out, ground_truth = double_jpeg(gray, 10, 30, 4), shift_crop(gray, 4)
+    mse = np.mean((out.astype(np.float64) - ground_truth) ** 2)
+    assert 20 * np.log10(255 / np.sqrt(mse)) == pytest.approx(29.946885, abs=1e-6)
 
 
 @pytest.mark.parametrize("bad", [-1, 101, 10.5])

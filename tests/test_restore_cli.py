@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import runners.restore as cli
-from data.jpeg import jpeg_decode, jpeg_encode
+from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
 from models.inference import restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
@@ -276,9 +276,9 @@ class RecordingRestore:
         self.calls = []
 
     def __call__(self, model, img, qf=None, device="cpu", precision="fp32", tile=None,
-                 tile_overlap=32, channels_last=False):
+                 tile_overlap=32, channels_last=False, x8=False):
         self.calls.append(dict(qf=qf, device=device, precision=precision, tile=tile,
-                               tile_overlap=tile_overlap, channels_last=channels_last))
+                               tile_overlap=tile_overlap, channels_last=channels_last, x8=x8))
         return img, 42
 
 
@@ -299,14 +299,29 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     assert qf_used("--qf", "12")["qf"] == 12
     assert qf_used("--qf", "header")["qf"] == 37
     call = qf_used("--precision", "bf16", "--tile", "256", "--tile-overlap", "16",
-                   "--channels-last", "--device", "cpu")
+                   "--channels-last", "--device", "cpu", "--x8")
     assert call == dict(qf=None, device="cpu", precision="bf16", tile=256, tile_overlap=16,
-                        channels_last=True)
+                        channels_last=True, x8=True)
     assert qf_used()["tile"] is None and qf_used()["precision"] == "fp32"  # restore()'s defaults
+    assert qf_used()["x8"] is False
 
     code, _, err = run([str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--qf", "header",
                         *IDENTITY], capsys)
     assert code == 1 and "b.png" in err and "not a JPEG" in err
+
+
+def test_x8_restores_with_the_self_ensemble_and_says_so(tmp_path, photo, tiny_models, capsys):
+    path = write_jpeg(tmp_path / "a.jpg", photo, 20)
+    model = load_model(tiny_models["color"])
+    img = jpeg_decode(path.read_bytes(), 3)
+    assert not np.array_equal(restore(model, img)[0], restore(model, img, x8=True)[0])
+    for flags, x8 in (([], False), (["--x8"], True)):
+        code, out, _ = run([str(path), "-o", str(tmp_path / "out"), "--overwrite", "--model",
+                            tiny_models["color"], "--device", "cpu", *flags], capsys)
+        assert code == 0 and ("network estimate" in out) and (", x8]" in out) == x8
+        assert ("(x8 self-ensemble)" in out) == x8
+        expected, _ = restore(model, img, x8=x8)
+        np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -507,6 +522,36 @@ def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, 
                           str(tmp_path / "broken.jpg")], capsys)
     assert code == 1 and "1 file(s) failed" in err and "broken.jpg" in err
     assert os.path.basename(out.splitlines()[1].split()[0]) == "photo.jpg"
+
+
+def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, testsets_dir,
+                                                                     tiny_models, capsys,
+                                                                     monkeypatch):
+    """FBCNN-D end to end: a gray file stored at QF 30 after a QF-10 JPEG shifted by (4, 4)
+    (the paper's protocol); `--qf dominant` finds 10 and the network receives 1 - 10/100."""
+    gray = cv2.imread(os.path.join(testsets_dir, "LIVE1_gray", "monarch.png"),
+                      cv2.IMREAD_GRAYSCALE)
+    first = jpeg(np.ascontiguousarray(gray[100:175, 200:275]), 10)
+    path = tmp_path / "double.jpg"
+    path.write_bytes(jpeg_encode(np.ascontiguousarray(shift_crop(first, 4)), 30))
+    received = []
+    forward = FBCNN.forward
+
+    def recording(net, x, qf_input=None):
+        received.append((x.shape[1], None if qf_input is None else qf_input.tolist()))
+        return forward(net, x, qf_input)
+
+    monkeypatch.setattr(FBCNN, "forward", recording)
+    for mode, qf in (("dominant", 10), ("header", 30)):  # the file's own tables say 30
+        received.clear()
+        code, out, _ = run([str(path), "-o", str(tmp_path / mode), "--qf", mode, "--gray-model",
+                            tiny_models["gray"], "--device", "cpu"], capsys)
+        assert code == 0 and f"[gray, QF {qf} ({mode})" in out
+        assert received == [(1, [[pytest.approx(1 - qf / 100)]])]
+    expected, _ = restore(load_model(tiny_models["gray"]), jpeg_decode(path.read_bytes(), 1),
+                          qf=10)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dominant" / "double.png"),
+                                             cv2.IMREAD_GRAYSCALE), expected)
 
 
 def test_a_corrupt_model_file_is_named_with_its_flag(tmp_path, photo, capsys):

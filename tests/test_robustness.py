@@ -300,8 +300,8 @@ def test_repeated_nan_losses_stop_the_run_with_one_error_line(tmp_path, train_di
     assert lines == ["error: train.max_nonfinite_steps: the loss was NaN or infinite in 3 "
                      "consecutive iterations (4 to 6); stopping. The network was not updated "
                      "by them; restarting resumes from the last complete checkpoint. Check the "
-                     "training images, or lower train.G_optimizer_lr, or use train.amp \"off\" "
-                     "if it is fp16"]
+                     "training images, or lower train.G_optimizer_lr, or use train.precision "
+                     "\"fp32\" if it is fp16"]
     assert "iteration 2: non-finite loss" in err and "(1 in a row" in err
     assert "iteration 6: non-finite loss" in err and "(3 in a row" in err
     assert ckpt.complete_checkpoints(str(tmp_path / "runs" / "t" / "models")) == [2, 4]

@@ -15,12 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import default_collate
 
 import main_train_fbcnn
 from data.dataset_jpeg import IterationBatchSampler, define_dataset
 from data.jpeg import jpeg
 from models.inference import restore
+from models.loss_ssim import SSIMLoss
 from models.model_fbcnn import ModelFBCNN, masked_qf_loss, regularizer_clip
 from models.model_zoo import (LoadedModel, build_from_state_dict, infer_fbcnn_kwargs, load_model,
                               load_state_dict_file, read_fbcnn_kwargs)
@@ -119,6 +121,21 @@ def test_smoke_run_writes_checkpoints_logs_and_validation(reference_run):
     assert os.listdir(os.path.join(reference_run, "options"))
 
 
+def test_tensorboard_holds_the_logged_losses_and_validation(reference_run):
+    """The run's tensorboard/ folder, read with TensorBoard's own reader, has the losses of
+    metrics.jsonl at their iterations and the validation averages."""
+    events = EventAccumulator(os.path.join(reference_run, "tensorboard"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"train/loss", "train/G_loss", "train/QF_loss", "train/lr", "test/psnr",
+            "test/ssim", "test/qf"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(i, pytest.approx(v, rel=1e-6)) for i, v in _losses(reference_run)]
+    tests = _records(reference_run, "test")
+    assert [(e.step, e.value) for e in events.Scalars("test/psnr")] == [
+        (r["iter"], pytest.approx(r["average"]["psnr"], rel=1e-6)) for r in tests]
+
+
 def test_resume_continues_with_identical_losses(option_file, reference_run, tmp_path):
     assert _run(option_file, tmp_path, "train.total_iter=4") == {"start": 0, "end": 4}
     assert _run(option_file, tmp_path) == {"start": 4, "end": 6}
@@ -155,17 +172,21 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
                 pytest.approx((row["psnr"], row["ssim"], row["psnrb"], row["qf"]), abs=1e-9))
 
 
-@pytest.mark.parametrize("overrides,rel", [(["train.amp=bf16"], 3e-2),
+@pytest.mark.parametrize("overrides,rel", [(["train.precision=bf16"], 3e-2),
+                                           (["train.precision=tf32"], 0),  # fp32 on a CPU
                                            (["train.channels_last=true"], 1e-4),
                                            pytest.param(["train.compile=true"], 1e-4,
                                                         marks=pytest.mark.slow)])
 def test_fast_paths_follow_fp32(option_file, reference_run, tmp_path, overrides, rel):
+    compiled = torch._dynamo.utils.counters["frames"]["ok"]
     _run(option_file, tmp_path, "train.total_iter=3", "datasets.test=null", *overrides)
+    if overrides == ["train.compile=true"]:  # frames compiled, not a silent eager fall-back
+        assert torch._dynamo.utils.counters["frames"]["ok"] > compiled
     fast = _losses(os.path.join(tmp_path, "tiny"))
     ref = _losses(reference_run)[:3]
     assert [v for _, v in fast] == pytest.approx([v for _, v in ref], rel=rel)
     warned = "autocast is much slower than fp32" in _log(os.path.join(tmp_path, "tiny"))
-    assert warned == (overrides == ["train.amp=bf16"])  # these runs are on the CPU
+    assert warned == (overrides == ["train.precision=bf16"])  # these runs are on the CPU
 
 
 @pytest.mark.slow
@@ -542,6 +563,56 @@ def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_p
     assert "starting from pretrained netG" in _log(os.path.join(tmp_path, "tiny"))
 
 
+def test_an_original_run_folder_resumes_at_its_iteration_with_a_fresh_optimiser(option_file,
+                                                                               tmp_path):
+    """A run folder of the original holds `models/<N>_G.pth` alone (torch.save of the state
+    dict): training resumes at the newest N, from those weights, with a fresh Adam and the
+    learning rate of the schedule at N (milestone 3: halved), and says so."""
+    opt = load_options(option_file)
+    models = tmp_path / "tiny" / "models"
+    models.mkdir(parents=True)
+    weights = {}
+    for n, seed in ((2, 1), (4, 2)):
+        torch.manual_seed(seed)
+        weights[n] = define_G(opt["netG"]).state_dict()
+        torch.save(weights[n], models / f"{n}_G.pth")
+    assert ckpt.resume_point(str(models)) == (4, True)
+    assert _run(option_file, tmp_path, "train.total_iter=6",
+                "datasets.test=null") == {"start": 4, "end": 6}
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert (f"resuming from iteration 4: {models / '4_G.pth'}, weights only (a checkpoint of the "
+            f"original): the optimiser starts fresh, the learning rate is the schedule's at "
+            f"iteration 4 (5.000e-04)") in _log(run_dir)
+    records = _records(run_dir, "train")
+    assert [(r["iter"], r["lr"]) for r in records] == [(5, 5e-4), (6, 5e-4)]
+    dataset = define_dataset(opt["datasets"]["train"], "train", 3, seed=11)
+    batch = default_collate([dataset[k] for k in IterationBatchSampler(6, 4, seed=11).batch(5)])
+    net = build_from_state_dict(weights[4]).train()
+    with torch.no_grad():
+        E, qf = net(batch["L"].float() / 255)
+    expected = F.l1_loss(E, batch["H"].float() / 255) + 0.001 * F.l1_loss(qf, batch["qf"])
+    assert records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    state = torch.load(models / "6_state.pth", weights_only=True)
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {2}  # fresh at 5
+    assert ckpt.complete_checkpoints(str(models)) == [6]
+    assert (models / "2_G.pth").exists() and (models / "4_G.pth").exists()  # left as they were
+
+
+def test_resume_point_is_the_newest_complete_or_weights_only_checkpoint(tmp_path):
+    models = str(tmp_path / "models")
+    assert ckpt.resume_point(models) is None
+    ckpt.save_checkpoint(models, 4, {"w": torch.zeros(2)}, {"iteration": 4})
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "2_G.pth"))  # older: not taken
+    assert ckpt.resume_point(models) == (4, False)
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "6_G.pth"))
+    assert ckpt.weights_only_checkpoints(models) == [2, 6]
+    assert ckpt.resume_point(models) == (6, True)
+    # an older version's save cut short after the network: not a checkpoint of the original
+    torch.save({"w": torch.ones(2)}, os.path.join(models, "8_G.pth"))
+    torch.save({"iteration": 8}, os.path.join(models, "8_state.pth"))
+    assert ckpt.resume_point(models) == (6, True)
+
+
 def test_masked_qf_loss_skips_nan_labels():
     est = torch.tensor([[0.2], [0.5], [0.9]], requires_grad=True)
     loss, count = masked_qf_loss(est, torch.tensor([[0.3], [float("nan")], [0.5]]))
@@ -556,6 +627,20 @@ def test_masked_qf_loss_skips_nan_labels():
     assert masked_qf_loss(est, labels)[0].item() == pytest.approx(F.l1_loss(est, labels).item())
     assert (masked_qf_loss(est, labels, "l2")[0].item() ==
             pytest.approx(F.mse_loss(est, labels).item()))
+    assert (masked_qf_loss(est, labels, "l2sum")[0].item() ==
+            pytest.approx(F.mse_loss(est, labels, reduction="sum").item()))
+
+
+def test_masked_l2sum_qf_loss_sums_over_the_labelled_samples_only():
+    est = torch.tensor([[0.2], [0.5], [0.9], [0.4]], requires_grad=True)
+    labels = torch.tensor([[0.3], [float("nan")], [0.5], [0.1]])
+    loss, count = masked_qf_loss(est, labels, "l2sum")
+    assert loss.item() == pytest.approx(0.1 ** 2 + 0.4 ** 2 + 0.3 ** 2) and int(count) == 3
+    loss.backward()
+    assert est.grad.flatten().tolist() == pytest.approx([-0.2, 0.0, 0.8, 0.6])
+    assert masked_qf_loss(est, torch.full((4, 1), float("nan")), "l2sum")[0].item() == 0
+    with pytest.raises(UserError, match="QF_lossfn_type 'l3' is unknown; known: l1, l2, l2sum"):
+        masked_qf_loss(est, labels, "l3")
 
 
 def _tiny_model(option_file, *overrides):
@@ -567,6 +652,43 @@ def _tiny_model(option_file, *overrides):
     model.feed_data({"H": H, "L": (H.float() * 0.9).to(torch.uint8),
                      "qf": torch.tensor([[0.5], [float("nan")]])})
     return model
+
+
+def _tf32_switches():
+    """(cuDNN convolutions, cuBLAS matrix products): "tf32", "ieee" (or torch >= 2.9's "none",
+    inherit); read where torch keeps them, so reading never mixes its two APIs."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, matmul.fp32_precision
+    return tuple("tf32" if flag else "ieee"
+                 for flag in (torch.backends.cudnn.allow_tf32, matmul.allow_tf32))
+
+
+@pytest.mark.parametrize("precision, during, dtype", [("fp32", "ieee", torch.float32),
+                                                      ("tf32", "tf32", torch.float32),
+                                                      ("bf16", "ieee", torch.bfloat16),
+                                                      ("fp16", "ieee", torch.float16)])
+def test_precision_sets_tf32_around_the_whole_step_and_autocasts_the_forward(
+        option_file, precision, during, dtype):
+    """PyTorch lets cuDNN run fp32 convolutions in TF32 by default: fp32 must switch that off
+    for the forward pass, the backward pass and the update, then put the switches back."""
+    model = _tiny_model(option_file, f"train.precision={precision}")
+    before = _tf32_switches()
+    seen = {}
+    model.bare.register_forward_hook(
+        lambda module, args, out: seen.update(forward=_tf32_switches(), dtype=out[0].dtype))
+    model.bare.m_head.weight.register_hook(lambda grad: seen.update(backward=_tf32_switches()))
+    model.G_optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.update(update=_tf32_switches()))
+    model.optimize_parameters(1)
+    assert seen == {"forward": (during, during), "backward": (during, during),
+                    "update": (during, during), "dtype": dtype}
+    assert _tf32_switches() == before
+    assert model.scaler.is_enabled() == (precision == "fp16")
+    seen.clear()
+    model.test(model.L[:1].mul(255).to(torch.uint8))  # validation: IEEE fp32 whatever the run's
+    assert (seen["forward"], seen["dtype"]) == (("ieee", "ieee"), torch.float32)
+    assert _tf32_switches() == before
 
 
 def test_gradient_clipping_bounds_the_update(option_file):
@@ -589,6 +711,32 @@ def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     expected = F.l1_loss(E, model.H) + 0.5 * (qf[0, 0] - 0.5).abs()
     assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert int(logs["QF_labelled"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "l2sum", "ssim", "charbonnier"])
+def test_every_image_loss_type_is_its_direct_computation(option_file, kind):
+    model = _tiny_model(option_file, f"train.G_lossfn_type={kind}", "train.G_lossfn_weight=2")
+    with torch.no_grad():
+        E, _ = model.bare(model.L)
+    d = (E - model.H).double()
+    expected = {"l1": d.abs().mean(), "l2": (d * d).mean(), "l2sum": (d * d).sum(),
+                "ssim": 1 - SSIMLoss().ssim(E.double(), model.H.double()),
+                "charbonnier": torch.sqrt(d * d + 1e-9).mean()}[kind]
+    assert float(model.optimize_parameters(1)["G_loss"]) == pytest.approx(2 * float(expected),
+                                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "l2sum"])
+def test_every_qf_loss_type_is_its_direct_computation(option_file, kind):
+    model = _labelled(_tiny_model(option_file, f"train.QF_lossfn_type={kind}"),
+                      [[0.9], [0.2]])
+    with torch.no_grad():
+        _, qf = model.bare(model.L)
+    d = (qf - torch.tensor([[0.9], [0.2]])).double()
+    expected = {"l1": d.abs().mean(), "l2": (d * d).mean(), "l2sum": (d * d).sum()}[kind]
+    logs = model.optimize_parameters(1)
+    assert float(logs["QF_loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert int(logs["QF_labelled"]) == 2
 
 
 def _labelled(model, labels):

@@ -1,6 +1,6 @@
 """The released colour weights against the reference outputs (needs model_zoo/fbcnn_color.pth).
 
-The references in ../shared/reference/spandrel_fbcnn_color are the official model's blind
+The references in tests/reference/spandrel_fbcnn_color are the official model's blind
 outputs (RGB, uint8), with a tolerance of one grey level.
 """
 import os
@@ -10,10 +10,10 @@ import pytest
 
 from models.inference import restore
 from models.model_zoo import DEFAULT_MODEL_DIR, MODEL_ZOO, load_model
-from tests.conftest import SHARED
+from tests.conftest import REFERENCE
 from utils.image import imread_uint
 
-REFERENCE = os.path.join(SHARED, "reference", "spandrel_fbcnn_color")
+REFERENCE_DIR = os.path.join(REFERENCE, "spandrel_fbcnn_color")
 WEIGHTS = os.path.join(os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR,
                        MODEL_ZOO["fbcnn_color"].filename)
 
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.weights,
 
 @pytest.mark.parametrize("name", ["8x8", "jpeg-15"])
 def test_released_colour_model_matches_reference(name):
-    inputs = [f for f in os.listdir(REFERENCE) if f.startswith(f"input_{name}.")]
-    img = imread_uint(os.path.join(REFERENCE, inputs[0]), 3)
-    expected = imread_uint(os.path.join(REFERENCE, f"output_{name}_fbcnn_color.png"), 3)
+    inputs = [f for f in os.listdir(REFERENCE_DIR) if f.startswith(f"input_{name}.")]
+    img = imread_uint(os.path.join(REFERENCE_DIR, inputs[0]), 3)
+    expected = imread_uint(os.path.join(REFERENCE_DIR, f"output_{name}_fbcnn_color.png"), 3)
     restored, _ = restore(load_model("fbcnn_color", progress=False), img)
     assert np.abs(restored.astype(int) - expected).max() <= 1

@@ -13,6 +13,11 @@ Each file is written with `utils.fileio.atomic_write` (temporary file, fsync, `o
 folder fsync): a crash at any moment leaves the previous complete checkpoint usable, and a full
 disk raises a WriteError naming the file, with no partial file left. Checkpoints of earlier
 versions, whose network was `N_G.pth`, still load.
+
+A run folder of the original (KAIR) holds `N_G.pth` alone: the network's state dict, with no
+training state and no marker. Such a file, with neither `N_state.pth` nor `N_done.json` beside
+it, is a weights-only checkpoint (`weights_only_checkpoints`); `resume_point` takes the newest
+of both kinds.
 """
 import json
 import logging
@@ -29,12 +34,14 @@ from utils.errors import UserError
 from utils.fileio import atomic_write, atomic_write_bytes, make_folder, remove_stale_temporaries
 
 __all__ = ["atomic_write", "save_network", "save_checkpoint", "complete_checkpoints",
-           "latest_checkpoint", "load_training_state", "remove_checkpoint",
-           "remove_stale_temporaries", "rng_state", "set_rng_state", "network_file"]
+           "latest_checkpoint", "weights_only_checkpoints", "resume_point",
+           "load_training_state", "remove_checkpoint", "remove_stale_temporaries", "rng_state",
+           "set_rng_state", "network_file"]
 
 logger = logging.getLogger(f"fbcnn.{__name__}")
 
 _DONE_RE = re.compile(r"^(\d+)_done\.json$")
+_ORIGINAL_RE = re.compile(r"^(\d+)_G\.pth$")
 _NETWORK_FILES = ("{}_G.safetensors", "{}_G.pth")  # current layout first, then the earlier one
 
 
@@ -58,12 +65,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def save_network(path, net_state, net_kwargs=None, metadata=None, dtype=None, fsync=True):
+def save_network(path, net_state, net_kwargs=None, metadata=None, dtype=None, fsync=True,
+                 replace=True):
     """Write a network's state dict as safetensors, atomically; returns `path`.
 
     `net_kwargs` (the FBCNN constructor arguments) go into the metadata as `fbcnn_kwargs`, so
     the file loads without guessing the architecture; `metadata` adds string entries. `dtype`
     (e.g. torch.float16, for shipped weights) converts the floating-point tensors.
+    `replace=False` never replaces an existing file (FileExistsError, nothing written).
     """
     entries = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
     if net_kwargs is not None:
@@ -72,7 +81,7 @@ def save_network(path, net_state, net_kwargs=None, metadata=None, dtype=None, fs
         net_state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net_state.items()}
     net_state = {k: v.detach().cpu().contiguous() for k, v in net_state.items()}
     return atomic_write_bytes(path, save_safetensors_bytes(net_state, metadata=entries),
-                              fsync=fsync)
+                              fsync=fsync, replace=replace)
 
 
 def save_checkpoint(models_dir, iteration, net_state, training_state, net_kwargs=None):
@@ -118,6 +127,25 @@ def latest_checkpoint(models_dir):
     """The newest complete checkpoint's iteration, or None."""
     done = complete_checkpoints(models_dir)
     return done[-1] if done else None
+
+
+def weights_only_checkpoints(models_dir):
+    """Iterations of the original's checkpoints in `models_dir` (`N_G.pth` with neither
+    `N_state.pth` nor `N_done.json`), ascending."""
+    if not os.path.isdir(models_dir):
+        return []
+    names = set(os.listdir(models_dir))
+    found = [int(m.group(1)) for m in map(_ORIGINAL_RE.match, names) if m]
+    return sorted(i for i in found
+                  if f"{i}_state.pth" not in names and f"{i}_done.json" not in names)
+
+
+def resume_point(models_dir):
+    """`(iteration, weights_only)` of the newest checkpoint to resume from, or None: a complete
+    checkpoint of this project, or a weights-only one of the original, whichever is newer."""
+    points = [(i, False) for i in complete_checkpoints(models_dir)]
+    points += [(i, True) for i in weights_only_checkpoints(models_dir)]
+    return max(points) if points else None
 
 
 def network_file(models_dir, iteration):

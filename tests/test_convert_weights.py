@@ -1,0 +1,107 @@
+"""Tests of runners/convert_weights.py: .pth <-> .safetensors with the architecture metadata."""
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.model_zoo import infer_fbcnn_kwargs, load_model, read_fbcnn_kwargs
+from models.network_fbcnn import FBCNN
+from runners import convert_weights
+from utils.checkpoint import save_network
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _original_pth(path, act_mode="BR"):
+    """Weights as the original saves them: `torch.save(net.state_dict())`, BatchNorm included
+    (its training JSONs say BR), with non-trivial running statistics."""
+    torch.manual_seed(0)
+    net = FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1, act_mode=act_mode)
+    with torch.no_grad():
+        net(torch.rand(2, 1, 24, 24))  # moves BatchNorm's running statistics
+    state = net.state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_round_trip_pth_safetensors_pth_keeps_every_tensor_and_the_architecture(tmp_path):
+    original = _original_pth(tmp_path / "100_G.pth")
+    st, back = tmp_path / "w.safetensors", tmp_path / "back.pth"
+    assert convert_weights.main([str(tmp_path / "100_G.pth"), str(st)]) == 0
+    kwargs = {"in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1, "act_mode": "BR",
+              "downsample_mode": "strideconv", "upsample_mode": "convtranspose"}
+    assert read_fbcnn_kwargs(str(st)) == kwargs
+    with safe_open(str(st), framework="pt") as f:
+        assert f.metadata()["converted_from"] == "100_G.pth"
+        assert set(f.keys()) == set(original)
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in original.items())
+    assert convert_weights.main([str(st), str(back)]) == 0
+    plain = torch.load(back, weights_only=True)
+    assert list(plain) == list(original)
+    assert all(torch.equal(plain[k], v) and plain[k].dtype == v.dtype for k, v in original.items())
+    # what the original's test scripts do with a .pth
+    model = FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1, act_mode="BR")
+    model.load_state_dict(torch.load(back), strict=True)
+    loaded = load_model(str(st))  # and here, the architecture from the metadata alone
+    assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in original.items())
+
+
+def test_our_fp16_safetensors_become_a_pth_the_original_loads(tmp_path):
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1)
+    src = save_network(str(tmp_path / "lite.safetensors"), net.state_dict(),
+                       infer_fbcnn_kwargs(net.state_dict()), dtype=torch.float16)
+    convert_weights.convert(src, str(tmp_path / "lite.pth"))
+    model = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1)
+    model.load_state_dict(torch.load(tmp_path / "lite.pth"), strict=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value.half().float())
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
+    _original_pth(tmp_path / "w.pth")
+    out = tmp_path / "w.safetensors"
+    out.write_bytes(b"keep me")
+    assert convert_weights.main([str(tmp_path / "w.pth"), str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: OUT {out} exists; pass --overwrite to replace "
+                                       f"it\n")
+    assert out.read_bytes() == b"keep me"
+    assert convert_weights.main([str(tmp_path / "w.pth"), str(out), "--overwrite"]) == 0
+    assert read_fbcnn_kwargs(str(out))["act_mode"] == "BR"
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+@pytest.mark.parametrize("names, message", [
+    (("w.pth", "x.pt"), "IN and OUT are both pth files: nothing to convert"),
+    (("w.pth", "x.onnx"), "OUT {out}: unknown extension '.onnx'; expected .pth, .pt or "
+                          ".safetensors"),
+    (("missing.pth", "x.safetensors"), "{src}: no such weight file"),
+    (("foreign.pth", "x.safetensors"), "{src}: not an FBCNN state dict (missing m_head.weight"),
+])
+def test_bad_inputs_are_one_error_line_and_write_nothing(tmp_path, capsys, names, message):
+    _original_pth(tmp_path / "w.pth")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "foreign.pth")
+    src, out = (str(tmp_path / n) for n in names)
+    before = sorted(os.listdir(tmp_path))
+    assert convert_weights.main([src, out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(src=src, out=out)) and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+class _Sentinel:
+    """Unpickling this runs `touch PATH`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_pickled_code_in_a_pth_is_never_run(tmp_path):
+    sentinel = tmp_path / "pwned"
+    state = _original_pth(tmp_path / "w.pth")
+    torch.save({**state, "m_head.weight": _Sentinel(sentinel)}, tmp_path / "evil.pth")
+    assert convert_weights.main([str(tmp_path / "evil.pth"), str(tmp_path / "x.safetensors")]) == 2
+    assert not sentinel.exists() and not (tmp_path / "x.safetensors").exists()
