@@ -27,6 +27,7 @@ This module owns what one training iteration does to `netG`:
 The loop around it (data, validation, checkpoints, logging) lives in `runners.training`.
 """
 import bisect
+import json
 import logging
 import math
 
@@ -302,11 +303,18 @@ class ModelFBCNN:
         return self.G_optimizer.param_groups[0]["lr"]
 
     def merge_bnorm(self):
-        """Fold BatchNorm into the convolutions; the optimiser restarts, the schedule goes on."""
+        """Fold BatchNorm into the convolutions; the optimiser restarts, the schedule goes on.
+
+        The new optimiser keeps the old one's `initial_lr` (train.G_optimizer_lr), so that its
+        saved state does not read as if the options had changed to the rate at the fold."""
         lr = self.current_learning_rate()
+        initial = [g.get("initial_lr") for g in self.G_optimizer.param_groups]
         scheduler_state = self.G_scheduler.state_dict()
         self._set_network(merge_bn(self.bare.eval()))
         self.define_optimizer(lr=lr)
+        for group, value in zip(self.G_optimizer.param_groups, initial):
+            if value is not None:
+                group["initial_lr"] = value  # define_scheduler keeps an existing initial_lr
         self.define_scheduler()
         self.G_scheduler.load_state_dict(scheduler_state)
 
@@ -349,9 +357,12 @@ class ModelFBCNN:
                 "scaler": self.scaler.state_dict()}
 
     def load_state(self, net_state, training_state):
+        """Resume from a checkpoint's network and training state (`training_state()`, with the
+        run's `options` as JSON when it comes from a checkpoint file)."""
         self.bare.load_state_dict(net_state, strict=True)
         self.G_optimizer.load_state_dict(training_state["optimizer"])
-        self._follow_the_options_optimizer()
+        saved = training_state.get("options")
+        self._follow_the_options_optimizer(json.loads(saved).get("train") if saved else None)
         scheduler = dict(self.G_scheduler.state_dict())
         scheduler.update((k, v) for k, v in training_state["scheduler"].items()
                          if k not in self._SCHEDULER_OPTIONS)
@@ -379,16 +390,20 @@ class ModelFBCNN:
         passed = bisect.bisect_right(sorted(t["G_scheduler_milestones"]), step)
         return [base * t["G_scheduler_gamma"] ** passed for base in self.G_scheduler.base_lrs]
 
-    def _follow_the_options_optimizer(self):
+    def _follow_the_options_optimizer(self, saved_train=None):
         """After a resume: Adam's betas and weight decay, and the base learning rate, are the
-        options' (the checkpoint's state would otherwise keep the old ones, silently)."""
+        options' (the checkpoint's state would otherwise keep the old ones, silently). A change
+        is logged against the checkpoint's own options (`saved_train`, its `train` section)
+        where they are recorded: checkpoints written after a BatchNorm fold by earlier versions
+        hold the rate at the fold as `initial_lr`, which no option ever said."""
         t = self.opt_train
         wanted = {"initial_lr": ("G_optimizer_lr", t["G_optimizer_lr"]),
                   "betas": ("G_optimizer_betas", tuple(t["G_optimizer_betas"])),
                   "weight_decay": ("G_optimizer_wd", t["G_optimizer_wd"])}
+        saved_train = saved_train or {}
         for group in self.G_optimizer.param_groups:
             for key, (option, value) in wanted.items():
-                old = group.get(key, value)
+                old = saved_train.get(option, group.get(key, value))
                 if (tuple(old) if key == "betas" else old) != value:
                     logger.info("train.%s %s -> %s: the options differ from the checkpoint's",
                                 option, old, value)

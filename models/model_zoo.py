@@ -28,9 +28,9 @@ from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import atomic_write
 
-__all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "resolve_weights",
-           "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model",
-           "DEFAULT_MODEL_DIR"]
+__all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "available_models",
+           "resolve_weights", "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs",
+           "load_model", "DEFAULT_MODEL_DIR"]
 
 RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
 DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "model_zoo")
@@ -64,15 +64,15 @@ def _sha256_file(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def download(url, dest, sha256, timeout=30.0, progress=True):
+def download(url, dest, sha256, timeout=30.0, progress=True, advice=""):
     """Download `url` to `dest`, verifying its sha256; `dest` appears only once verified.
 
     The bytes go through `utils.fileio.atomic_write`, so nothing is left under `dest` (or
     beside it) after a failure: network error, timeout, truncated transfer, hash mismatch, full
-    disk. Raises UserError with the URL and the place to put a manual download.
+    disk. Raises UserError with the URL and the place to put a manual download, then `advice`.
     """
     manual = (f"download {url} by hand and put it at {dest} "
-              f"(its sha256 must be {sha256})")
+              f"(its sha256 must be {sha256}){advice}")
 
     def fetch(out):
         digest, received, writing = hashlib.sha256(), 0, False
@@ -108,14 +108,28 @@ def download(url, dest, sha256, timeout=30.0, progress=True):
     return atomic_write(dest, fetch)
 
 
+def _model_dir(model_dir=None):
+    return model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
+
+
+def available_models(model_dir=None):
+    """The registered names whose weight file is already in the model folder (`model_dir`,
+    else $FBCNN_MODEL_DIR, else model_zoo/): those load without a download."""
+    folder = _model_dir(model_dir)
+    return [name for name, entry in MODEL_ZOO.items()
+            if os.path.isfile(os.path.join(folder, entry.filename))]
+
+
 def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=30.0):
     """Path of the verified weight file for a registered name, downloading it if missing.
 
     `base_url` (or the environment variable FBCNN_MODEL_URL) replaces the release URL, for
-    mirrors. An existing file is checked against its sha256 before use.
+    mirrors. An existing file is checked against its sha256 before use. A failed download
+    says how else to get the file (FBCNN_MODEL_DIR, FBCNN_MODEL_URL) and which registered
+    models are already in the model folder.
     """
     entry = MODEL_ZOO[name]
-    model_dir = model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
+    model_dir = _model_dir(model_dir)
     base_url = base_url or os.environ.get("FBCNN_MODEL_URL") or RELEASE_URL
     path = os.path.join(model_dir, entry.filename)
     url = base_url.rstrip("/") + "/" + entry.filename
@@ -125,7 +139,12 @@ def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=
             raise UserError(f"{path} has sha256 {actual}, expected {entry.sha256} for {name}; "
                             f"delete it to download again from {url}")
         return path
-    return download(url, path, entry.sha256, timeout=timeout, progress=progress)
+    advice = (f", or set FBCNN_MODEL_DIR to a folder that holds {entry.filename}, or "
+              f"FBCNN_MODEL_URL to a mirror of {base_url.rstrip('/')}/")
+    here = available_models(model_dir)
+    if here:
+        advice += f"; models already in {model_dir}, no download needed: {', '.join(here)}"
+    return download(url, path, entry.sha256, timeout=timeout, progress=progress, advice=advice)
 
 
 def _strip_wrappers(state_dict):
@@ -286,6 +305,7 @@ def load_model(name_or_path, device="cpu", model_dir=None, progress=True, option
         state_dict = load_state_dict_file(path)
         net = build_from_state_dict(state_dict, source=path, kwargs=read_fbcnn_kwargs(path))
     except UserError as exc:  # a failed download, a corrupt or foreign file: it names the file
-        raise UserError(f"{option}: {exc}") from None
+        named = f" {name_or_path}" if name_or_path in MODEL_ZOO else ""  # a path is in `exc`
+        raise UserError(f"{option}{named}: {exc}") from None
     net = net.to(device)
     return LoadedModel(label, net, net.in_nc)

@@ -13,8 +13,11 @@ import sys
 from models.inference import PRECISIONS, check_options, fit_overlap
 from utils.errors import UserError
 
-__all__ = ["bounded_int", "quality_factor", "non_negative_float", "tile_size", "SPEED_FLAGS",
-           "add_speed_args", "speed_options", "run_cli"]
+__all__ = ["bounded_int", "quality_factor", "non_negative_float", "tile_size", "DEVICE_HELP",
+           "SPEED_FLAGS", "add_speed_args", "speed_options", "run_cli"]
+
+DEVICE_HELP = ("where the network runs: auto (CUDA when PyTorch finds a GPU, else the CPU), cpu, "
+               "or cuda (default %(default)s)")
 
 
 def bounded_int(low=None, high=None, multiple_of=None, why=""):

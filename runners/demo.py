@@ -40,7 +40,7 @@ from data.jpeg import jpeg_encode
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap, plan_tile,
                               resolve_device, restore)
 from models.model_zoo import DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model, model_label
-from runners.cli import bounded_int, non_negative_float, tile_size
+from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
 from runners.restore import read_image
 from utils import REPO_ROOT
 from utils.errors import UserError
@@ -371,7 +371,8 @@ def build_parser(prog=None):
                         help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=bounded_int(0, 65535), default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help=DEVICE_HELP)
     parser.add_argument("--tile", type=tile_size, default=None, metavar="N",
                         help="restore every image in tiles of this many pixels (default: "
                              f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "

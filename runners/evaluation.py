@@ -22,7 +22,8 @@ from tqdm import tqdm
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import resolve_device, restore
 from models.model_zoo import load_model
-from runners.cli import SPEED_FLAGS, add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
+                         speed_options)
 from runners.pipeline import Pipeline, StageClock
 from utils import REPO_ROOT
 from utils.errors import UserError
@@ -91,7 +92,8 @@ def build_parser(preset, prog=None):
                        default=list(preset.qf_control),
                        help="QFs fed to the network as qf_input after the blind pass "
                             "(default %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help=DEVICE_HELP)
     speed = add_speed_args(p)
     speed.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                        help="threads that prepare JPEG inputs and write results while the network "
@@ -209,12 +211,40 @@ def _write_png(path, img_E, clock):
         imwrite(path, img_E)
 
 
+def _describe(setting, n_images, restores):
+    """What a setting does to its images, for the line that opens its block of the log."""
+    keys = setting.keys
+    if "qf" in keys:
+        what = f"JPEG at QF {keys['qf']}"
+    elif "qf1" in keys:
+        what = (f"JPEG at QF {keys['qf1']}, shifted by {keys['shift']} pixels, JPEG at QF "
+                f"{keys['qf2']}")
+    elif not restores:
+        what = "the files returned unchanged (--model jpeg runs no network" + (
+            ")" if keys["qf_control"] is None else f", so QF {keys['qf_control']} is not used)")
+    elif keys["qf_control"] is None:
+        what = "blind: each file restored with the QF the network predicts for it"
+    else:
+        what = f"QF {keys['qf_control']} fed to the network (qf_input) for every file"
+    if setting.x8:
+        what += ", self-ensemble of 8 flips and rotations (--x8)"
+    return f"{setting.name}: {what}; {n_images} image(s)"
+
+
+def _log_setting(setting, n_images, restores):
+    LOG.info("== %s", _describe(setting, n_images, restores))
+
+
 def _log_image(setting, name, qf_pred, scores, written):
     """Log one image's line and keep its scores (in order, on the finishing thread)."""
     qf_text = "" if qf_pred is None else f"; predicted QF: {qf_pred}"
-    if scores is None:
+    if scores is None:  # real JPEGs: no ground truth, so the QF fed is what tells settings apart
         scores = (None, None, None, qf_pred)
-        LOG.info("%s%s", name, qf_text)
+        if qf_pred is None:
+            LOG.info("%s - unchanged (--model jpeg)", name)
+        else:
+            fed = "the predicted" if setting.qf_input is None else setting.qf_input
+            LOG.info("%s - predicted QF: %s; QF fed: %s", name, qf_pred, fed)
     else:
         scores = (*scores.result(), qf_pred)
         LOG.info("%s - PSNR: %s dB; SSIM: %.4f; PSNRB: %s dB%s", name,
@@ -235,7 +265,12 @@ def _summarize(setting, testset, model_name, skipped, summaries):
         LOG.info("Average PSNR/SSIM/PSNRB - %s -: %s|%s|%s", setting.name,
                  _fmt(summary["psnr"], 2), _fmt(summary["ssim"], 3), _fmt(summary["psnrb"], 2))
     elif summary["qf_pred_mean"] is not None:
-        LOG.info("Average predicted QF - %s -: %.1f", setting.name, summary["qf_pred_mean"])
+        fed = "the predicted" if setting.qf_input is None else setting.qf_input
+        LOG.info("Average predicted QF - %s -: %.1f (QF fed: %s)", setting.name,
+                 summary["qf_pred_mean"], fed)
+    elif "qf_control" in setting.keys:
+        LOG.info("%s -: %d image(s) returned unchanged (--model jpeg)", setting.name,
+                 summary["n_images"])
     summaries.append(summary)
 
 
@@ -321,26 +356,28 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                 return setting.degrade(img_H)
 
         jobs = [(setting, name, img) for setting in settings for name, img in images]
-        bar = None
-        for i, ((setting, name, _), (img_L, img_H)) in enumerate(
-                zip(jobs, pipe.map_prepared(degrade, jobs))):
-            index = i % len(images)
-            out_dir = None if args.no_save_images else os.path.join(args.results, setting.name)
-            if index == 0:
-                if out_dir is not None:
-                    make_folder(out_dir)
-                bar = tqdm(total=len(images), desc=setting.name, unit="img", leave=False,
-                           disable=None)
-            with clock("network"):
-                img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
-            scores = None if img_H is None else pipe.submit(_scores, img_E, img_H, clock, device)
-            written = None if out_dir is None else pipe.submit(
-                _write_png, os.path.join(out_dir, out_names[name]), img_E, clock)
-            pipe.finish(_log_image, setting, name, qf_pred, scores, written)
-            bar.update()
-            if index == len(images) - 1:
-                bar.close()
-                pipe.finish(_summarize, setting, testset, model.name, skipped, summaries)
+        # one bar over every (setting, image) pair, with the time left for the whole run
+        with tqdm(total=len(jobs), unit="img", dynamic_ncols=True, disable=None) as bar:
+            for i, ((setting, name, _), (img_L, img_H)) in enumerate(
+                    zip(jobs, pipe.map_prepared(degrade, jobs))):
+                index = i % len(images)
+                out_dir = (None if args.no_save_images
+                           else os.path.join(args.results, setting.name))
+                if index == 0:
+                    if out_dir is not None:
+                        make_folder(out_dir)
+                    bar.set_description(setting.name, refresh=False)
+                    pipe.finish(_log_setting, setting, len(images), model.net is not None)
+                with clock("network"):
+                    img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
+                scores = (None if img_H is None
+                          else pipe.submit(_scores, img_E, img_H, clock, device))
+                written = None if out_dir is None else pipe.submit(
+                    _write_png, os.path.join(out_dir, out_names[name]), img_E, clock)
+                pipe.finish(_log_image, setting, name, qf_pred, scores, written)
+                bar.update()
+                if index == len(images) - 1:
+                    pipe.finish(_summarize, setting, testset, model.name, skipped, summaries)
     if skipped:
         LOG.warning("%d file(s) skipped: %s", len(skipped), ", ".join(skipped))
     if args.json:

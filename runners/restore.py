@@ -16,7 +16,8 @@ images on disk, one at a time, with every model loaded at most once:
 - reporting: a progress bar, one line per failed file naming it, a summary, exit status 1 when
   any file failed (the others are still processed), 2 for a usage error;
 - `--qf-estimate`: per file the header QF, the network's QF and the dominant QF, as a table
-  and optionally as JSON.
+  and optionally as JSON; a model that cannot be had (offline, say) leaves the network column
+  empty with one warning, and the other two columns are still reported.
 The network step itself is models/inference.py's `restore`.
 """
 import argparse
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from data.dominant_qf import estimate_dominant_qf
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
-from runners.cli import add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import DEVICE_HELP, add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, display_path
 from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, imencode, read_file_bytes
@@ -95,7 +96,8 @@ def build_parser(prog=None):
     p.add_argument("--suffix", default="", help="added to each output's file name stem")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (inputs are never overwritten)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help=DEVICE_HELP)
     p.add_argument("--qf-estimate", action="store_true",
                    help="do not restore: print each file's header, network and dominant QF")
     p.add_argument("--no-network", action="store_true",
@@ -366,12 +368,16 @@ def run_restore(args):
             atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
                                replace=args.overwrite)
             done += 1
-            used = (f"{qf} ({qf_source})" if qf is not None else
-                    "network's" if qf_source == "network" else f"network's ({qf_source})")
+            if model.net is None:  # the jpeg pseudo-model: no network ran, no QF was used
+                used = f"unchanged: --{'gray-' if decoded.gray else ''}model jpeg runs no network"
+            elif qf is not None:
+                used = f"QF {qf} ({qf_source})"
+            else:
+                used = "QF network's" + ("" if qf_source == "network" else f" ({qf_source})")
             predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
-            LOG.info("%s -> %s [%s, QF %s%s%s]", shown, display_path(dest),
+            LOG.info("%s -> %s [%s, %s%s%s]", shown, display_path(dest),
                      "gray" if decoded.gray else "colour", used, predicted,
-                     ", x8" if options.get("x8") else "")
+                     ", x8" if options.get("x8") and model.net is not None else "")
         except FileExistsError:
             LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
                      display_path(dest))
@@ -403,7 +409,11 @@ def _check_json_path(path, jobs, overwrite):
 
 
 def run_qf_estimate(args):
-    """Print (and optionally save as JSON) each input's header, network and dominant QF."""
+    """Print (and optionally save as JSON) each input's header, network and dominant QF.
+
+    Returns 0, or 1 when some file could not be read. A model that cannot be loaded (no
+    network to download it, a wrong file) is no file's fault: its files keep their header and
+    dominant QF, their network QF stays empty, and one warning per model says why."""
     device = None if args.no_network else resolve_device(args.device)
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
@@ -421,8 +431,8 @@ def run_qf_estimate(args):
             decoded = read_image(job.path, args.channels)
             header = header_qf(decoded.jpeg_info) if decoded.jpeg_info is not None else None
             network_qf = None
-            if models is not None:
-                model = models.get("gray" if decoded.gray else "color")
+            model = None if models is None else _estimating_model(models, decoded.gray)
+            if model is not None:
                 network_qf = predict_qf(model, decoded.img, device=device, **options)
             dominant = estimate_dominant_qf(decoded.img).qf
         except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
@@ -444,7 +454,21 @@ def run_qf_estimate(args):
                            fsync=False)
     if failures:
         tqdm.write(f"{len(failures)} file(s) failed", file=sys.stderr)
-    return 2 if models is not None and models.failed else 1 if failures else 0
+    return 1 if failures else 0
+
+
+def _estimating_model(models, gray):
+    """The model for the network QF of a colour or gray file, or None when it cannot be had
+    (warned about once per model: the header and dominant QF need no model)."""
+    role = "gray" if gray else "color"
+    warned = role in models.failed
+    try:
+        return models.get(role)
+    except ModelUnavailable as exc:
+        if not warned:
+            LOG.warning("warning: no network QF for %s files: %s; --no-network leaves the "
+                        "network out without trying", "gray" if gray else "colour", exc)
+        return None
 
 
 def main(argv=None, prog=None):

@@ -179,9 +179,18 @@ SCHEMA = Section({
 })
 
 
-def _check_folder(path, where, what):
+# where training images come from: none are in the repository (trainsets/ is git-ignored)
+TRAINING_DATA_HINT = ("training images are not in the repository: copy this project's pack of "
+                      "269 clean 256x256 tiles (../shared/trainsets/train_pack) there, cut "
+                      "DIV2K + Flickr2K into sub-images (docs/training.md, section 1), or train "
+                      "on any folder of clean images with --set datasets.train.dataroot_H=DIR")
+
+
+def _check_folder(path, where, what, hint=""):
     if not os.path.isdir(path):
-        raise UserError(f"{where}: {what} folder {path!r} does not exist")
+        relative = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+        raise UserError(f"{where}: {what} folder {path!r} does not exist{relative}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def _cross_checks(opt, origin, world_size, check_paths):
@@ -225,7 +234,8 @@ def _cross_checks(opt, origin, world_size, check_paths):
         raise UserError(f"{origin('datasets.train.dataloader_batch_size')}: {batch} is not "
                         f"divisible by the {world_size} training processes")
     if check_paths:
-        _check_folder(train_set["dataroot_H"], origin("datasets.train.dataroot_H"), "training")
+        _check_folder(train_set["dataroot_H"], origin("datasets.train.dataroot_H"), "training",
+                      TRAINING_DATA_HINT)
         if test_set is not None:
             _check_folder(test_set["dataroot_H"], origin("datasets.test.dataroot_H"), "test")
         pretrained = opt["path"]["pretrained_netG"]

@@ -12,7 +12,11 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
   persistent workers);
 - logging the losses every `checkpoint_print`, saving every `checkpoint_save` (and at
   `total_iter`), validating every `checkpoint_test`;
-- distributed runs: every process trains, rank 0 alone logs, validates and saves.
+- distributed runs: every process trains, rank 0 alone logs, validates and saves;
+- stopping: Ctrl+C or SIGTERM is announced at once and takes effect after the iteration in
+  progress (a validation in progress is abandoned, a save completes); a second one stops at once
+  (after a save in progress). The loader workers ignore both signals, which a terminal or a
+  scheduler sends to every process of the run, and are shut down by the main process.
 """
 import contextlib
 import json
@@ -112,14 +116,17 @@ def _measure(E, H):
     return dict(zip(("psnr", "ssim", "psnrb"), scores(E, H)))
 
 
-def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
+def validate(model, test_set, step, image_dir=None, jpeg_cache=None, stop=None):
     """Restore every test image blind; per-image and average PSNR/SSIM/PSNR-B and predicted QF.
 
     `jpeg_cache` (a dict kept between calls) holds the metrics of the unrestored JPEG inputs,
-    measured once, so each result can be read against the JPEG baseline.
+    measured once, so each result can be read against the JPEG baseline. `stop`, a callable,
+    is asked before each image: when it says True, validation ends there and returns None.
     """
     rows = []
     for index in range(len(test_set)):
+        if stop is not None and stop():
+            return None
         try:
             item = test_set[index]
         except ImageReadError as exc:  # a file damaged since the start: skip it, keep training
@@ -147,6 +154,133 @@ def validate(model, test_set, step, image_dir=None, jpeg_cache=None):
     return rows, average
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl+C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+def _loader_worker_init(worker_id):
+    """A training loader worker ignores Ctrl+C and SIGTERM: a terminal or a scheduler sends
+    them to every process of the run, and a worker they killed would make the loader raise in
+    the main process, which instead stops the workers itself once its iteration is done. The
+    signals were held (blocked) since the worker started (`_signals_held`); ignoring them drops
+    any that came meanwhile."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)  # the main process's, inherited through fork
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    worker_init_fn(worker_id)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGINT and SIGTERM in this thread for the block: the loader workers started in it
+    inherit the block until `_loader_worker_init` ignores the signals, and the main process gets
+    any that came once the block ends."""
+    if (not hasattr(signal, "pthread_sigmask")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(batches):
+    """Shut down the loader iterator's worker processes now: as the DataLoader does (it asks
+    them, then sends SIGTERM, which they ignore), then SIGKILL for any still running. Reached
+    through DataLoader internals; an iterator without workers has nothing to stop."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+class _StopRequest:
+    """Ctrl+C and SIGTERM while the loop runs (main thread only; elsewhere a no-op).
+
+    The first signal sets `requested`; the loop ends after the iteration in progress. It is
+    announced at once by a thread woken through `signal.set_wakeup_fd`, which the signal
+    writes to even while the main thread is inside a long network step that does not return
+    to Python (where Python's own handler waits). A second signal raises KeyboardInterrupt
+    while `interruptible` (the loop's body outside saves), or when the save ends.
+    """
+
+    def __init__(self, announce=True):
+        self.announce = announce  # rank 0 alone says it, in a distributed run
+        self.requested = threading.Event()
+        self.interruptible = False
+        self.pending = False  # a second signal came while not interruptible
+        self.count = 0
+        self._active = False
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._watcher = threading.Thread(target=self._watch, name="fbcnn-stop", daemon=True)
+        self._watcher.start()
+        self._active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.interruptible = False
+        if not self._active:
+            return
+        self._active = False
+        signal.set_wakeup_fd(self._previous_fd)
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        with contextlib.suppress(OSError):
+            self._writer.send(b"\0")  # wakes the watcher to end
+        self._watcher.join(timeout=5)
+        self._reader.close()
+        self._writer.close()
+
+    def _on_signal(self, signum, frame):
+        self.count += 1
+        self.requested.set()
+        if self.count > 1:
+            if self.interruptible:
+                raise KeyboardInterrupt
+            self.pending = True
+
+    def _watch(self):
+        announced = False
+        while True:
+            data = self._reader.recv(64)
+            if not data or 0 in data:
+                return
+            names = [_SIGNAL_NAMES[n] for n in data if n in _SIGNAL_NAMES]
+            if names and not announced:
+                announced = True
+                self.requested.set()
+                if self.announce:
+                        logger.warning("%s: stopping after this iteration (a second Ctrl+C or "
+                                   "SIGTERM stops at once)", names[0])
+
+    @contextlib.contextmanager
+    def critical(self):
+        """A block a second signal does not cut short (a save): it takes effect after it."""
+        interruptible, self.interruptible = self.interruptible, False
+        try:
+            yield
+        finally:
+            self.interruptible = interruptible
+        if self.pending and interruptible:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 def make_loader(dataset, sampler, train_opt, info):
     """The training DataLoader the options describe (workers divided among the processes)."""
     workers = train_opt["dataloader_num_workers"] // info.world_size
@@ -154,7 +288,7 @@ def make_loader(dataset, sampler, train_opt, info):
     if workers > 0:
         kwargs = {"persistent_workers": train_opt["dataloader_persistent_workers"],
                   "prefetch_factor": train_opt["dataloader_prefetch_factor"],
-                  "worker_init_fn": worker_init_fn}
+                  "worker_init_fn": _loader_worker_init}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       pin_memory=train_opt["dataloader_pin_memory"] and info.device.type == "cuda",
                       **kwargs)
@@ -186,6 +320,7 @@ class _Trainer:
         self.t = opt["train"]
         self.metrics = None
         self.jpeg_cache = {}
+        self.stop = _StopRequest(announce=info.is_main)
         self.resume_file = None  # the network file of the checkpoint resumed from
 
     def setup(self):
@@ -376,8 +511,9 @@ class _Trainer:
         self.metrics.write(record, scalars, step)
 
     def save(self, step):
-        with _interrupts_deferred():  # Ctrl+C or SIGTERM take effect after the save, not in it
+        with self.stop.critical():  # a second Ctrl+C or SIGTERM takes effect after the save
             self._save(step)
+            self.saved = step
 
     def _save(self, step):
         if self.info.is_main:
@@ -406,7 +542,13 @@ class _Trainer:
         if self.info.is_main:
             test_opt = self.opt["datasets"]["test"]
             image_dir = self.dirs.images if test_opt["save_images"] else None
-            rows, avg = validate(self.model, self.test_set, step, image_dir, self.jpeg_cache)
+            result = validate(self.model, self.test_set, step, image_dir, self.jpeg_cache,
+                              stop=self.stop.requested.is_set)
+            if result is None:
+                logger.warning("iteration %d: validation abandoned (stopping)", step)
+                barrier()
+                return
+            rows, avg = result
             if not rows:
                 logger.warning("iteration %d: no image of %s could be read; validation skipped",
                                step, test_opt["dataroot_H"])
@@ -431,41 +573,60 @@ class _Trainer:
             return step
         bar = progress_bar(step, total, enabled=self.info.is_main)
         timer = {"time": time.time(), "step": step}
-        batches = iter(self.loader)
-        saved = self.start  # the newest checkpoint on disk (0: none)
+        self.saved = self.start  # the newest checkpoint on disk (0: none)
+        self.stopping = False
         try:
-            while total is None or step < total:
-                data = next(batches)
-                step += 1
-                if (self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]
-                        and "B" in net_act_mode(model.bare)):
-                    model.merge_bnorm()
-                    logger.info("iteration %d: BatchNorm folded into the convolutions "
-                                "(act_mode now %s)", step, net_act_mode(model.bare))
-                model.feed_data(data)
-                model.optimize_parameters(step)
-                model.update_learning_rate()
-                if bar is not None:
-                    bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(loss=f"{float(model.log_dict['loss']):.4e}")
-                if step % t["checkpoint_print"] == 0:
-                    self.log_train(step, timer)
-                    timer = {"time": time.time(), "step": step}
-                if step % t["checkpoint_save"] == 0 or step == total:
-                    self.save(step)
-                    saved = step
-                if self.has_test and step % t["checkpoint_test"] == 0:
-                    self.test(step)
-        except KeyboardInterrupt:  # Ctrl+C, or SIGTERM (main_train_fbcnn.py turns it into this)
+            with self.stop:
+                with _signals_held():  # the workers start holding them, then ignore them
+                    batches = iter(self.loader)
+                try:
+                    self.stop.interruptible = True
+                    while (total is None or step < total) and not self._stop_agreed():
+                        data = next(batches)
+                        step += 1
+                        if (self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]
+                                and "B" in net_act_mode(model.bare)):
+                            model.merge_bnorm()
+                            logger.info("iteration %d: BatchNorm folded into the convolutions "
+                                        "(act_mode now %s)", step, net_act_mode(model.bare))
+                        model.feed_data(data)
+                        model.optimize_parameters(step)
+                        model.update_learning_rate()
+                        if bar is not None:
+                            bar.update(1)
+                            if step % 10 == 0:
+                                bar.set_postfix(loss=f"{float(model.log_dict['loss']):.4e}")
+                        if step % t["checkpoint_print"] == 0:
+                            self.log_train(step, timer)
+                            timer = {"time": time.time(), "step": step}
+                        if step % t["checkpoint_save"] == 0 or step == total:
+                            self.save(step)
+                        if self.has_test and step % t["checkpoint_test"] == 0:
+                            self.test(step)
+                finally:
+                    self.stop.interruptible = False
+                    _stop_workers(batches)
+            if self.stopping:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:  # Ctrl+C or SIGTERM, after the iteration or (twice) at once
             logger.warning("interrupted at iteration %d; the next start resumes from %s", step,
-                           f"iteration {saved}" if saved else "scratch (no checkpoint yet)")
+                           f"iteration {self.saved}" if self.saved else
+                           "scratch (no checkpoint yet)")
             raise
         finally:
             if bar is not None:
                 bar.close()
         logger.info("stopped at iteration %d (train.total_iter)", step)
         return step
+
+    def _stop_agreed(self):
+        """Whether to stop before the next iteration: on any process's request, so that all
+        stop together (one that went on alone would wait for the others forever)."""
+        requested = self.stop.requested.is_set()
+        if self.info.distributed:
+            requested = all_reduce_mean([float(requested)], self.info.device)[0] > 0
+        self.stopping = requested
+        return requested
 
     def close(self):
         if self.metrics is not None:
@@ -489,28 +650,14 @@ def train(opt):
         stack.callback(undo_logging)
         trainer = _Trainer(opt, info, dirs)
         stack.callback(trainer.close)
-        trainer.setup()
+        try:
+            trainer.setup()
+        except KeyboardInterrupt:
+            logger.warning("interrupted while starting, before any iteration; nothing of this "
+                           "start was saved")
+            raise
         end = trainer.run()
         return {"start": trainer.start, "end": end}
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Hold SIGINT and SIGTERM back for the block and raise KeyboardInterrupt after it if one
-    came: torch.save turns an interrupt inside it into an unrelated error and a traceback."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    if received:
-        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

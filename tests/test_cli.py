@@ -4,6 +4,10 @@ import argparse
 
 import pytest
 
+import runners.demo
+import runners.evaluation
+import runners.restore
+
 from runners.cli import (add_speed_args, bounded_int, non_negative_float, quality_factor,
                          speed_options)
 from utils.errors import UserError
@@ -61,3 +65,15 @@ def test_flags_that_do_not_fit_together_name_the_flags():
 def test_non_negative_float_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError):
         non_negative_float(text)
+
+
+@pytest.mark.parametrize("parser", [
+    *(runners.evaluation.build_parser(preset) for preset in (
+        runners.evaluation.COLOR, runners.evaluation.GRAY, runners.evaluation.GRAY_DOUBLE,
+        runners.evaluation.COLOR_REAL)),
+    runners.restore.build_parser(), runners.demo.build_parser()],
+    ids=["color", "gray", "gray_double", "color_real", "restore", "demo"])
+def test_every_script_explains_device(parser):
+    (action,) = [a for a in parser._actions if "--device" in a.option_strings]
+    assert action.help and "auto (CUDA when PyTorch finds a GPU, else the CPU)" in action.help
+    assert "(default auto)" in parser.format_help().replace("\n", " ").replace("  ", " ")

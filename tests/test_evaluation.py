@@ -130,6 +130,77 @@ def test_real_script_writes_blind_and_controlled_results(tmp_path, small_set, ti
     assert not np.array_equal(a, b)  # the QF control changes the output
 
 
+def _blocks(stdout):
+    """{setting: its lines} from the `== setting: ...` line that opens each block."""
+    blocks, current = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("== "):
+            current = line[3:].split(":")[0]
+            blocks[current] = [line]
+        elif current is not None:
+            blocks[current].append(line)
+    return blocks
+
+
+def test_real_script_labels_each_block_and_shows_the_qf_fed(tmp_path, small_set, tiny_models,
+                                                            capsys):
+    common = ["--testset", str(small_set), "--qf-control", "10", "--no-save-images",
+              "--results", str(tmp_path / "res")]
+    assert main(COLOR_REAL, ["--model", str(tiny_models[3]), *common]) == 0
+    blocks = _blocks(capsys.readouterr().out)
+    assert list(blocks) == ["small_tiny3_blind", "small_tiny3_qf10"]
+    blind, qf10 = blocks.values()
+    assert blind[0].endswith(": blind: each file restored with the QF the network predicts "
+                             "for it; 2 image(s)")
+    assert qf10[0].endswith(": QF 10 fed to the network (qf_input) for every file; 2 image(s)")
+    assert [line.split(" - ")[0] for line in qf10[1:3]] == ["monarch.png", "parrots.png"]
+    assert all(line.endswith("; QF fed: the predicted") for line in blind[1:3])
+    assert all(" - predicted QF: " in line and line.endswith("; QF fed: 10") for line in qf10[1:3])
+    assert qf10[3].startswith("Average predicted QF - small_tiny3_qf10 -: ")
+    assert qf10[3].endswith(" (QF fed: 10)")
+
+    assert main(COLOR_REAL, ["--model", "jpeg", *common]) == 0
+    blocks = _blocks(capsys.readouterr().out)
+    assert list(blocks) == ["small_jpeg_blind", "small_jpeg_qf10"]
+    qf10 = blocks["small_jpeg_qf10"]
+    assert qf10[0].endswith("(--model jpeg runs no network, so QF 10 is not used); 2 image(s)")
+    assert qf10[1:4] == ["monarch.png - unchanged (--model jpeg)",
+                        "parrots.png - unchanged (--model jpeg)",
+                        "small_jpeg_qf10 -: 2 image(s) returned unchanged (--model jpeg)"]
+
+
+def test_one_progress_bar_over_every_setting_and_image(tmp_path, small_set, monkeypatch):
+    bars = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            self.kwargs, self.n, self.descriptions = kwargs, 0, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_description(self, desc, refresh=True):
+            self.descriptions.append(desc)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(evaluation, "tqdm", Recorder)
+    assert main(COLOR, ["--model", "jpeg", "--testset", str(small_set), "--qf", "10", "20", "30",
+                        "--no-save-images", "--results", str(tmp_path / "res")]) == 0
+    (bar,) = bars
+    assert bar.kwargs["total"] == bar.n == 3 * 2  # settings x readable images: one ETA for all
+    assert bar.kwargs["disable"] is None  # quiet when stderr is not a terminal
+    assert bar.descriptions == ["small_jpeg_qf10", "small_jpeg_qf20", "small_jpeg_qf30"]
+
+
 def test_speed_flags_reach_restore_and_unset_ones_keep_its_defaults(tmp_path, small_set,
                                                                      tiny_models, monkeypatch):
     calls = []

@@ -532,7 +532,8 @@ def test_overlapped_runner_equals_serial_runner(tmp_path, crops, capsys):
                             [line.split(" ", 3)[3] for line in log[1:-1]],  # drop timestamps
                             pngs, capsys.readouterr().out.splitlines()[1:-1])
     serial, overlapped = outputs[0], outputs[3]
-    assert len(serial[0]) == 3 and len(serial[1]) == 3 * 7 and len(serial[2]) == 18
+    # per setting: the line that opens its block, six images, the average
+    assert len(serial[0]) == 3 and len(serial[1]) == 3 * 8 and len(serial[2]) == 18
     assert serial[0] == overlapped[0]  # JSON summaries
     assert serial[1] == overlapped[1]  # per-image and average log lines, in order
     assert serial[2] == overlapped[2]  # PNG files, byte for byte

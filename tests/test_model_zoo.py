@@ -157,6 +157,25 @@ def test_existing_file_with_wrong_hash_is_an_error(tiny_zoo):
         resolve_weights("fbcnn_color", progress=False)
 
 
+def test_offline_error_names_the_environment_variables_and_the_models_at_hand(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{_closed_port()}/mirror")
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path))
+    with pytest.raises(UserError) as err:
+        load_model("fbcnn_color", progress=False)
+    message = str(err.value)
+    assert message.startswith("--model fbcnn_color: cannot download http://127.0.0.1:")
+    assert ("or set FBCNN_MODEL_DIR to a folder that holds fbcnn_color.pth, or FBCNN_MODEL_URL "
+            "to a mirror of http://127.0.0.1:") in message
+    assert "no download needed" not in message  # none is there yet
+    (tmp_path / MODEL_ZOO["fbcnn_gray"].filename).write_bytes(b"weights")
+    with pytest.raises(UserError) as err:
+        load_model("fbcnn_color", progress=False)
+    assert str(err.value).endswith(f"models already in {tmp_path}, no download needed: "
+                                   "fbcnn_gray")
+    assert model_zoo.available_models() == ["fbcnn_gray"]
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_load_model_by_path_infers_architecture(tmp_path, suffix):
     torch.manual_seed(1)

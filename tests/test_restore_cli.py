@@ -1,6 +1,7 @@
 """main_restore.py / runners/restore.py: inputs, routing, QF modes, outputs and metadata."""
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -476,11 +477,51 @@ def test_a_folder_that_cannot_be_listed_fails_alone(tmp_path, photo, capsys, mon
     assert f"{len(restored)} restored, 0 skipped, 1 failed" in out + err
 
 
-def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, capsys):
+def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, tiny_models, capsys):
     cv2.imwrite(str(tmp_path / "clean.png"), photo)  # never compressed
     code, out, _ = run([str(tmp_path / "clean.png"), "-o", str(tmp_path / "out"), "--qf",
-                        "dominant", *IDENTITY], capsys)
+                        "dominant", "--model", tiny_models["color"]], capsys)
     assert code == 0 and "QF network's (no JPEG trace found for --qf dominant)" in out
+
+
+def test_the_jpeg_model_is_not_reported_as_a_network(tmp_path, photo, capsys):
+    write_jpeg(tmp_path / "c.jpg", photo)
+    write_jpeg(tmp_path / "g.jpg", photo[..., 0])
+    code, out, _ = run([str(tmp_path / "c.jpg"), str(tmp_path / "g.jpg"), "-o",
+                        str(tmp_path / "out"), *IDENTITY], capsys)
+    assert code == 0
+    assert "c.png [colour, unchanged: --model jpeg runs no network]" in out
+    assert "g.png [gray, unchanged: --gray-model jpeg runs no network]" in out
+    assert "network's" not in out and "QF" not in out
+
+
+def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, capsys,
+                                                               monkeypatch):
+    """The README's `--qf-estimate photo.jpg` without the released weights and offline."""
+    with socket.socket() as s:  # a port nothing listens on: the download fails at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "no_models"))
+    write_jpeg(tmp_path / "photo.jpg", photo, 37)
+    write_jpeg(tmp_path / "other.jpg", photo[::-1], 37)
+    files = [str(tmp_path / "photo.jpg"), str(tmp_path / "other.jpg")]
+    code, out, err = run(["--qf-estimate", *files], capsys)
+    assert code == 0  # no file failed
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [os.path.basename(r[0]) for r in rows] == ["photo.jpg", "other.jpg"]
+    assert all(r[1] == "37" and r[2] == "-" for r in rows)  # header QF; no network QF
+    assert run(["--qf-estimate", "--no-network", *files], capsys)[1] == out  # dominant too
+    (warning,) = err.splitlines()
+    assert warning.startswith("warning: no network QF for colour files: --model fbcnn_color: "
+                              f"cannot download http://127.0.0.1:{port}/fbcnn_color.pth")
+    assert "FBCNN_MODEL_DIR" in warning and warning.endswith(
+        "--no-network leaves the network out without trying")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    code, out, err = run(["--qf-estimate", str(tmp_path / "photo.jpg"),
+                          str(tmp_path / "broken.jpg")], capsys)
+    assert code == 1 and "1 file(s) failed" in err and "broken.jpg" in err
+    assert os.path.basename(out.splitlines()[1].split()[0]) == "photo.jpg"
 
 
 def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, testsets_dir,

@@ -298,6 +298,19 @@ def test_options_are_validated_before_any_work(option_file, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_missing_training_folder_says_where_training_images_come_from(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the lite recipes' relative trainsets/train_pack is not here
+    lite = os.path.join(ROOT, "options", "train_fbcnn_color_lite.json")
+    assert main_train_fbcnn.main(["-opt", lite]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {lite}: datasets.train.dataroot_H: training folder "
+                           f"'trainsets/train_pack' does not exist (relative to {tmp_path}); ")
+    assert "not in the repository" in line and "../shared/trainsets/train_pack" in line
+    assert line.endswith("--set datasets.train.dataroot_H=DIR")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_file_where_the_run_folder_should_be_is_one_error_line(option_file, tmp_path, capsys):
     blocker = tmp_path / "runs"
     blocker.write_text("not a folder")
@@ -373,6 +386,19 @@ def test_merge_bn_restarts_adam_but_keeps_the_learning_rate_schedule(option_file
     assert lrs == pytest.approx([_cosine(t, 6) for t in range(6)], rel=1e-12)
 
 
+def test_rerunning_a_finished_folded_run_reports_no_changed_option(option_file, tmp_path):
+    """A recipe that folds BatchNorm, run to its end and started again unchanged: the
+    optimiser's base rate is still train.G_optimizer_lr (not the rate at the fold)."""
+    common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=2", "datasets.test=null",
+              "train.G_scheduler_type=CosineAnnealingLR", "train.total_iter=3"]
+    _run(option_file, tmp_path, *common)
+    state = ckpt.load_training_state(os.path.join(tmp_path, "tiny", "models"), 3)[1]
+    assert [g["initial_lr"] for g in state["optimizer"]["param_groups"]] == [1e-3]
+    assert _run(option_file, tmp_path, *common) == {"start": 3, "end": 3}
+    log = _log(os.path.join(tmp_path, "tiny"))
+    assert "nothing to do" in log and "the options differ" not in log
+
+
 def test_moving_merge_bn_startpoint_across_the_checkpoint_resumes(option_file, tmp_path):
     common = ["netG.act_mode=BR", "merge_bn=true", "datasets.test=null"]
     folded, later = tmp_path / "folded", tmp_path / "later"
@@ -438,6 +464,87 @@ def test_sigterm_stops_training_like_ctrl_c(option_file, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-3000:]
     assert "the next start resumes from iteration" in _log(os.path.join(tmp_path, "tiny"))
+
+
+# Runs main_train_fbcnn.py with one moment of the run (a training step, a save, a validation)
+# announced on stderr and made long, so that the test can signal the run inside it. The step
+# spends its time in one C call that releases the GIL and never returns to Python meanwhile, as
+# a long network step does (Python's own signal handler waits for it).
+_SLOW_MOMENT = """
+import hashlib, sys, time
+MOMENT = sys.argv.pop(1)
+import main_train_fbcnn
+from models.model_fbcnn import ModelFBCNN
+from utils import checkpoint
+
+def slow(where):
+    sys.stderr.write("AT %s\\n" % where)
+    sys.stderr.flush()
+    if where == "step":
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 8_000_000)
+    else:
+        time.sleep(3)
+    sys.stderr.write("LEFT %s\\n" % where)
+    sys.stderr.flush()
+
+def wrap(owner, name, moment, when):
+    real = getattr(owner, name)
+    calls = []
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if MOMENT == moment and when(args, len(calls)):
+            slow(moment)
+        return real(*args, **kwargs)
+    setattr(owner, name, patched)
+
+wrap(ModelFBCNN, "optimize_parameters", "step", lambda args, n: args[1] == 3)
+wrap(checkpoint, "save_checkpoint", "save", lambda args, n: n == 1)
+wrap(ModelFBCNN, "test", "validation", lambda args, n: n == 1)
+sys.exit(main_train_fbcnn.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, stopped_at", [("step", 3), ("save", 2), ("validation", 2)])
+def test_sigterm_to_the_whole_run_stops_it_cleanly(option_file, tmp_path, moment, stopped_at):
+    """SIGTERM to the run's process group, loader workers included (as `timeout` and a terminal
+    send it): said at once, the iteration finishes, the workers are shut down, one exit 130."""
+    cmd = [sys.executable, "-c", _SLOW_MOMENT, moment, "-opt", option_file,
+           "--set", f"path.root={tmp_path}", "--set", "datasets.train.dataloader_num_workers=2",
+           "--set", "train.checkpoint_save=2", "--set", "train.checkpoint_test=2",
+           "--set", "train.total_iter=100"]
+    err_path = tmp_path / "err.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        try:
+            reached = _wait_for(lambda: f"AT {moment}" in err_path.read_text(), 180, proc)
+            assert reached, err_path.read_text()[-3000:]
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    err = err_path.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    said = err.index("SIGTERM: stopping after this iteration")
+    assert said < err.index(f"LEFT {moment}")  # at once, not once the moment is over
+    assert err.rstrip().endswith("interrupted")
+    assert (f"interrupted at iteration {stopped_at}; the next start resumes from iteration 2"
+            in _log(os.path.join(tmp_path, "tiny")))
+    assert ckpt.complete_checkpoints(os.path.join(tmp_path, "tiny", "models")) == [2]
+    if moment == "validation":
+        assert "iteration 2: validation abandoned (stopping)" in err
+    deadline = time.time() + 10
+    while True:  # the workers ended with the run: its process group is empty
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "loader workers outlived the run"
+        time.sleep(0.2)
 
 
 def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
@@ -726,6 +833,24 @@ def test_resume_takes_the_options_learning_rate_betas_and_weight_decay(option_fi
     assert "train.G_optimizer_wd 0.0 -> 0.1" in caplog.text
 
 
+def test_changed_optimizer_options_are_told_against_the_checkpoints_options(option_file,
+                                                                          caplog):
+    """A checkpoint folded by an earlier version holds the rate at the fold as initial_lr: with
+    its recorded options unchanged nothing is reported; a real change still is."""
+    first = _tiny_model(option_file)
+    state = {**first.training_state(), "options": json.dumps(first.opt)}
+    for group in state["optimizer"]["param_groups"]:
+        group["initial_lr"] = 2.3918e-05
+    with caplog.at_level(logging.INFO):
+        _tiny_model(option_file).load_state(first.bare.state_dict(), state)
+    assert "differ" not in caplog.text
+    resumed = _tiny_model(option_file, "train.G_optimizer_lr=0.01")
+    with caplog.at_level(logging.INFO):
+        resumed.load_state(first.bare.state_dict(), state)
+    assert "train.G_optimizer_lr 0.001 -> 0.01: the options differ" in caplog.text
+    assert resumed.G_optimizer.param_groups[0]["initial_lr"] == 0.01
+
+
 def test_resume_with_the_same_schedule_keeps_the_learning_rate_bit_for_bit(option_file):
     for schedule in (["train.G_scheduler_type=CosineAnnealingLR", "train.total_iter=7"],
                      ["train.G_scheduler_milestones=[2,3]", "train.G_scheduler_gamma=0.3"]):
@@ -769,6 +894,7 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
                               "train.checkpoint_test=2", "gpu_ids=[]"])
     assert opt["train"]["G_scheduler_type"] == "CosineAnnealingLR"
     assert opt["netG"]["act_mode"] == "BR" and opt["merge_bn"]  # trained with BatchNorm...
+    assert opt["train"]["checkpoint_keep"] == 3  # 65 MB each: not 20 of them (issue #17)
     assert train(opt) == {"start": 0, "end": 2}
     run_dir = os.path.join(tmp_path, f"fbcnn_{name}")
     weights = ckpt.network_file(os.path.join(run_dir, "models"), 2)
