@@ -292,16 +292,17 @@ def test_qf_head_evaluation_reports_predict_qf_per_true_qf(tmp_path, capsys):
     assert "| 10      |" in out and "qf_input 30" in out
 
 
-@pytest.mark.parametrize("bias,share", [(-1e3, 0.0), (1e3, 1.0)])
+@pytest.mark.parametrize("bias,share", [(-1.0, 0.0), (1.0, 1.0)])
 def test_qf_head_evaluation_counts_the_live_units_of_the_qf_mlps(tmp_path, bias, share):
-    """--units: with every bias of the QF MLPs' Linear layers far below zero no unit is ever
-    active, far above every unit is; there are nc[3] units per ReLU."""
+    """--units: with the QF MLPs' Linear weights zero, every unit outputs its bias: none is
+    ever active at bias -1, all are at +1."""
     torch.manual_seed(0)
     net = FBCNN(in_nc=1, out_nc=1, nc=[8, 16, 32, 64], nb=1)
     with torch.no_grad():
         for part in (net.qf_pred, net.qf_embed):
             for layer in part:
                 if isinstance(layer, torch.nn.Linear):
+                    layer.weight.zero_()
                     layer.bias.fill_(bias)
     weights = tmp_path / "tiny.pth"
     torch.save(net.state_dict(), weights)
@@ -312,7 +313,8 @@ def test_qf_head_evaluation_counts_the_live_units_of_the_qf_mlps(tmp_path, bias,
     units = json.loads(path.read_text())["units"]
     assert [u["layer"] for u in units] == ["qf_pred.4", "qf_pred.6", "qf_embed.1", "qf_embed.3",
                                           "qf_embed.5"]
-    assert all(u["units"] == 64 and u["active"] == share for u in units)
+    width = net.qf_pred[-2].in_features  # the MLPs' width (512, whatever nc)
+    assert all(u["units"] == width and u["active"] == share for u in units)
 
 
 def _git(repo, *args):
