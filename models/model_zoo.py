@@ -13,6 +13,7 @@ This module owns how a `--model` argument becomes a network ready to run:
 """
 import hashlib
 import http.client
+import logging
 import json
 import os
 import re
@@ -29,9 +30,10 @@ from utils.errors import UserError
 from utils.fileio import atomic_write
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "available_models",
-           "resolve_weights", "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs",
-           "load_model", "DEFAULT_MODEL_DIR"]
+           "default_model", "local_weight_file", "resolve_weights", "load_state_dict_file",
+           "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model", "DEFAULT_MODEL_DIR"]
 
+LOG = logging.getLogger(f"fbcnn.{__name__}")
 RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
 DEFAULT_MODEL_DIR = os.path.join(REPO_ROOT, "model_zoo")
 JPEG_MODEL = "jpeg"
@@ -39,10 +41,12 @@ JPEG_MODEL = "jpeg"
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A released weight file: where it comes from and how to verify it."""
+    """A registered weight file: its name, how to verify it, and whether it is downloaded (the
+    released weights) or `bundled`, shipped in the repository's model_zoo/ (the lite models)."""
     filename: str
     sha256: str
     in_nc: int
+    bundled: bool = False
 
 
 MODEL_ZOO = {
@@ -112,12 +116,39 @@ def _model_dir(model_dir=None):
     return model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
 
 
+def local_weight_file(name, model_dir=None):
+    """Where the registered model `name`'s file is without a download: the model folder, or
+    for a bundled model also the repository's model_zoo/; None when it is in neither."""
+    entry = MODEL_ZOO[name]
+    folders = [_model_dir(model_dir)] + ([DEFAULT_MODEL_DIR] if entry.bundled else [])
+    for folder in folders:
+        path = os.path.join(folder, entry.filename)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def available_models(model_dir=None):
-    """The registered names whose weight file is already in the model folder (`model_dir`,
-    else $FBCNN_MODEL_DIR, else model_zoo/): those load without a download."""
-    folder = _model_dir(model_dir)
-    return [name for name, entry in MODEL_ZOO.items()
-            if os.path.isfile(os.path.join(folder, entry.filename))]
+    """The registered names whose weight file is already at hand (the model folder:
+    `model_dir`, else $FBCNN_MODEL_DIR, else model_zoo/; the bundled ones in model_zoo/):
+    those load without a download."""
+    return [name for name in MODEL_ZOO if local_weight_file(name, model_dir)]
+
+
+def default_model(released, lite, model_dir=None):
+    """`released` when its weights are at hand, else the bundled `lite` model (logged once
+    per pair): what the tools use when no model is named, so that they work offline."""
+    if released in available_models(model_dir) or lite not in available_models(model_dir):
+        return released
+    if (released, lite) not in _fallbacks_told:
+        _fallbacks_told.add((released, lite))
+        LOG.info("%s is not in %s: using the bundled %s (a small model trained on a CPU; "
+                 "README, 'Model zoo'); name %s to download the released weights (about "
+                 "288 MB)", MODEL_ZOO[released].filename, _model_dir(model_dir), lite, released)
+    return lite
+
+
+_fallbacks_told = set()
 
 
 def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=30.0):
@@ -133,12 +164,19 @@ def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=
     base_url = base_url or os.environ.get("FBCNN_MODEL_URL") or RELEASE_URL
     path = os.path.join(model_dir, entry.filename)
     url = base_url.rstrip("/") + "/" + entry.filename
-    if os.path.isfile(path):
-        actual = _sha256_file(path)
+    local = local_weight_file(name, model_dir)
+    if local is not None:
+        actual = _sha256_file(local)
         if actual != entry.sha256:
-            raise UserError(f"{path} has sha256 {actual}, expected {entry.sha256} for {name}; "
-                            f"delete it to download again from {url}")
-        return path
+            fix = (f"restore the repository's copy (git checkout -- model_zoo/{entry.filename})"
+                   if entry.bundled else f"delete it to download again from {url}")
+            raise UserError(f"{local} has sha256 {actual}, expected {entry.sha256} for {name}; "
+                            f"{fix}")
+        return local
+    if entry.bundled:
+        raise UserError(f"{name} ships with the repository as model_zoo/{entry.filename}, which "
+                        f"is missing from {DEFAULT_MODEL_DIR}; restore it with git checkout -- "
+                        f"model_zoo/{entry.filename}")
     advice = (f", or set FBCNN_MODEL_DIR to a folder that holds {entry.filename}, or "
               f"FBCNN_MODEL_URL to a mirror of {base_url.rstrip('/')}/")
     here = available_models(model_dir)

@@ -39,7 +39,8 @@ import numpy as np
 from data.jpeg import jpeg_encode
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap, plan_tile,
                               resolve_device, restore)
-from models.model_zoo import DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model, model_label
+from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
+                              local_weight_file, model_label)
 from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
 from runners.restore import read_image
 from utils import REPO_ROOT
@@ -54,8 +55,9 @@ __all__ = ["DEMO_MODEL_ORDER", "DEFAULT_PORT", "ModelChoices", "Result", "Demo",
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
 
-# Preferred first: the bundled lite model, then the released weights.
-DEMO_MODEL_ORDER = ("fbcnn_color_lite", "fbcnn_color", "fbcnn_gray", "fbcnn_gray_double")
+# Preferred first: the released weights where they are at hand, else the bundled lite model.
+DEMO_MODEL_ORDER = ("fbcnn_color", "fbcnn_color_lite", "fbcnn_gray", "fbcnn_gray_lite",
+                    "fbcnn_gray_double")
 DEFAULT_PORT = 7860
 TESTSETS = os.path.join(REPO_ROOT, "testsets")
 NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released weights) in "
@@ -69,8 +71,7 @@ OUTPUT_MAX_AGE_S = 3600  # restored PNGs older than this are deleted from the wo
 def _weight_file(name, model_dir):
     """The weight file of `name` in `model_dir`, or None when it is not there."""
     if name in MODEL_ZOO:
-        path = os.path.join(model_dir, MODEL_ZOO[name].filename)
-        return path if os.path.isfile(path) else None
+        return local_weight_file(name, model_dir)
     for ext in (".safetensors", ".pth"):  # a model not (yet) registered in the zoo
         path = os.path.join(model_dir, name + ext)
         if os.path.isfile(path):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from models.inference import predict_qf, resolve_device, restore
-from models.model_zoo import MODEL_ZOO, load_model
+from models.model_zoo import MODEL_ZOO, default_model, load_model
 from runners.cli import DEVICE_HELP, add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, display_path
@@ -76,11 +76,13 @@ def build_parser(prog=None):
     p.add_argument("-r", "--recursive", action="store_true",
                    help="descend into sub-folders of folder inputs; lets ** in globs match "
                         "any depth")
-    p.add_argument("--model", default="fbcnn_color",
+    p.add_argument("--model", default=None,
                    help=f"model for colour images: {known}, or a .pth/.safetensors file "
-                        "(default %(default)s)")
-    p.add_argument("--gray-model", default="fbcnn_gray",
-                   help="model for grayscale images, same choices (default %(default)s)")
+                        "(default: fbcnn_color when its weights are in model_zoo/, else the "
+                        "bundled fbcnn_color_lite)")
+    p.add_argument("--gray-model", default=None,
+                   help="model for grayscale images, same choices (default: fbcnn_gray when "
+                        "its weights are in model_zoo/, else the bundled fbcnn_gray_lite)")
     p.add_argument("--channels", choices=("auto", "color", "gray"), default="auto",
                    help="auto: grayscale files to --gray-model, others to --model; color: all "
                         "to --model; gray: all to --gray-model, colour inputs converted to "
@@ -202,12 +204,17 @@ class ModelCache:
 
     ROLES = {"color": ("--model", 3, "a colour (3-channel) model such as fbcnn_color"),
              "gray": ("--gray-model", 1, "a grayscale (1-channel) model such as fbcnn_gray")}
+    # without --model / --gray-model: the released weights when at hand, else the bundled lite
+    DEFAULTS = {"color": ("fbcnn_color", "fbcnn_color_lite"),
+                "gray": ("fbcnn_gray", "fbcnn_gray_lite")}
 
     def __init__(self, names, device):
         self.names, self.device, self.loaded, self.failed = names, device, {}, {}
 
     def get(self, role):
         option, n_channels, wanted = self.ROLES[role]
+        if self.names[role] is None:
+            self.names[role] = default_model(*self.DEFAULTS[role])
         if role in self.failed:
             raise ModelUnavailable(f"{option} {self.names[role]} cannot be used (see the first "
                                    f"error)")

@@ -56,7 +56,7 @@ def jpeg_file(tmp_path_factory):
     return str(path)
 
 
-def test_find_models_prefers_requested_then_lite_then_released(tmp_path, tiny_path):
+def test_find_models_prefers_requested_then_released_then_lite(tmp_path, tiny_path):
     assert find_models(model_dir=str(tmp_path)) == {}
     (tmp_path / MODEL_ZOO["fbcnn_gray"].filename).write_bytes(b"")
     (tmp_path / MODEL_ZOO["fbcnn_color"].filename).write_bytes(b"")
@@ -67,7 +67,7 @@ def test_find_models_prefers_requested_then_lite_then_released(tmp_path, tiny_pa
         (tmp_path / "fbcnn_color_lite.safetensors").write_bytes(b"")
         lite = str(tmp_path / "fbcnn_color_lite.safetensors")
     found = find_models(model_dir=str(tmp_path))
-    assert list(found) == ["fbcnn_color_lite", "fbcnn_color", "fbcnn_gray"]
+    assert list(found) == ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"]
     assert found["fbcnn_color_lite"] == lite and found["fbcnn_color"] == "fbcnn_color"
     found = find_models(model_dir=str(tmp_path), requested=tiny_path)
     assert list(found)[0] == "tiny" and found["tiny"] == tiny_path

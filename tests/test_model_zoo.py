@@ -342,3 +342,58 @@ def test_model_labels_keep_checkpoints_of_different_runs_apart(tmp_path):
         path = tmp_path / "deblocking" / task / "models" / "5000_G.safetensors"
         assert model_zoo.model_label(str(path)) == f"{task}_5000_G"
     assert model_zoo.model_label(str(tmp_path / "5000_G.pth")) == "5000_G"  # not in a run
+
+
+@pytest.fixture
+def bundled_lite(tmp_path, monkeypatch):
+    """A zoo with a bundled `tiny_lite` (3 channels) in a stand-in for the repository's
+    model_zoo/, the model folder pointed elsewhere; returns (repository folder, network)."""
+    repo_zoo, elsewhere = tmp_path / "repo_zoo", tmp_path / "elsewhere"
+    repo_zoo.mkdir()
+    elsewhere.mkdir()
+    torch.manual_seed(3)
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1).eval()
+    path = ckpt.save_network(str(repo_zoo / "tiny_lite.safetensors"), net.state_dict(),
+                             infer_fbcnn_kwargs(net.state_dict()), dtype=torch.float16)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    monkeypatch.setattr(model_zoo, "DEFAULT_MODEL_DIR", str(repo_zoo))
+    monkeypatch.setitem(MODEL_ZOO, "tiny_lite", ZooEntry("tiny_lite.safetensors", sha, 3,
+                                                         bundled=True))
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(elsewhere))
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{_closed_port()}/never")
+    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
+    return repo_zoo, net
+
+
+def test_a_bundled_model_loads_from_the_repository_whatever_the_model_folder(bundled_lite):
+    repo_zoo, net = bundled_lite
+    loaded = load_model("tiny_lite", progress=False)
+    assert loaded.name == "tiny_lite" and loaded.in_nc == 3
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value.half().float())
+    assert "tiny_lite" in model_zoo.available_models()
+
+
+def test_a_bundled_model_is_verified_and_never_downloaded(bundled_lite):
+    repo_zoo, _ = bundled_lite
+    (repo_zoo / "tiny_lite.safetensors").write_bytes(b"tampered")
+    with pytest.raises(UserError, match=r"expected .* for tiny_lite; restore the repository's "
+                                        r"copy \(git checkout -- model_zoo/tiny_lite"):
+        load_model("tiny_lite", progress=False)
+    os.remove(repo_zoo / "tiny_lite.safetensors")
+    with pytest.raises(UserError, match=r"tiny_lite ships with the repository as "
+                                        r"model_zoo/tiny_lite.safetensors, which is missing"):
+        load_model("tiny_lite", progress=False)  # the closed port is never asked
+
+
+def test_default_model_is_the_released_one_at_hand_else_the_bundled_lite(bundled_lite, caplog):
+    repo_zoo, _ = bundled_lite
+    with caplog.at_level("INFO", logger="fbcnn"):
+        assert model_zoo.default_model("fbcnn_color", "tiny_lite") == "tiny_lite"
+        assert model_zoo.default_model("fbcnn_color", "tiny_lite") == "tiny_lite"
+    told = [r.getMessage() for r in caplog.records if "using the bundled" in r.getMessage()]
+    assert len(told) == 1 and "fbcnn_color.pth is not in" in told[0]  # said once
+    assert model_zoo.default_model("fbcnn_color", "not_registered") == "fbcnn_color"
+    (repo_zoo.parent / "elsewhere" / MODEL_ZOO["fbcnn_color"].filename).write_bytes(b"x")
+    assert model_zoo.default_model("fbcnn_color", "tiny_lite") == "fbcnn_color"

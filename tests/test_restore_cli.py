@@ -1,4 +1,5 @@
 """main_restore.py / runners/restore.py: inputs, routing, QF modes, outputs and metadata."""
+import hashlib
 import json
 import os
 import socket
@@ -16,9 +17,11 @@ from safetensors.torch import save_file
 import runners.restore as cli
 from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
 from models.inference import restore
-from models.model_zoo import load_model
+from models import model_zoo
+from models.model_zoo import MODEL_ZOO, ZooEntry, load_model
 from models.network_fbcnn import FBCNN
 from utils import fileio
+from utils.checkpoint import save_network
 from utils.image_meta import apply_orientation, read_icc_profile
 
 TINY = dict(nc=[8, 16, 32, 64], nb=1)
@@ -574,3 +577,31 @@ def test_automatic_tiling_is_shown_as_in_the_test_scripts(tmp_path, photo, tiny_
                         tiny_models["color"], "--device", "cpu"], capsys)
     assert code == 0 and "40x48 image is over 0.0 megapixels: tiling it" in out
     assert not logging.getLogger("fbcnn").handlers  # only while main_restore runs
+
+
+def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_released_weights(
+        tmp_path, photo, capsys, monkeypatch):
+    """No --model, no released weights in the model folder: the bundled colour lite model
+    restores the image, and the run says so once; nothing is downloaded."""
+    repo_zoo = tmp_path / "repo_zoo"
+    torch.manual_seed(5)
+    net = FBCNN(in_nc=3, out_nc=3, **TINY).eval()
+    path = save_network(str(repo_zoo / "lite.safetensors"), net.state_dict(),
+                        model_zoo.infer_fbcnn_kwargs(net.state_dict()))
+    sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    monkeypatch.setattr(model_zoo, "DEFAULT_MODEL_DIR", str(repo_zoo))
+    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
+    monkeypatch.setitem(MODEL_ZOO, "fbcnn_color_lite", ZooEntry("lite.safetensors", sha, 3,
+                                                                bundled=True))
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/never-asked")
+    src = write_jpeg(tmp_path / "a.jpg", photo, qf=30)
+    for name in ("b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(src.read_bytes())
+    code, out, err = run([str(tmp_path / n) for n in ("a.jpg", "b.jpg", "c.jpg")]
+                         + ["-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert out.count("using the bundled fbcnn_color_lite") == 1
+    assert "--model fbcnn_color_lite" in out  # the loaded line names what ran
+    expected, _ = restore(load_model(path), jpeg_decode((tmp_path / "a.jpg").read_bytes(), 3))
+    assert np.array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
