@@ -265,7 +265,7 @@ class _StopRequest:
                 announced = True
                 self.requested.set()
                 if self.announce:
-                        logger.warning("%s: stopping after this iteration (a second Ctrl+C or "
+                    logger.warning("%s: stopping after this iteration (a second Ctrl+C or "
                                    "SIGTERM stops at once)", names[0])
 
     @contextlib.contextmanager
