@@ -387,7 +387,8 @@ def build_parser(prog=None):
 def main(argv=None):
     """Serve the demo until interrupted; returns the exit status."""
     args = build_parser(prog="app.py").parse_args(argv)
-    undo_logging = setup_logging(console_format="%(levelname)s %(name)s: %(message)s")
+    undo_logging = setup_logging(console_format="%(levelname)s %(name)s: %(message)s",
+                                 stream=sys.stdout, error_stream=sys.stderr)
     try:
         return _serve(args)
     finally:
