@@ -40,7 +40,7 @@ def define_G(opt_net, initialize=True):
     net = NETWORKS[name](opt_net)
     if initialize:
         init_weights(net, opt_net["init_type"], opt_net["init_bn_type"], opt_net["init_gain"],
-                     opt_net["init_gain_linear"])
+                     opt_net["init_gain_linear"], opt_net["init_gain_qf_head"])
     return net
 
 
@@ -83,17 +83,24 @@ def _init_layer(m, init_type, init_bn_type, gain, linear_gain):
         init.constant_(m.bias.data, 0.0)
 
 
-def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2, linear_gain=None):
+def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2, linear_gain=None,
+                 qf_head_gain=None):
     """KAIR's initialisation; `default`/`none` keep PyTorch's own.
 
     `linear_gain`, when given, replaces `gain` for the Linear layers: in FBCNN those are the QF
-    paths alone (the QF head's MLP, the QF embedding, gamma and beta).
+    paths alone (the QF head's MLP, the QF embedding, gamma and beta). `qf_head_gain`, when
+    given, replaces it again for the QF head's MLP (`qf_pred`), so the decoder's QF path and
+    the QF head can start apart.
     """
     if init_type in ("default", "none"):
         logger.info("netG keeps PyTorch's default initialisation (init_type %r)", init_type)
         return net
     net.apply(functools.partial(_init_layer, init_type=init_type, init_bn_type=init_bn_type,
                                 gain=gain, linear_gain=linear_gain))
+    if qf_head_gain is not None:
+        for m in net.qf_pred.modules():
+            if isinstance(m, nn.Linear):
+                _init_layer(m, init_type, init_bn_type, qf_head_gain, None)
     return net
 
 

@@ -109,8 +109,11 @@ SCHEMA = Section({
         "init_gain_linear": Key("float", None, "gain of the Linear layers' init, which in FBCNN "
                                 "are the QF paths alone (QF head MLP, QF embedding, gamma, "
                                 "beta); null: `init_gain`, as the original. Raise it only with "
-                                "`train.qf_input_prob` (docs/training.md, section 6)",
+                                "`train.qf_input_prob` (docs/training.md, section 8)",
                                 nullable=True, minimum=0),
+        "init_gain_qf_head": Key("float", None, "gain of the QF head's Linear layers (its MLP "
+                                 "after the global pooling) apart from the other QF paths; "
+                                 "null: as `init_gain_linear`", nullable=True, minimum=0),
     }),
     "train": Section({
         "G_lossfn_type": Key("str", "l1", "image loss: mean absolute error, mean or summed "

@@ -942,6 +942,20 @@ def test_init_gain_linear_sets_the_qf_paths_apart_from_the_convolutions():
                                    atol=1e-5, rtol=0)
 
 
+def test_init_gain_qf_head_sets_the_qf_head_apart_from_the_other_qf_paths():
+    torch.manual_seed(0)
+    net = init_weights(FBCNN(1, 1, [8, 16, 32, 64], 1), "orthogonal", "uniform", 0.2,
+                       linear_gain=1.0, qf_head_gain=0.3)
+    head = {id(m) for m in net.qf_pred.modules()}
+    linear = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert sum(id(m) in head for m in linear) == 3
+    for m in linear:
+        w = m.weight.detach()
+        gain = 0.3 if id(m) in head else 1.0
+        torch.testing.assert_close(torch.linalg.svdvals(w), torch.full((min(w.shape),), gain),
+                                   atol=1e-5, rtol=0)
+
+
 def test_registry_and_merge_bn_equivalence():
     with pytest.raises(UserError, match="'dncnn' is unknown; known: fbcnn"):
         define_G({"net_type": "dncnn"})
@@ -949,7 +963,7 @@ def test_registry_and_merge_bn_equivalence():
                     "act_mode": "BR", "downsample_mode": "strideconv",
                     "upsample_mode": "convtranspose", "init_type": "orthogonal",
                     "init_bn_type": "uniform", "init_gain": 0.2,
-                    "init_gain_linear": None})
+                    "init_gain_linear": None, "init_gain_qf_head": None})
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init
