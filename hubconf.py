@@ -6,11 +6,10 @@
 Each entry point returns an FBCNN in eval mode. With `pretrained=True` (the default) its
 weights come from models/model_zoo.py exactly as `--model NAME` gets them: `model_dir`, else the
 environment variable FBCNN_MODEL_DIR, else the repository's model_zoo/, downloaded on first use
-and verified by sha256. With `pretrained=False` it is the released architecture, randomly
-initialised.
+and verified by sha256 (the lite models ship with the repository). With `pretrained=False` it
+is the entry's architecture, randomly initialised.
 """
 from models.model_zoo import MODEL_ZOO, load_model
-from models.network_fbcnn import FBCNN
 
 dependencies = ["torch", "numpy", "cv2", "tqdm", "safetensors"]
 
@@ -20,7 +19,7 @@ def _entry_point(name):
 
     def load(pretrained=True, model_dir=None, device="cpu", progress=True):
         if not pretrained:
-            return FBCNN(in_nc=entry.in_nc, out_nc=entry.in_nc).to(device).eval()
+            return entry.build().to(device).eval()
         return load_model(name, device=device, model_dir=model_dir, progress=progress).net
 
     load.__name__ = load.__qualname__ = name

@@ -41,12 +41,22 @@ JPEG_MODEL = "jpeg"
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A registered weight file: its name, how to verify it, and whether it is downloaded (the
-    released weights) or `bundled`, shipped in the repository's model_zoo/ (the lite models)."""
+    """A registered weight file: its name, how to verify it, whether it is downloaded (the
+    released weights) or `bundled`, shipped in the repository's model_zoo/ (the lite models),
+    and its architecture, the FBCNN constructor arguments beyond the channels (`arch`; empty:
+    the released nc [64, 128, 256, 512], nb 4). Loading reads the architecture from the file
+    itself; `arch` builds the untrained network (torch.hub with pretrained=False)."""
     filename: str
     sha256: str
     in_nc: int
     bundled: bool = False
+    arch: tuple = ()  # (name, value) pairs, e.g. (("nc", (8, 16, 32, 64)), ("nb", 2))
+
+    def build(self):
+        """The entry's FBCNN, randomly initialised."""
+        kwargs = {name: list(value) if isinstance(value, tuple) else value
+                  for name, value in self.arch}
+        return FBCNN(in_nc=self.in_nc, out_nc=self.in_nc, **kwargs)
 
 
 MODEL_ZOO = {
