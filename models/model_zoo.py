@@ -67,6 +67,11 @@ MODEL_ZOO = {
     "fbcnn_gray_double": ZooEntry(
         "fbcnn_gray_double.pth", "4444b8b2393649a4acd5d8730410ec3106d15b6e262a49081e4e87b44cfa5cea",
         1),
+    # trained on a 2-core CPU with options/train_fbcnn_color_lite_cpu.json (docs/training.md, 8)
+    "fbcnn_color_lite": ZooEntry(
+        "fbcnn_color_lite.safetensors",
+        "cd3ced3e11428ecee996f93f69ebb4f3b1dbb80237df9e7986a5312f7239d605", 3, bundled=True,
+        arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
 }
 
 
@@ -190,8 +195,13 @@ def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=
     advice = (f", or set FBCNN_MODEL_DIR to a folder that holds {entry.filename}, or "
               f"FBCNN_MODEL_URL to a mirror of {base_url.rstrip('/')}/")
     here = available_models(model_dir)
-    if here:
-        advice += f"; models already in {model_dir}, no download needed: {', '.join(here)}"
+    bundled = [n for n in here if MODEL_ZOO[n].bundled]
+    in_folder = [n for n in here if not MODEL_ZOO[n].bundled]
+    if in_folder:
+        advice += f"; models already in {model_dir}, no download needed: {', '.join(in_folder)}"
+    if bundled:
+        advice += (f"; models that ship with the repository, no download needed: "
+                   f"{', '.join(bundled)}")
     return download(url, path, entry.sha256, timeout=timeout, progress=progress, advice=advice)
 
 

@@ -18,7 +18,8 @@ from data.jpeg import jpeg, jpeg_encode
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
-from runners.demo import Demo, ModelChoices, find_models, main, prepare_samples
+from runners.demo import (DEMO_MODEL_ORDER, Demo, ModelChoices, find_models, main,
+                          prepare_samples)
 from tests.conftest import REPO_ROOT
 from utils.errors import UserError
 from utils.image import imread_uint
@@ -57,21 +58,17 @@ def jpeg_file(tmp_path_factory):
 
 
 def test_find_models_prefers_requested_then_released_then_lite(tmp_path, tiny_path):
-    assert find_models(model_dir=str(tmp_path)) == {}
+    bundled = [n for n in DEMO_MODEL_ORDER if n in MODEL_ZOO and MODEL_ZOO[n].bundled]
+    assert list(find_models(model_dir=str(tmp_path))) == bundled  # they ship with the repo
+    assert "fbcnn_color_lite" in bundled
     (tmp_path / MODEL_ZOO["fbcnn_gray"].filename).write_bytes(b"")
     (tmp_path / MODEL_ZOO["fbcnn_color"].filename).write_bytes(b"")
-    if "fbcnn_color_lite" in MODEL_ZOO:
-        (tmp_path / MODEL_ZOO["fbcnn_color_lite"].filename).write_bytes(b"")
-        lite = "fbcnn_color_lite"
-    else:  # not registered yet: found by its file name
-        (tmp_path / "fbcnn_color_lite.safetensors").write_bytes(b"")
-        lite = str(tmp_path / "fbcnn_color_lite.safetensors")
     found = find_models(model_dir=str(tmp_path))
-    assert list(found) == ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"]
-    assert found["fbcnn_color_lite"] == lite and found["fbcnn_color"] == "fbcnn_color"
+    assert list(found)[:3] == ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"]
+    assert found["fbcnn_color_lite"] == "fbcnn_color_lite" and found["fbcnn_color"] == "fbcnn_color"
     found = find_models(model_dir=str(tmp_path), requested=tiny_path)
     assert list(found)[0] == "tiny" and found["tiny"] == tiny_path
-    assert (list(find_models(model_dir=str(tmp_path), requested="fbcnn_color")) ==
+    assert (list(find_models(model_dir=str(tmp_path), requested="fbcnn_color"))[:3] ==
             ["fbcnn_color", "fbcnn_color_lite", "fbcnn_gray"])
 
 

@@ -167,13 +167,15 @@ def test_offline_error_names_the_environment_variables_and_the_models_at_hand(tm
     assert message.startswith("--model fbcnn_color: cannot download http://127.0.0.1:")
     assert ("or set FBCNN_MODEL_DIR to a folder that holds fbcnn_color.pth, or FBCNN_MODEL_URL "
             "to a mirror of http://127.0.0.1:") in message
-    assert "no download needed" not in message  # none is there yet
+    bundled = [n for n, e in MODEL_ZOO.items() if e.bundled]
+    assert "models already in" not in message  # none is there yet
+    assert message.endswith("models that ship with the repository, no download needed: "
+                            + ", ".join(bundled))
     (tmp_path / MODEL_ZOO["fbcnn_gray"].filename).write_bytes(b"weights")
     with pytest.raises(UserError) as err:
         load_model("fbcnn_color", progress=False)
-    assert str(err.value).endswith(f"models already in {tmp_path}, no download needed: "
-                                   "fbcnn_gray")
-    assert model_zoo.available_models() == ["fbcnn_gray"]
+    assert f"models already in {tmp_path}, no download needed: fbcnn_gray;" in str(err.value)
+    assert model_zoo.available_models() == ["fbcnn_gray", *bundled]
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

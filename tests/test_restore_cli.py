@@ -500,7 +500,7 @@ def test_the_jpeg_model_is_not_reported_as_a_network(tmp_path, photo, capsys):
 
 def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, capsys,
                                                                monkeypatch):
-    """The README's `--qf-estimate photo.jpg` without the released weights and offline."""
+    """`--qf-estimate` naming the released model, without its weights and offline."""
     with socket.socket() as s:  # a port nothing listens on: the download fails at once
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -509,7 +509,7 @@ def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, 
     write_jpeg(tmp_path / "photo.jpg", photo, 37)
     write_jpeg(tmp_path / "other.jpg", photo[::-1], 37)
     files = [str(tmp_path / "photo.jpg"), str(tmp_path / "other.jpg")]
-    code, out, err = run(["--qf-estimate", *files], capsys)
+    code, out, err = run(["--qf-estimate", "--model", "fbcnn_color", *files], capsys)
     assert code == 0  # no file failed
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [os.path.basename(r[0]) for r in rows] == ["photo.jpg", "other.jpg"]
@@ -521,7 +521,7 @@ def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, 
     assert "FBCNN_MODEL_DIR" in warning and warning.endswith(
         "--no-network leaves the network out without trying")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff")
-    code, out, err = run(["--qf-estimate", str(tmp_path / "photo.jpg"),
+    code, out, err = run(["--qf-estimate", "--model", "fbcnn_color", str(tmp_path / "photo.jpg"),
                           str(tmp_path / "broken.jpg")], capsys)
     assert code == 1 and "1 file(s) failed" in err and "broken.jpg" in err
     assert os.path.basename(out.splitlines()[1].split()[0]) == "photo.jpg"
