@@ -20,10 +20,25 @@ def test_quick_start_is_two_commands():
     assert "pytest" in commands[1] and "pytest" not in commands[0]
 
 
-def test_ci_runs_the_readme_test_command_word_for_word():
+def _ci_lines():
     with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
-        ci_lines = [line.strip() for line in f]
-    assert _quick_start()[1] in ci_lines
+        return [line.strip() for line in f]
+
+
+def test_ci_runs_the_readme_test_command_word_for_word():
+    assert _quick_start()[1] in _ci_lines()
+
+
+def test_ci_runs_the_readme_main_job_and_checks_the_lines_the_readme_promises():
+    """Quick-start command 1 runs in CI word for word, and CI greps its output for exactly the
+    average lines the README shows after it."""
+    assert _quick_start()[0] in _ci_lines()
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    promised = re.search(r"```text\n(.*?)```", text.split("## Quick start", 1)[1], re.S).group(1)
+    promised = [line for line in promised.splitlines() if line.startswith("Average ")]
+    grepped = [shlex.split(line)[-2] for line in _ci_lines() if line.startswith("grep -qxF")]
+    assert len(promised) == 2 and grepped == promised
 
 
 def test_quick_start_main_job_needs_no_download():
