@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
+from models.model_zoo import MODEL_ZOO, load_model
 from models.network_fbcnn import FBCNN
 from tests.conftest import REFERENCE
+from utils import REPO_ROOT
 
 SPEC_PATH = os.path.join(REFERENCE, "official_state_dict_spec.json")
 TINY = dict(nc=[8, 16, 32, 64], nb=1)
@@ -132,3 +134,26 @@ def test_spandrel_loads_our_state_dict_and_agrees(tmp_path):
     assert (ours - raw_theirs).abs().max().item() < 1e-5
     assert (ours.clamp(0, 1) - theirs).abs().max().item() < 1e-5
     assert (qf_ours - qf_theirs).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in MODEL_ZOO.items() if e.bundled))
+def test_spandrel_loads_the_bundled_models_only_at_the_original_qf_head_width(name):
+    """spandrel's FBCNN, like the original, hard-codes 512 inputs for the QF head's first
+    Linear, so it loads a file only when nc[3] is 512: the bundled lite models (nc[3] 64) are
+    refused at load, as README's model zoo says; a file of that width would agree with ours."""
+    spandrel = pytest.importorskip("spandrel")
+    entry = MODEL_ZOO[name]
+    path = os.path.join(REPO_ROOT, "model_zoo", entry.filename)
+    ours = load_model(path).net
+    loader = spandrel.ModelLoader(device="cpu")
+    if ours.qf_pred[-6].in_features != 512:
+        with pytest.raises(RuntimeError, match="qf_pred"):
+            loader.load_from_file(path)
+        return
+    model = loader.load_from_file(path).model.eval().float()
+    x = torch.rand(1, entry.in_nc, 40, 48)
+    with torch.no_grad():
+        mine, qf_mine = ours(x)
+        theirs, qf_theirs = model(x)
+    assert (mine - theirs).abs().max().item() < 1e-5
+    assert (qf_mine - qf_theirs).abs().max().item() < 1e-5

@@ -20,9 +20,11 @@ from models.inference import restore
 from models import model_zoo
 from models.model_zoo import MODEL_ZOO, ZooEntry, load_model
 from models.network_fbcnn import FBCNN
-from utils import fileio
+from utils import REPO_ROOT, fileio
 from utils.checkpoint import save_network
+from utils.image import imread_uint
 from utils.image_meta import apply_orientation, read_icc_profile
+from utils.metrics import psnr
 
 TINY = dict(nc=[8, 16, 32, 64], nb=1)
 
@@ -605,3 +607,21 @@ def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_releas
     assert "--model fbcnn_color_lite" in out  # the loaded line names what ran
     expected, _ = restore(load_model(path), jpeg_decode((tmp_path / "a.jpg").read_bytes(), 3))
     assert np.array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
+
+
+def test_the_shipped_lite_model_restores_a_photo_offline_without_model_flags(tmp_path, capsys,
+                                                                               monkeypatch):
+    """The bundled fbcnn_color_lite as shipped: `main_restore.py photo.jpg -o out` with no model
+    flags and no released weights restores a QF 23 JPEG of LIVE1's parrots more than 0.5 dB
+    above the JPEG's PSNR, without a download."""
+    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/never-asked")
+    clean = imread_uint(os.path.join(REPO_ROOT, "testsets", "LIVE1_color", "parrots.png"))
+    src = write_jpeg(tmp_path / "photo.jpg", clean, qf=23)
+    code, out, err = run([str(src), "-o", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "using the bundled fbcnn_color_lite" in out
+    jpeg_psnr = psnr(jpeg_decode(src.read_bytes(), 3), clean)
+    restored_psnr = psnr(read_rgb(tmp_path / "out" / "photo.png"), clean)
+    assert restored_psnr > jpeg_psnr + 0.5, (restored_psnr, jpeg_psnr)
