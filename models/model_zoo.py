@@ -72,6 +72,11 @@ MODEL_ZOO = {
         "fbcnn_color_lite.safetensors",
         "cd3ced3e11428ecee996f93f69ebb4f3b1dbb80237df9e7986a5312f7239d605", 3, bundled=True,
         arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
+    # trained on a 2-core CPU with options/train_fbcnn_gray_lite_cpu.json (single and double JPEG)
+    "fbcnn_gray_lite": ZooEntry(
+        "fbcnn_gray_lite.safetensors",
+        "e19cef4544f4b4a975654bbb4ea7868064a776d00424dea290f2d924b8ab0e64", 1, bundled=True,
+        arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
 }
 
 

@@ -64,6 +64,10 @@ NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released we
                  "`model_zoo/`, or restart with `python app.py --model PATH_OR_NAME`: a "
                  "`.pth`/`.safetensors` FBCNN state dict, or a model name "
                  "(`fbcnn_color` downloads the released weights, about 288 MB).")
+LITE_NOTE = ("A lite model trained on a 2-core CPU (README, \"Lite models\"): it removes fewer "
+             "artifacts than the released models, and its QF slider is only partly trained: a "
+             "lower QF smooths more and a higher one keeps more detail, but at QF 90 it leaves "
+             "the image slightly worse than the JPEG.")
 CSS = "#error { color: var(--error-text-color); }"
 OUTPUT_MAX_AGE_S = 3600  # restored PNGs older than this are deleted from the work folder
 
@@ -140,8 +144,10 @@ class ModelChoices:
             return f"**Model `{label}` cannot be loaded:** {exc}"
         params = sum(p.numel() for p in net.parameters())
         colour = "colour" if net.in_nc == 3 else "grayscale"
+        entry = MODEL_ZOO.get(self.specs[label])
+        note = f" {LITE_NOTE}" if entry is not None and entry.bundled else ""
         return (f"Model **{label}**: {colour}, nc {'-'.join(map(str, net.nc))}, nb {net.nb}, "
-                f"{params / 1e6:.2f} M parameters, on {self.device}.")
+                f"{params / 1e6:.2f} M parameters, on {self.device}.{note}")
 
 
 def prepare_samples(folder, testsets=TESTSETS):

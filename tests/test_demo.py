@@ -18,7 +18,7 @@ from data.jpeg import jpeg, jpeg_encode
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
-from runners.demo import (DEMO_MODEL_ORDER, Demo, ModelChoices, find_models, main,
+from runners.demo import (DEMO_MODEL_ORDER, LITE_NOTE, Demo, ModelChoices, find_models, main,
                           prepare_samples)
 from tests.conftest import REPO_ROOT
 from utils.errors import UserError
@@ -302,3 +302,10 @@ def test_tile_off_the_jpeg_grid_is_a_usage_error(tile, message, capsys):
     assert exit_.value.code == 2
     assert (f"argument --tile: {message} (tiles follow the 8x8 JPEG grid)"
             in capsys.readouterr().err)
+
+
+def test_the_bundled_lite_models_are_described_with_their_limits(tiny_path):
+    models = ModelChoices({"fbcnn_color_lite": "fbcnn_color_lite", "tiny": tiny_path})
+    lite = models.describe("fbcnn_color_lite")
+    assert "1.44 M parameters" in lite and LITE_NOTE in lite
+    assert LITE_NOTE not in models.describe("tiny")
