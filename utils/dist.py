@@ -6,7 +6,7 @@ node or many) makes a distributed run; without them the run is a single process.
 NCCL on CUDA and gloo on the CPU. Only rank 0 logs to files and saves checkpoints.
 """
 import os
-import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,8 +15,7 @@ __all__ = ["DistInfo", "init_distributed", "cleanup", "barrier", "all_reduce_mea
            "all_gather_floats"]
 
 
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
+class DistInfo(NamedTuple):
     """This process's rank, the number of processes and its device."""
     rank: int
     world_size: int

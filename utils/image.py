@@ -36,7 +36,7 @@ write (full disk) leaves no partial image and raises an error naming the file.
 import logging
 import os
 import struct
-import dataclasses
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -77,8 +77,7 @@ def max_pixels():
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageHeader:
+class ImageHeader(NamedTuple):
     """What a file's header says: the format and the stored size (before any EXIF rotation).
 
     `complete` is False when the file is a JPEG or PNG whose end marker is missing (a truncated

@@ -18,7 +18,7 @@ order. `segment_spans` is the one walk over JPEG markers: utils/image_meta.py re
 segments through it and utils/image.py the frame size it checks before decoding.
 """
 import struct
-import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,8 +64,7 @@ class JpegTruncatedError(JpegHeaderError):
     """The bytes end inside the JPEG header."""
 
 
-@dataclasses.dataclass(frozen=True)
-class JpegInfo:
+class JpegInfo(NamedTuple):
     """The parts of a JPEG header this project uses."""
     width: int
     height: int
@@ -87,8 +86,7 @@ class JpegInfo:
         return self.qtables.get(self.component_tables[1])
 
 
-@dataclasses.dataclass(frozen=True)
-class HeaderQF:
+class HeaderQF(NamedTuple):
     """The QF read from quantization tables: `exact` when they are IJG tables at that QF."""
     qf: int
     exact: bool

@@ -17,7 +17,7 @@ import copy
 import difflib
 import json
 import math
-import dataclasses
+from typing import NamedTuple
 
 from utils.errors import UserError
 
@@ -34,8 +34,7 @@ class _Required:
 REQUIRED = _Required()
 
 
-@dataclasses.dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     """One option: its type, default (or REQUIRED), allowed values and meaning.
 
     `kind` is one of str, int, float, bool, list_int, list_float. `minimum` applies to numbers and
@@ -54,8 +53,7 @@ class Key:
     registry: str = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     """A nested object of options; an optional section may be left out entirely."""
     keys: dict
     doc: str = ""
