@@ -30,8 +30,9 @@ from utils.errors import UserError
 from utils.fileio import atomic_write
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "available_models",
-           "default_model", "local_weight_file", "resolve_weights", "load_state_dict_file",
-           "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model", "DEFAULT_MODEL_DIR"]
+           "default_model", "model_folder", "local_weight_file", "resolve_weights",
+           "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model",
+           "DEFAULT_MODEL_DIR"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
 RELEASE_URL = "https://github.com/jiaxi-jiang/FBCNN/releases/download/v1.0/"
@@ -132,7 +133,9 @@ def download(url, dest, sha256, timeout=30.0, progress=True, advice=""):
     return atomic_write(dest, fetch)
 
 
-def _model_dir(model_dir=None):
+def model_folder(model_dir=None):
+    """The folder registered weights are looked for and downloaded to: `model_dir`, else
+    $FBCNN_MODEL_DIR, else the repository's model_zoo/."""
     return model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
 
 
@@ -140,7 +143,7 @@ def local_weight_file(name, model_dir=None):
     """Where the registered model `name`'s file is without a download: the model folder, or
     for a bundled model also the repository's model_zoo/; None when it is in neither."""
     entry = MODEL_ZOO[name]
-    folders = [_model_dir(model_dir)] + ([DEFAULT_MODEL_DIR] if entry.bundled else [])
+    folders = [model_folder(model_dir)] + ([DEFAULT_MODEL_DIR] if entry.bundled else [])
     for folder in folders:
         path = os.path.join(folder, entry.filename)
         if os.path.isfile(path):
@@ -158,13 +161,14 @@ def available_models(model_dir=None):
 def default_model(released, lite, model_dir=None):
     """`released` when its weights are at hand, else the bundled `lite` model (logged once
     per pair): what the tools use when no model is named, so that they work offline."""
-    if released in available_models(model_dir) or lite not in available_models(model_dir):
+    here = available_models(model_dir)
+    if released in here or lite not in here:
         return released
     if (released, lite) not in _fallbacks_told:
         _fallbacks_told.add((released, lite))
         LOG.info("%s is not in %s: using the bundled %s (a small model trained on a CPU; "
                  "README, 'Model zoo'); name %s to download the released weights (about "
-                 "288 MB)", MODEL_ZOO[released].filename, _model_dir(model_dir), lite, released)
+                 "288 MB)", MODEL_ZOO[released].filename, model_folder(model_dir), lite, released)
     return lite
 
 
@@ -180,7 +184,7 @@ def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=
     models are already in the model folder.
     """
     entry = MODEL_ZOO[name]
-    model_dir = _model_dir(model_dir)
+    model_dir = model_folder(model_dir)
     base_url = base_url or os.environ.get("FBCNN_MODEL_URL") or RELEASE_URL
     path = os.path.join(model_dir, entry.filename)
     url = base_url.rstrip("/") + "/" + entry.filename

@@ -39,8 +39,8 @@ import numpy as np
 from data.jpeg import jpeg_encode
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap, plan_tile,
                               resolve_device, restore)
-from models.model_zoo import (DEFAULT_MODEL_DIR, JPEG_MODEL, MODEL_ZOO, load_model,
-                              local_weight_file, model_label)
+from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
+                              model_folder, model_label)
 from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
 from runners.restore import read_image
 from utils import REPO_ROOT
@@ -89,7 +89,7 @@ def find_models(model_dir=None, requested=None):
     `requested` (the `--model` argument) comes first; then every name of DEMO_MODEL_ORDER whose
     file is in `model_dir`. A zoo name is kept as a name, so load_model checks its sha256.
     """
-    model_dir = model_dir or os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR
+    model_dir = model_folder(model_dir)
     found = {}
     if requested:
         if requested == JPEG_MODEL:

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from models.inference import restore
-from models.model_zoo import DEFAULT_MODEL_DIR, MODEL_ZOO, load_model
+from models.model_zoo import MODEL_ZOO, load_model, model_folder
 from tests.conftest import REFERENCE
 from utils.image import imread_uint
 
 REFERENCE_DIR = os.path.join(REFERENCE, "spandrel_fbcnn_color")
-WEIGHTS = os.path.join(os.environ.get("FBCNN_MODEL_DIR") or DEFAULT_MODEL_DIR,
-                       MODEL_ZOO["fbcnn_color"].filename)
+WEIGHTS = os.path.join(model_folder(), MODEL_ZOO["fbcnn_color"].filename)
 
 pytestmark = [pytest.mark.weights,
               pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"{WEIGHTS} not present")]
