@@ -54,20 +54,24 @@ def _charbonnier(x, y, eps=1e-9):
     return torch.mean(torch.sqrt(diff * diff + eps))
 
 
-# the original's G_lossfn_type values (l1, l2, l2sum, ssim) and Charbonnier
-IMAGE_LOSSES = ("l1", "l2", "l2sum", "ssim", "charbonnier")
+def _l2sum(x, y):
+    return F.mse_loss(x, y, reduction="sum")
+
+
+# `G_lossfn_type` -> a factory of the loss: the original's values (l1, l2, l2sum, ssim) and
+# Charbonnier
+IMAGE_LOSSES = {"l1": lambda: F.l1_loss, "l2": lambda: F.mse_loss, "l2sum": lambda: _l2sum,
+                "ssim": SSIMLoss, "charbonnier": lambda: _charbonnier}
 QF_LOSSES = ("l1", "l2", "l2sum")  # the original's QF_lossfn_type values
 
 
 def image_loss(kind):
     """The image loss a `G_lossfn_type` names: mean L1, mean L2, summed L2, 1 - SSIM (KAIR's
     SSIM loss, `models.loss_ssim`) or Charbonnier."""
-    losses = {"l1": F.l1_loss, "l2": F.mse_loss,
-              "l2sum": lambda x, y: F.mse_loss(x, y, reduction="sum"),
-              "ssim": SSIMLoss(), "charbonnier": _charbonnier}
-    if kind not in losses:
-        raise UserError(f"train.G_lossfn_type {kind!r} is unknown; known: {', '.join(losses)}")
-    return losses[kind]
+    if kind not in IMAGE_LOSSES:
+        raise UserError(f"train.G_lossfn_type {kind!r} is unknown; known: "
+                        f"{', '.join(IMAGE_LOSSES)}")
+    return IMAGE_LOSSES[kind]()
 
 
 def masked_qf_loss(qf_est, qf_label, kind="l1"):

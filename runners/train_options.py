@@ -119,7 +119,7 @@ SCHEMA = Section({
         "G_lossfn_type": Key("str", "l1", "image loss: mean absolute error, mean or summed "
                              "squared error, `1 - SSIM` (KAIR's SSIM loss: 11x11 Gaussian "
                              "window, per channel) or Charbonnier (not in the original)",
-                             choices=IMAGE_LOSSES),
+                             choices=tuple(IMAGE_LOSSES)),
         "G_lossfn_weight": Key("float", 1.0, "weight of the image loss", minimum=0),
         "QF_lossfn_type": Key("str", "l1", "QF loss: mean absolute, mean squared or summed "
                               "squared error over the samples whose label is not NaN",
