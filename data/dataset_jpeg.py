@@ -21,12 +21,11 @@ where `position` is the sample's place in the run's global stream of samples. A 
 pure function of the seed and the iteration: independent of loader workers, of the number of
 processes, and of where a run was interrupted and resumed.
 """
-import dataclasses
 import logging
 import math
 import os
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -324,8 +323,7 @@ def define_dataset(dataset_opt, phase, n_channels, seed=0, progress=False):
     """
     degradation = dataset_preset(dataset_opt["dataset_type"])
     if phase == "train" and dataset_opt["qf_uniform_prob"] is not None:
-        degradation = dataclasses.replace(degradation,
-                                          qf_uniform_prob=dataset_opt["qf_uniform_prob"])
+        degradation = replace(degradation, qf_uniform_prob=dataset_opt["qf_uniform_prob"])
     if phase == "test":
         return DatasetJPEG(dataset_opt["dataroot_H"], degradation, phase="test",
                            n_channels=n_channels, qf=dataset_opt["qf"])
