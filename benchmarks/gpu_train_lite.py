@@ -14,7 +14,7 @@ One command, for a GPU held for a few minutes, through the project's own code:
    the start-up and `--eval-reserve-s`; the cosine schedule ends there (CosineAnnealingLR runs
    to `train.total_iter`), and BatchNorm is folded at 90% of it (the recipes' 18,000 of 20,000);
 3. train: `runners.training.train` with those options; past the budget less the evaluation's
-   reserve the run is stopped as Ctrl+C would, and its newest checkpoint is taken;
+   reserve the run ends there (`train`'s `should_end`), saving the iteration reached;
 4. write the network as fp16 safetensors with its architecture (`fbcnn_kwargs`) and training
    record in the metadata (`utils.checkpoint.save_network`; BatchNorm folded if a stop came
    before the fold);
@@ -51,26 +51,23 @@ runs every step on the CPU with a tiny network, the Classic5 images as training 
 `--data` exists), a 2-second probe and two 64x64 crops of LIVE1 as the test set: it checks the
 script, it trains nothing useful.
 """
-import _thread
 import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from benchmarks.benchlib import device_name, print_table, write_json
-from models.model_zoo import infer_fbcnn_kwargs, load_model, load_state_dict_file, read_fbcnn_kwargs
-from models.select_network import merge_bn
+from models.model_zoo import (infer_fbcnn_kwargs, load_model, load_state_dict_file,
+                              read_fbcnn_kwargs, sha256_file)
+from models.select_network import merge_bn, net_act_mode
 from runners.cli import run_cli
 from runners.evaluation import COLOR, GRAY, Preset, build_parser, resolve_testset, run
 from runners.train_options import load_options
@@ -112,51 +109,6 @@ SMOKE_OPTIONS = ["netG.nc=[4,8,8,16]", "netG.nb=1", "datasets.train.H_size=32",
                  "train.channels_last=false", "train.cudnn_benchmark=false"]
 
 
-class _Stopper:
-    """Stops the code run inside `with`, as Ctrl+C would (KeyboardInterrupt in the main thread),
-    once `should_stop()` turns true; polled every `poll_s`. The training loop takes Ctrl+C as a
-    normal stop (a save in progress ends first). After the block, `.fired` says whether it
-    stopped the block; an interrupt of its own is not passed on, a real Ctrl+C is."""
-
-    def __init__(self, should_stop, poll_s=0.2):
-        self.should_stop, self.poll_s = should_stop, poll_s
-        self.fired = False
-        self._armed = True
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self):
-        while True:
-            time.sleep(self.poll_s)
-            with self._lock:
-                if not self._armed:
-                    return
-                if self.should_stop():
-                    self.fired, self._armed = True, False
-                    _thread.interrupt_main()
-                    return
-
-    def __enter__(self):
-        # Python's own handler raises KeyboardInterrupt; a test runner may have replaced it
-        self._previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        with self._lock:
-            self._armed = False
-        try:
-            if self.fired and exc_type is None:  # sent as the block ended by itself
-                try:
-                    for _ in range(100):
-                        time.sleep(0.01)  # the pending interrupt arrives here
-                except KeyboardInterrupt:
-                    pass
-        finally:
-            signal.signal(signal.SIGINT, self._previous)
-        return self.fired and exc_type is KeyboardInterrupt
-
-
 def _read_records(path, kind="train"):
     records = []
     try:
@@ -193,14 +145,6 @@ def plan_iterations(rate, seconds_left, max_iter=None, merge=True):
                         f"{rate:.2f} it/s, fewer than 2 iterations; give a larger budget")
     fold = min(total - 1, max(1, round(FOLD_AT * total))) if merge else None
     return total, fold
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _resolve_folder(path):
@@ -262,11 +206,10 @@ def _probe(args, recipe, root, data, extra):
         enough = len(records) >= 3 and records[-1]["time"] - records[0]["time"] >= args.measure_s
         return enough or time.monotonic() > hard_stop
 
-    with _Stopper(measured) as stopper:
-        train(opt)
-    gc.collect()  # the stopped run's loader workers and network go before the real run starts
+    train(opt, should_end=measured)
+    gc.collect()  # the probe's loader workers and network go before the real run starts
     records = _read_records(metrics)
-    if not stopper.fired or len(records) < 2:
+    if len(records) < 2:
         raise UserError(f"the probe logged {len(records)} interval(s) of "
                         f"{opt['train']['checkpoint_print']} iterations in "
                         f"{time.time() - started:.0f} s; at least 2 are needed to measure it/s")
@@ -279,33 +222,27 @@ def _probe(args, recipe, root, data, extra):
 
 
 def _train(args, recipe, root, data, extra, total, fold, deadline):
-    """The planned run; (options, start and end iteration, stopped before the end?)."""
+    """The planned run: (options, the network file of the iteration reached, that iteration,
+    whether the deadline ended it before train.total_iter)."""
     overrides = [f"task={recipe.name}", f"train.total_iter={total}",
                  f"train.checkpoint_print={max(1, min(100, total // 20))}",
                  f"train.checkpoint_save={max(1, total // 5)}", "train.checkpoint_keep=1"]
     if fold is not None:
         overrides.append(f"merge_bn_startpoint={fold}")
     opt = _load(args, recipe, root, data, extra, overrides)
-    span = None
-    with _Stopper(lambda: time.monotonic() > deadline) as stopper:
-        span = train(opt)
+    span = train(opt, should_end=lambda: time.monotonic() > deadline)
+    if span["end"] == 0:
+        raise UserError("the deadline came before the first iteration; give a larger --budget-s")
     models = RunDirs.from_options(opt).models
-    latest = ckpt.latest_checkpoint(models)
-    if latest is None:
-        raise UserError(f"training was stopped at the deadline before its first checkpoint "
-                        f"(every {opt['train']['checkpoint_save']} iterations); give a larger "
-                        f"--budget-s")
-    end = latest if stopper.fired else span["end"]
-    return opt, ckpt.network_file(models, latest), end, stopper.fired
+    return opt, ckpt.network_file(models, span["end"]), span["end"], span["end"] < total
 
 
 def _write_weights(source, dest, metadata):
     """The checkpoint's network, BatchNorm folded, as fp16 safetensors with its architecture."""
-    kwargs = read_fbcnn_kwargs(source)
     net = load_model(source).net
-    if "B" in kwargs["act_mode"]:  # stopped before the fold: fold now (same outputs in eval)
+    if "B" in net_act_mode(net):  # ended before the fold: fold now (same outputs in eval)
         net = merge_bn(net)
-        kwargs["act_mode"] = kwargs["act_mode"].replace("B", "")
+    kwargs = {**read_fbcnn_kwargs(source), "act_mode": net_act_mode(net)}
     state = net.state_dict()
     largest = max(float(v.abs().max()) for v in state.values() if v.is_floating_point())
     if not largest < torch.finfo(torch.float16).max:
@@ -315,26 +252,23 @@ def _write_weights(source, dest, metadata):
     if size > MAX_OUT_FILE_BYTES:
         raise UserError(f"{dest}: {size / 2 ** 20:.1f} MiB, over the {MAX_OUT_FILE_BYTES >> 20} "
                         f"MiB a file may have to come back from the GPU machine")
-    return {"file": os.path.basename(dest), "bytes": size, "sha256": _sha256(dest),
+    return {"file": os.path.basename(dest), "bytes": size, "sha256": sha256_file(dest),
             "fbcnn_kwargs": kwargs, "parameters": sum(v.numel() for v in state.values())}
 
 
 def _evaluate(recipe, weights, testset, device, workdir, eval_log):
     """The runner's summaries of the network and of the JPEG input at EVAL_QFS."""
-    summaries = {}
-    with open(eval_log, "w", encoding="utf-8") as log:
-        for label, model in (("network", weights), ("jpeg", "jpeg")):
-            results = os.path.join(workdir, f"eval_{label}")
-            argv = ["--model", model, "--testset", testset, "--qf", *map(str, EVAL_QFS),
-                    "--device", device, "--results", results, "--no-save-images"]
-            # the per-image lines go to the runner's log file, copied below
-            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                summaries[label] = run(recipe.preset,
-                                       build_parser(recipe.preset).parse_args(argv))
-            for name in sorted(os.listdir(results)):
-                if name.endswith(".log"):
-                    with open(os.path.join(results, name), encoding="utf-8") as f:
-                        log.write(f"===== {label}: {name}\n{f.read()}")
+    summaries, logs = {}, []
+    for label, model in (("network", weights), ("jpeg", "jpeg")):
+        results = os.path.join(workdir, f"eval_{label}")
+        argv = ["--model", model, "--testset", testset, "--qf", *map(str, EVAL_QFS),
+                "--device", device, "--results", results, "--no-save-images"]
+        # the per-image lines go to the runner's log file, copied below
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            summaries[label] = run(recipe.preset, build_parser(recipe.preset).parse_args(argv))
+        logs += [(label, os.path.join(results, name)) for name in sorted(os.listdir(results))
+                 if name.endswith(".log")]
+    _copy_logs(logs, eval_log)
     rows = []
     for net, jpeg in zip(summaries["network"], summaries["jpeg"]):
         rows.append({"qf": net["qf"], "psnr": net["psnr"], "ssim": net["ssim"],
@@ -437,7 +371,7 @@ def _main(args):
                   "init": None, "budget_s": args.budget_s,
                   "measure_s": args.measure_s, "eval_reserve_s": args.eval_reserve_s}
         if args.init:
-            result["init"] = {"file": args.init, "sha256": _sha256(args.init),
+            result["init"] = {"file": args.init, "sha256": sha256_file(args.init),
                               "fbcnn_kwargs": init_kwargs}
         t0 = time.monotonic()
         rate, startup, result["probe"], merge = _probe(args, recipe, root, data, extra)
@@ -462,7 +396,7 @@ def _main(args):
                               "stopped_at_deadline": stopped}
         result["options"] = opt
         print(f"trained {end} iterations in {train_s:.1f} s"
-              + (" (stopped at the deadline: the newest checkpoint is used)" if stopped else ""),
+              + (" (ended at the deadline)" if stopped else ""),
               flush=True)
 
         t0 = time.monotonic()
@@ -480,7 +414,7 @@ def _main(args):
         eval_s = time.monotonic() - t0
         run_dir = RunDirs.from_options(opt)
         probe_dir = os.path.join(root, f"{recipe.name}_probe")
-        _copy_logs([("probe (stopped on purpose once its it/s was measured)",
+        _copy_logs([("probe (ended on purpose once its it/s was measured)",
                      os.path.join(probe_dir, "train.log")), ("run", run_dir.log)],
                    os.path.join(args.out, f"{recipe.name}_train.log"))
         shutil.copyfile(run_dir.metrics, os.path.join(args.out, f"{recipe.name}_metrics.jsonl"))

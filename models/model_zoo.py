@@ -30,7 +30,7 @@ from utils.errors import UserError
 from utils.fileio import atomic_write
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "available_models",
-           "default_model", "model_folder", "local_weight_file", "resolve_weights",
+           "default_model", "model_folder", "local_weight_file", "resolve_weights", "sha256_file",
            "load_state_dict_file", "read_fbcnn_kwargs", "infer_fbcnn_kwargs", "load_model",
            "DEFAULT_MODEL_DIR"]
 
@@ -81,7 +81,8 @@ MODEL_ZOO = {
 }
 
 
-def _sha256_file(path, chunk=1 << 20):
+def sha256_file(path, chunk=1 << 20):
+    """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -190,7 +191,7 @@ def resolve_weights(name, model_dir=None, base_url=None, progress=True, timeout=
     url = base_url.rstrip("/") + "/" + entry.filename
     local = local_weight_file(name, model_dir)
     if local is not None:
-        actual = _sha256_file(local)
+        actual = sha256_file(local)
         if actual != entry.sha256:
             fix = (f"restore the repository's copy (git checkout -- model_zoo/{entry.filename})"
                    if entry.bundled else f"delete it to download again from {url}")

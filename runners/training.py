@@ -315,8 +315,9 @@ def _format_eta(seconds):
 
 
 class _Trainer:
-    def __init__(self, opt, info, dirs):
+    def __init__(self, opt, info, dirs, should_end=None):
         self.opt, self.info, self.dirs = opt, info, dirs
+        self.should_end = should_end
         self.t = opt["train"]
         self.metrics = None
         self.jpeg_cache = {}
@@ -574,7 +575,7 @@ class _Trainer:
         bar = progress_bar(step, total, enabled=self.info.is_main)
         timer = {"time": time.time(), "step": step}
         self.saved = self.start  # the newest checkpoint on disk (0: none)
-        self.stopping = False
+        self.stopping = self.ending = False
         try:
             with self.stop:
                 with _signals_held():  # the workers start holding them, then ignore them
@@ -608,6 +609,8 @@ class _Trainer:
                     _stop_workers(batches)
             if self.stopping:
                 raise KeyboardInterrupt
+            if self.ending and self.saved != step:
+                self.save(step)
         except KeyboardInterrupt:  # Ctrl+C or SIGTERM, after the iteration or (twice) at once
             logger.warning("interrupted at iteration %d; the next start resumes from %s", step,
                            f"iteration {self.saved}" if self.saved else
@@ -616,27 +619,33 @@ class _Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        logger.info("stopped at iteration %d (train.total_iter)", step)
+        logger.info("stopped at iteration %d (%s)", step,
+                    "asked to end early" if self.ending else "train.total_iter")
         return step
 
     def _stop_agreed(self):
-        """Whether to stop before the next iteration: on any process's request, so that all
-        stop together (one that went on alone would wait for the others forever)."""
-        requested = self.stop.requested.is_set()
+        """Whether to stop before the next iteration: on a Ctrl+C or SIGTERM (`stopping`) or on
+        `should_end` (`ending`: the run ends as at train.total_iter, saved), on any process, so
+        that all stop together (one that went on alone would wait for the others forever)."""
+        flags = [float(self.stop.requested.is_set()),
+                 float(self.should_end is not None and bool(self.should_end()))]
         if self.info.distributed:
-            requested = all_reduce_mean([float(requested)], self.info.device)[0] > 0
-        self.stopping = requested
-        return requested
+            flags = all_reduce_mean(flags, self.info.device)
+        self.stopping, self.ending = flags[0] > 0, flags[1] > 0
+        return self.stopping or self.ending
 
     def close(self):
         if self.metrics is not None:
             self.metrics.close()
 
 
-def train(opt):
+def train(opt, should_end=None):
     """Train as the validated options `opt` say; returns {"start": iteration, "end": iteration}.
 
     Launched by torchrun, each process calls this; without it, one process trains.
+    `should_end`, a callable asked before each iteration, ends the run early when it returns
+    true (on any process): the iteration reached is saved and returned, as at total_iter (a
+    time budget, benchmarks/gpu_train_lite.py).
     """
     info = init_distributed(opt["gpu_ids"])
     dirs = RunDirs.from_options(opt)
@@ -648,7 +657,7 @@ def train(opt):
                                      logging.INFO if info.is_main else logging.WARNING,
                                      console_format=LOG_FORMAT)
         stack.callback(undo_logging)
-        trainer = _Trainer(opt, info, dirs)
+        trainer = _Trainer(opt, info, dirs, should_end)
         stack.callback(trainer.close)
         try:
             trainer.setup()

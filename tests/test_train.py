@@ -147,6 +147,26 @@ def test_resume_continues_with_identical_losses(option_file, reference_run, tmp_
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+def test_should_end_ends_the_run_early_saved_like_total_iter(option_file, reference_run,
+                                                           tmp_path):
+    """`train(opt, should_end)`: asked before each iteration, true after 3 iterations; the run
+    ends at 3 (not a checkpoint iteration: checkpoint_save is 2), saves it and returns, and a
+    later start resumes from 3 with the uninterrupted run's losses."""
+    asked = []
+
+    def should_end():
+        asked.append(1)
+        return len(asked) > 3
+
+    opt = load_options(option_file, [f"path.root={tmp_path}"])
+    assert train(opt, should_end=should_end) == {"start": 0, "end": 3}
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert ckpt.complete_checkpoints(os.path.join(run_dir, "models")) == [2, 3]
+    assert "stopped at iteration 3 (asked to end early)" in _log(run_dir)
+    assert _run(option_file, tmp_path) == {"start": 3, "end": 6}
+    assert _losses(run_dir) == _losses(reference_run)
+
+
 def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option_file,
                                                                          reference_run):
     path = os.path.join(reference_run, "models", "6_G.safetensors")
