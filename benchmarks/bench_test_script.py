@@ -36,7 +36,7 @@ import torch
 from benchmarks.benchlib import add_model_args, build_model, device_name, print_table, write_json
 from models.inference import PRECISIONS
 from runners.cli import run_cli
-from runners.evaluation import COLOR, DEFAULT_WORKERS, build_parser, run
+from runners.evaluation import COLOR, DEFAULT_WORKERS, build_parser, resolve_testset, run
 from runners.pipeline import StageClock
 from utils import REPO_ROOT
 from utils.errors import UserError
@@ -141,8 +141,8 @@ def main(argv=None):
     p.add_argument("--tile", default=None, help="runner --tile")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed runs of the first QF before the timed ones (default: 1 on "
-                        "CUDA, 0 on CPU)")
+                   help="untimed runs of the first QF before each precision's timed ones "
+                        "(default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--no-process", action="store_true",
                    help="skip the runs of the script in a new process")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -152,20 +152,18 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else int(args.device == "cuda")
 
-    folder = (args.testset if os.path.isdir(args.testset) else
-              os.path.join(REPO_ROOT, "testsets", args.testset))
-    testset = os.path.abspath(folder) if os.path.isdir(folder) else args.testset
-    pixels = sum(read_image_header(path).pixels for path in list_images(folder))  # no decoding
+    testset = resolve_testset(args.testset, None)
+    pixels = sum(read_image_header(path).pixels for path in list_images(testset))  # no decoding
     rows, process_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:
         model_arg = _model_argument(args, workdir)
-        for i in range(warmup):
-            flags = _runner_flags(args, model_arg, testset, args.precision[0])
-            seconds, _, _ = _run_runner(flags, args.qf[0], args.workers[0],
-                                        os.path.join(workdir, f"warmup{i}"))
-            print(f"warm-up {i + 1}: {seconds:.1f} s", file=sys.stderr, flush=True)
         for precision in args.precision:
             flags = _runner_flags(args, model_arg, testset, precision)
+            for i in range(warmup):  # each precision's kernels chosen before its timed runs
+                seconds, _, _ = _run_runner(flags, args.qf[0], args.workers[0],
+                                            os.path.join(workdir, f"warmup_{precision}_{i}"))
+                print(f"warm-up {i + 1} ({precision}): {seconds:.1f} s", file=sys.stderr,
+                      flush=True)
             for qf, workers in itertools.product(args.qf, args.workers):
                 wall, clock, summary = _run_runner(flags, qf, workers, os.path.join(
                     workdir, f"results_{precision}_qf{qf}_w{workers}"))
@@ -185,7 +183,7 @@ def main(argv=None):
     model_name = os.path.splitext(os.path.basename(model_arg))[0]
     print(f"\nDevice: {device_name(args.device)}. Model: {model_name}. Test set: {args.testset}, "
           f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. {warmup} untimed "
-          f"warm-up run(s) first. Stage seconds are summed over threads.\n")
+          f"warm-up run(s) before each precision. Stage seconds are summed over threads.\n")
     print_table(rows, COLUMNS)
     if process_rows:
         print("\nThe script in a new process (python main_test_fbcnn_color.py, every QF), from "

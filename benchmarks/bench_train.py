@@ -25,9 +25,8 @@ from benchmarks.benchlib import (PeakMemory, add_training_option_args, device_na
 from models.inference import PRECISIONS
 from models.model_fbcnn import ModelFBCNN
 from runners.cli import run_cli
-from runners.train_options import load_options
+from runners.train_options import AMP_PRECISION, load_options  # --amp reads as train.amp
 
-_AMP_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}  # --amp, as train.amp reads
 COLUMNS = [("precision", "precision", "{}"), ("channels_last", "channels_last", "{}"),
            ("compile", "compile", "{}"),
            ("batch", "batch", "{}"), ("patch", "patch", "{}"), ("seconds", "s", "{:.2f}"),
@@ -42,7 +41,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=None,
                    help="train.precision values to compare (default fp32 bf16)")
-    p.add_argument("--amp", nargs="+", choices=tuple(_AMP_PRECISION), default=None,
+    p.add_argument("--amp", nargs="+", choices=tuple(AMP_PRECISION), default=None,
                    help="the former name of --precision: off is fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
@@ -54,7 +53,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.amp and args.precision:
         p.error("give --precision or its former name --amp, not both")
-    precisions = ([_AMP_PRECISION[a] for a in args.amp] if args.amp else
+    precisions = ([AMP_PRECISION[a] for a in args.amp] if args.amp else
                   args.precision or ["fp32", "bf16"])
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +92,7 @@ def main(argv=None):
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         flops = 3 * fbcnn_conv_flops(model.bare, patch, patch) * batch * args.steps
-        rows.append({"precision": precision, "channels_last": args.channels_last,
+        rows.append({"precision": model.precision, "channels_last": args.channels_last,
                      "compile": compile,
                      "batch": batch,
                      "patch": patch, "seconds": seconds,

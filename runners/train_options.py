@@ -21,11 +21,11 @@ from models.select_network import NETWORKS
 from utils.errors import UserError
 from utils.options import Key, Section, origin_namer, read_option_file, reference_markdown, resolve
 
-__all__ = ["SCHEMA", "validate", "load_options", "options_reference_markdown"]
+__all__ = ["SCHEMA", "AMP_PRECISION", "validate", "load_options", "options_reference_markdown"]
 
 _MILESTONES = [200000, 400000, 1200000, 1600000, 1800000]
 # the former `train.amp` values and the `train.precision` each stands for
-_AMP_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
+AMP_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 _INIT_TYPES = ("orthogonal", "normal", "uniform", "xavier_normal", "xavier_uniform",
                "kaiming_normal", "kaiming_uniform", "default", "none")
 
@@ -172,7 +172,7 @@ SCHEMA = Section({
                          "with a gradient scaler)", choices=tuple(PRECISIONS)),
         "amp": Key("str", None, "deprecated, the former name of `train.precision`: `off` reads "
                    "as `fp32`, `bf16` and `fp16` as themselves", nullable=True,
-                   choices=tuple(_AMP_PRECISION)),
+                   choices=tuple(AMP_PRECISION)),
         "channels_last": Key("bool", False, "NHWC memory format for the network and batches"),
         "cudnn_benchmark": Key("bool", False, "let cuDNN pick the fastest convolution kernels"),
         "compile": Key("bool", False, "`torch.compile` the training forward and backward "
@@ -256,7 +256,7 @@ def _precision_from_amp(raw, opt, origin, overridden):
     if amp is None:
         return
     given = raw.get("train") or {}
-    wanted = _AMP_PRECISION[amp]
+    wanted = AMP_PRECISION[amp]
     if "precision" not in given or train["precision"] == wanted:
         train["precision"] = wanted
         return

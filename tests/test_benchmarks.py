@@ -113,7 +113,7 @@ def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_thread
              if line.startswith("| ") and "patches/s" not in line]
     assert [[cell.strip() for cell in row] for row in table] == [["fp32", "False", "off"],
                                                                  ["bf16", "False", "off"]]
-    # --amp, the former name, as train.amp reads: off is fp32
+    # --amp, the former name, as train.amp reads: off is fp32 (the row reports the model's)
     assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
                              "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
                              "--set", "datasets.train.dataloader_batch_size=2", "--amp", "off",
@@ -164,7 +164,7 @@ def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep
         assert r["psnr"] == [rows[0]["psnr"], rows[2]["psnr"]] and r["max_psnr_diff"] == 0
         assert r["runner_s"] == pytest.approx(sum(x["wall_s"] for x in rows
                                                   if x["workers"] == r["workers"]))
-        assert r["process_s"] == pytest.approx(r["runner_s"] + r["outside_runner_s"])
+        assert r["process_s"] > 0  # (outside_runner_s is process_s - runner_s by definition)
     assert "| fp32      | 10,30 | 0       |" in capsys.readouterr().out
 
 
