@@ -10,6 +10,38 @@ REFERENCE = os.path.join(REPO_ROOT, "tests", "reference")
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 
 
+class TouchOnUnpickle:
+    """A pickled object whose unpickling runs `touch PATH`: what the weight loaders must never
+    let run (the file at PATH tells)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def closed_port():
+    """A local port nothing listens on: a download from it fails at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def offline_zoo(tmp_path, monkeypatch):
+    """A machine without the released weights and without network: FBCNN_MODEL_DIR is an empty
+    folder (returned), FBCNN_MODEL_URL a closed local port, and the bundled-model notice is
+    told afresh."""
+    from models import model_zoo
+    folder = tmp_path / "no_downloads"
+    monkeypatch.setenv("FBCNN_MODEL_DIR", str(folder))
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{closed_port()}/")
+    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
+    return folder
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

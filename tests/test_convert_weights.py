@@ -8,6 +8,7 @@ from safetensors import safe_open
 from models.model_zoo import infer_fbcnn_kwargs, load_model, read_fbcnn_kwargs
 from models.network_fbcnn import FBCNN
 from runners import convert_weights
+from tests.conftest import TouchOnUnpickle
 from utils.checkpoint import save_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,19 +109,9 @@ def test_bad_inputs_are_one_error_line_and_write_nothing(tmp_path, capsys, names
     assert sorted(os.listdir(tmp_path)) == before
 
 
-class _Sentinel:
-    """Unpickling this runs `touch PATH`."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 def test_pickled_code_in_a_pth_is_never_run(tmp_path):
     sentinel = tmp_path / "pwned"
     state = _original_pth(tmp_path / "w.pth")
-    torch.save({**state, "m_head.weight": _Sentinel(sentinel)}, tmp_path / "evil.pth")
+    torch.save({**state, "m_head.weight": TouchOnUnpickle(sentinel)}, tmp_path / "evil.pth")
     assert convert_weights.main([str(tmp_path / "evil.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert not sentinel.exists() and not (tmp_path / "x.safetensors").exists()

@@ -34,10 +34,9 @@ def _place_weights(folder, monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_ZOO))
-def test_every_zoo_name_loads_through_torch_hub(tmp_path, monkeypatch, repo_root, name):
-    expected = _place_weights(tmp_path, monkeypatch, name)
-    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path))
-    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/none")  # a download would fail
+def test_every_zoo_name_loads_through_torch_hub(monkeypatch, repo_root, offline_zoo, name):
+    offline_zoo.mkdir()
+    expected = _place_weights(offline_zoo, monkeypatch, name)
     net = torch.hub.load(repo_root, name, source="local", pretrained=True)
     assert isinstance(net, FBCNN) and not net.training
     x = torch.rand(1, MODEL_ZOO[name].in_nc, 20, 28, generator=torch.Generator().manual_seed(0))
@@ -63,13 +62,10 @@ def test_untrained_architecture(repo_root):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in MODEL_ZOO.items() if e.bundled))
-def test_the_bundled_models_load_through_torch_hub_as_shipped(repo_root, monkeypatch, tmp_path,
-                                                              name):
+def test_the_bundled_models_load_through_torch_hub_as_shipped(repo_root, offline_zoo, name):
     """No weights placed, no download possible: pretrained=True gives the shipped file's
     weights (fp16 in the file, fp32 in the network), and pretrained=False builds the same
     architecture (the zoo entry's arch agrees with the file's metadata), untrained."""
-    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path))
-    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/none")
     shipped = load_state_dict_file(os.path.join(repo_root, "model_zoo", MODEL_ZOO[name].filename))
     net = torch.hub.load(repo_root, name, source="local", pretrained=True)
     untrained = torch.hub.load(repo_root, name, source="local", pretrained=False)

@@ -4,7 +4,6 @@ import http.server
 import json
 import os
 import pickle
-import socket
 import threading
 
 import pytest
@@ -15,6 +14,7 @@ from models import model_zoo
 from models.model_zoo import (MODEL_ZOO, ZooEntry, build_from_state_dict, download,
                               infer_fbcnn_kwargs, load_model, load_state_dict_file, resolve_weights)
 from models.network_fbcnn import FBCNN
+from tests.conftest import TouchOnUnpickle, closed_port
 from tests.test_image import _FullDisk
 from utils import checkpoint as ckpt
 from utils import fileio
@@ -60,12 +60,6 @@ def server():
     httpd.server_close()
 
 
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_download_good_file(server, tmp_path):
     _, url = server
     dest = tmp_path / "zoo" / "good.bin"
@@ -93,7 +87,7 @@ def test_download_truncated_transfer_keeps_nothing(server, tmp_path):
 
 
 def test_download_server_down(tmp_path):
-    url = f"http://127.0.0.1:{_closed_port()}/fbcnn_color.pth"
+    url = f"http://127.0.0.1:{closed_port()}/fbcnn_color.pth"
     dest = tmp_path / "fbcnn_color.pth"
     with pytest.raises(UserError) as err:
         download(url, str(dest), PAYLOAD_SHA, progress=False, timeout=5)
@@ -159,7 +153,7 @@ def test_existing_file_with_wrong_hash_is_an_error(tiny_zoo):
 
 def test_offline_error_names_the_environment_variables_and_the_models_at_hand(tmp_path,
                                                                               monkeypatch):
-    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{_closed_port()}/mirror")
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{closed_port()}/mirror")
     monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path))
     with pytest.raises(UserError) as err:
         load_model("fbcnn_color", progress=False)
@@ -253,21 +247,11 @@ def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     assert not os.path.exists("pwned")
 
 
-class _Sentinel:
-    """Unpickling this runs `touch PATH`."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 def test_torch_zip_file_with_a_malicious_pickle_is_refused_without_running_it(tmp_path):
     sentinel = tmp_path / "pwned"
     weights = FBCNN(nc=[8, 16, 32, 64], nb=1).state_dict()
     evil = tmp_path / "evil.pth"
-    torch.save({**weights, "m_head.weight": _Sentinel(sentinel)}, evil)  # zip format, data.pkl
+    torch.save({**weights, "m_head.weight": TouchOnUnpickle(sentinel)}, evil)  # zip, data.pkl
     with open(evil, "rb") as f:
         assert f.read(2) == b"PK"
     with pytest.raises(UserError) as err:
@@ -291,7 +275,7 @@ def test_tampered_training_state_is_refused_without_running_it(tmp_path):
     models = str(tmp_path / "models")
     ckpt.save_checkpoint(models, 2, {"w": torch.zeros(3)}, {"iteration": 2})
     state = os.path.join(models, "2_state.pth")
-    torch.save({"iteration": 2, "rng": _Sentinel(sentinel)}, state)
+    torch.save({"iteration": 2, "rng": TouchOnUnpickle(sentinel)}, state)
     manifest = os.path.join(models, "2_done.json")
     with open(manifest) as f:
         data = json.load(f)
@@ -363,7 +347,7 @@ def bundled_lite(tmp_path, monkeypatch):
     monkeypatch.setitem(MODEL_ZOO, "tiny_lite", ZooEntry("tiny_lite.safetensors", sha, 3,
                                                          bundled=True))
     monkeypatch.setenv("FBCNN_MODEL_DIR", str(elsewhere))
-    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{_closed_port()}/never")
+    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{closed_port()}/never")
     monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
     return repo_zoo, net
 

@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -501,13 +500,8 @@ def test_the_jpeg_model_is_not_reported_as_a_network(tmp_path, photo, capsys):
 
 
 def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, capsys,
-                                                               monkeypatch):
+                                                               offline_zoo):
     """`--qf-estimate` naming the released model, without its weights and offline."""
-    with socket.socket() as s:  # a port nothing listens on: the download fails at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("FBCNN_MODEL_URL", f"http://127.0.0.1:{port}/")
-    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "no_models"))
     write_jpeg(tmp_path / "photo.jpg", photo, 37)
     write_jpeg(tmp_path / "other.jpg", photo[::-1], 37)
     files = [str(tmp_path / "photo.jpg"), str(tmp_path / "other.jpg")]
@@ -519,7 +513,7 @@ def test_qf_estimate_offline_still_reports_header_and_dominant(tmp_path, photo, 
     assert run(["--qf-estimate", "--no-network", *files], capsys)[1] == out  # dominant too
     (warning,) = err.splitlines()
     assert warning.startswith("warning: no network QF for colour files: --model fbcnn_color: "
-                              f"cannot download http://127.0.0.1:{port}/fbcnn_color.pth")
+                              f"cannot download {os.environ['FBCNN_MODEL_URL']}fbcnn_color.pth")
     assert "FBCNN_MODEL_DIR" in warning and warning.endswith(
         "--no-network leaves the network out without trying")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff")
@@ -582,7 +576,7 @@ def test_automatic_tiling_is_shown_as_in_the_test_scripts(tmp_path, photo, tiny_
 
 
 def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_released_weights(
-        tmp_path, photo, capsys, monkeypatch):
+        tmp_path, photo, capsys, monkeypatch, offline_zoo):
     """No --model, no released weights in the model folder: the bundled colour lite model
     restores the image, and the run says so once; nothing is downloaded."""
     repo_zoo = tmp_path / "repo_zoo"
@@ -592,11 +586,8 @@ def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_releas
                         model_zoo.infer_fbcnn_kwargs(net.state_dict()))
     sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
     monkeypatch.setattr(model_zoo, "DEFAULT_MODEL_DIR", str(repo_zoo))
-    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
     monkeypatch.setitem(MODEL_ZOO, "fbcnn_color_lite", ZooEntry("lite.safetensors", sha, 3,
                                                                 bundled=True))
-    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "empty"))
-    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/never-asked")
     src = write_jpeg(tmp_path / "a.jpg", photo, qf=30)
     for name in ("b.jpg", "c.jpg"):
         (tmp_path / name).write_bytes(src.read_bytes())
@@ -610,13 +601,10 @@ def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_releas
 
 
 def test_the_shipped_lite_model_restores_a_photo_offline_without_model_flags(tmp_path, capsys,
-                                                                               monkeypatch):
+                                                                               offline_zoo):
     """The bundled fbcnn_color_lite as shipped: `main_restore.py photo.jpg -o out` with no model
     flags and no released weights restores a QF 23 JPEG of LIVE1's parrots more than 0.5 dB
     above the JPEG's PSNR, without a download."""
-    monkeypatch.setattr(model_zoo, "_fallbacks_told", set())
-    monkeypatch.setenv("FBCNN_MODEL_DIR", str(tmp_path / "empty"))
-    monkeypatch.setenv("FBCNN_MODEL_URL", "http://127.0.0.1:9/never-asked")
     clean = imread_uint(os.path.join(REPO_ROOT, "testsets", "LIVE1_color", "parrots.png"))
     src = write_jpeg(tmp_path / "photo.jpg", clean, qf=23)
     code, out, err = run([str(src), "-o", str(tmp_path / "out"), "--device", "cpu"], capsys)
