@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import resolve_device, restore
-from models.model_zoo import load_model
+from models.model_zoo import MODEL_ZOO, load_model
 from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
                          speed_options)
 from runners.pipeline import Pipeline, StageClock
@@ -75,7 +75,7 @@ def build_parser(preset, prog=None):
     p.add_argument("--testsets-root", default=None,
                    help="folder holding the named test sets (default: the repository's testsets/)")
     p.add_argument("--model", default=preset.model,
-                   help="fbcnn_color, fbcnn_gray, fbcnn_gray_double, jpeg (the unrestored input), "
+                   help=f"a zoo name ({', '.join(MODEL_ZOO)}), jpeg (the unrestored input), "
                         "or a .pth/.safetensors path (default %(default)s)")
     if preset.mode == "single":
         p.add_argument("--qf", type=quality_factor, nargs="+", default=list(preset.qf),
