@@ -488,10 +488,11 @@ def test_sigterm_stops_training_like_ctrl_c(option_file, tmp_path):
 
 # Runs main_train_fbcnn.py with one moment of the run (a training step, a save, a validation)
 # announced on stderr and made long, so that the test can signal the run inside it. The step
-# spends its time in one C call that releases the GIL and never returns to Python meanwhile, as
-# a long network step does (Python's own signal handler waits for it).
+# spends about 10 s in one C call that releases the GIL and never returns to Python meanwhile,
+# as a long network step does (Python's own signal handler waits for it); a save or a
+# validation is held until the test has seen the stop announced and creates the release file.
 _SLOW_MOMENT = """
-import hashlib, sys, time
+import hashlib, os, sys, time
 MOMENT = sys.argv.pop(1)
 import main_train_fbcnn
 from models.model_fbcnn import ModelFBCNN
@@ -501,9 +502,11 @@ def slow(where):
     sys.stderr.write("AT %s\\n" % where)
     sys.stderr.flush()
     if where == "step":
-        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 8_000_000)
+        hashlib.pbkdf2_hmac("sha256", b"x", b"y", 24_000_000)
     else:
-        time.sleep(3)
+        deadline = time.time() + 120
+        while not os.path.exists(os.environ["FBCNN_TEST_RELEASE"]) and time.time() < deadline:
+            time.sleep(0.05)
     sys.stderr.write("LEFT %s\\n" % where)
     sys.stderr.flush()
 
@@ -533,14 +536,18 @@ def test_sigterm_to_the_whole_run_stops_it_cleanly(option_file, tmp_path, moment
            "--set", f"path.root={tmp_path}", "--set", "datasets.train.dataloader_num_workers=2",
            "--set", "train.checkpoint_save=2", "--set", "train.checkpoint_test=2",
            "--set", "train.total_iter=100"]
-    err_path = tmp_path / "err.txt"
+    err_path, release = tmp_path / "err.txt", tmp_path / "release"
+    env = {**SUBPROCESS_ENV, "FBCNN_TEST_RELEASE": str(release)}
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
         try:
             reached = _wait_for(lambda: f"AT {moment}" in err_path.read_text(), 180, proc)
             assert reached, err_path.read_text()[-3000:]
             os.killpg(proc.pid, signal.SIGTERM)
+            if moment != "step":  # held until the stop is announced (or a minute has passed)
+                _wait_for(lambda: "stopping after" in err_path.read_text(), 60, proc)
+                release.touch()
             proc.wait(timeout=120)
         finally:
             if proc.poll() is None:
