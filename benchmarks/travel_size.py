@@ -19,7 +19,8 @@ import subprocess
 import sys
 
 from benchmarks.benchlib import REPO_ROOT, print_table, write_json
-from models.network_fbcnn import FBCNN
+from models.select_network import define_G
+from runners.train_options import load_options
 
 __all__ = ["LIMIT_BYTES", "RECORDED_BYTES", "DEFAULT_CARRY", "measure", "main"]
 
@@ -86,9 +87,11 @@ def measure(repo=REPO_ROOT, carry=DEFAULT_CARRY):
 
 
 def lite_fp16_bytes():
-    """Bytes of a colour lite network's tensors in fp16 (nc 16..128, nb 4, BatchNorm folded:
-    what benchmarks/gpu_train_lite.py writes, less its few-kB header)."""
-    net = FBCNN(in_nc=3, out_nc=3, nc=[16, 32, 64, 128], nb=4, act_mode="R")
+    """Bytes of the GPU colour lite network's tensors in fp16 (options/train_fbcnn_color_lite.json's
+    netG, BatchNorm folded: what benchmarks/gpu_train_lite.py writes, less its few-kB header)."""
+    opt = load_options(os.path.join(REPO_ROOT, "options", "train_fbcnn_color_lite.json"),
+                       ["netG.act_mode=R", "merge_bn=false"], world_size=1, check_paths=False)
+    net = define_G(opt["netG"], initialize=False)
     return 2 * sum(t.numel() for t in net.state_dict().values())
 
 
@@ -119,8 +122,9 @@ def main(argv=None):
                 [("folder", "tracked folder", "{}"), ("files", "files", "{}"),
                  ("mib", "MiB", "{:.2f}")])
     lite = lite_fp16_bytes()
-    print(f"\nA colour lite network in fp16 (nc 16..128, nb 4) is {lite / 2 ** 20:.2f} MiB: "
-          f"{'it fits' if lite <= left else 'it does not fit'} in what is left.")
+    print(f"\nA colour GPU lite network in fp16 (options/train_fbcnn_color_lite.json) is "
+          f"{lite / 2 ** 20:.2f} MiB: {'it fits' if lite <= left else 'it does not fit'} in "
+          f"what is left.")
     if args.json:
         write_json(args.json, {**result, "lite_fp16_bytes": lite})
     return 0 if left >= 0 else 1
