@@ -38,7 +38,7 @@ from utils.errors import UserError
 from utils.fileio import display_path
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, read_image_header, rgb2y_matlab
 
-__all__ = ["Degradation", "DATASET_PRESETS", "dataset_preset", "dataset_channels", "SampleKey",
+__all__ = ["Degradation", "DATASET_PRESETS", "DEGRADATION_OPTIONS", "dataset_preset", "dataset_channels", "SampleKey",
            "DatasetJPEG", "IterationBatchSampler", "define_dataset", "list_images_recursive",
            "rgb_to_training_gray", "uint8_to_chw", "worker_init_fn"]
 
@@ -53,8 +53,11 @@ class Degradation:
     """How a clean patch becomes a training pair (as the original's datasets make it).
 
     First JPEG: QF uniform in `qf_range` with probability `qf_uniform_prob`, else from
-    `qf_choices`. Double JPEG (iterations drawn with `double_prob`): a second JPEG after an offset
-    in [0, `max_shift`], its QF drawn the same way from the `double_qf_*` fields. Gray presets
+    `qf_choices`; with probability `identity_prob` a single-JPEG sample is not compressed at all
+    (input = target, label QF 100: what teaches a network to leave a clean image alone; 0 in
+    every preset, as the original). Double JPEG (iterations drawn with `double_prob`): a second
+    JPEG after an offset in [0, `max_shift`], its QF drawn the same way from the `double_qf_*`
+    fields. Gray presets
     convert RGB patches with the MATLAB Y channel (probability `y_prob`) or OpenCV's RGB->GRAY.
     The final P x P crop is at offset 0, or (probability `shift_prob`) at a random offset in
     [0, side - P] of the patch at hand: [0, 8] for single and double JPEG alike, except for a
@@ -64,6 +67,7 @@ class Degradation:
     qf_range: tuple
     qf_choices: tuple
     qf_uniform_prob: float = 0.25
+    identity_prob: float = 0.0
     double_prob: float = 0.0
     double_qf_range: tuple = (5, 95)
     double_qf_choices: tuple = _DECADES_70
@@ -86,6 +90,10 @@ DATASET_PRESETS = {
     "jpegdouble": Degradation(gray=False, qf_range=(5, 95), qf_choices=_DECADES_70,
                               double_prob=0.5),
 }
+
+# the fields of a preset that `datasets.train` may override (null keeps the preset's)
+DEGRADATION_OPTIONS = ("qf_range", "qf_uniform_prob", "identity_prob", "double_prob")
+
 
 def dataset_preset(name):
     """The Degradation of a `dataset_type` name; UserError listing the known names."""
@@ -235,9 +243,13 @@ class DatasetJPEG(Dataset):
         patch_H = augment_img(random_crop(img, self.crop_size, rng), int(rng.integers(8)))
         if deg.gray and patch_H.ndim == 3:
             patch_H = rgb_to_training_gray(patch_H, rng, deg.y_prob)
-        qf = sample_qf(rng, deg.qf_range, deg.qf_choices, deg.qf_uniform_prob)
-        patch_L = jpeg(patch_H, qf)
-        label = qf_to_label(qf)
+        # the identity draw is made only when asked for, so faithful runs keep their streams
+        if not key.double and deg.identity_prob > 0 and rng.random() < deg.identity_prob:
+            patch_L, label = patch_H, qf_to_label(100)
+        else:
+            qf = sample_qf(rng, deg.qf_range, deg.qf_choices, deg.qf_uniform_prob)
+            patch_L = jpeg(patch_H, qf)
+            label = qf_to_label(qf)
         if key.double:
             top, left = random_offset(rng, deg.max_shift)
             patch_H = crop(patch_H, top, left, size + 8)
@@ -322,8 +334,11 @@ def define_dataset(dataset_opt, phase, n_channels, seed=0, progress=False):
     dataset type says (the original's gray configs name the colour `jpeg` type for their test set).
     """
     degradation = dataset_preset(dataset_opt["dataset_type"])
-    if phase == "train" and dataset_opt["qf_uniform_prob"] is not None:
-        degradation = replace(degradation, qf_uniform_prob=dataset_opt["qf_uniform_prob"])
+    if phase == "train":
+        degradation = replace(degradation, **{
+            field: tuple(value) if isinstance(value, list) else value
+            for field, value in ((f, dataset_opt.get(f)) for f in DEGRADATION_OPTIONS)
+            if value is not None})
     if phase == "test":
         return DatasetJPEG(dataset_opt["dataroot_H"], degradation, phase="test",
                            n_channels=n_channels, qf=dataset_opt["qf"])

@@ -72,6 +72,18 @@ SCHEMA = Section({
                                    "the original). Higher values show the network more high "
                                    "QFs (the lite CPU recipes)", nullable=True, minimum=0,
                                    maximum=1),
+            "qf_range": Key("list_int", None, "inclusive range of the uniform QF draws of "
+                            "the first JPEG; null: the dataset type's ([8, 96] for `jpeg`, "
+                            "[5, 95] for the others, as the original). Up to 100 covers the "
+                            "qualities of camera and web JPEGs", nullable=True, minimum=1,
+                            maximum=100, length=2),
+            "identity_prob": Key("float", None, "share of the single-JPEG samples left "
+                                 "uncompressed (input = target, QF label 100), so the network "
+                                 "learns to keep a clean image; null: 0, as the original",
+                                 nullable=True, minimum=0, maximum=1),
+            "double_prob": Key("float", None, "share of the iterations that are non-aligned "
+                               "double JPEG; null: the dataset type's (0.5 for the double "
+                               "types, 0 for the others)", nullable=True, minimum=0, maximum=1),
             "cache": Key("str", "none", "`memory`: decode every training image once and keep it "
                          "in RAM (small sets only)", choices=("none", "memory")),
         }),
@@ -215,6 +227,14 @@ def _cross_checks(opt, origin, world_size, check_paths):
     if channels == 3 and opt["n_channels"] != 3:
         raise UserError(f"{origin('n_channels')}: dataset type {train_set['dataset_type']!r} "
                         f"trains on colour, so n_channels must be 3")
+    qf_range = train_set["qf_range"]
+    if qf_range is not None and qf_range[0] > qf_range[1]:
+        raise UserError(f"{origin('datasets.train.qf_range')}: [low, high] with low <= high, "
+                        f"got {qf_range}")
+    if train_set["double_prob"] and not DATASET_PRESETS[train_set["dataset_type"]].double:
+        raise UserError(f"{origin('datasets.train.double_prob')}: dataset type "
+                        f"{train_set['dataset_type']!r} is single JPEG; choose a double type "
+                        f"({', '.join(k for k, d in DATASET_PRESETS.items() if d.double)})")
     if train["G_scheduler_type"] == "CosineAnnealingLR" and train["total_iter"] is None:
         raise UserError(f"{origin('train.G_scheduler_type')}: CosineAnnealingLR decays the "
                         f"learning rate until train.total_iter, which is null; set it")

@@ -237,6 +237,30 @@ def test_qf_uniform_prob_option_changes_the_share_of_uniform_draws(image_dir):
     assert test_set.degradation is DATASET_PRESETS["jpeg"]  # a training option only
 
 
+def test_whole_range_options_reach_qf_100_identity_and_the_double_share(image_dir):
+    """qf_range, identity_prob and double_prob replace the preset's values; identity samples
+    are the clean patch itself with the label of QF 100, and only single-JPEG samples are."""
+    entry = {"dataset_type": "jpegdouble", "dataroot_H": str(image_dir), "H_size": P,
+             "cache": "none", "qf_uniform_prob": 1.0, "qf_range": [96, 100],
+             "identity_prob": 0.3, "double_prob": 0.2}
+    dataset = define_dataset(entry, "train", 3, seed=5)
+    deg = dataset.degradation
+    assert (deg.qf_range, deg.identity_prob, deg.double_prob) == ((96, 100), 0.3, 0.2)
+    items = [dataset[SampleKey(i % 4, i, False)] for i in range(300)]
+    identity = [it for it in items if torch.equal(it["L"], it["H"])]
+    assert len(identity) / len(items) == pytest.approx(0.3, abs=0.08)
+    assert all(float(it["qf"]) == 0.0 for it in identity)
+    qfs = {round(100 - 100 * float(it["qf"])) for it in items}
+    assert qfs == {96, 97, 98, 99, 100}  # every QF of the range, 100 included (JPEG or identity)
+    # double-JPEG samples are never left uncompressed
+    doubles = [dataset[SampleKey(i % 4, i, True)] for i in range(60)]
+    assert not any(torch.equal(it["L"], it["H"]) for it in doubles)
+    # left at null, the options keep the preset (the original's values)
+    plain = define_dataset({**entry, "qf_uniform_prob": None, "qf_range": None,
+                            "identity_prob": None, "double_prob": None}, "train", 3, seed=5)
+    assert plain.degradation == DATASET_PRESETS["jpegdouble"]
+
+
 def test_unknown_dataset_type_and_small_images(image_dir):
     with pytest.raises(UserError, match="'jpg' is unknown; known: jpeg, jpeggray"):
         define_dataset({"dataset_type": "jpg", "dataroot_H": str(image_dir)}, "train", 3)

@@ -152,6 +152,11 @@ def test_suggestion_is_the_likeliest_key(where, name, meant):
                                            r"known: jpeg, jpeggray, jpeggraydouble, jpegdouble"),
     ("netG.net_type", "unet", r"unknown network type 'unet'; known: fbcnn"),
     ("netG.in_nc", 1, r"netG\.in_nc: dataset type 'jpeg' yields 3-channel patches"),
+    ("datasets.train.qf_range", [90, 10], r"qf_range: \[low, high\] with low <= high"),
+    ("datasets.train.qf_range", [5, 101], r"qf_range\[1\]: must be <= 100"),
+    ("datasets.train.identity_prob", 1.5, r"identity_prob: must be <= 1"),
+    ("datasets.train.double_prob", 0.3, r"dataset type 'jpeg' is single JPEG; choose a double "
+                                        r"type \(jpeggraydouble, jpegdouble\)"),
     ("merge_bn", True, None),
 ])
 def test_wrong_values_name_the_key(key, value, message):

@@ -935,6 +935,37 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
     assert len(_records(run_dir, "test")) >= 1
 
 
+@pytest.mark.parametrize("name, in_nc, dataset_type", [("color", 3, "jpegdouble"),
+                                                       ("gray", 1, "jpeggraydouble")])
+def test_all_qf_recipes_fine_tune_the_first_stage_over_the_whole_range(name, in_nc, dataset_type,
+                                                                       tmp_path):
+    """options/train_fbcnn_*_lite_cpu_allqf.json as they are, from a first-stage network (here
+    an untrained one of the same shape), on tiny data: QF 5..100, identity samples, a share of
+    double JPEG, and the first stage's folded layout kept."""
+    path = os.path.join(ROOT, "options", f"train_fbcnn_{name}_lite_cpu_allqf.json")
+    torch.manual_seed(0)
+    first = FBCNN(in_nc, in_nc, [8, 16, 32, 64], 2, act_mode="R")
+    start = save_network(str(tmp_path / "first.safetensors"), first.state_dict(),
+                         infer_fbcnn_kwargs(first.state_dict()))
+    images = _write_images(tmp_path / "images", 3, (48, 56, 3), 4)
+    opt = load_options(path, [f"path.root={tmp_path}", f"path.pretrained_netG={start}",
+                              f"datasets.train.dataroot_H={images}",
+                              f"datasets.test.dataroot_H={images}", "datasets.train.H_size=32",
+                              "datasets.train.dataloader_num_workers=0", "train.total_iter=2",
+                              "train.checkpoint_save=2", "train.checkpoint_test=2"])
+    train_set = opt["datasets"]["train"]
+    assert (train_set["dataset_type"], train_set["qf_range"], train_set["identity_prob"],
+            train_set["double_prob"]) == (dataset_type, [5, 100], 0.05, 0.3)
+    assert opt["gpu_ids"] == [] and opt["netG"]["act_mode"] == "R" and not opt["merge_bn"]
+    assert train(opt) == {"start": 0, "end": 2}
+    weights = ckpt.network_file(os.path.join(tmp_path, f"fbcnn_{name}_lite_cpu_allqf", "models"),
+                                2)
+    tuned = load_model(weights).net
+    assert sum(p.numel() for p in tuned.parameters()) == sum(
+        p.numel() for p in first.parameters())
+    assert not torch.equal(tuned.m_head.weight, first.m_head.weight)  # it trained from there
+
+
 @pytest.mark.parametrize("init_type", ["orthogonal", "normal", "uniform", "xavier_normal",
                                        "xavier_uniform", "kaiming_normal", "kaiming_uniform"])
 def test_init_types_as_kair(init_type):
