@@ -7,6 +7,10 @@ images on disk, one at a time, with every model loaded at most once:
 - the QF fed to the network (`--qf`): the network's own estimate (auto), the file's
   quantization tables (header, utils/jpeg_header.py), FBCNN-D's dominant QF (dominant,
   data/dominant_qf.py) or a fixed number;
+- consistency with the file (`--projection`, on by default): a JPEG's restoration is projected
+  onto the quantization intervals its DCT coefficients were stored with
+  (data/jpeg_projection.py), so it stays an image the file could have come from; other formats
+  carry no such trace and are restored blind, which the per-file line says;
 - files: outputs in `-o OUTDIR` (folder inputs keep their sub-folders), PNG by default, written
   atomically and only when the file was restored in full; an input is never overwritten and an
   existing output only with `--overwrite`; files found in folders that are outputs of other
@@ -34,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
+from data.jpeg_projection import ProjectionUnavailable, project, read_coefficients
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, default_model, load_model
 from runners.cli import DEVICE_HELP, add_speed_args, quality_factor, run_cli, speed_options
@@ -91,6 +96,10 @@ def build_parser(prog=None):
                    help="QF fed to the network: auto (its own estimate), header (from the "
                         "JPEG's quantization tables), dominant (FBCNN-D, for double JPEG), or a "
                         "number 1..100; lower removes more (default %(default)s)")
+    p.add_argument("--projection", action=argparse.BooleanOptionalAction, default=True,
+                   help="project each JPEG's restoration onto the quantization intervals of the "
+                        "file's DCT coefficients, so it never strays from what the file says "
+                        "(docs/restore.md); no effect on other formats (default: on)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
     p.add_argument("--quality", type=quality_factor, default=95,
@@ -240,6 +249,7 @@ class Decoded:
     orientation: int  # EXIF orientation still to apply to the result (1 = none)
     icc: object  # bytes or None
     jpeg_info: object  # utils.jpeg_header.JpegInfo, or None for other formats
+    data: bytes = b""  # the file's bytes (the projection reads a JPEG's coefficients from them)
 
 
 def read_image(path, channels="auto"):
@@ -274,7 +284,8 @@ def read_image(path, channels="auto"):
             img = img[..., 0] if channels == "auto" else cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
         else:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return Decoded(np.ascontiguousarray(img), gray, orientation, read_icc_profile(data), info)
+    return Decoded(np.ascontiguousarray(img), gray, orientation, read_icc_profile(data), info,
+                   data)
 
 
 def choose_qf(mode, decoded):
@@ -301,6 +312,33 @@ def encode_image(img, ext, quality=95, icc=None):
               ".webp": [int(cv2.IMWRITE_WEBP_QUALITY), quality]}.get(ext, [])
     data = imencode(img, ext, params)
     return embed_icc(data, ext, icc) if icc is not None else data
+
+
+def _qf_used(model, decoded, qf, qf_source, qf_pred):
+    """What the network was fed and why: `QF 10 (network estimate)`, `QF 85 (header)`, ..."""
+    if model.net is None:  # the jpeg pseudo-model: no network ran, no QF was used
+        return f"unchanged: --{'gray-' if decoded.gray else ''}model jpeg runs no network"
+    if qf is None:
+        why = "network estimate" if qf_source == "network" else f"network estimate: {qf_source}"
+        return f"QF {qf_pred} ({why})"
+    return f"QF {qf} ({qf_source}; network estimate {qf_pred})"
+
+
+def _consistent(img_E, decoded, wanted, model, shown):
+    """`(image, note)`: the restoration projected onto the JPEG's quantization intervals when
+    `wanted`, and a few words for the per-file line (empty when there is nothing to say)."""
+    if model.net is None:
+        return img_E, ""
+    if decoded.jpeg_info is None:
+        return img_E, "not a JPEG file: no JPEG trace read"
+    if not wanted:
+        return img_E, ""
+    try:
+        return project(img_E, read_coefficients(decoded.data)), "projected onto the file's DCT"
+    except ProjectionUnavailable as exc:
+        LOG.warning("warning: %s: not projected onto the file's DCT (%s); written as the network "
+                    "restored it", shown, exc)
+        return img_E, "not projected"
 
 
 def _failure(path, exc):
@@ -364,6 +402,7 @@ def run_restore(args):
             qf, qf_source = choose_qf(args.qf, decoded)
             model = models.get("gray" if decoded.gray else "color")
             img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
+            img_E, consistency = _consistent(img_E, decoded, args.projection, model, shown)
             img_E = apply_orientation(img_E, decoded.orientation)
             icc = decoded.icc
             if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)
@@ -375,16 +414,11 @@ def run_restore(args):
             atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
                                replace=args.overwrite)
             done += 1
-            if model.net is None:  # the jpeg pseudo-model: no network ran, no QF was used
-                used = f"unchanged: --{'gray-' if decoded.gray else ''}model jpeg runs no network"
-            elif qf is not None:
-                used = f"QF {qf} ({qf_source})"
-            else:
-                used = "QF network's" + ("" if qf_source == "network" else f" ({qf_source})")
-            predicted = "" if qf_pred is None else f", network estimate {qf_pred}"
-            LOG.info("%s -> %s [%s, %s%s%s]", shown, display_path(dest),
-                     "gray" if decoded.gray else "colour", used, predicted,
-                     ", x8" if options.get("x8") and model.net is not None else "")
+            LOG.info("%s -> %s [%s]", shown, display_path(dest), ", ".join(
+                ["gray" if decoded.gray else "colour", _qf_used(model, decoded, qf, qf_source,
+                                                                qf_pred)]
+                + ([consistency] if consistency else [])
+                + (["x8"] if options.get("x8") and model.net is not None else [])))
         except FileExistsError:
             LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
                      display_path(dest))

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import runners.restore as cli
 from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
+from data.jpeg_projection import project, read_coefficients
 from models.inference import restore
 from models import model_zoo
 from models.model_zoo import MODEL_ZOO, ZooEntry, load_model
@@ -98,6 +99,13 @@ def run(argv, capsys):
     code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def restored_and_projected(model, data, n_channels, **kwargs):
+    """What main_restore writes for JPEG bytes by default: the network's restoration of the
+    decoded file, projected onto the file's quantization intervals."""
+    restored, _ = restore(model, jpeg_decode(data, n_channels), **kwargs)
+    return project(restored, read_coefficients(data))
 
 
 def read_rgb(path):
@@ -193,11 +201,11 @@ def test_gray_jpeg_goes_to_the_gray_model(tmp_path, photo, tiny_models, capsys):
                       "--model", tiny_models["color"], "--gray-model", tiny_models["gray"]], capsys)
     assert code == 0
     restored_gray = cv2.imread(str(out / "g.png"), cv2.IMREAD_UNCHANGED)
-    expected, _ = restore(load_model(tiny_models["gray"]), jpeg_decode(jpeg_encode(gray, 30), 1))
+    expected = restored_and_projected(load_model(tiny_models["gray"]), jpeg_encode(gray, 30), 1)
     assert restored_gray.ndim == 2
     np.testing.assert_array_equal(restored_gray, expected)
-    expected_colour, _ = restore(load_model(tiny_models["color"]),
-                                 jpeg_decode(jpeg_encode(photo, 30), 3))
+    expected_colour = restored_and_projected(load_model(tiny_models["color"]),
+                                             jpeg_encode(photo, 30), 3)
     np.testing.assert_array_equal(read_rgb(out / "c.png"), expected_colour)
 
     code, _, _ = run([str(tmp_path / "g.jpg"), "-o", str(tmp_path / "forced"), "--channels",
@@ -245,8 +253,8 @@ def test_network_runs_on_the_stored_grid_then_turns(tmp_path, photo, tiny_models
     code, _, _ = run([str(path), "-o", str(tmp_path / "out"), "--model", tiny_models["color"]],
                      capsys)
     assert code == 0
-    stored = jpeg_decode(jpeg_encode(photo, 20), 3)
-    expected = apply_orientation(restore(load_model(tiny_models["color"]), stored)[0], 6)
+    expected = apply_orientation(restored_and_projected(load_model(tiny_models["color"]),
+                                                        jpeg_encode(photo, 20), 3), 6)
     np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "o.png"), expected)
 
 
@@ -324,7 +332,7 @@ def test_x8_restores_with_the_self_ensemble_and_says_so(tmp_path, photo, tiny_mo
                             tiny_models["color"], "--device", "cpu", *flags], capsys)
         assert code == 0 and ("network estimate" in out) and (", x8]" in out) == x8
         assert ("(x8 self-ensemble)" in out) == x8
-        expected, _ = restore(model, img, x8=x8)
+        expected = restored_and_projected(model, path.read_bytes(), 3, x8=x8)
         np.testing.assert_array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
 
 
@@ -485,7 +493,8 @@ def test_qf_dominant_without_a_jpeg_trace_says_so(tmp_path, photo, tiny_models, 
     cv2.imwrite(str(tmp_path / "clean.png"), photo)  # never compressed
     code, out, _ = run([str(tmp_path / "clean.png"), "-o", str(tmp_path / "out"), "--qf",
                         "dominant", "--model", tiny_models["color"]], capsys)
-    assert code == 0 and "QF network's (no JPEG trace found for --qf dominant)" in out
+    assert code == 0 and "(network estimate: no JPEG trace found for --qf dominant)" in out
+    assert "not a JPEG file: no JPEG trace read" in out
 
 
 def test_the_jpeg_model_is_not_reported_as_a_network(tmp_path, photo, capsys):
@@ -545,10 +554,10 @@ def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, t
         received.clear()
         code, out, _ = run([str(path), "-o", str(tmp_path / mode), "--qf", mode, "--gray-model",
                             tiny_models["gray"], "--device", "cpu"], capsys)
-        assert code == 0 and f"[gray, QF {qf} ({mode})" in out
+        assert code == 0 and f"[gray, QF {qf} ({mode}; network estimate" in out
         assert received == [(1, [[pytest.approx(1 - qf / 100)]])]
-    expected, _ = restore(load_model(tiny_models["gray"]), jpeg_decode(path.read_bytes(), 1),
-                          qf=10)
+    expected = restored_and_projected(load_model(tiny_models["gray"]), path.read_bytes(), 1,
+                                      qf=10)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dominant" / "double.png"),
                                              cv2.IMREAD_GRAYSCALE), expected)
 
@@ -596,7 +605,7 @@ def test_without_model_flags_the_bundled_lite_model_stands_in_for_missing_releas
     assert code == 0, err
     assert out.count("using the bundled fbcnn_color_lite") == 1
     assert "--model fbcnn_color_lite" in out  # the loaded line names what ran
-    expected, _ = restore(load_model(path), jpeg_decode((tmp_path / "a.jpg").read_bytes(), 3))
+    expected = restored_and_projected(load_model(path), (tmp_path / "a.jpg").read_bytes(), 3)
     assert np.array_equal(read_rgb(tmp_path / "out" / "a.png"), expected)
 
 

@@ -1,0 +1,163 @@
+"""data/jpeg_projection.py: the projection onto a JPEG's quantization constraint set."""
+import io
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.jpeg import jpeg_decode, jpeg_encode
+from data.jpeg_projection import (ProjectionUnavailable, _project_plane, block_dct, block_idct,
+                                  project, read_coefficients, rgb_to_ycbcr, ycbcr_to_rgb)
+from utils.metrics import psnr
+
+
+@pytest.fixture(scope="module")
+def photo(testsets_dir):
+    """An odd-sized crop of a LIVE1 photo (the blocks at its right and bottom edges are partial)."""
+    img = cv2.imread(os.path.join(testsets_dir, "LIVE1_color", "bikes.png"))
+    return np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB)[37:158, 51:246])
+
+
+def pil_jpeg(img, qf, **kwargs):
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=qf, **kwargs)
+    return buf.getvalue()
+
+
+def test_block_dct_is_orthonormal_and_inverted(rng=np.random.default_rng(0)):
+    plane = rng.uniform(-128, 128, (16, 24))
+    coefficients = block_dct(plane)
+    assert coefficients.shape == (2, 3, 8, 8)
+    np.testing.assert_allclose(block_idct(coefficients), plane, atol=1e-9)
+    # orthonormal: energy kept per block; DC = 8 * block mean (JPEG's scaling)
+    np.testing.assert_allclose((coefficients ** 2).sum(), (plane ** 2).sum())
+    np.testing.assert_allclose(coefficients[1, 2, 0, 0], 8 * plane[8:16, 16:24].mean())
+
+
+def test_ycbcr_round_trip_and_jfif_values():
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], dtype=np.float64)
+    y, cb, cr = rgb_to_ycbcr(rgb)
+    np.testing.assert_allclose(y[0], [76.245, 149.685, 29.07, 128], atol=1e-9)
+    np.testing.assert_allclose(cb[0, 3], 128) and np.testing.assert_allclose(cr[0, 3], 128)
+    np.testing.assert_allclose(ycbcr_to_rgb(y, cb, cr), rgb, atol=1e-3)
+
+
+def test_the_file_reads_as_opencv_decodes_it(photo):
+    """The coefficients, tables and sampling jpeglib reads, turned back into pixels by hand,
+    give the decoder's luma."""
+    data = jpeg_encode(photo[..., 1], 50)
+    coefficients = read_coefficients(data)
+    (component,) = coefficients.components
+    assert (coefficients.height, coefficients.width) == photo.shape[:2]
+    assert component.coefficients.shape == (16, 25, 8, 8) and component.factor == (1, 1)
+    assert component.table[0, 0] == 16 and component.table[7, 7] == 99  # IJG luma at QF 50
+    plane = np.clip(block_idct(component.coefficients * component.table) + 128, 0, 255)
+    decoded = jpeg_decode(data, 1).astype(np.float64)
+    assert np.abs(plane[:121, :195] - decoded).max() <= 1.5
+
+
+@pytest.mark.parametrize("qf", [10, 50, 90])
+def test_projected_gray_coefficients_lie_in_their_intervals(photo, qf):
+    data = jpeg_encode(photo[..., 0], qf)
+    component = read_coefficients(data).components[0]
+    blurred = cv2.GaussianBlur(jpeg_decode(data, 1), (7, 7), 2).astype(np.float64)
+    out = _project_plane(blurred, component)
+    padded = np.pad(out, ((0, 128 - 121), (0, 200 - 195)), mode="edge")
+    k, q = component.coefficients, component.table
+    d = block_dct(padded - 128)
+    inside = (d >= (k - 0.5) * q - 1e-6) & (d <= (k + 0.5) * q + 1e-6)
+    # the whole blocks exactly (the partial edge blocks were padded again from the result)
+    assert inside[:15, :24].all()
+
+
+@pytest.mark.parametrize("qf", [10, 30, 60, 90])
+def test_projection_never_moves_a_gray_estimate_away_from_the_truth(photo, qf):
+    truth = photo[..., 0]
+    data = jpeg_encode(truth, qf)
+    coefficients = read_coefficients(data)
+    decoded = jpeg_decode(data, 1)
+    for estimate in (cv2.GaussianBlur(decoded, (5, 5), 1.2), cv2.medianBlur(decoded, 5),
+                     np.full_like(decoded, 128)):
+        projected = project(estimate, coefficients)
+        assert psnr(projected, truth) >= psnr(estimate, truth) - 0.01
+        # a projection: applying it again changes little (rounding, and pixels clipped to
+        # [0, 255] after the first)
+        moved = np.abs(project(projected, coefficients).astype(int) - projected)
+        assert float((moved > 1).mean()) < 0.01
+    # the truth is in the set: it stays (up to libjpeg's integer DCT and rounding)
+    assert psnr(project(truth, coefficients), truth) > 55
+
+
+@pytest.mark.parametrize("kind", ["opencv 4:2:0", "4:4:4", "4:2:2", "progressive",
+                                  "restart markers"])
+def test_colour_layouts_keep_the_truth_and_improve_a_blurred_estimate(photo, kind):
+    if kind == "opencv 4:2:0":
+        data = jpeg_encode(photo, 40)
+    elif kind == "restart markers":
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 40, cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
+        data = buf.tobytes()
+        assert b"\xff\xdd" in data  # a DRI segment
+    else:
+        subsampling = {"4:4:4": 0, "4:2:2": 1, "progressive": 2}[kind]
+        data = pil_jpeg(photo, 40, subsampling=subsampling, progressive=kind == "progressive")
+    coefficients = read_coefficients(data)
+    factors = [c.factor for c in coefficients.components]
+    assert factors[0] == (1, 1) and len(factors) == 3
+    assert factors[1] == {"4:4:4": (1, 1), "4:2:2": (1, 2)}.get(kind, (2, 2))
+    assert psnr(project(photo, coefficients), photo) > 50
+    decoded = jpeg_decode(data, 3)
+    blurred = cv2.GaussianBlur(decoded, (5, 5), 1.5)
+    gain = float(psnr(project(blurred, coefficients), photo) - psnr(blurred, photo))
+    assert gain > 1
+
+
+def test_a_colour_restoration_of_a_gray_file_gets_its_luma_projected(photo):
+    data = jpeg_encode(photo[..., 1], 30)
+    colour = np.repeat(cv2.GaussianBlur(jpeg_decode(data, 1), (5, 5), 1.2)[..., None], 3, axis=2)
+    projected = project(colour, read_coefficients(data))
+    assert projected.shape == colour.shape
+    assert psnr(projected[..., 1], photo[..., 1]) > psnr(colour[..., 1], photo[..., 1])
+
+
+def test_a_size_mismatch_is_refused(photo):
+    coefficients = read_coefficients(jpeg_encode(photo, 50))
+    with pytest.raises(ProjectionUnavailable, match="the image is 194x121, the file 195x121"):
+        project(photo[:, :-1], coefficients)
+
+
+def _with_sof(data, marker=None, precision=None):
+    """The same bytes with the frame's SOF marker or sample precision changed."""
+    data = bytearray(data)
+    at = data.index(b"\xff\xc0")
+    if marker is not None:
+        data[at + 1] = marker
+    if precision is not None:
+        data[at + 4] = precision
+    return bytes(data)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"marker": 0xC9}, "arithmetic coding"),
+    ({"marker": 0xC3}, "lossless JPEG"),
+    ({"marker": 0xC5}, "hierarchical JPEG"),
+    ({"precision": 12}, "12-bit samples"),
+])
+def test_frames_libjpeg_gives_no_8bit_dct_for_are_named(photo, change, reason):
+    with pytest.raises(ProjectionUnavailable, match=reason):
+        read_coefficients(_with_sof(jpeg_encode(photo, 50), **change))
+
+
+def test_cmyk_is_named():
+    cmyk = Image.new("CMYK", (24, 16), (10, 200, 30, 5))
+    buf = io.BytesIO()
+    cmyk.save(buf, "JPEG", quality=80)
+    with pytest.raises(ProjectionUnavailable, match="4 components"):
+        read_coefficients(buf.getvalue())
+
+
+def test_bytes_that_are_not_a_jpeg_are_named():
+    with pytest.raises(ProjectionUnavailable):
+        read_coefficients(b"\x89PNG\r\n\x1a\n" + bytes(100))
