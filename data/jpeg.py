@@ -9,8 +9,8 @@ explicit `numpy.random.Generator`.
 import cv2
 import numpy as np
 
-__all__ = ["jpeg_encode", "jpeg_decode", "jpeg", "double_jpeg", "shift_crop", "qf_to_label",
-           "label_to_qf"]
+__all__ = ["jpeg_encode", "jpeg_decode", "jpeg", "jpeg_file", "double_jpeg", "double_jpeg_file",
+           "shift_crop", "qf_to_label", "label_to_qf"]
 
 
 def _check_qf(qf):
@@ -43,11 +43,17 @@ def jpeg_decode(data, n_channels):
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def jpeg_file(img, qf):
+    """`(jpeg(img, qf), the JPEG bytes it decodes)`: the file too, for what reads it."""
+    data = jpeg_encode(img, qf)
+    n_channels = 1 if img.ndim == 2 else img.shape[2]
+    out = jpeg_decode(data, 1 if n_channels == 1 else 3)
+    return (out[:, :, None] if img.ndim == 3 and n_channels == 1 else out), data
+
+
 def jpeg(img, qf):
     """Compress and decompress once at quality `qf`; the layout (RGB or gray) is kept."""
-    n_channels = 1 if img.ndim == 2 else img.shape[2]
-    out = jpeg_decode(jpeg_encode(img, qf), 1 if n_channels == 1 else 3)
-    return out[:, :, None] if img.ndim == 3 and n_channels == 1 else out
+    return jpeg_file(img, qf)[0]
 
 
 def shift_crop(img, shift):
@@ -56,12 +62,17 @@ def shift_crop(img, shift):
     return img[dy:, dx:]
 
 
+def double_jpeg_file(img, qf1, qf2, shift=4):
+    """`(double_jpeg(img, qf1, qf2, shift), the second JPEG's bytes)`."""
+    return jpeg_file(shift_crop(jpeg(img, qf1), shift), qf2)
+
+
 def double_jpeg(img, qf1, qf2, shift=4):
     """Non-aligned double JPEG: `jpeg(qf1)`, crop `shift` rows/columns, `jpeg(qf2)`.
 
     The result is aligned with `shift_crop(img, shift)`, the matching ground truth.
     """
-    return jpeg(shift_crop(jpeg(img, qf1), shift), qf2)
+    return double_jpeg_file(img, qf1, qf2, shift)[0]
 
 
 def qf_to_label(qf):

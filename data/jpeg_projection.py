@@ -177,7 +177,7 @@ def _project_plane(plane, component):
 
 
 def project(img, coefficients):
-    """The restored uint8 image (RGB HxWx3 or gray HxW) made consistent with the file.
+    """The restored uint8 image (RGB HxWx3, gray HxW or HxWx1) made consistent with the file.
 
     A gray image is projected onto the file's Y component; a colour image from a gray file gets
     its Y projected and its chroma kept. Raises ProjectionUnavailable when the sizes differ.
@@ -185,6 +185,8 @@ def project(img, coefficients):
     if img.shape[:2] != (coefficients.height, coefficients.width):
         raise ProjectionUnavailable(f"the image is {img.shape[1]}x{img.shape[0]}, the file "
                                     f"{coefficients.width}x{coefficients.height}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        return project(img[:, :, 0], coefficients)[:, :, None]
     pixels = img.astype(np.float64)
     if img.ndim == 2:
         out = _project_plane(pixels, coefficients.components[0])

@@ -14,7 +14,8 @@ This module owns what the demo page does and how it is served:
 - restoring: blind first (the network's own QF, shown, and put on the slider), then again with
   the slider's QF as `qf_input` whenever the slider is released (FBCNN's flexible control);
   memory is bounded as in every script (`models.inference.restore`: tiles with `--tile`, on CPU
-  above 2 megapixels, on CUDA when out of memory);
+  above 2 megapixels, on CUDA when out of memory); a JPEG's result is then projected onto its
+  file's quantization intervals (`--no-projection` turns it off), as main_restore does;
 - output: a before/after slider and the restored PNG to download, written to a private
   temporary folder that is removed at exit; samples (testsets/Real and a LIVE1 crop compressed
   at QF 10) are written there at start.
@@ -42,7 +43,7 @@ from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_over
 from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
                               model_folder, model_label)
 from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
-from runners.restore import read_image
+from runners.restore import make_consistent, read_image
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import display_path
@@ -185,21 +186,24 @@ class Result:
     png_path: str
     seconds: float
     tile: object  # tile size in pixels it started with, or None
+    consistency: str = ""  # what the projection did (runners.restore.make_consistent)
 
     def info_markdown(self):
         h, w = self.after.shape[:2]
         how = (f"QF {self.qf_pred} (blind)" if self.qf_used is None
                else f"QF {self.qf_used} (set by the slider)")
         tiled = f" · tiled, {self.tile} px" if self.tile else ""
-        return (f"Predicted QF: **{self.qf_pred}** · restored with **{how}** · {w}×{h} px · "
-                f"{self.seconds:.2f} s{tiled}")
+        consistency = f" · {self.consistency}" if self.consistency else ""
+        return (f"Predicted QF: **{self.qf_pred}** · restored with **{how}**{consistency} · "
+                f"{w}×{h} px · {self.seconds:.2f} s{tiled}")
 
 
 class Demo:
     """What the page does, independent of Gradio: read an upload, restore it, write the PNG."""
 
-    def __init__(self, models, work_dir, tile=None, max_megapixels=24.0):
+    def __init__(self, models, work_dir, tile=None, max_megapixels=24.0, projection=True):
         self.models = models
+        self.projection = projection  # a JPEG's result projected onto its file's DCT intervals
         self.work_dir = work_dir
         self.tile = tile  # None: restore() decides
         self.max_megapixels = max_megapixels
@@ -244,6 +248,9 @@ class Demo:
         start = time.perf_counter()
         after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
                                  device=self.models.device, tile=self.tile, tile_overlap=overlap)
+        consistency = ""
+        if model.net is not None:
+            after, consistency = make_consistent(after, decoded, self.projection)
         seconds = time.perf_counter() - start
         img = apply_orientation(decoded.img, decoded.orientation)
         after = apply_orientation(after, decoded.orientation)
@@ -252,7 +259,7 @@ class Demo:
         png_path = self._output_path(f"{stem}_{model_label}_{suffix}.png")
         imwrite(png_path, after)
         return Result(img, after, qf_pred, None if qf is None else int(qf), png_path, seconds,
-                      tile)
+                      tile, consistency)
 
     def _output_path(self, name):
         """A fresh folder for one PNG (its name is what the browser saves); old ones go."""
@@ -385,6 +392,9 @@ def build_parser(prog=None):
                              f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "
                              f"{CPU_MAX_UNTILED_MEGAPIXELS:g} megapixels and "
                              f"{DEFAULT_TILE['cuda']}-pixel tiles on CUDA when out of memory)")
+    parser.add_argument("--projection", action=argparse.BooleanOptionalAction, default=True,
+                        help="project a JPEG's restoration onto the quantization intervals of "
+                             "its file's DCT coefficients, as main_restore does (default: on)")
     parser.add_argument("--max-megapixels", type=non_negative_float, default=24.0,
                         help="refuse uploads larger than this (default 24)")
     return parser
@@ -420,7 +430,8 @@ def _serve(args):
             LOG.warning("no model found in model_zoo/; the page will say so (see --model)")
         work_dir = tempfile.mkdtemp(prefix="fbcnn-demo-")
         atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
-        demo = Demo(models, work_dir, tile=args.tile, max_megapixels=args.max_megapixels)
+        demo = Demo(models, work_dir, tile=args.tile, max_megapixels=args.max_megapixels,
+                    projection=args.projection)
         samples = prepare_samples(os.path.join(work_dir, "samples"))
         page = build_ui(demo, samples)
         try:

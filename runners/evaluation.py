@@ -9,6 +9,7 @@ Inputs are degraded ahead, and results scored and written behind the network, on
 (runners/pipeline.py); the output is the same as a serial run's (`--workers 0`), in the same order.
 """
 import argparse
+import functools
 import json
 import logging
 import math
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from data.jpeg import double_jpeg, jpeg, shift_crop
+from data.jpeg import double_jpeg_file, jpeg_file, shift_crop
+from data.jpeg_projection import ProjectionUnavailable, project, read_coefficients
 from models.inference import resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
@@ -28,7 +30,7 @@ from runners.pipeline import Pipeline, StageClock
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
-from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite
+from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, read_file_bytes
 from utils.logger import setup_logging
 from utils.metrics import mean_score, scores
 
@@ -102,6 +104,10 @@ def build_parser(preset, prog=None):
                    help="folder for restored images and logs (default %(default)s)")
     p.add_argument("--no-save-images", action="store_true", help="do not write restored PNGs")
     p.add_argument("--json", default=None, help="write the per-setting summaries to this file")
+    p.add_argument("--projection", action="store_true",
+                   help="project each restoration onto its JPEG's quantization intervals, as "
+                        "main_restore does by default (not the paper's protocol, so off here; "
+                        "the settings are named ..._proj and the JSON says so)")
     return p
 
 
@@ -110,9 +116,10 @@ class Setting:
     """One row of a results table: a degradation applied to every image of the test set."""
     name: str
     keys: dict
-    degrade: object = None  # uint8 H -> (L, H aligned with L)
+    degrade: object = None  # uint8 H -> (L, H aligned with L, the JPEG bytes L decodes)
     qf_input: object = None
     x8: bool = False  # restored with the self-ensemble (--x8): its name ends in _x8
+    projection: bool = False  # projected onto the JPEG's intervals (--projection): ..._proj
     scores: list = field(default_factory=list)
 
 
@@ -144,17 +151,27 @@ def _check_channels(model, n_channels, model_arg):
                     f"{kind[n_channels]} model")
 
 
+def _single_jpeg(img, qf):
+    img_L, data = jpeg_file(img, qf)
+    return img_L, img, data
+
+
+def _double_jpeg(img, qf1, qf2, shift):
+    img_L, data = double_jpeg_file(img, qf1, qf2, shift)
+    return img_L, shift_crop(img, shift), data
+
+
 def _settings(preset, args, prefix):
     if preset.mode == "single":
         return [Setting(f"{prefix}_qf{q}", {"qf": q},
-                        degrade=lambda img, q=q: (jpeg(img, q), img)) for q in args.qf]
+                        degrade=functools.partial(_single_jpeg, qf=q)) for q in args.qf]
     if preset.mode == "double":
         if args.shift < 0:
             raise UserError(f"--shift {args.shift}: must be 0 or more")
         return [Setting(f"{prefix}_qf{q1}_{q2}_shift{args.shift}",
                         {"qf1": q1, "qf2": q2, "shift": args.shift},
-                        degrade=lambda img, q1=q1, q2=q2: (double_jpeg(img, q1, q2, args.shift),
-                                                           shift_crop(img, args.shift)))
+                        degrade=functools.partial(_double_jpeg, qf1=q1, qf2=q2,
+                                                  shift=args.shift))
                 for q1 in args.qf1 for q2 in args.qf2]
     return [Setting(f"{prefix}_blind", {"qf_control": None}),
             *[Setting(f"{prefix}_qf{q}", {"qf_control": q}, qf_input=q) for q in args.qf_control]]
@@ -228,6 +245,8 @@ def _describe(setting, n_images, restores):
         what = f"QF {keys['qf_control']} fed to the network (qf_input) for every file"
     if setting.x8:
         what += ", self-ensemble of 8 flips and rotations (--x8)"
+    if setting.projection:
+        what += ", projected onto the JPEG's quantization intervals (--projection)"
     return f"{setting.name}: {what}; {n_images} image(s)"
 
 
@@ -258,6 +277,7 @@ def _summarize(setting, testset, model_name, skipped, summaries):
     """Average one setting's scores and log its line (on the finishing thread, after its images)."""
     columns = list(zip(*setting.scores))
     summary = {"testset": testset, "model": model_name, **setting.keys, "x8": setting.x8,
+               "projection": setting.projection,
                "n_images": len(setting.scores), "psnr": mean_score(columns[0]),
                "ssim": mean_score(columns[1]), "psnrb": mean_score(columns[2]),
                "qf_pred_mean": mean_score(columns[3]), "skipped": skipped}
@@ -308,6 +328,15 @@ def run(preset, args, clock=None):
         undo_logging()
 
 
+def _coefficients(data, name):
+    """The JPEG's coefficients for --projection, or None (with a warning) where it has none."""
+    try:
+        return read_coefficients(data)
+    except ProjectionUnavailable as exc:
+        LOG.warning("%s: not projected (%s)", name, exc)
+        return None
+
+
 def _output_names(names):
     """Restored PNG name per image: the stem + .png, or the whole name + .png for images whose
     stems collide (`a.png` and `a.bmp`, `x.PNG` and `x.png`), so no result replaces another."""
@@ -328,6 +357,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
     if speed.get("x8"):  # its own rows, folders and log lines beside the plain run's
         for setting in settings:
             setting.name, setting.x8 = f"{setting.name}_x8", True
+    if args.projection and model.net is not None:
+        for setting in settings:
+            setting.name, setting.projection = f"{setting.name}_proj", True
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
     speed["device"] = device
@@ -349,16 +381,20 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
         out_names = _output_names([name for name, _ in images])
 
         def degrade(job):
-            setting, _, img_H = job
+            setting, name, img_H = job
             if setting.degrade is None:  # real JPEGs: restore the file as it is
-                return img_H, None
-            with clock("jpeg"):
-                return setting.degrade(img_H)
+                img_L, img_H, data = img_H, None, None
+                if setting.projection:
+                    data = read_file_bytes(os.path.join(testset_dir, name))
+            else:
+                with clock("jpeg"):
+                    img_L, img_H, data = setting.degrade(img_H)
+            return img_L, img_H, _coefficients(data, name) if setting.projection else None
 
         jobs = [(setting, name, img) for setting in settings for name, img in images]
         # one bar over every (setting, image) pair, with the time left for the whole run
         with tqdm(total=len(jobs), unit="img", dynamic_ncols=True, disable=None) as bar:
-            for i, ((setting, name, _), (img_L, img_H)) in enumerate(
+            for i, ((setting, name, _), (img_L, img_H, coefficients)) in enumerate(
                     zip(jobs, pipe.map_prepared(degrade, jobs))):
                 index = i % len(images)
                 out_dir = (None if args.no_save_images
@@ -370,6 +406,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                     pipe.finish(_log_setting, setting, len(images), model.net is not None)
                 with clock("network"):
                     img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
+                if coefficients is not None:
+                    with clock("projection"):
+                        img_E = project(img_E, coefficients)
                 scores = (None if img_H is None
                           else pipe.submit(_scores, img_E, img_H, clock, device))
                 written = None if out_dir is None else pipe.submit(

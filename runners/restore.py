@@ -51,13 +51,18 @@ from utils.jpeg_header import JpegHeaderError, header_qf, is_jpeg, parse_jpeg
 from utils.logger import setup_logging
 
 __all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache",
-           "ModelUnavailable", "read_image", "choose_qf", "encode_image", "run_restore",
+           "ModelUnavailable", "read_image", "choose_qf", "make_consistent", "encode_image",
+           "run_restore",
            "run_qf_estimate", "main"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
            "tiff": ".tif", "bmp": ".bmp"}
 GLOB_CHARS = "*?["
+# what the per-file line says of the projection (make_consistent)
+PROJECTED = "projected onto the file's DCT"
+NOT_PROJECTED = "not projected onto the file's DCT"
+NOT_A_JPEG = "not a JPEG file: no JPEG trace read"
 
 
 def _qf_mode(text):
@@ -324,21 +329,19 @@ def _qf_used(model, decoded, qf, qf_source, qf_pred):
     return f"QF {qf} ({qf_source}; network estimate {qf_pred})"
 
 
-def _consistent(img_E, decoded, wanted, model, shown):
-    """`(image, note)`: the restoration projected onto the JPEG's quantization intervals when
-    `wanted`, and a few words for the per-file line (empty when there is nothing to say)."""
-    if model.net is None:
-        return img_E, ""
+def make_consistent(img_E, decoded, wanted=True):
+    """`(image, note)`: a JPEG's restoration projected onto the quantization intervals of its
+    file's DCT coefficients when `wanted` (data/jpeg_projection.py), and a few words saying
+    what was done: empty when the projection was not wanted, the reason when the file cannot
+    be projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is kept as it is)."""
     if decoded.jpeg_info is None:
-        return img_E, "not a JPEG file: no JPEG trace read"
+        return img_E, NOT_A_JPEG
     if not wanted:
         return img_E, ""
     try:
-        return project(img_E, read_coefficients(decoded.data)), "projected onto the file's DCT"
+        return project(img_E, read_coefficients(decoded.data)), PROJECTED
     except ProjectionUnavailable as exc:
-        LOG.warning("warning: %s: not projected onto the file's DCT (%s); written as the network "
-                    "restored it", shown, exc)
-        return img_E, "not projected"
+        return img_E, f"{NOT_PROJECTED} ({exc})"
 
 
 def _failure(path, exc):
@@ -402,7 +405,13 @@ def run_restore(args):
             qf, qf_source = choose_qf(args.qf, decoded)
             model = models.get("gray" if decoded.gray else "color")
             img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
-            img_E, consistency = _consistent(img_E, decoded, args.projection, model, shown)
+            consistency = ""
+            if model.net is not None:
+                img_E, consistency = make_consistent(img_E, decoded, args.projection)
+            if consistency.startswith(NOT_PROJECTED):
+                LOG.warning("warning: %s: %s; written as the network restored it", shown,
+                            consistency)
+                consistency = NOT_PROJECTED
             img_E = apply_orientation(img_E, decoded.orientation)
             icc = decoded.icc
             if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)

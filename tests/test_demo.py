@@ -1,7 +1,8 @@
 """runners/demo.py without a browser: model discovery, reading uploads, restoring, callbacks.
 
-The restoration checks compare with `models.inference.restore` on the same tiny random FBCNN;
-the Gradio callbacks run only when gradio is importable.
+The restoration checks compare with `models.inference.restore` on the same tiny random FBCNN,
+projected onto the JPEG's quantization intervals as the demo does by default; the Gradio
+callbacks run only when gradio is importable.
 """
 import importlib.util
 import os
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 import models.inference as inference
 from data.jpeg import jpeg, jpeg_encode
+from data.jpeg_projection import project, read_coefficients
 from models.inference import restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
@@ -36,6 +38,12 @@ def _save_tiny(path, in_nc=3, seed=0):
     torch.manual_seed(seed)
     save_file(FBCNN(in_nc=in_nc, out_nc=in_nc, nc=[8, 16, 32, 64], nb=1).state_dict(), str(path))
     return str(path)
+
+
+def projected(img, path):
+    """`img` projected onto the quantization intervals of the JPEG file at `path`."""
+    with open(path, "rb") as f:
+        return project(img, read_coefficients(f.read()))
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +116,22 @@ def test_samples_are_real_jpegs_and_a_live1_crop_at_qf10(tmp_path):
 def test_blind_then_slider_match_restore(demo, jpeg_file):
     model = demo.models.get("tiny")
     img = imread_uint(jpeg_file)
-    expected, expected_qf = restore(model, img)
+    raw, expected_qf = restore(model, img)
+    expected = projected(raw, jpeg_file)
     blind = demo.run(jpeg_file, "tiny")
     assert blind.qf_pred == expected_qf and blind.qf_used is None and blind.tile is None
     assert np.array_equal(blind.after, expected) and np.array_equal(blind.before, img)
     assert np.array_equal(imread_uint(blind.png_path), expected)
     assert os.path.basename(blind.png_path) == "parrots_qf20_tiny_blind.png"
     assert f"Predicted QF: **{expected_qf}**" in blind.info_markdown()
+    assert "projected onto the file's DCT" in blind.info_markdown()
+    unprojected = Demo(demo.models, demo.work_dir, projection=False).run(jpeg_file, "tiny")
+    assert np.array_equal(unprojected.after, raw) and not np.array_equal(raw, expected)
+    assert "projected" not in unprojected.info_markdown()
 
     qf = 90 if expected_qf < 50 else 10
     controlled = demo.run(jpeg_file, "tiny", qf=qf)
-    assert np.array_equal(controlled.after, restore(model, img, qf=qf)[0])
+    assert np.array_equal(controlled.after, projected(restore(model, img, qf=qf)[0], jpeg_file))
     assert not np.array_equal(controlled.after, blind.after)
     assert controlled.qf_pred == expected_qf and controlled.qf_used == qf
     assert f"QF {qf} (set by the slider)" in controlled.info_markdown()
@@ -132,8 +145,9 @@ def test_large_images_are_tiled(tiny_path, tmp_path, jpeg_file):
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
     img = imread_uint(jpeg_file)
     tiled = restore(demo.models.get("tiny"), img, tile=64, tile_overlap=32)[0]
-    assert np.array_equal(result.after, tiled)
-    assert not np.array_equal(result.after, restore(demo.models.get("tiny"), img)[0])
+    assert np.array_equal(result.after, projected(tiled, jpeg_file))
+    untiled = restore(demo.models.get("tiny"), img)[0]
+    assert not np.array_equal(result.after, projected(untiled, jpeg_file))
 
 
 def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file, monkeypatch):
@@ -143,7 +157,8 @@ def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file,
     result = demo.run(jpeg_file, "tiny")
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
     img = imread_uint(jpeg_file)
-    assert np.array_equal(result.after, restore(demo.models.get("tiny"), img, tile=64)[0])
+    assert np.array_equal(result.after,
+                          projected(restore(demo.models.get("tiny"), img, tile=64)[0], jpeg_file))
 
 
 def test_exif_rotated_jpeg_is_restored_on_its_stored_grid_then_turned(demo, tmp_path, jpeg_file):
@@ -156,7 +171,8 @@ def test_exif_rotated_jpeg_is_restored_on_its_stored_grid_then_turned(demo, tmp_
     expected, expected_qf = restore(demo.models.get("tiny"), stored)
     result = demo.run(str(path), "tiny")
     assert np.array_equal(result.before, np.rot90(stored, -1))
-    assert np.array_equal(result.after, np.rot90(expected, -1)) and result.qf_pred == expected_qf
+    assert np.array_equal(result.after, np.rot90(projected(expected, jpeg_file), -1))
+    assert result.qf_pred == expected_qf
     assert np.array_equal(imread_uint(result.png_path), result.after)
 
 
@@ -167,7 +183,8 @@ def test_gray_model_reads_gray(tmp_path, jpeg_file):
     result = demo.run(jpeg_file, "tiny_gray")
     gray = imread_uint(jpeg_file, n_channels=1)
     assert np.array_equal(result.before, gray)
-    assert np.array_equal(result.after, restore(demo.models.get("tiny_gray"), gray)[0])
+    assert np.array_equal(result.after,
+                          projected(restore(demo.models.get("tiny_gray"), gray)[0], jpeg_file))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.jpeg import jpeg
+from data.jpeg import double_jpeg_file, jpeg, jpeg_file
+from data.jpeg_projection import project, read_coefficients
 from models.inference import restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
@@ -239,6 +240,35 @@ def test_x8_runs_the_self_ensemble_and_says_so(tmp_path, small_set, tiny_models)
         assert np.array_equal(written, restore(model, jpeg(img, 20), x8=x8)[0])
     log = (tmp_path / "res" / "small_tiny3.log").read_text()
     assert ", fp32, --x8" in log and "Average PSNR/SSIM/PSNRB - small_tiny3_qf20_x8 -:" in log
+
+
+@pytest.mark.parametrize("preset, n_channels", [(COLOR, 3), (GRAY_DOUBLE, 1)])
+def test_projection_projects_each_restoration_and_names_its_rows(tmp_path, small_set,
+                                                                 tiny_models, preset, n_channels):
+    """--projection: each restoration projected onto the intervals of the JPEG it came from;
+    the rows, folders and JSON say so; without it, the paper's protocol as before."""
+    model = load_model(str(tiny_models[n_channels]))
+    img = imread_uint(str(small_set / "monarch.png"), n_channels)
+    settings = ["--qf", "20"] if preset is COLOR else ["--qf1", "10", "--qf2", "30"]
+    name = "small_tiny3_qf20" if preset is COLOR else "small_tiny1_qf10_30_shift4"
+    rows = {}
+    for flags in ([], ["--projection"]):
+        path = tmp_path / f"r{len(flags)}.json"
+        assert main(preset, ["--model", str(tiny_models[n_channels]), "--testset", str(small_set),
+                             *settings, "--json", str(path), "--results", str(tmp_path / "res"),
+                             "--device", "cpu", *flags]) == 0
+        (rows[bool(flags)],) = json.loads(path.read_text())
+    assert rows[False]["projection"] is False and rows[True]["projection"] is True
+    if preset is COLOR:
+        img_L, data = jpeg_file(img, 20)
+    else:
+        img_L, data = double_jpeg_file(img, 10, 30, 4)
+    expected = project(restore(model, img_L)[0], read_coefficients(data))
+    written = imread_uint(str(tmp_path / "res" / f"{name}_proj" / "monarch.png"), n_channels)
+    assert np.array_equal(written, expected)
+    assert not np.array_equal(written, restore(model, img_L)[0])
+    log = (tmp_path / "res" / f"{name.rsplit('_qf', 1)[0]}.log").read_text()
+    assert f"{name}_proj: " in log and "(--projection)" in log
 
 
 def _one_error_line(out):
