@@ -13,5 +13,13 @@ fi
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     . .venv/bin/activate
 fi
+before=$(python -m pip freeze | sort)
 python -m pip install -q -r requirements-demo.txt
+# the demo's requirements must agree with what the tests installed: none replaced or removed
+changed=$(comm -23 <(echo "$before") <(python -m pip freeze | sort) || true)
+if [ -n "$changed" ]; then
+    echo "requirements-demo.txt changed packages already installed (align the ranges):" >&2
+    echo "$changed" >&2
+    exit 1
+fi
 echo "browser test dependencies installed in $(( $(date +%s) - start )) s ($(/usr/bin/chromium --version 2>/dev/null))"

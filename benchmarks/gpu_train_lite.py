@@ -45,8 +45,8 @@ fbcnn_gray_double_lite),
 printed), `<name>_train.log` (the probe's and the run's training logs), `<name>_metrics.jsonl`
 (the run's loss curve) and `<name>_eval.log` (the runner's per-image lines).
 
-The training tiles are not in git (`trainsets/` is ignored): copy ../shared/trainsets/train_pack
-to trainsets/train_pack and carry that folder to the GPU machine, or give `--data`. `--smoke`
+The training tiles are not in git (`trainsets/` is ignored): put them in trainsets/train_pack
+and carry that folder to the GPU machine, or give `--data`. `--smoke`
 runs every step on the CPU with a tiny network, the Classic5 images as training data (unless
 `--data` exists), a 2-second probe and two 64x64 crops of LIVE1 as the test set: it checks the
 script, it trains nothing useful.
@@ -354,8 +354,8 @@ def _main(args):
         data = os.path.join(REPO_ROOT, "testsets", "Classic5")
     if data is None:
         raise UserError(f"--data {args.data!r}: no such folder (trainsets/ is not in git: copy "
-                        f"../shared/trainsets/train_pack to trainsets/train_pack, and carry it "
-                        f"to the GPU machine)")
+                        f"the training tiles to trainsets/train_pack, and carry it to the GPU "
+                        f"machine)")
     extra, init_kwargs = _init_overrides(args.init, recipe) if args.init else ([], None)
     make_folder(args.out)
     workdir = args.workdir or tempfile.mkdtemp(prefix="gpu_train_lite_")

@@ -123,6 +123,16 @@ class Setting:
     scores: list = field(default_factory=list)
 
 
+# the paper's test sets that are too large for the repository, and where they come from
+PUBLIC_TESTSETS = {
+    "BSDS500_color": "the 500 images of BSDS500, www2.eecs.berkeley.edu/Research/Projects/CS/"
+                     "vision/grouping/resources.html",
+    "BSDS500_gray": "BSDS500 (www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+                    "resources.html) converted to gray",
+    "McMaster": "the 18 McMaster images, www4.comp.polyu.edu.hk/~cslzhang/CDM_Dataset.htm",
+}
+
+
 def resolve_testset(testset, root):
     """A name under `root` (default: the repository's testsets/) first, else a folder path."""
     root = root or os.path.join(REPO_ROOT, "testsets")
@@ -134,6 +144,9 @@ def resolve_testset(testset, root):
     known = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
              if os.path.isdir(root) else [])
     hint = f"; sets in {root}: {', '.join(known)}" if known else f"; {root} holds no test sets"
+    if testset in PUBLIC_TESTSETS:
+        hint += (f". {testset} is not in the repository: download {PUBLIC_TESTSETS[testset]}, "
+                 f"put it in a folder named {testset} and give its parent as --testsets-root")
     raise UserError(f"--testset {testset!r}: no folder {path}{hint}")
 
 

@@ -195,10 +195,11 @@ SCHEMA = Section({
 
 
 # where training images come from: none are in the repository (trainsets/ is git-ignored)
-TRAINING_DATA_HINT = ("training images are not in the repository: copy this project's pack of "
-                      "269 clean 256x256 tiles (../shared/trainsets/train_pack) there, cut "
-                      "DIV2K + Flickr2K into sub-images (docs/training.md, section 1), or train "
-                      "on any folder of clean images with --set datasets.train.dataroot_H=DIR")
+TRAINING_DATA_HINT = ("training images are not in the repository: put clean images there (the "
+                      "lite recipes used 269 clean 256x256 tiles; python -m "
+                      "runners.prepare_subimages cuts tiles from DIV2K + Flickr2K, "
+                      "docs/training.md, section 1), or train on any folder of clean images "
+                      "with --set datasets.train.dataroot_H=DIR")
 
 
 def _check_folder(path, where, what, hint=""):

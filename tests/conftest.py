@@ -1,6 +1,8 @@
 """Shared fixtures: the locations of the repository and of the test data (pytest.ini puts the
 repository on the path). The small references live in tests/reference/; only the large test
-sets (BSDS500, McMaster) are read from ../shared/testsets, by `shared_testset`."""
+sets (BSDS500, McMaster) are read from outside the clone, by `shared_testset`: from the folder
+$FBCNN_TESTSETS_ROOT names (the one main_test_fbcnn_*.py takes as --testsets-root), else from
+the project's data folder beside the clone where there is one."""
 import os
 
 import pytest
@@ -53,11 +55,14 @@ def testsets_dir():
 
 
 def shared_testset(name):
-    """The folder of a large test set kept only in ../shared/testsets (BSDS500_color,
-    BSDS500_gray, McMaster); the calling test is skipped, naming the folder, without it."""
-    path = os.path.join(SHARED, "testsets", name)
+    """The folder of a large test set that is not in the repository (BSDS500_color,
+    BSDS500_gray, McMaster); the calling test is skipped, saying how to provide it, without it."""
+    root = os.environ.get("FBCNN_TESTSETS_ROOT") or os.path.join(SHARED, "testsets")
+    path = os.path.join(root, name)
     if not os.path.isdir(path):
-        pytest.skip(f"needs the test set folder {path} (too large for the repository)")
+        pytest.skip(f"needs the {name} test set, too large for the repository (README, "
+                    f"'Reproducing the tables': where to get it); set FBCNN_TESTSETS_ROOT to "
+                    f"the folder that holds it")
     return path
 
 

@@ -285,6 +285,14 @@ def test_missing_testset_is_one_error_line(tmp_path):
     assert "NoSuchSet" in line and "LIVE1_color" in line
 
 
+def test_a_public_testset_not_in_the_repository_says_where_it_comes_from(tmp_path):
+    line = _one_error_line(_script("main_test_fbcnn_color.py", "--model", "jpeg", "--testset",
+                                   "BSDS500_color", "--testsets-root", str(tmp_path),
+                                   "--results", str(tmp_path / "r")))
+    assert f"no folder {tmp_path / 'BSDS500_color'}" in line and "holds no test sets" in line
+    assert "berkeley.edu" in line and "--testsets-root" in line
+
+
 def test_a_file_as_results_folder_is_one_error_line(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     line = _one_error_line(_script("main_test_fbcnn_gray.py", "--model", "jpeg", "--qf", "10",

@@ -48,3 +48,38 @@ def test_quick_start_main_job_needs_no_download():
     from models.model_zoo import MODEL_ZOO
     assert model == "jpeg" or os.path.isfile(
         os.path.join(REPO_ROOT, "model_zoo", MODEL_ZOO[model].filename))
+
+
+def test_the_product_names_no_folder_outside_the_users_clone():
+    """Messages, docs and option files speak of the user's clone and data, never of the folder
+    beside this project's own checkouts where its large data sits (benchmarks/travel_size.py
+    measures that folder for the GPU machine, so it alone may name it)."""
+    found = []
+    for top in ("README.md", "docs", "runners", "models", "data", "utils", "options",
+                "benchmarks", "app.py", "hubconf.py", "main_restore.py", "main_train_fbcnn.py"):
+        path = os.path.join(REPO_ROOT, top)
+        files = [path] if os.path.isfile(path) else [
+            os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+            if name.endswith((".py", ".md", ".json"))]
+        for name in files:
+            if name.endswith(os.path.join("benchmarks", "travel_size.py")):
+                continue
+            with open(name, encoding="utf-8") as f:
+                if "../shared" in f.read():
+                    found.append(os.path.relpath(name, REPO_ROOT))
+    assert not found
+
+
+def test_the_cpu_install_line_pins_the_pair_the_test_command_keeps():
+    """README's CPU-only PyTorch line installs exactly the torch and torchvision versions quick
+    start 2 asks for, so neither quick-start command replaces the CPU build."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    cpu = [line for line in text.splitlines() if "download.pytorch.org/whl/cpu" in line
+           and line.lstrip().startswith("python3 -m venv")]
+    assert len(cpu) == 1
+
+    def pins(command):
+        return sorted(w for w in shlex.split(command) if w.startswith(("torch==",
+                                                                       "torchvision==")))
+    assert pins(cpu[0]) == pins(_quick_start()[1]) and len(pins(cpu[0])) == 2
