@@ -59,6 +59,7 @@ LOG = logging.getLogger(f"fbcnn.{__name__}")
 FORMATS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp", "tif": ".tif",
            "tiff": ".tif", "bmp": ".bmp"}
 GLOB_CHARS = "*?["
+DEFAULT_QUALITY = 95  # of jpg and webp outputs
 # what the per-file line says of the projection (make_consistent)
 PROJECTED = "projected onto the file's DCT"
 NOT_PROJECTED = "not projected onto the file's DCT"
@@ -107,8 +108,8 @@ def build_parser(prog=None):
                         "(docs/restore.md); no effect on other formats (default: on)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
-    p.add_argument("--quality", type=quality_factor, default=95,
-                   help="quality of jpg and webp outputs (default %(default)s)")
+    p.add_argument("--quality", type=quality_factor, default=None,
+                   help=f"quality of jpg and webp outputs (default {DEFAULT_QUALITY})")
     p.add_argument("--suffix", default="", help="added to each output's file name stem")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (inputs are never overwritten)")
@@ -157,13 +158,16 @@ def _top_level(folder, onerror):
 
 
 def collect_inputs(inputs, recursive=False, exclude=None):
-    """Expand INPUT arguments to Jobs (sorted per argument, duplicates dropped) and errors.
+    """Expand INPUT arguments to Jobs (sorted per argument, duplicates dropped), errors, and
+    what folder inputs held that is not taken: `{"files": n, "folders": m}` (files without an
+    image extension; sub-folders, when not recursive).
 
     Files named explicitly are taken whatever their extension; folders and globs contribute
     files with an image extension. A recursive walk does not enter `exclude` (the output
     folder) when it lies inside the walked folder.
     """
     jobs, errors, seen = [], [], set()
+    passed = {"files": 0, "folders": 0}
 
     def add(path, subdir="", named=False):
         key = os.path.realpath(path)
@@ -192,6 +196,13 @@ def collect_inputs(inputs, recursive=False, exclude=None):
                     if _is_image_name(name) and os.path.isfile(path):
                         add(path, "" if rel == "." else rel)
                         found += 1
+                    elif name.startswith(".") or (exclude and os.path.realpath(path)
+                                                  == os.path.realpath(exclude)):
+                        continue
+                    elif os.path.isdir(path):
+                        passed["folders"] += not recursive
+                    else:
+                        passed["files"] += 1
             errors.extend(unlisted)
             if not found and not unlisted:
                 errors.append(f"{arg}: no image files in this folder"
@@ -205,7 +216,18 @@ def collect_inputs(inputs, recursive=False, exclude=None):
                 add(m)
         else:
             errors.append(f"{arg}: no such file or folder")
-    return jobs, errors
+    return jobs, errors, passed
+
+
+def _log_passed_over(passed):
+    """One line for what the folder inputs held that is not restored, when there is any."""
+    parts = []
+    if passed["files"]:
+        parts.append(f"{passed['files']} file(s) without an image extension")
+    if passed["folders"]:
+        parts.append(f"{passed['folders']} sub-folder(s) (--recursive descends into them)")
+    if parts:
+        LOG.info("passed over in the input folders: %s", "; ".join(parts))
 
 
 class ModelUnavailable(UserError):
@@ -379,7 +401,12 @@ def run_restore(args):
     device = resolve_device(args.device)
     options = speed_options(args)
     ext = FORMATS[args.format]
-    jobs, failures = collect_inputs(args.inputs, args.recursive, exclude=args.output)
+    _warn_unused(args, [("--json", args.json, "without --qf-estimate"),
+                        ("--no-network", args.no_network, "without --qf-estimate"),
+                        ("--quality", args.quality is not None and ext not in (".jpg", ".webp"),
+                         f"on {args.format} output (only jpg and webp)")])
+    jobs, failures, passed = collect_inputs(args.inputs, args.recursive, exclude=args.output)
+    _log_passed_over(passed)
     for message in failures:
         LOG.error("error: %s", message)
     models = ModelCache({"color": args.model, "gray": args.gray_model}, device)
@@ -420,7 +447,8 @@ def run_restore(args):
                                 else f"{shown} ({icc_colour_space(icc)} profile, "
                                      f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
                 icc = None
-            atomic_write_bytes(dest, encode_image(img_E, ext, args.quality, icc), fsync=False,
+            quality = DEFAULT_QUALITY if args.quality is None else args.quality
+            atomic_write_bytes(dest, encode_image(img_E, ext, quality, icc), fsync=False,
                                replace=args.overwrite)
             done += 1
             LOG.info("%s -> %s [%s]", shown, display_path(dest), ", ".join(
@@ -446,6 +474,13 @@ def run_restore(args):
     return 2 if models.failed else 1 if failures else 0
 
 
+def _warn_unused(args, checks):
+    """One warning per option given where it does nothing (`(flag, given, where)` triples)."""
+    for flag, given, where in checks:
+        if given:
+            LOG.warning("warning: %s has no effect %s", flag, where)
+
+
 def _check_json_path(path, jobs, overwrite):
     """UserError unless `path` may receive --qf-estimate's JSON: never an image or an input
     (`--json *.jpg` unquoted makes the first image the JSON path), an existing file only with
@@ -468,7 +503,13 @@ def run_qf_estimate(args):
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
     options.pop("x8", None)  # x8 reports the QF of its unturned pass: the plain one
-    jobs, failures = collect_inputs(args.inputs, args.recursive)
+    _warn_unused(args, [(flag, given, "with --qf-estimate (nothing is restored)")
+                        for flag, given in (("-o", args.output), ("--format", args.format != "png"),
+                                            ("--quality", args.quality is not None),
+                                            ("--suffix", args.suffix),
+                                            ("--no-projection", not args.projection))])
+    jobs, failures, passed = collect_inputs(args.inputs, args.recursive)
+    _log_passed_over(passed)
     if args.json:
         _check_json_path(args.json, jobs, args.overwrite)
     for message in failures:

@@ -622,3 +622,39 @@ def test_the_shipped_lite_model_restores_a_photo_offline_without_model_flags(tmp
     jpeg_psnr = psnr(jpeg_decode(src.read_bytes(), 3), clean)
     restored_psnr = psnr(read_rgb(tmp_path / "out" / "photo.png"), clean)
     assert restored_psnr > jpeg_psnr + 0.5, (restored_psnr, jpeg_psnr)
+
+
+def test_options_that_do_nothing_here_are_named(tmp_path, photo, capsys):
+    path = write_jpeg(tmp_path / "a.jpg", photo)
+    code, _, err = run([str(path), "-o", str(tmp_path / "out"), "--json", str(tmp_path / "q.json"),
+                        "--no-network", "--quality", "80", *IDENTITY], capsys)
+    assert code == 0
+    assert "warning: --json has no effect without --qf-estimate" in err
+    assert "warning: --no-network has no effect without --qf-estimate" in err
+    assert "warning: --quality has no effect on png output (only jpg and webp)" in err
+    assert not (tmp_path / "q.json").exists()
+    code, _, err = run([str(path), "-o", str(tmp_path / "jpg"), "--format", "jpg", "--quality",
+                        "80", *IDENTITY], capsys)
+    assert code == 0 and "has no effect" not in err
+    code, _, err = run([str(path), "--qf-estimate", "--no-network", "-o", str(tmp_path / "x"),
+                        "--suffix", "_r"], capsys)
+    assert code == 0
+    assert "warning: -o has no effect with --qf-estimate (nothing is restored)" in err
+    assert "warning: --suffix has no effect with --qf-estimate" in err and "--quality" not in err
+
+
+def test_what_folder_inputs_pass_over_is_one_line(tmp_path, photo, capsys):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    write_jpeg(folder / "a.jpg", photo)
+    write_jpeg(folder / "sub" / "b.jpg", photo)
+    (folder / "notes.txt").write_text("x")
+    (folder / ".hidden").write_text("x")
+    code, out, _ = run([str(folder), "-o", str(folder / "out"), *IDENTITY], capsys)
+    assert code == 0  # the output folder inside the input folder is not counted
+    assert ("passed over in the input folders: 1 file(s) without an image extension; "
+            "1 sub-folder(s) (--recursive descends into them)") in out
+    code, out, _ = run([str(folder / "sub"), str(folder / "a.jpg"), str(folder / "notes.txt"),
+                        "-o", str(tmp_path / "out2"), "-r", *IDENTITY], capsys)
+    assert code == 1  # notes.txt, named, is tried (and fails): never passed over in silence
+    assert "passed over" not in out
