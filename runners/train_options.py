@@ -33,7 +33,8 @@ SCHEMA = Section({
     "task": Key("str", doc="run name; results go to `<path.root>/<task>/`"),
     "model": Key("str", "fbcnn", "training model (loss, optimiser, step)", choices=("fbcnn",)),
     "gpu_ids": Key("list_int", [0], "CUDA device of a single-process run (the first id); `[]` "
-                   "forces the CPU. Under torchrun each process uses `cuda:LOCAL_RANK` instead",
+                   "trains on the CPU (a non-empty list on a machine without CUDA is refused). "
+                   "Under torchrun each process uses `cuda:LOCAL_RANK` instead",
                    minimum=0),
     "n_channels": Key("int", 3, "channels the clean training images are read with; the gray "
                       "datasets convert RGB themselves, so keep 3", choices=(1, 3)),
@@ -59,7 +60,8 @@ SCHEMA = Section({
             "H_size": Key("int", 96, "patch size P", minimum=1),
             "dataloader_shuffle": Key("bool", True, "visit the images in a seeded random order"),
             "dataloader_num_workers": Key("int", 8, "loader processes in all, divided among the "
-                                          "training processes", minimum=0),
+                                          "training processes, and at most the machine's "
+                                          "cores for each (with a warning)", minimum=0),
             "dataloader_batch_size": Key("int", 128, "patches per iteration in all, divided "
                                          "among the training processes", minimum=1),
             "dataloader_pin_memory": Key("bool", True, "pinned host memory (GPU only)"),

@@ -281,9 +281,25 @@ class _StopRequest:
             raise KeyboardInterrupt
 
 
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def make_loader(dataset, sampler, train_opt, info):
-    """The training DataLoader the options describe (workers divided among the processes)."""
+    """The training DataLoader the options describe (workers divided among the processes, and
+    at most this machine's cores among its processes: more only queue for the same cores;
+    batches do not depend on the number of workers)."""
     workers = train_opt["dataloader_num_workers"] // info.world_size
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    cap = max(1, _cores() // local_processes)
+    if workers > cap:
+        logger.warning("datasets.train.dataloader_num_workers %d: this machine has %d core(s) "
+                       "for %d training process(es); using %d loader process(es) each",
+                       train_opt["dataloader_num_workers"], _cores(), local_processes, cap)
+        workers = cap
     kwargs = {}
     if workers > 0:
         kwargs = {"persistent_workers": train_opt["dataloader_persistent_workers"],
@@ -647,6 +663,9 @@ def train(opt, should_end=None):
     true (on any process): the iteration reached is saved and returned, as at total_iter (a
     time budget, benchmarks/gpu_train_lite.py).
     """
+    if opt["gpu_ids"] and not torch.cuda.is_available():
+        raise UserError(f"gpu_ids {json.dumps(opt['gpu_ids'])}: no CUDA device on this machine; "
+                        "to train on the CPU set \"gpu_ids\": [] (or --set gpu_ids=[])")
     info = init_distributed(opt["gpu_ids"])
     dirs = RunDirs.from_options(opt)
     with contextlib.ExitStack() as stack:

@@ -32,6 +32,7 @@ from runners.train_options import load_options
 from runners.training import train
 from utils import checkpoint as ckpt
 from utils.checkpoint import save_network
+from utils.dist import DistInfo
 from utils.errors import UserError
 from utils.image import imread_uint
 from utils.logger import progress_bar
@@ -1089,3 +1090,33 @@ def test_save_network_writes_fp16_with_its_architecture(tmp_path):
     loaded = load_model(path)
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.net.state_dict()[key], value.half().float())
+
+
+def test_gpu_ids_without_cuda_is_refused_as_device_cuda_is(option_file, tmp_path, monkeypatch,
+                                                             capsys):
+    """`"gpu_ids": [0]` on a machine without CUDA stops with one line saying how to train on
+    the CPU, as `--device cuda` is refused by the other scripts; nothing is written."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status = main_train_fbcnn.main(["-opt", option_file, "--set", f"path.root={tmp_path}",
+                                    "--set", "gpu_ids=[0]"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err == ('error: gpu_ids [0]: no CUDA device on this machine; to train on the CPU '
+                   'set "gpu_ids": [] (or --set gpu_ids=[])\n')
+    assert os.listdir(tmp_path) == []
+
+
+def test_loader_workers_are_capped_at_the_machines_cores(option_file, monkeypatch, caplog):
+    from runners import training
+    opt = load_options(option_file, ["datasets.train.dataloader_num_workers=8"])
+    dataset = define_dataset(opt["datasets"]["train"], "train", 3)
+    sampler = IterationBatchSampler(len(dataset), 4)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setattr(training, "_cores", lambda: 3)
+    with caplog.at_level(logging.WARNING):
+        loader = training.make_loader(dataset, sampler, opt["datasets"]["train"], info)
+    assert loader.num_workers == 3
+    assert ("datasets.train.dataloader_num_workers 8: this machine has 3 core(s) for 1 training "
+            "process(es); using 3 loader process(es) each") in caplog.text
+    monkeypatch.setattr(training, "_cores", lambda: 16)
+    assert training.make_loader(dataset, sampler, opt["datasets"]["train"], info).num_workers == 8
