@@ -369,3 +369,19 @@ def test_docs_training_holds_the_options_reference_as_printed():
         doc = f.read()
     assert options_reference_markdown() in doc, (
         "docs/training.md is out of date: paste the output of `python -m runners.train_options`")
+
+
+def test_every_problem_of_an_option_file_is_reported_at_once(tmp_path, capsys):
+    """Two misspelt keys and a bad value: all three named, each with its hint, in one run."""
+    raw = _raw()
+    raw["train"]["G_optimiser_lr"] = raw["train"].pop("G_optimizer_lr")
+    raw["train"]["total_iters"] = 10
+    raw["netG"]["nb"] = 0
+    path = tmp_path / "o.json"
+    path.write_text(json.dumps(raw))
+    assert main_train_fbcnn.main(["-opt", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"error: {path}: ") for line in lines)
+    assert "unknown key 'train.G_optimiser_lr'; did you mean 'train.G_optimizer_lr'?" in lines[1]
+    assert "unknown key 'train.total_iters'; did you mean 'train.total_iter'?" in lines[2]
+    assert lines[0].endswith("netG.nb: must be >= 1, got 0")

@@ -218,15 +218,17 @@ def _check_value(value, spec, where):
     return value
 
 
-def _validate_section(raw, section, prefix, origin, schema):
+def _validate_section(raw, section, prefix, origin, schema, errors):
+    """The resolved section; each problem found is appended to `errors`, and the check goes on."""
     if not isinstance(raw, dict):
         where = origin(prefix.rstrip(".")) if prefix else origin("")
-        raise UserError(f"{where}: expected an object, got {json.dumps(raw)[:60]}")
+        errors.append(f"{where}: expected an object, got {json.dumps(raw)[:60]}")
+        return None
     for name in raw:
         if name not in section.keys:
             path = prefix + name
-            raise UserError(f"{origin(path)}: unknown key {path!r}; "
-                            f"{_suggest(name, section, prefix, schema)}")
+            errors.append(f"{origin(path)}: unknown key {path!r}; "
+                          f"{_suggest(name, section, prefix, schema)}")
     resolved = {}
     for name, spec in section.keys.items():
         path = prefix + name
@@ -238,20 +240,29 @@ def _validate_section(raw, section, prefix, origin, schema):
                 raw_sub = {}
             else:
                 raw_sub = raw[name]
-            resolved[name] = _validate_section(raw_sub, spec, path + ".", origin, schema)
+            resolved[name] = _validate_section(raw_sub, spec, path + ".", origin, schema, errors)
         elif name in raw:
-            resolved[name] = _check_value(raw[name], spec, origin(path))
+            try:
+                resolved[name] = _check_value(raw[name], spec, origin(path))
+            except UserError as exc:
+                errors.append(str(exc))
         elif spec.default is REQUIRED:
-            raise UserError(f"{origin(path)}: missing required key {path!r} ({spec.doc})")
+            errors.append(f"{origin(path)}: missing required key {path!r} ({spec.doc})")
         else:
             resolved[name] = copy.deepcopy(spec.default)
     return resolved
 
 
 def resolve(raw, schema, origin):
-    """A checked copy of `raw` with every default of `schema` filled in, or a UserError whose
-    message starts with `origin(dotted key)` (see `origin_namer`)."""
-    return _validate_section(raw, schema, "", origin, schema)
+    """A checked copy of `raw` with every default of `schema` filled in, or one UserError with
+    every problem found, each starting with `origin(dotted key)` (see `origin_namer`); several
+    are joined as lines that each read `error: ...` where the message is printed after
+    `error: `."""
+    errors = []
+    resolved = _validate_section(raw, schema, "", origin, schema, errors)
+    if errors:
+        raise UserError("\nerror: ".join(errors))
+    return resolved
 
 
 def origin_namer(source, overridden=()):
