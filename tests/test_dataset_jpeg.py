@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from data import dataset_jpeg
 from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
                                SampleKey, define_dataset, rgb_to_training_gray)
-from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, sample_qf
+from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, random_offset, sample_qf
 from runners import prepare_subimages
 from utils.errors import UserError
 from utils.image import imread_uint, rgb2y_matlab
@@ -298,6 +298,17 @@ def test_loader_workers_do_not_change_the_batches(image_dir):
     for a, b in zip(*outs):
         assert torch.equal(a["L"], b["L"]) and torch.equal(a["H"], b["H"])
         assert torch.equal(torch.nan_to_num(a["qf"], 9.0), torch.nan_to_num(b["qf"], 9.0))
+
+
+@pytest.mark.parametrize("max_offset", [1, 8, 16])
+def test_random_offsets_cover_zero_to_the_maximum_on_both_axes(max_offset):
+    """Rows and columns each take every offset in [0, max_offset], 0 included (the crop may
+    start at the patch's first row and column), and nothing beyond."""
+    rng = np.random.default_rng(0)
+    draws = np.array([random_offset(rng, max_offset) for _ in range(200 * (max_offset + 1))])
+    for axis in (0, 1):
+        assert sorted(set(draws[:, axis].tolist())) == list(range(max_offset + 1))
+    assert random_offset(rng, 0) == (0, 0)
 
 
 def test_random_crop_stays_inside():

@@ -146,3 +146,27 @@ def test_spandrel_refuses_the_bundled_models_for_their_qf_head_width(name):
     assert load_model(path).net.qf_pred[-6].in_features == 64
     with pytest.raises(RuntimeError, match="qf_pred"):
         spandrel.ModelLoader(device="cpu").load_from_file(path)
+
+
+def test_the_qf_head_split_for_tiled_inference_is_the_head():
+    """`qf_features` then global mean then `qf_from_pooled` is `qf_pred`, layer for layer; and
+    the features of two halves pooled with equal weights give the whole image's QF (what tiled
+    inference does with its tiles)."""
+    torch.manual_seed(3)
+    net = FBCNN(**TINY).eval()
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        (*_, b), qf = net.encode(x)
+        features = net.qf_features(b)
+        assert features.shape == (2, 64, 4, 6)
+        by_hand = b
+        for block in net.qf_pred[:net.nb]:
+            by_hand = block(by_hand)
+        torch.testing.assert_close(features, by_hand, rtol=0, atol=0)
+        pooled = features.mean((2, 3))
+        torch.testing.assert_close(net.qf_from_pooled(pooled), qf, rtol=1e-6, atol=1e-7)
+        head = net.qf_pred[net.nb + 2:]
+        torch.testing.assert_close(head(pooled), qf, rtol=1e-6, atol=1e-7)
+        halves = (features[..., :3].mean((2, 3)) + features[..., 3:].mean((2, 3))) / 2
+        torch.testing.assert_close(net.qf_from_pooled(halves), qf, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(net.qf_from_pooled(features[..., :3].mean((2, 3))), qf)
