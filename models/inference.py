@@ -154,16 +154,19 @@ def precision_autocast(device, precision):
 
 def _tf32_switches(allowed):
     """(owner, attribute, value) of the TF32 switches of cuDNN's convolutions and cuBLAS's
-    matrix products: the per-backend `fp32_precision` of torch >= 2.9, else `allow_tf32`."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    matmul = torch.backends.cuda.matmul
-    switches = []
-    for new_owner, old_owner in ((conv, torch.backends.cudnn), (matmul, matmul)):
-        if new_owner is not None and hasattr(new_owner, "fp32_precision"):
-            switches.append((new_owner, "fp32_precision", "tf32" if allowed else "ieee"))
-        else:
-            switches.append((old_owner, "allow_tf32", allowed))
-    return switches
+    matrix products. `allow_tf32`, whose setters (torch 2.1 to 2.14) keep the newer per-backend
+    `fp32_precision` in step, so code that reads either API inside the block (some
+    torch.compile releases read the old one) sees one setting; setting only the new API makes
+    reading the old one raise on torch >= 2.9 (tests/test_inference.py reads both)."""
+    return [(torch.backends.cudnn, "allow_tf32", allowed),
+            (torch.backends.cuda.matmul, "allow_tf32", allowed)]
+
+
+def _read_switch(owner, name):
+    try:
+        return getattr(owner, name)
+    except RuntimeError:  # old and new APIs set apart elsewhere: PyTorch refuses to say
+        return None
 
 
 @contextlib.contextmanager
@@ -172,14 +175,15 @@ def tf32_allowed(allowed):
     fp32 for the block; the previous settings come back afterwards. The switches are
     process-wide, like PyTorch's own; they matter only on GPUs with TF32 (Ampere and later)."""
     switches = _tf32_switches(allowed)
-    previous = [getattr(owner, name) for owner, name, _ in switches]
+    previous = [_read_switch(owner, name) for owner, name, _ in switches]
     try:
         for owner, name, value in switches:
             setattr(owner, name, value)
         yield
     finally:
         for (owner, name, _), value in zip(switches, previous):
-            setattr(owner, name, value)
+            if value is not None:
+                setattr(owner, name, value)
 
 
 @dataclass(frozen=True)

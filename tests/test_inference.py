@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
 from models.inference import (check_options, fit_overlap, forward_tiled, plan_tile, predict_qf,
-                              restore, tile_spans, tile_starts)
+                              restore, tf32_allowed, tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from runners.evaluation import COLOR, main
@@ -356,10 +356,29 @@ def test_restore_runs_the_network_without_autograd(photo, tile, monkeypatch):
 
 
 def _cudnn_fp32_mode():
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return conv.fp32_precision
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_tf32_switches_read_the_same_through_the_old_and_new_apis(allowed):
+    """Inside `tf32_allowed` both of PyTorch's TF32 APIs can be read and agree (reading the old
+    one raised on torch 2.14 when only the new one was set, and torch.compile may read it)."""
+    with tf32_allowed(allowed):
+        assert torch.backends.cudnn.allow_tf32 is allowed
+        assert torch.backends.cuda.matmul.allow_tf32 is allowed
+        for owner in (getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul):
+            if owner is not None and hasattr(owner, "fp32_precision"):
+                assert (owner.fp32_precision == "tf32") is allowed
+
+
+@pytest.mark.slow
+def test_tf32_with_compile_compiles_and_matches_eager_on_the_cpu(photo):
+    model = _model(nc=(4, 4, 4, 4))
+    expected, qf = restore(model, photo[:64, :80])
+    before = _compiled_frames()
+    restored, qf_compiled = restore(model, photo[:64, :80], precision="tf32", compile=True)
+    assert _compiled_frames() > before
+    assert _grey_diff(restored, expected).max() <= 1 and qf_compiled == qf
 
 
 @pytest.mark.parametrize("precision, during", [("fp32", "ieee"), ("tf32", "tf32")])

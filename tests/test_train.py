@@ -684,13 +684,10 @@ def _tiny_model(option_file, *overrides):
 
 
 def _tf32_switches():
-    """(cuDNN convolutions, cuBLAS matrix products): "tf32", "ieee" (or torch >= 2.9's "none",
-    inherit); read where torch keeps them, so reading never mixes its two APIs."""
-    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return conv.fp32_precision, matmul.fp32_precision
-    return tuple("tf32" if flag else "ieee"
-                 for flag in (torch.backends.cudnn.allow_tf32, matmul.allow_tf32))
+    """(cuDNN convolutions, cuBLAS matrix products): "tf32" or "ieee", read through the old API,
+    which models.inference.tf32_allowed keeps in step with the new one."""
+    return tuple("tf32" if flag else "ieee" for flag in (torch.backends.cudnn.allow_tf32,
+                                                          torch.backends.cuda.matmul.allow_tf32))
 
 
 @pytest.mark.parametrize("precision, during, dtype", [("fp32", "ieee", torch.float32),
