@@ -155,6 +155,14 @@ def main(argv=None):
     tilings = [(None, None)] + ([(args.tile, cache) for cache in caches] if args.tile else [])
 
     rows = []
+    tflop_per_mp = fbcnn_conv_flops(model.net, 1000, 1000) / 1e12
+
+    def save():  # after every row, so a run stopped at its time limit keeps what it measured
+        if args.json:
+            write_json(args.json, {"device": device_name(device), "model": model.name,
+                                   "tflop_per_megapixel": tflop_per_mp,
+                                   "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
+
     for name, inputs in sets:
         reference = None
         for precision, layout, compile, (tile, cache) in itertools.product(
@@ -166,6 +174,7 @@ def main(argv=None):
                     "tiling": label}
             if tile is None and megapixels > untiled_max:
                 rows.append({**base, "note": f"skipped: over {untiled_max} MP untiled"})
+                save()
                 print(f"{base}: skipped, over {untiled_max} MP", file=sys.stderr)
                 continue
             row, outputs = measure(model, inputs, device, reference, warmup, precision=precision,
@@ -178,16 +187,12 @@ def main(argv=None):
                 row["max_diff"] = 0
                 base["reference"] = True
             rows.append({**base, **row})
+            save()
             print(f"{base}: {row['mp_per_s']:.3f} MP/s, peak {row['peak_gib']:.2f} GiB",
                   file=sys.stderr, flush=True)
-    tflop_per_mp = fbcnn_conv_flops(model.net, 1000, 1000) / 1e12
     print(f"\nDevice: {device_name(device)}. Model: {model.name} ({tflop_per_mp:.3f} TFLOP per "
           f"megapixel). Differences are against the first row of each input.\n")
     print_table(rows, COLUMNS)
-    if args.json:
-        write_json(args.json, {"device": device_name(device), "model": model.name,
-                               "tflop_per_megapixel": tflop_per_mp,
-                               "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
     return 0
 
 

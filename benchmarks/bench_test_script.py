@@ -154,9 +154,17 @@ def main(argv=None):
 
     testset = resolve_testset(args.testset, None)
     pixels = sum(read_image_header(path).pixels for path in list_images(testset))  # no decoding
-    rows, process_rows = [], []
+    rows, process_rows, named = [], [], {}
+
+    def save():  # after every row, so a run stopped at its time limit keeps what it measured
+        if args.json:
+            write_json(args.json, {"device": device_name(args.device), "model": named["model"],
+                                   "argv": sys.argv[1:] if argv is None else argv,
+                                   "warmup": warmup, "rows": rows, "process_rows": process_rows})
+
     with tempfile.TemporaryDirectory(prefix="bench_test_script_") as workdir:
         model_arg = _model_argument(args, workdir)
+        named["model"] = os.path.splitext(os.path.basename(model_arg))[0]
         for precision in args.precision:
             flags = _runner_flags(args, model_arg, testset, precision)
             for i in range(warmup):  # each precision's kernels chosen before its timed runs
@@ -175,13 +183,14 @@ def main(argv=None):
                                                      / (wall - clock.seconds["load_model"])),
                              "psnr": summary["psnr"], "ssim": summary["ssim"],
                              "psnrb": summary["psnrb"], "n_images": summary["n_images"]})
+                save()
                 print(f"{precision}, QF {qf}, workers {workers}: {wall:.1f} s", file=sys.stderr,
                       flush=True)
             for workers in [] if args.no_process else args.workers:
                 process_rows.append(_process_row(flags, args, workers, workdir, pixels, [
                     r for r in rows if (r["precision"], r["workers"]) == (precision, workers)]))
-    model_name = os.path.splitext(os.path.basename(model_arg))[0]
-    print(f"\nDevice: {device_name(args.device)}. Model: {model_name}. Test set: {args.testset}, "
+                save()
+    print(f"\nDevice: {device_name(args.device)}. Model: {named['model']}. Test set: {args.testset}, "
           f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. {warmup} untimed "
           f"warm-up run(s) before each precision. Stage seconds are summed over threads.\n")
     print_table(rows, COLUMNS)
@@ -189,10 +198,6 @@ def main(argv=None):
         print("\nThe script in a new process (python main_test_fbcnn_color.py, every QF), from "
               "start to exit, against the in-process runs above:\n")
         print_table(process_rows, PROCESS_COLUMNS)
-    if args.json:
-        write_json(args.json, {"device": device_name(args.device), "model": model_name,
-                               "argv": sys.argv[1:] if argv is None else argv, "warmup": warmup,
-                               "rows": rows, "process_rows": process_rows})
     return 0
 
 

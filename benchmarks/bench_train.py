@@ -99,15 +99,16 @@ def main(argv=None):
                      "patches_per_s": batch * args.steps / seconds,
                      "tflops": flops / seconds / 1e12, "peak_gib": memory.peak / 2 ** 30,
                      "peak_kind": memory.kind})
+        if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+            write_json(args.json, {"device": device_name(device), "nc": model.bare.nc,
+                                   "nb": model.bare.nb,
+                                   "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
         print(f"{precision}, compile {compile}: {rows[-1]['patches_per_s']:.2f} patches/s",
               file=sys.stderr, flush=True)
     nc, nb = model.bare.nc, model.bare.nb
     print(f"\nDevice: {device_name(device)}. Network: nc {nc}, nb {nb}, options {args.opt} "
           f"{' '.join(args.set)}.\n")
     print_table(rows, COLUMNS)
-    if args.json:
-        write_json(args.json, {"device": device_name(device), "nc": nc, "nb": nb,
-                               "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
     return 0
 
 

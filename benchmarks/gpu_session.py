@@ -1,7 +1,12 @@
 """The GPU measurements of docs/benchmarks.md in one time-boxed command.
 
-    python benchmarks/gpu_session.py --out "$OUT"            # on the GPU machine
-    python benchmarks/gpu_session.py --smoke --out /tmp/s     # the same steps, tiny, on CPU
+    python -m benchmarks.gpu_session --out "$OUT"            # on the GPU machine
+    python -m benchmarks.gpu_session --smoke --out /tmp/s     # the same steps, tiny, on CPU
+
+Run from the checkout's root with `-m`: it needs no installation of the project (the GPU
+machine has none), and its steps get the checkout on their import path. Each step runs in a
+process group of its own, killed whole at the step's limit, and writes its JSON row by row,
+so a step stopped at its limit keeps what it measured.
 
 A GPU may be at hand for one command of a few minutes only, so this script runs the measurements
 of docs/benchmarks.md ("Measurements to make on a GPU") in priority order, each in its own
@@ -12,16 +17,19 @@ out of memory or hits its limit costs only itself. The steps, all with full-size
 1. `gpu_tests`: the GPU tests (each precision within its grey-level bound of the CPU's fp32,
    the out-of-memory fallback to tiles, the metrics on CUDA);
 2. `inference_live1`: LIVE1_color at QF 10, fp32/tf32/bf16/fp16 x contiguous/channels_last;
-3. `inference_12mp`: a 12-megapixel photo, fp32 and bf16, untiled vs 1024-pixel tiles with
-   encoder caches of 0, 1 and 2 GiB;
-4. `test_script_fp32`: the whole colour test script at QF 10 to 40, serial (`--workers 0`, the
+3. `test_script_fp32`: the whole colour test script at QF 10 to 40, serial (`--workers 0`, the
    baseline) and pipelined (`--workers 8`), then each as a new process, start to exit;
-5. `train`: training steps at batch 128 of 96x96, `train.precision` fp32/tf32/bf16/fp16,
+4. `train`: training steps at batch 128 of 96x96, `train.precision` fp32/tf32/bf16/fp16,
    channels_last;
+5. `inference_12mp`: a 12-megapixel photo, fp32 and bf16, untiled vs 1024-pixel tiles with
+   encoder caches of 0, 1 and 2 GiB;
 6. `test_script_precision`: the test script in fp32, bf16 and fp16 side by side, channels_last,
    pipelined;
 7. `inference_compile`: LIVE1_color in bf16 channels_last, without and with torch.compile;
 8. `train_compile`: bf16 channels_last training steps, without and with torch.compile.
+
+The first six's limits add up to 480 s, inside the default budget of 540 s; the compile steps
+get what is left.
 
 Each step writes its JSON into a scratch folder; at the end (and after every step) everything
 is merged into two files under `--out`, `gpu_session.json` (device, per step: command, exit
@@ -33,6 +41,7 @@ its own, as long as the time at hand allows: benchmarks/gpu_train_lite.py.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,36 +55,36 @@ _TINY = ["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1", "--device", 
          "--threads", "1"]
 _TESTS = ["-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_inference.py",
           "tests/test_metrics.py"]
-_INFER = ["benchmarks/bench_inference.py", "--random-init", "--device", "cuda"]
-_INFER_TINY = ["benchmarks/bench_inference.py", *_TINY, "--limit", "1", "--crop", "64"]
-_SCRIPT = ["benchmarks/bench_test_script.py", "--random-init", "--device", "cuda", "--qf", "10",
+_INFER = ["-m", "benchmarks.bench_inference", "--random-init", "--device", "cuda"]
+_INFER_TINY = ["-m", "benchmarks.bench_inference", *_TINY, "--limit", "1", "--crop", "64"]
+_SCRIPT = ["-m", "benchmarks.bench_test_script", "--random-init", "--device", "cuda", "--qf", "10",
            "20", "30", "40"]
-_SCRIPT_TINY = ["benchmarks/bench_test_script.py", *_TINY, "--testset", "Classic5", "--qf", "10"]
-_TRAIN = ["benchmarks/bench_train.py", "--device", "cuda", "--set", "train.cudnn_benchmark=true",
+_SCRIPT_TINY = ["-m", "benchmarks.bench_test_script", *_TINY, "--testset", "Classic5", "--qf", "10"]
+_TRAIN = ["-m", "benchmarks.bench_train", "--device", "cuda", "--set", "train.cudnn_benchmark=true",
           "--channels-last"]
-_TRAIN_TINY = ["benchmarks/bench_train.py", "--device", "cpu", "--threads", "1", "--set",
+_TRAIN_TINY = ["-m", "benchmarks.bench_train", "--device", "cpu", "--threads", "1", "--set",
                "netG.nc=[4,8,8,16]", "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
                "--set", "datasets.train.dataloader_batch_size=2", "--steps", "1", "--warmup", "1"]
 STEPS = [
-    ("gpu_tests", 90, _TESTS,
+    ("gpu_tests", 60, _TESTS,
      _TESTS),  # without CUDA every gpu test is skipped: quick, and still collected and run
-    ("inference_live1", 90,
+    ("inference_live1", 60,
      [*_INFER, "--precision", "fp32", "tf32", "bf16", "fp16", "--layout", "contiguous",
       "channels_last", "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"],
      [*_INFER_TINY, "--precision", "fp32", "--layout", "contiguous", "channels_last",
       "--synthetic-mp", "0", "--tile", "0", "--json", "{json}"]),
-    ("inference_12mp", 150,
+    ("test_script_fp32", 110,
+     [*_SCRIPT, "--workers", "0", "8", "--json", "{json}"],
+     [*_SCRIPT_TINY, "--workers", "0", "2", "--json", "{json}"]),
+    ("train", 90,
+     [*_TRAIN, "--precision", "fp32", "tf32", "bf16", "fp16", "--json", "{json}"],
+     [*_TRAIN_TINY, "--precision", "fp32", "--json", "{json}"]),
+    ("inference_12mp", 100,
      [*_INFER, "--precision", "fp32", "bf16", "--limit", "0", "--synthetic-mp", "12", "--tile",
       "1024", "--tile-overlap", "32", "--tile-cache-gib", "0", "1", "2", "--json", "{json}"],
      [*_INFER_TINY, "--precision", "fp32", "--limit", "0", "--synthetic-mp", "0.05", "--tile",
       "128", "--tile-overlap", "32", "--tile-cache-gib", "0", "1", "--json", "{json}"]),
-    ("test_script_fp32", 120,
-     [*_SCRIPT, "--workers", "0", "8", "--json", "{json}"],
-     [*_SCRIPT_TINY, "--workers", "0", "2", "--json", "{json}"]),
-    ("train", 120,
-     [*_TRAIN, "--precision", "fp32", "tf32", "bf16", "fp16", "--json", "{json}"],
-     [*_TRAIN_TINY, "--precision", "fp32", "--json", "{json}"]),
-    ("test_script_precision", 90,
+    ("test_script_precision", 60,
      [*_SCRIPT, "--precision", "fp32", "bf16", "fp16", "--channels-last", "--workers", "8",
       "--no-process", "--json", "{json}"],
      [*_SCRIPT_TINY, "--precision", "fp32", "bf16", "--channels-last", "--workers", "2",
@@ -89,6 +98,8 @@ STEPS = [
      [*_TRAIN, "--precision", "bf16", "--compile", "off", "on", "--json", "{json}"],
      [*_TRAIN_TINY, "--precision", "fp32", "--compile", "off", "--json", "{json}"]),
 ]
+# the first six, the figures docs/benchmarks.md asks for first, fit the default budget together
+FIRST_STEPS = 6
 
 
 def _device():
@@ -100,6 +111,35 @@ def _device():
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
     return info
+
+
+def _child_env():
+    """The environment of a step: the checkout itself first on the import path, so the steps
+    run from a bare checkout (a GPU machine where this project is not installed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run_step(command, log, limit):
+    """Run one step in a process group of its own; at its limit the whole group is killed (a
+    step's own children, such as the test script a benchmark starts, included). Returns the
+    step's status."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=_child_env(), start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        return f"timed out after {limit:.0f} s"
+    finally:
+        if proc.poll() is None:  # an interrupted session leaves no step behind either
+            os.killpg(proc.pid, signal.SIGKILL)
+    return "ok" if code == 0 else f"exit {code}"
 
 
 def run_session(out, smoke=False, budget_s=540.0, only=None):
@@ -120,17 +160,12 @@ def run_session(out, smoke=False, budget_s=540.0, only=None):
                 continue
             json_path = os.path.join(scratch, f"{name}.json")
             argv = [a.replace("{json}", json_path) for a in (smoke_args if smoke else gpu_args)]
-            command = [sys.executable, *argv]
+            command = [sys.executable, *(["-S"] if sys.flags.no_site else []), *argv]
             step = {"name": name, "command": " ".join(argv)}
             t0 = time.monotonic()
             log.write(f"\n===== {name}: {step['command']}\n")
             log.flush()
-            try:
-                proc = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                      timeout=min(limit, left))
-                step["status"] = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-            except subprocess.TimeoutExpired:
-                step["status"] = f"timed out after {min(limit, left):.0f} s"
+            step["status"] = _run_step(command, log, min(limit, left))
             step["seconds"] = round(time.monotonic() - t0, 1)
             if os.path.isfile(json_path):
                 with open(json_path, encoding="utf-8") as f:

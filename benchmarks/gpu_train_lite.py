@@ -1,9 +1,9 @@
 """Train a lite FBCNN within a time budget, score it on LIVE1 and write it, ready to ship.
 
-    python benchmarks/gpu_train_lite.py --model color --out "$OUT"          # on the GPU machine
-    python benchmarks/gpu_train_lite.py --model gray --out results \\
+    python -m benchmarks.gpu_train_lite --model color --out "$OUT"          # on the GPU machine
+    python -m benchmarks.gpu_train_lite --model gray --out results \\
         --init model_zoo/fbcnn_gray_lite.safetensors      # fine-tune the shipped network
-    python benchmarks/gpu_train_lite.py --smoke --model color --out /tmp/x  # the same path, tiny
+    python -m benchmarks.gpu_train_lite --smoke --model color --out /tmp/x  # the same path, tiny
 
 One command, for a GPU held for a few minutes, through the project's own code:
 1. probe: the run's exact options train through `runners.training.train` (from scratch, thrown

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -220,7 +222,7 @@ def test_fbcnn_d_evaluation_rejects_a_colour_model_before_estimating(tmp_path, c
 
 def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
     for name, limit, gpu_args, smoke_args in gpu_session.STEPS:
-        assert gpu_args[0] == smoke_args[0] and 0 < limit <= 150, name
+        assert gpu_args[:2] == smoke_args[:2] == ["-m", gpu_args[1]] and 0 < limit <= 150, name
         assert ("cuda" in gpu_args) == (name != "gpu_tests") and "cuda" not in smoke_args
         assert ("{json}" in gpu_args) == ("{json}" in smoke_args) == (name != "gpu_tests")
 
@@ -234,6 +236,52 @@ def test_docs_list_the_gpu_session_steps_as_the_script_runs_them():
     assert documented == [(name, limit) for name, limit, _, _ in gpu_session.STEPS]
 
 
+def test_the_first_gpu_session_steps_fit_the_default_budget_together():
+    """The figures wanted first (forward, whole test script, training, the tiled 12 MP photo)
+    can all run inside one default budget; only the compile steps come after."""
+    first = gpu_session.STEPS[:gpu_session.FIRST_STEPS]
+    assert sum(limit for _, limit, _, _ in first) <= 540 - 15 * len(first) // 2
+    assert {"inference_live1", "test_script_fp32", "train", "inference_12mp"} <= {
+        name for name, _, _, _ in first}
+    assert all("compile" in name for name, _, _, _ in gpu_session.STEPS[gpu_session.FIRST_STEPS:])
+
+
+def test_a_step_at_its_limit_is_killed_with_its_children(tmp_path):
+    """A step that started a process of its own (bench_test_script starts the test script) is
+    killed whole at its limit: nothing of it keeps the device busy during the next steps."""
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    log_path = tmp_path / "step.log"
+    with open(log_path, "w") as log:
+        status = gpu_session._run_step([sys.executable, "-c", script], log, 3)
+    assert status == "timed out after 3 s"
+    child = int(log_path.read_text().split()[0])
+    for _ in range(50):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break  # killed, left for its new parent to reap
+        except FileNotFoundError:
+            break  # killed and reaped
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {child} outlived the step")
+
+
+def _bare_environment(tmp_path):
+    """An environment whose Python sees the installed packages but not this project's editable
+    install (its finder is a .pth file, which `python -S` does not run), as on a GPU machine
+    where the project is not installed; checked: the project does not import from elsewhere."""
+    import site
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    probe = subprocess.run([sys.executable, "-S", "-c", "import benchmarks"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert "No module named 'benchmarks'" in probe.stderr
+    return env
+
+
 def test_gpu_session_spends_no_step_past_its_budget(tmp_path):
     result = gpu_session.run_session(str(tmp_path), smoke=True, budget_s=0)
     assert ([s["status"] for s in result["steps"]]
@@ -243,8 +291,14 @@ def test_gpu_session_spends_no_step_past_its_budget(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
-    assert gpu_session.main(["--smoke", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "gpu_session.json").read_text())
+    """From a bare checkout (the project not installed), as on the GPU machine: the session and
+    each of its steps."""
+    run = subprocess.run([sys.executable, "-S", "-m", "benchmarks.gpu_session", "--smoke",
+                          "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
+                         env=_bare_environment(tmp_path), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "gpu_session.json").read_text())
     assert [s["name"] for s in result["steps"]] == [s[0] for s in gpu_session.STEPS]
     assert all(s["status"] == "ok" for s in result["steps"])
     by_name = {s["name"]: s for s in result["steps"]}
@@ -259,7 +313,7 @@ def test_gpu_session_smoke_runs_every_step_and_merges_the_results(tmp_path):
         "fp32", "bf16"]
     assert by_name["train"]["results"]["rows"][0]["patches_per_s"] > 0
     assert [r["compile"] for r in by_name["inference_compile"]["results"]["rows"]] == ["off"]
-    log = (tmp_path / "gpu_session.log").read_text()
+    log = (tmp_path / "out" / "gpu_session.log").read_text()
     assert all(f"===== {s[0]}: ok" in log for s in gpu_session.STEPS)
 
 
@@ -437,3 +491,13 @@ def test_gpu_train_lite_names_a_missing_data_folder(tmp_path, capsys):
                                 "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
     assert "copy ../shared/trainsets/train_pack to trainsets/train_pack" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_gpu_train_lite_smoke_runs_from_a_bare_checkout(tmp_path):
+    run = subprocess.run([sys.executable, "-S", "-m", "benchmarks.gpu_train_lite", "--smoke",
+                          "--model", "color", "--out", str(tmp_path / "out"), "--workdir",
+                          str(tmp_path / "work")], cwd=REPO_ROOT, env=_bare_environment(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (tmp_path / "out" / "fbcnn_color_lite.safetensors").is_file()
