@@ -2,6 +2,10 @@
 
     python benchmarks/eval_fbcnn_d.py [--model fbcnn_gray] [--pairs 10,30 10,50 30,50 30,10]
                                       [--testset LIVE1_gray] [--shift 4] [--json out.json]
+    python benchmarks/eval_fbcnn_d.py --model fbcnn_color_lite --testset LIVE1_color
+
+The paper's protocol is grayscale; a colour model is evaluated the same way on a colour test
+set (RGB images, the estimator reading them as main_restore's `--qf dominant` does).
 
 For each image and (QF1, QF2): compress at QF1, crop `shift` rows and columns, compress at
 QF2 (data/jpeg.py's double_jpeg, as the gray double-JPEG test script does), then estimate the
@@ -42,13 +46,19 @@ def _pair(text):
 
 
 def _estimate(task):
-    path, q1, q2, shift, max_size = task
-    img_L = double_jpeg(imread_uint(path, 1), q1, q2, shift)
+    path, q1, q2, shift, max_size, n_channels = task
+    img_L = double_jpeg(imread_uint(path, n_channels), q1, q2, shift)
     start = time.perf_counter()
     found = estimate_dominant_qf(img_L, max_size=max_size)
     return dict(image=os.path.basename(path), qf1=q1, qf2=q2, estimate=found.qf,
                 first_shift=found.first_shift, last_shift=found.last_shift,
                 seconds=time.perf_counter() - start)
+
+
+def _is_gray(path):
+    img = imread_uint(path, 3)
+    return bool(np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 1],
+                                                                              img[..., 2]))
 
 
 def _summarise(rows, q1, q2):
@@ -82,8 +92,9 @@ def main(argv=None):
     p.add_argument("--shift", type=int, default=4)
     p.add_argument("--max-size", type=int, default=256,
                    help="analysis window side (default %(default)s)")
-    p.add_argument("--model", default=None, help="a 1-channel model name or weight file; "
-                   "without it only the estimator is evaluated")
+    p.add_argument("--model", default=None, help="a model name or weight file (gray: the "
+                   "paper's protocol; colour: on a colour --testset); without it only the "
+                   "estimator is evaluated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="processes for the estimator (default: one per CPU)")
@@ -99,17 +110,20 @@ def main(argv=None):
     if args.model:  # before the estimator's minutes, so a wrong --model fails at once
         device = resolve_device(args.device)
         model = load_model(args.model, device=device)
-        if model.in_nc not in (None, 1):
-            p.error(f"--model {args.model}: the protocol is grayscale; give a 1-channel model")
+    n_channels = 3 if model is not None and model.in_nc == 3 else 1
+    if n_channels == 3 and _is_gray(paths[0]):
+        p.error(f"--model {args.model}: a colour model; give a colour --testset such as "
+                "LIVE1_color")
 
-    tasks = [(path, q1, q2, args.shift, args.max_size) for q1, q2 in args.pairs for path in paths]
+    tasks = [(path, q1, q2, args.shift, args.max_size, n_channels) for q1, q2 in args.pairs
+             for path in paths]
     start = time.perf_counter()
     with Pool(args.workers) as pool:
         rows = pool.map(_estimate, tasks)
     elapsed = time.perf_counter() - start
 
     if model is not None:
-        images = {os.path.basename(path): imread_uint(path, 1) for path in paths}
+        images = {os.path.basename(path): imread_uint(path, n_channels) for path in paths}
         for row in rows:
             img_H = images[row["image"]]
             img_L = double_jpeg(img_H, row["qf1"], row["qf2"], args.shift)

@@ -205,7 +205,7 @@ def test_fbcnn_d_evaluation_scores_blind_dominant_and_oracle(tmp_path, capsys, k
     assert "--testset 'no_such_set': no folder" in capsys.readouterr().err
 
 
-def test_fbcnn_d_evaluation_rejects_a_colour_model_before_estimating(tmp_path, capsys,
+def test_fbcnn_d_evaluation_rejects_a_colour_model_on_a_gray_set_before_estimating(tmp_path, capsys,
                                                                      monkeypatch):
     weights = tmp_path / "tiny_color.pth"
     torch.save(FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
@@ -217,7 +217,19 @@ def test_fbcnn_d_evaluation_rejects_a_colour_model_before_estimating(tmp_path, c
     with pytest.raises(SystemExit):
         eval_fbcnn_d.main(["--testset", "Classic5", "--workers", "1", "--model", str(weights),
                            "--device", "cpu"])
-    assert "the protocol is grayscale; give a 1-channel model" in capsys.readouterr().err
+    assert ("a colour model; give a colour --testset such as LIVE1_color"
+            in capsys.readouterr().err)
+
+
+def test_fbcnn_d_evaluation_runs_a_colour_model_on_a_colour_set(tmp_path, capsys):
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_color.pth"
+    torch.save(FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1).state_dict(), weights)
+    assert eval_fbcnn_d.main(["--testset", "LIVE1_color", "--limit", "1", "--workers", "1",
+                              "--pairs", "10,30", "--model", str(weights), "--device", "cpu",
+                              "--json", str(tmp_path / "d.json")]) == 0
+    (summary,) = json.loads((tmp_path / "d.json").read_text())["summaries"]
+    assert summary["n_images"] == 1 and summary["psnr_jpeg"] > 20
 
 
 def test_gpu_session_steps_mirror_the_gpu_commands_on_the_cpu():
