@@ -73,31 +73,34 @@ _D = _dct_matrix()  # JPEG's 8x8 DCT is the orthonormal DCT-II
 def block_dct(plane):
     """(8R, 8C) samples -> (R, C, 8, 8) DCT coefficients of each 8x8 block."""
     r, c = plane.shape[0] // 8, plane.shape[1] // 8
-    blocks = plane.reshape(r, 8, c, 8).transpose(0, 2, 1, 3)
-    return np.einsum("ui,abij,vj->abuv", _D, blocks, _D, optimize=True)
+    return _D @ plane.reshape(r, 8, c, 8).transpose(0, 2, 1, 3) @ _D.T
 
 
 def block_idct(coefficients):
     """(R, C, 8, 8) DCT coefficients -> (8R, 8C) samples."""
     r, c = coefficients.shape[:2]
-    blocks = np.einsum("ui,abuv,vj->abij", _D, coefficients, _D, optimize=True)
-    return blocks.transpose(0, 2, 1, 3).reshape(8 * r, 8 * c)
+    return (_D.T @ coefficients @ _D).transpose(0, 2, 1, 3).reshape(8 * r, 8 * c)
+
+
+# JFIF's full-range YCbCr, the transform JPEG files use (ITU-T T.871)
+_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
+                      [-0.168735892, -0.331264108, 0.5],
+                      [0.5, -0.418687589, -0.081312411]])
+_FROM_YCBCR = np.array([[1.0, 0.0, 1.402],
+                        [1.0, -0.344136286, -0.714136286],
+                        [1.0, 1.772, 0.0]])
+_CHROMA_OFFSET = np.array([0.0, 128.0, 128.0])
 
 
 def rgb_to_ycbcr(rgb):
-    """JFIF's full-range YCbCr (the transform JPEG files use) of float RGB in [0, 255]."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b + 128
-    cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b + 128
-    return y, cb, cr
+    """JFIF's YCbCr planes (y, cb, cr) of float RGB (H, W, 3) in [0, 255]."""
+    ycc = rgb @ _TO_YCBCR.T + _CHROMA_OFFSET
+    return ycc[..., 0], ycc[..., 1], ycc[..., 2]
 
 
 def ycbcr_to_rgb(y, cb, cr):
     """Inverse of `rgb_to_ycbcr`: float RGB (H, W, 3), not clipped."""
-    cb, cr = cb - 128, cr - 128
-    return np.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr,
-                     y + 1.772 * cb], axis=-1)
+    return (np.stack([y, cb, cr], axis=-1) - _CHROMA_OFFSET) @ _FROM_YCBCR.T
 
 
 def _frame_check(data):

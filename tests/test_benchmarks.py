@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (bench_inference, bench_loader, bench_test_script, bench_train, eval_fbcnn_d,
-                        eval_qf_head, gpu_session, gpu_train_lite, travel_size)
+from benchmarks import (bench_inference, bench_loader, bench_projection, bench_test_script,
+                        bench_train, eval_fbcnn_d, eval_qf_head, gpu_session, gpu_train_lite,
+                        travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import predict_qf, restore
@@ -513,3 +514,17 @@ def test_gpu_train_lite_smoke_runs_from_a_bare_checkout(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (tmp_path / "out" / "fbcnn_color_lite.safetensors").is_file()
+
+
+def test_projection_benchmark_reports_each_stage_per_megapixel(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert bench_projection.main(["--limit", "1", "--repeat", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    stages = {row["stage"]: row for row in result["rows"]}
+    assert set(stages) == {"read coefficients", "project", "network",
+                           "projection (read + project)"}
+    assert sum(stages[s]["share"] for s in ("read coefficients", "project", "network")) == (
+        pytest.approx(1.0))
+    assert stages["projection (read + project)"]["s_per_mp"] == pytest.approx(
+        stages["read coefficients"]["s_per_mp"] + stages["project"]["s_per_mp"])
+    assert result["model"] == "fbcnn_color_lite" and result["megapixels"] > 0
