@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import (bench_inference, bench_loader, bench_projection, bench_test_script,
                         bench_train, eval_fbcnn_d, eval_qf_head, gpu_session, gpu_train_lite,
-                        travel_size)
+                        no_harm, travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.inference import predict_qf, restore
@@ -528,3 +528,24 @@ def test_projection_benchmark_reports_each_stage_per_megapixel(tmp_path, capsys)
     assert stages["projection (read + project)"]["s_per_mp"] == pytest.approx(
         stages["read coefficients"]["s_per_mp"] + stages["project"]["s_per_mp"])
     assert result["model"] == "fbcnn_color_lite" and result["megapixels"] > 0
+
+
+def test_no_harm_scores_main_restore_outputs_against_the_clean_images(tmp_path, capsys):
+    """With the `jpeg` pseudo-model main_restore returns each file as decoded: every gain is
+    0 exactly and the clean originals come back identical (infinite PSNR)."""
+    path = tmp_path / "nh.json"
+    assert no_harm.main(["--testset", "LIVE1_color", "Classic5", "--qf", "20", "95", "--limit",
+                         "2", "--variant", "default", "header", "--model", "jpeg",
+                         "--gray-model", "jpeg", "--clean", "--json", str(path), "--plot",
+                         str(tmp_path / "nh.png")]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    scored = [r for r in rows if r["qf"] != "clean"]
+    assert [(r["testset"], r["variant"], r["qf"]) for r in scored] == [
+        (t, v, q) for t in ("LIVE1_color", "Classic5") for q in (20, 95)
+        for v in ("default", "header")]
+    assert all(r["n"] == 2 and r["gain"] == 0 and r["worst"] == 0 and r["losers"] == 0
+               for r in scored)
+    assert {r["jpeg"] > 25 for r in scored} == {True}
+    clean = [r for r in rows if r["qf"] == "clean"]
+    assert len(clean) == 2 and all(r["psnr"] == float("inf") for r in clean)
+    assert (tmp_path / "nh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
