@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -197,9 +198,13 @@ def test_gray_jpeg_goes_to_the_gray_model(tmp_path, photo, tiny_models, capsys):
     write_jpeg(tmp_path / "g.jpg", gray, 30)
     write_jpeg(tmp_path / "c.jpg", photo, 30)
     out = tmp_path / "out"
-    code, _, _ = run([str(tmp_path / "g.jpg"), str(tmp_path / "c.jpg"), "-o", str(out),
-                      "--model", tiny_models["color"], "--gray-model", tiny_models["gray"]], capsys)
+    code, stdout, _ = run([str(tmp_path / "g.jpg"), str(tmp_path / "c.jpg"), "-o", str(out),
+                           "--model", tiny_models["color"], "--gray-model", tiny_models["gray"]],
+                          capsys)
     assert code == 0
+    # each line says what QF was fed and why, and what the projection did
+    assert re.search(r"g\.jpg -> .*g\.png \[gray, QF \d+ \(network estimate\), projected onto "
+                     r"the file's DCT\]", stdout)
     restored_gray = cv2.imread(str(out / "g.png"), cv2.IMREAD_UNCHANGED)
     expected = restored_and_projected(load_model(tiny_models["gray"]), jpeg_encode(gray, 30), 1)
     assert restored_gray.ndim == 2
