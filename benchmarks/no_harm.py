@@ -41,6 +41,8 @@ VARIANTS = {"default": [], "blind": ["--no-projection"], "header": ["--qf", "hea
                                                                   "--no-projection"],
             "header+proj": ["--qf", "header"]}
 GRAY_SETS = ("Classic5", "LIVE1_gray", "BSDS500_gray")
+LABELS = {"default": "projected (default)", "blind": "--no-projection",
+          "header": "--qf header --no-projection", "header+proj": "--qf header, projected"}
 COLUMNS = [("testset", "test set", "{}"), ("variant", "variant", "{}"), ("qf", "QF", "{}"),
            ("n", "images", "{}"), ("jpeg", "JPEG dB", "{:.2f}"), ("psnr", "restored dB", "{:.2f}"),
            ("lowest", "lowest dB", "{:.2f}"), ("gain", "mean gain", "{:+.2f}"),
@@ -123,7 +125,7 @@ def plot(rows, path, title):
                         if (r["testset"], r["variant"]) == (testset, variant) and r["qf"] != "clean")
         ax.plot(*zip(*points), marker="o", markersize=3,
                 linestyle="-" if "proj" in variant or variant == "default" else "--",
-                label=f"{testset}, {variant}")
+                label=f"{testset}: {LABELS[variant]}")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xlabel("JPEG quality factor (OpenCV)")
     ax.set_ylabel("PSNR gain over the JPEG (dB)")
@@ -150,16 +152,26 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write every row, images included")
     p.add_argument("--plot", default=None, help="draw mean gain against QF to this PNG")
     p.add_argument("--title", default="main_restore: PSNR gain over the JPEG")
+    p.add_argument("--plot-variants", nargs="+", choices=tuple(VARIANTS), default=None,
+                   help="the variants drawn (default: every one run)")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="draw and print the rows of an earlier --json instead of running")
     args = p.parse_args(argv)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="no_harm_") as work:
-        for testset in args.testset:
-            rows += evaluate(testset, args, work)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            rows = json.load(f)["rows"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="no_harm_") as work:
+            for testset in args.testset:
+                rows += evaluate(testset, args, work)
     print_table(rows, COLUMNS)
     if args.json:
         write_json(args.json, {"argv": sys.argv[1:] if argv is None else argv, "rows": rows})
     if args.plot:
-        plot(rows, args.plot, args.title)
+        drawn = [r for r in rows if args.plot_variants is None
+                 or r["variant"] in args.plot_variants]
+        plot(drawn, args.plot, args.title)
     return 0
 
 
