@@ -12,6 +12,14 @@ it (as libjpeg's encoder downsamples), projected there, and the correction is br
 full size bilinearly (centred as libjpeg's "fancy" upsampling), which is close to, not exactly,
 a projection. Edge blocks are padded by replicating the last row and column, as the encoder did.
 
+Inside the intervals, two ways to pick the result (`METHODS`): "clip", the projection itself,
+and "posterior" (the default), which reads the restoration as a noisy measurement of each
+coefficient, estimates that noise per frequency from the image, and takes the mean of the
+measurement's distribution truncated to the interval: the clip when the file cannot fault the
+restoration, nearer the file's own value where the restoration strays by more than the
+quantization explains (a lite network at QF 95 to 100, whose clipped output sits at the
+intervals' edges). Both results are consistent with the file.
+
 The coefficients and tables are read by jpeglib (libjpeg's own decoder, with wheels for Linux,
 macOS and Windows, MPL-2.0; it reads progressive files and restart intervals as any decoder
 does), not by a hand-written Huffman decoder. It is imported only when a projection is asked
@@ -26,11 +34,13 @@ from typing import NamedTuple
 
 import cv2
 import numpy as np
+import torch
 
 from utils.jpeg_header import JpegHeaderError, iter_segments
 
 __all__ = ["ProjectionUnavailable", "Component", "JpegCoefficients", "read_coefficients",
-           "project", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct", "block_idct"]
+           "project", "posterior_mean", "METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
+           "block_idct"]
 
 # SOF markers: the ones libjpeg decodes to 8x8 DCT coefficients, and why the others are not used
 _DCT_HUFFMAN = {0xC0, 0xC1, 0xC2}
@@ -162,16 +172,47 @@ def _pad_to(plane, rows, cols):
                   mode="edge")[:rows, :cols]
 
 
-def _project_plane(plane, component):
-    """Project one full-size float plane (level-shifted by -128 inside) onto a component's box;
+def posterior_mean(estimate, k, step):
+    """Per coefficient, the mean of N(estimate, s^2) truncated to [(k - 1/2) q, (k + 1/2) q].
+
+    The restoration is read as a noisy measurement of the true coefficient, whose noise variance
+    s^2 is estimated per frequency from the image itself: the mean of (estimate - k q)^2 over
+    its blocks, less the q^2 / 12 that the quantization alone explains (a network that returns
+    the truth gives s = 0, and this is the projection). Where the restoration strays by more
+    than the quantization step can explain, the result moves from it towards the file's own
+    value k q; it always stays in the interval.
+    """
+    centre, low, high = k * step, (k - 0.5) * step, (k + 0.5) * step
+    spread = ((estimate - centre) ** 2).reshape(-1, 64).mean(axis=0).reshape(8, 8)
+    sigma = np.sqrt(np.maximum(spread - step ** 2 / 12.0, 0.0))
+    clipped = np.clip(estimate, low, high)
+    if not sigma.any():
+        return clipped
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, b = (low - estimate) / sigma, (high - estimate) / sigma
+        mass = (torch.special.ndtr(torch.from_numpy(b))
+                - torch.special.ndtr(torch.from_numpy(a))).numpy()
+        density = (np.exp(-0.5 * a * a) - np.exp(-0.5 * b * b)) / np.sqrt(2 * np.pi)
+        mean = estimate + sigma * density / mass
+    # sigma 0, or an interval so far in the tail that the ratio is lost: the nearest edge
+    usable = (sigma > 0) & (mass > 1e-9) & np.isfinite(mean)
+    return np.where(usable, np.clip(mean, low, high), clipped)
+
+
+METHODS = {"clip": lambda estimate, k, step: np.clip(estimate, (k - 0.5) * step,
+                                                      (k + 0.5) * step),
+           "posterior": posterior_mean}
+
+
+def _project_plane(plane, component, method="posterior"):
+    """Bring one full-size float plane (level-shifted by -128 inside) into a component's box;
     returns the corrected full-size plane."""
     height, width = plane.shape
     (fy, fx), (r, c) = component.factor, component.coefficients.shape[:2]
     padded = _pad_to(plane, 8 * r * fy, 8 * c * fx)
     stored = padded.reshape(8 * r, fy, 8 * c, fx).mean(axis=(1, 3))  # the encoder's box filter
     coefficients = block_dct(stored - 128)
-    step, k = component.table, component.coefficients
-    projected = np.clip(coefficients, (k - 0.5) * step, (k + 0.5) * step)
+    projected = METHODS[method](coefficients, component.coefficients, component.table)
     correction = block_idct(projected - coefficients)
     if (fy, fx) != (1, 1):
         correction = cv2.resize(correction, (8 * c * fx, 8 * r * fy),
@@ -179,23 +220,28 @@ def _project_plane(plane, component):
     return plane + correction[:height, :width]
 
 
-def project(img, coefficients):
+def project(img, coefficients, method="posterior"):
     """The restored uint8 image (RGB HxWx3, gray HxW or HxWx1) made consistent with the file.
 
-    A gray image is projected onto the file's Y component; a colour image from a gray file gets
-    its Y projected and its chroma kept. Raises ProjectionUnavailable when the sizes differ.
+    `method` "clip" is the projection onto the constraint set (each coefficient clipped into
+    its interval); "posterior" (the default) takes, inside the same intervals, the posterior
+    mean of `posterior_mean`, which equals the clip for a restoration the file cannot fault and
+    leans towards the file's own values for one that strays by more than the quantization
+    explains. A gray image is brought to the file's Y component; a colour image from a gray
+    file gets its Y done and its chroma kept. Raises ProjectionUnavailable when the sizes
+    differ.
     """
     if img.shape[:2] != (coefficients.height, coefficients.width):
         raise ProjectionUnavailable(f"the image is {img.shape[1]}x{img.shape[0]}, the file "
                                     f"{coefficients.width}x{coefficients.height}")
     if img.ndim == 3 and img.shape[2] == 1:
-        return project(img[:, :, 0], coefficients)[:, :, None]
+        return project(img[:, :, 0], coefficients, method)[:, :, None]
     pixels = img.astype(np.float64)
     if img.ndim == 2:
-        out = _project_plane(pixels, coefficients.components[0])
+        out = _project_plane(pixels, coefficients.components[0], method)
     else:
         planes = list(rgb_to_ycbcr(pixels))
         for i, component in enumerate(coefficients.components):
-            planes[i] = _project_plane(planes[i], component)
+            planes[i] = _project_plane(planes[i], component, method)
         out = ycbcr_to_rgb(*planes)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)

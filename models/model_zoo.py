@@ -68,15 +68,17 @@ MODEL_ZOO = {
     "fbcnn_gray_double": ZooEntry(
         "fbcnn_gray_double.pth", "4444b8b2393649a4acd5d8730410ec3106d15b6e262a49081e4e87b44cfa5cea",
         1),
-    # trained on a 2-core CPU with options/train_fbcnn_color_lite_cpu.json (docs/training.md, 8)
+    # trained on a 2-core CPU with options/train_fbcnn_color_lite_cpu.json, then
+    # train_fbcnn_color_lite_cpu_allqf.json (QF 5..100, single and double JPEG; docs/training.md, 8)
     "fbcnn_color_lite": ZooEntry(
         "fbcnn_color_lite.safetensors",
-        "cd3ced3e11428ecee996f93f69ebb4f3b1dbb80237df9e7986a5312f7239d605", 3, bundled=True,
+        "345630011767272e927ba592b0ca594295f3db0c57ca2b9de061b50ae9f354ee", 3, bundled=True,
         arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
-    # trained on a 2-core CPU with options/train_fbcnn_gray_lite_cpu.json (single and double JPEG)
+    # trained on a 2-core CPU with options/train_fbcnn_gray_lite_cpu.json, then
+    # train_fbcnn_gray_lite_cpu_allqf.json (QF 5..100, single and double JPEG)
     "fbcnn_gray_lite": ZooEntry(
         "fbcnn_gray_lite.safetensors",
-        "e19cef4544f4b4a975654bbb4ea7868064a776d00424dea290f2d924b8ab0e64", 1, bundled=True,
+        "a52e439186a8f4d3751cc049184b473bfbbadb739e38e80cf687c9bb2100ebac", 1, bundled=True,
         arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
 }
 

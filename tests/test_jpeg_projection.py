@@ -9,7 +9,8 @@ from PIL import Image
 
 from data.jpeg import jpeg_decode, jpeg_encode
 from data.jpeg_projection import (ProjectionUnavailable, _project_plane, block_dct, block_idct,
-                                  project, read_coefficients, rgb_to_ycbcr, ycbcr_to_rgb)
+                                  posterior_mean, project, read_coefficients, rgb_to_ycbcr,
+                                  ycbcr_to_rgb)
 from utils.metrics import psnr
 
 
@@ -161,3 +162,37 @@ def test_cmyk_is_named():
 def test_bytes_that_are_not_a_jpeg_are_named():
     with pytest.raises(ProjectionUnavailable):
         read_coefficients(b"\x89PNG\r\n\x1a\n" + bytes(100))
+
+
+def test_the_posterior_mean_lies_between_the_clip_and_the_files_value():
+    rng = np.random.default_rng(1)
+    k = rng.integers(-5, 6, (30, 40, 8, 8)).astype(float)
+    step = rng.integers(1, 30, (8, 8)).astype(float)
+    estimate = k * step + rng.normal(0, 1, k.shape) * step * rng.uniform(0.1, 3, (8, 8))
+    post = posterior_mean(estimate, k, step)
+    clipped = np.clip(estimate, (k - 0.5) * step, (k + 0.5) * step)
+    assert (post >= (k - 0.5) * step - 1e-9).all() and (post <= (k + 0.5) * step + 1e-9).all()
+    assert (post >= np.minimum(clipped, k * step) - 1e-9).all()
+    assert (post <= np.maximum(clipped, k * step) + 1e-9).all()
+    # an estimate the quantization alone explains (inside its intervals, spread q^2/12 or
+    # less) is left as the clip leaves it
+    inside = k * step + rng.uniform(-0.2, 0.2, k.shape) * step
+    np.testing.assert_array_equal(posterior_mean(inside, k, step), inside)
+
+
+def test_a_restoration_that_strays_is_pulled_back_towards_the_file(photo):
+    """A 'restoration' that is the decoded JPEG plus noise far beyond the quantization: clipping
+    leaves it at the intervals' edges, the posterior mean brings it back towards the JPEG."""
+    truth = photo[..., 0]
+    rng = np.random.default_rng(2)
+    for qf in (90, 100):
+        data = jpeg_encode(truth, qf)
+        coefficients = read_coefficients(data)
+        decoded = jpeg_decode(data, 1)
+        noisy = np.clip(decoded + rng.normal(0, 6, decoded.shape), 0, 255).astype(np.uint8)
+        jpeg_db = float(psnr(decoded, truth))
+        clipped = float(psnr(project(noisy, coefficients, "clip"), truth))
+        posterior = float(psnr(project(noisy, coefficients), truth))
+        assert posterior > clipped + 1
+        if qf == 100:  # intervals of width 1: about the JPEG itself
+            assert posterior > jpeg_db - 0.3
