@@ -127,6 +127,11 @@ def plot(rows, path, title):
                 linestyle="-" if "proj" in variant or variant == "default" else "--",
                 label=f"{testset}: {LABELS[variant]}")
     ax.axhline(0, color="black", linewidth=0.8)
+    low = min(r["gain"] for r in rows if r["qf"] != "clean")
+    if low < -3:  # keep the scale where the models are compared; say what is cut off
+        ax.set_ylim(bottom=-3)
+        ax.text(0.01, 0.02, f"lowest point off the chart: {low:+.1f} dB", fontsize=7,
+                transform=ax.transAxes)
     ax.set_xlabel("JPEG quality factor (OpenCV)")
     ax.set_ylabel("PSNR gain over the JPEG (dB)")
     ax.set_title(title)

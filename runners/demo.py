@@ -66,9 +66,9 @@ NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released we
                  "`.pth`/`.safetensors` FBCNN state dict, or a model name "
                  "(`fbcnn_color` downloads the released weights, about 288 MB).")
 LITE_NOTE = ("A lite model trained on a 2-core CPU (README, \"Lite models\"): it removes fewer "
-             "artifacts than the released models, and its QF estimate and slider are only partly "
-             "trained: a lower QF smooths more and a higher one keeps more detail, but on JPEGs "
-             "of QF 90 its output is worse than the input.")
+             "artifacts than the released models. With the projection onto the file's DCT (on "
+             "by default) it leaves JPEGs up to QF 90 better than they came; at QF 95 and above "
+             "some images lose a little, the gray model more than the colour one.")
 CSS = "#error { color: var(--error-text-color); }"
 OUTPUT_MAX_AGE_S = 3600  # restored PNGs older than this are deleted from the work folder
 
