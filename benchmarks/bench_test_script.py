@@ -190,7 +190,8 @@ def main(argv=None):
                 process_rows.append(_process_row(flags, args, workers, workdir, pixels, [
                     r for r in rows if (r["precision"], r["workers"]) == (precision, workers)]))
                 save()
-    print(f"\nDevice: {device_name(args.device)}. Model: {named['model']}. Test set: {args.testset}, "
+    print(f"\nDevice: {device_name(args.device)}. Model: {named['model']}. "
+          f"Test set: {args.testset}, "
           f"{rows[0]['n_images']} images, {rows[0]['megapixels']:.2f} MP. {warmup} untimed "
           f"warm-up run(s) before each precision. Stage seconds are summed over threads.\n")
     print_table(rows, COLUMNS)

@@ -17,8 +17,8 @@ test scripts). Variants are main_restore's options:
 `--clean` also restores the clean originals as PNG files (no JPEG trace: a model that keeps a
 clean image gives them back at a high PSNR of themselves). The table gives per test set,
 variant and QF the mean JPEG PSNR, the mean gain, the worst image's gain and how many images
-lose more than 0.1 dB (for clean originals: the restored PSNR of themselves); `--json` keeps every image's row, `--plot` draws mean gain against QF
-(matplotlib).
+lose more than 0.1 dB (for clean originals: the restored PSNR of themselves); `--json` keeps
+every image's row, `--plot` draws mean gain against QF (matplotlib).
 """
 import argparse
 import json
@@ -121,8 +121,8 @@ def plot(rows, path, title):
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
     series = sorted({(r["testset"], r["variant"]) for r in rows if r["qf"] != "clean"})
     for testset, variant in series:
-        points = sorted((r["qf"], r["gain"]) for r in rows
-                        if (r["testset"], r["variant"]) == (testset, variant) and r["qf"] != "clean")
+        points = sorted((r["qf"], r["gain"]) for r in rows if r["qf"] != "clean"
+                        and (r["testset"], r["variant"]) == (testset, variant))
         ax.plot(*zip(*points), marker="o", markersize=3,
                 linestyle="-" if "proj" in variant or variant == "default" else "--",
                 label=f"{testset}: {LABELS[variant]}")

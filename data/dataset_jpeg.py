@@ -38,7 +38,8 @@ from utils.errors import UserError
 from utils.fileio import display_path
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, read_image_header, rgb2y_matlab
 
-__all__ = ["Degradation", "DATASET_PRESETS", "DEGRADATION_OPTIONS", "dataset_preset", "dataset_channels", "SampleKey",
+__all__ = ["Degradation", "DATASET_PRESETS", "DEGRADATION_OPTIONS", "dataset_preset",
+           "dataset_channels", "SampleKey",
            "DatasetJPEG", "IterationBatchSampler", "define_dataset", "list_images_recursive",
            "rgb_to_training_gray", "uint8_to_chw", "worker_init_fn"]
 

@@ -115,11 +115,13 @@ def speed_options(args):
 
 def run_cli(body):
     """Call `body()` and return the exit status: its own when it returns an int, else 0;
-    2 after printing one `error:` line for a UserError; 130 on Ctrl+C."""
+    2 after printing an `error:` line for each line of a UserError (one per problem); 130 on
+    Ctrl+C."""
     try:
         status = body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -250,7 +250,8 @@ class Demo:
                                  device=self.models.device, tile=self.tile, tile_overlap=overlap)
         consistency = ""
         if model.net is not None:
-            after, consistency = make_consistent(after, decoded, self.projection)
+            after, consistency, problem = make_consistent(after, decoded, self.projection)
+            consistency += f" ({problem})" if problem else ""
         seconds = time.perf_counter() - start
         img = apply_orientation(decoded.img, decoded.orientation)
         after = apply_orientation(after, decoded.orientation)

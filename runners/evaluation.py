@@ -393,16 +393,24 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                                 f"{args.shift}")
         out_names = _output_names([name for name, _ in images])
 
+        file_coefficients = {}  # real JPEGs: each file's, read once for all its settings
+
         def degrade(job):
             setting, name, img_H = job
             if setting.degrade is None:  # real JPEGs: restore the file as it is
-                img_L, img_H, data = img_H, None, None
-                if setting.projection:
-                    data = read_file_bytes(os.path.join(testset_dir, name))
-            else:
-                with clock("jpeg"):
-                    img_L, img_H, data = setting.degrade(img_H)
-            return img_L, img_H, _coefficients(data, name) if setting.projection else None
+                if not setting.projection:
+                    return img_H, None, None
+                if name not in file_coefficients:
+                    with clock("projection"):
+                        file_coefficients[name] = _coefficients(
+                            read_file_bytes(os.path.join(testset_dir, name)), name)
+                return img_H, None, file_coefficients[name]
+            with clock("jpeg"):
+                img_L, img_H, data = setting.degrade(img_H)
+            if not setting.projection:
+                return img_L, img_H, None
+            with clock("projection"):
+                return img_L, img_H, _coefficients(data, name)
 
         jobs = [(setting, name, img) for setting in settings for name, img in images]
         # one bar over every (setting, image) pair, with the time left for the whole run

@@ -352,18 +352,19 @@ def _qf_used(model, decoded, qf, qf_source, qf_pred):
 
 
 def make_consistent(img_E, decoded, wanted=True):
-    """`(image, note)`: a JPEG's restoration projected onto the quantization intervals of its
-    file's DCT coefficients when `wanted` (data/jpeg_projection.py), and a few words saying
-    what was done: empty when the projection was not wanted, the reason when the file cannot
-    be projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is kept as it is)."""
+    """`(image, note, problem)`: a JPEG's restoration projected onto the quantization intervals
+    of its file's DCT coefficients when `wanted` (data/jpeg_projection.py), a few words saying
+    what was done (empty when the projection was not wanted), and why a JPEG could not be
+    projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is then kept as it is),
+    else None."""
     if decoded.jpeg_info is None:
-        return img_E, NOT_A_JPEG
+        return img_E, NOT_A_JPEG, None
     if not wanted:
-        return img_E, ""
+        return img_E, "", None
     try:
-        return project(img_E, read_coefficients(decoded.data)), PROJECTED
+        return project(img_E, read_coefficients(decoded.data)), PROJECTED, None
     except ProjectionUnavailable as exc:
-        return img_E, f"{NOT_PROJECTED} ({exc})"
+        return img_E, NOT_PROJECTED, str(exc)
 
 
 def _failure(path, exc):
@@ -434,11 +435,10 @@ def run_restore(args):
             img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
             consistency = ""
             if model.net is not None:
-                img_E, consistency = make_consistent(img_E, decoded, args.projection)
-            if consistency.startswith(NOT_PROJECTED):
-                LOG.warning("warning: %s: %s; written as the network restored it", shown,
-                            consistency)
-                consistency = NOT_PROJECTED
+                img_E, consistency, problem = make_consistent(img_E, decoded, args.projection)
+                if problem:
+                    LOG.warning("warning: %s: %s (%s); written as the network restored it",
+                                shown, NOT_PROJECTED, problem)
             img_E = apply_orientation(img_E, decoded.orientation)
             icc = decoded.icc
             if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)

@@ -526,7 +526,8 @@ def test_projection_benchmark_reports_each_stage_per_megapixel(tmp_path, capsys)
         pytest.approx(1.0))
     assert stages["projection (read + project)"]["s_per_mp"] == pytest.approx(
         stages["read coefficients"]["s_per_mp"] + stages["project"]["s_per_mp"])
-    assert result["model"] == "fbcnn_color_lite" and result["megapixels"] > 0
+    # --limit 1: LIVE1_color's first image, bikes.png, 768x512
+    assert result["model"] == "fbcnn_color_lite" and result["megapixels"] == 768 * 512 / 1e6
 
 
 def test_no_harm_scores_main_restore_outputs_against_the_clean_images(tmp_path, capsys):

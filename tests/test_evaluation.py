@@ -131,6 +131,31 @@ def test_real_script_writes_blind_and_controlled_results(tmp_path, small_set, ti
     assert not np.array_equal(a, b)  # the QF control changes the output
 
 
+def test_real_script_projects_each_file_read_once_for_all_settings(tmp_path, testsets_dir,
+                                                                    tiny_models, monkeypatch):
+    """--projection on real JPEGs: every setting's output is its restoration projected onto
+    the file's own coefficients, which are read once per file, not once per setting."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for name in ("1.jpg", "2.jpg"):
+        with open(os.path.join(testsets_dir, "Real", name), "rb") as f:
+            (folder / name).write_bytes(f.read())
+    reads = []
+    monkeypatch.setattr(evaluation, "read_coefficients",
+                        lambda data: reads.append(len(data)) or read_coefficients(data))
+    assert main(COLOR_REAL, ["--model", str(tiny_models[3]), "--testset", str(folder),
+                             "--qf-control", "10", "90", "--projection", "--workers", "0",
+                             "--results", str(tmp_path / "res")]) == 0
+    assert len(reads) == 2  # two files, three settings
+    model = load_model(str(tiny_models[3]))
+    data = (folder / "1.jpg").read_bytes()
+    img = imread_uint(str(folder / "1.jpg"), 3)
+    for setting, qf in (("blind", None), ("qf10", 10), ("qf90", 90)):
+        written = imread_uint(str(tmp_path / "res" / f"real_tiny3_{setting}_proj" / "1.png"), 3)
+        expected = project(restore(model, img, qf=qf)[0], read_coefficients(data))
+        assert np.array_equal(written, expected), setting
+
+
 def _blocks(stdout):
     """{setting: its lines} from the `== setting: ...` line that opens each block."""
     blocks, current = {}, None

@@ -663,3 +663,18 @@ def test_what_folder_inputs_pass_over_is_one_line(tmp_path, photo, capsys):
                         "-o", str(tmp_path / "out2"), "-r", *IDENTITY], capsys)
     assert code == 1  # notes.txt, named, is tried (and fails): never passed over in silence
     assert "passed over" not in out
+
+
+def test_a_jpeg_that_cannot_be_projected_is_still_restored_and_named(tmp_path, photo,
+                                                                      tiny_models, capsys):
+    """A CMYK JPEG (four components): restored as the network made it, one warning naming the
+    file and the reason, and its line says it was not projected."""
+    from PIL import Image
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(photo).convert("CMYK").save(path, "JPEG", quality=60)
+    code, out, err = run([str(path), "-o", str(tmp_path / "out"), "--model",
+                          tiny_models["color"], "--device", "cpu"], capsys)
+    assert code == 0 and (tmp_path / "out" / "cmyk.png").is_file()
+    assert ("cmyk.jpg: not projected onto the file's DCT (4 components (CMYK or YCCK)); "
+            "written as the network restored it") in err
+    assert "not projected onto the file's DCT]" in out

@@ -255,13 +255,12 @@ def _validate_section(raw, section, prefix, origin, schema, errors):
 
 def resolve(raw, schema, origin):
     """A checked copy of `raw` with every default of `schema` filled in, or one UserError with
-    every problem found, each starting with `origin(dotted key)` (see `origin_namer`); several
-    are joined as lines that each read `error: ...` where the message is printed after
-    `error: `."""
+    every problem found, one line each, each starting with `origin(dotted key)` (see
+    `origin_namer`)."""
     errors = []
     resolved = _validate_section(raw, schema, "", origin, schema, errors)
     if errors:
-        raise UserError("\nerror: ".join(errors))
+        raise UserError("\n".join(errors))
     return resolved
 
 
