@@ -12,13 +12,18 @@ it (as libjpeg's encoder downsamples), projected there, and the correction is br
 full size bilinearly (centred as libjpeg's "fancy" upsampling), which is close to, not exactly,
 a projection. Edge blocks are padded by replicating the last row and column, as the encoder did.
 
-Inside the intervals, two ways to pick the result (`METHODS`): "clip", the projection itself,
-and "posterior" (the default), which reads the restoration as a noisy measurement of each
+Inside the intervals, three ways to pick the result. "clip" is the projection itself.
+"posterior" (`METHODS`, no network needed) reads the restoration as a noisy measurement of each
 coefficient, estimates that noise per frequency from the image, and takes the mean of the
-measurement's distribution truncated to the interval: the clip when the file cannot fault the
-restoration, nearer the file's own value where the restoration strays by more than the
-quantization explains (a lite network at QF 95 to 100, whose clipped output sits at the
-intervals' edges). Both results are consistent with the file.
+measurement's distribution truncated to the interval. "calibrated" (what main_restore, the demo
+and the test scripts' `--projection` use) asks the network itself how far to trust it: the
+clipped restoration is compressed again with the file's own tables on a grid half a block off
+the file's (`calibrate`), the same network and options restore that twin, and per component and
+frequency the share of the departure from the file's value that best brought the twin back is
+the share kept (least squares, in [0, 1]), then clipped. A small network that paints detail
+flat at QF 90 to 100 is thus drawn back to the file's values, one that restores well keeps its
+gains; it costs one more network pass over at most a `CALIBRATION_WINDOW` window of the image.
+Every result is consistent with the file.
 
 The coefficients and tables are read by jpeglib (libjpeg's own decoder, with wheels for Linux,
 macOS and Windows, MPL-2.0; it reads progressive files and restart intervals as any decoder
@@ -202,46 +207,142 @@ def posterior_mean(estimate, k, step):
 METHODS = {"clip": lambda estimate, k, step: np.clip(estimate, (k - 0.5) * step,
                                                       (k + 0.5) * step),
            "posterior": posterior_mean}
+PROJECTION_METHODS = ("calibrated", *METHODS)
 
 
-def _project_plane(plane, component, method="posterior"):
+def _grid_dct(plane, factor, rows=None, cols=None):
+    """The DCT coefficients (R, C, 8, 8) of a full-size float plane as an encoder stores it at
+    sampling `factor`: edge-padded to `rows` x `cols` (default: whole blocks of the sampling),
+    box-averaged to the sampling (libjpeg's downsampling), level-shifted."""
+    (fy, fx), (height, width) = factor, plane.shape
+    rows = rows or 8 * fy * -(-height // (8 * fy))
+    cols = cols or 8 * fx * -(-width // (8 * fx))
+    padded = _pad_to(plane, rows, cols)
+    stored = padded.reshape(rows // fy, fy, cols // fx, fx).mean(axis=(1, 3))
+    return block_dct(stored - 128)
+
+
+def _stored_dct(plane, component):
+    """`_grid_dct` on the file's own blocks of `component`."""
+    (fy, fx), (r, c) = component.factor, component.coefficients.shape[:2]
+    return _grid_dct(plane, component.factor, 8 * r * fy, 8 * c * fx)
+
+
+def _to_full_size(samples, factor, height, width):
+    """Samples at sampling `factor` brought to full size (bilinear, centred as libjpeg's fancy
+    upsampling) and cropped to the image."""
+    fy, fx = factor
+    if (fy, fx) != (1, 1):
+        samples = cv2.resize(samples, (samples.shape[1] * fx, samples.shape[0] * fy),
+                             interpolation=cv2.INTER_LINEAR)
+    return samples[:height, :width]
+
+
+def _planes(img):
+    """Float planes of a uint8 image: [gray] or [Y, Cb, Cr]."""
+    pixels = img.astype(np.float64)
+    return [pixels] if img.ndim == 2 else list(rgb_to_ycbcr(pixels))
+
+
+def _image(planes):
+    out = planes[0] if len(planes) == 1 else ycbcr_to_rgb(*planes)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+TWIN_SHIFT = 4  # pixels: the twin's block grid sits half a block off the file's
+CALIBRATION_WINDOW = 768  # pixels: the largest side of the window the shares are learned on
+
+
+def _window(height, width, size=CALIBRATION_WINDOW):
+    """The central window (slices) of at most `size` x `size` pixels, its corner on a multiple
+    of 16 pixels so that it starts on a block (and MCU) corner of the file's grid."""
+    def span(n):
+        start = max(0, (n - size) // 2) // 16 * 16
+        return slice(start, min(n, start + size))
+    return span(height), span(width)
+
+
+def calibrate(img, coefficients, restore):
+    """Per component, per frequency (8, 8), the share of the restoration's departure from the
+    file's value to keep, learned on a twin whose truth is known.
+
+    The twin is `img` moved by `TWIN_SHIFT` pixels down and right (edge-padded) and compressed
+    with the file's own tables and sampling, so its blocks fall half a block off the ones the
+    network already cleaned (on the file's own grid, the compression would give back nearly
+    the file, and teach nothing); `restore` (the network and options that made `img`) restores
+    it, and the share that best brings that restoration back to `img` (least squares per
+    frequency, in [0, 1]) is returned. The shares are statistics of the image, so they are
+    learned on its central `CALIBRATION_WINDOW` window: on a large photo the second network
+    pass costs a fixed fraction of a megapixel, not a second restoration. A network that restores its twin well keeps its
+    departures (1); one that paints detail flat or invents it, as a small network does at
+    QF 90 to 100, is drawn back towards the file's values (towards 0).
+    """
+    pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
+    source = np.pad(project(img, coefficients, "clip")[_window(*img.shape[:2])], pad, mode="edge")
+    height, width = source.shape[:2]
+    planes = _planes(source)
+    components = coefficients.components[:len(planes)]  # a gray image: the file's Y alone
+    truths = []
+    for i, component in enumerate(components):
+        truth = _grid_dct(planes[i], component.factor)
+        centre = np.round(truth / component.table) * component.table
+        planes[i] = _to_full_size(block_idct(centre) + 128, component.factor, height, width)
+        truths.append((truth - centre, centre))
+    restored = _planes(restore(_image(planes)))
+    shares = []
+    for i, component in enumerate(components):
+        departure, centre = truths[i]
+        estimate = _grid_dct(restored[i], component.factor) - centre
+        num = (departure * estimate).sum(axis=(0, 1))
+        den = (estimate * estimate).sum(axis=(0, 1))
+        shares.append(np.clip(np.divide(num, den, out=np.ones_like(num), where=den > 1e-9),
+                              0.0, 1.0))
+    return shares
+
+
+def _project_plane(plane, component, method="posterior", share=None):
     """Bring one full-size float plane (level-shifted by -128 inside) into a component's box;
     returns the corrected full-size plane."""
-    height, width = plane.shape
-    (fy, fx), (r, c) = component.factor, component.coefficients.shape[:2]
-    padded = _pad_to(plane, 8 * r * fy, 8 * c * fx)
-    stored = padded.reshape(8 * r, fy, 8 * c, fx).mean(axis=(1, 3))  # the encoder's box filter
-    coefficients = block_dct(stored - 128)
-    projected = METHODS[method](coefficients, component.coefficients, component.table)
+    coefficients = _stored_dct(plane, component)
+    k, step = component.coefficients, component.table
+    if share is not None:  # calibrated: the kept share of the departure from the file's value
+        centre = k * step
+        projected = np.clip(centre + share * (coefficients - centre), centre - step / 2,
+                            centre + step / 2)
+    else:
+        projected = METHODS[method](coefficients, k, step)
     correction = block_idct(projected - coefficients)
-    if (fy, fx) != (1, 1):
-        correction = cv2.resize(correction, (8 * c * fx, 8 * r * fy),
-                                interpolation=cv2.INTER_LINEAR)
-    return plane + correction[:height, :width]
+    return plane + _to_full_size(correction, component.factor, *plane.shape)
 
 
-def project(img, coefficients, method="posterior"):
+def project(img, coefficients, method="posterior", restore=None):
     """The restored uint8 image (RGB HxWx3, gray HxW or HxWx1) made consistent with the file.
 
     `method` "clip" is the projection onto the constraint set (each coefficient clipped into
-    its interval); "posterior" (the default) takes, inside the same intervals, the posterior
-    mean of `posterior_mean`, which equals the clip for a restoration the file cannot fault and
-    leans towards the file's own values for one that strays by more than the quantization
-    explains. A gray image is brought to the file's Y component; a colour image from a gray
-    file gets its Y done and its chroma kept. Raises ProjectionUnavailable when the sizes
-    differ.
+    its interval); "posterior" takes, inside the same intervals, the posterior mean of
+    `posterior_mean`, which equals the clip for a restoration the file cannot fault and leans
+    towards the file's own values for one that strays by more than the quantization explains;
+    "calibrated" keeps, per frequency, the share of the restoration's departure from the
+    file's value that `calibrate` learns on a twin JPEG with `restore` (the network and options
+    that made `img`, run once more), then clips. A gray image is brought
+    to the file's Y component; a colour image from a gray file gets its Y done and its chroma
+    kept. Raises ProjectionUnavailable when the sizes differ.
     """
+    if method not in METHODS and method != "calibrated":
+        raise ValueError(f"unknown projection method {method!r}: {', '.join(PROJECTION_METHODS)}")
     if img.shape[:2] != (coefficients.height, coefficients.width):
         raise ProjectionUnavailable(f"the image is {img.shape[1]}x{img.shape[0]}, the file "
                                     f"{coefficients.width}x{coefficients.height}")
     if img.ndim == 3 and img.shape[2] == 1:
-        return project(img[:, :, 0], coefficients, method)[:, :, None]
-    pixels = img.astype(np.float64)
-    if img.ndim == 2:
-        out = _project_plane(pixels, coefficients.components[0], method)
+        inner = None if restore is None else (lambda x: restore(x[:, :, None])[:, :, 0])
+        return project(img[:, :, 0], coefficients, method, inner)[:, :, None]
+    if method == "calibrated":
+        if restore is None:
+            raise ValueError("the calibrated projection needs the restore function")
+        shares = calibrate(img, coefficients, restore)
     else:
-        planes = list(rgb_to_ycbcr(pixels))
-        for i, component in enumerate(coefficients.components):
-            planes[i] = _project_plane(planes[i], component, method)
-        out = ycbcr_to_rgb(*planes)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        shares = [None] * len(coefficients.components)
+    planes = _planes(img)
+    for i, component in enumerate(coefficients.components[:len(planes)]):
+        planes[i] = _project_plane(planes[i], component, method, shares[i])
+    return _image(planes)

@@ -246,11 +246,15 @@ class Demo:
         overlap = fit_overlap(self.tile)
         tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap)[0]
         start = time.perf_counter()
+        def again(img):
+            return restore(model, img, qf=None if qf is None else int(qf),
+                           device=self.models.device, tile=self.tile, tile_overlap=overlap)[0]
+
         after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
                                  device=self.models.device, tile=self.tile, tile_overlap=overlap)
         consistency = ""
         if model.net is not None:
-            after, consistency, problem = make_consistent(after, decoded, self.projection)
+            after, consistency, problem = make_consistent(after, decoded, self.projection, again)
             consistency += f" ({problem})" if problem else ""
         seconds = time.perf_counter() - start
         img = apply_orientation(decoded.img, decoded.orientation)

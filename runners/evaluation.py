@@ -429,7 +429,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                     img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
                 if coefficients is not None:
                     with clock("projection"):
-                        img_E = project(img_E, coefficients)
+                        img_E = project(img_E, coefficients, "calibrated",
+                                        lambda x, qf=setting.qf_input: restore(model, x, qf=qf,
+                                                                               **speed)[0])
                 scores = (None if img_H is None
                           else pipe.submit(_scores, img_E, img_H, clock, device))
                 written = None if out_dir is None else pipe.submit(

@@ -351,9 +351,10 @@ def _qf_used(model, decoded, qf, qf_source, qf_pred):
     return f"QF {qf} ({qf_source}; network estimate {qf_pred})"
 
 
-def make_consistent(img_E, decoded, wanted=True):
+def make_consistent(img_E, decoded, wanted, again):
     """`(image, note, problem)`: a JPEG's restoration projected onto the quantization intervals
-    of its file's DCT coefficients when `wanted` (data/jpeg_projection.py), a few words saying
+    of its file's DCT coefficients when `wanted` (data/jpeg_projection.py, "calibrated": `again`
+    is the restore function that made `img_E`, run once more on a twin), a few words saying
     what was done (empty when the projection was not wanted), and why a JPEG could not be
     projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is then kept as it is),
     else None."""
@@ -362,7 +363,8 @@ def make_consistent(img_E, decoded, wanted=True):
     if not wanted:
         return img_E, "", None
     try:
-        return project(img_E, read_coefficients(decoded.data)), PROJECTED, None
+        return (project(img_E, read_coefficients(decoded.data), "calibrated", again), PROJECTED,
+                None)
     except ProjectionUnavailable as exc:
         return img_E, NOT_PROJECTED, str(exc)
 
@@ -432,10 +434,14 @@ def run_restore(args):
             decoded = read_image(job.path, args.channels)
             qf, qf_source = choose_qf(args.qf, decoded)
             model = models.get("gray" if decoded.gray else "color")
+            def again(img, model=model, qf=qf):
+                return restore(model, img, qf=qf, device=device, **options)[0]
+
             img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
             consistency = ""
             if model.net is not None:
-                img_E, consistency, problem = make_consistent(img_E, decoded, args.projection)
+                img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,
+                                                              again)
                 if problem:
                     LOG.warning("warning: %s: %s (%s); written as the network restored it",
                                 shown, NOT_PROJECTED, problem)

@@ -40,10 +40,12 @@ def _save_tiny(path, in_nc=3, seed=0):
     return str(path)
 
 
-def projected(img, path):
-    """`img` projected onto the quantization intervals of the JPEG file at `path`."""
+def projected(img, path, model, **kwargs):
+    """`img` projected onto the quantization intervals of the JPEG file at `path`, calibrated
+    on a twin restored by `model` with `kwargs` (as the demo restored `img`)."""
     with open(path, "rb") as f:
-        return project(img, read_coefficients(f.read()))
+        return project(img, read_coefficients(f.read()), "calibrated",
+                       lambda x: restore(model, x, **kwargs)[0])
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_blind_then_slider_match_restore(demo, jpeg_file):
     model = demo.models.get("tiny")
     img = imread_uint(jpeg_file)
     raw, expected_qf = restore(model, img)
-    expected = projected(raw, jpeg_file)
+    expected = projected(raw, jpeg_file, model)
     blind = demo.run(jpeg_file, "tiny")
     assert blind.qf_pred == expected_qf and blind.qf_used is None and blind.tile is None
     assert np.array_equal(blind.after, expected) and np.array_equal(blind.before, img)
@@ -131,7 +133,8 @@ def test_blind_then_slider_match_restore(demo, jpeg_file):
 
     qf = 90 if expected_qf < 50 else 10
     controlled = demo.run(jpeg_file, "tiny", qf=qf)
-    assert np.array_equal(controlled.after, projected(restore(model, img, qf=qf)[0], jpeg_file))
+    assert np.array_equal(controlled.after, projected(restore(model, img, qf=qf)[0], jpeg_file,
+                                                           model, qf=qf))
     assert not np.array_equal(controlled.after, blind.after)
     assert controlled.qf_pred == expected_qf and controlled.qf_used == qf
     assert f"QF {qf} (set by the slider)" in controlled.info_markdown()
@@ -144,10 +147,12 @@ def test_large_images_are_tiled(tiny_path, tmp_path, jpeg_file):
     result = demo.run(jpeg_file, "tiny")
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
     img = imread_uint(jpeg_file)
-    tiled = restore(demo.models.get("tiny"), img, tile=64, tile_overlap=32)[0]
-    assert np.array_equal(result.after, projected(tiled, jpeg_file))
-    untiled = restore(demo.models.get("tiny"), img)[0]
-    assert not np.array_equal(result.after, projected(untiled, jpeg_file))
+    model = demo.models.get("tiny")
+    tiled = restore(model, img, tile=64, tile_overlap=32)[0]
+    assert np.array_equal(result.after, projected(tiled, jpeg_file, model, tile=64,
+                                                  tile_overlap=32))
+    untiled = restore(model, img)[0]
+    assert not np.array_equal(result.after, projected(untiled, jpeg_file, model))
 
 
 def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file, monkeypatch):
@@ -158,7 +163,8 @@ def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file,
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()
     img = imread_uint(jpeg_file)
     assert np.array_equal(result.after,
-                          projected(restore(demo.models.get("tiny"), img, tile=64)[0], jpeg_file))
+                          projected(restore(demo.models.get("tiny"), img, tile=64)[0], jpeg_file,
+                                    demo.models.get("tiny")))
 
 
 def test_exif_rotated_jpeg_is_restored_on_its_stored_grid_then_turned(demo, tmp_path, jpeg_file):
@@ -171,7 +177,8 @@ def test_exif_rotated_jpeg_is_restored_on_its_stored_grid_then_turned(demo, tmp_
     expected, expected_qf = restore(demo.models.get("tiny"), stored)
     result = demo.run(str(path), "tiny")
     assert np.array_equal(result.before, np.rot90(stored, -1))
-    assert np.array_equal(result.after, np.rot90(projected(expected, jpeg_file), -1))
+    assert np.array_equal(result.after, np.rot90(projected(expected, jpeg_file,
+                                                                 demo.models.get("tiny")), -1))
     assert result.qf_pred == expected_qf
     assert np.array_equal(imread_uint(result.png_path), result.after)
 
@@ -184,7 +191,8 @@ def test_gray_model_reads_gray(tmp_path, jpeg_file):
     gray = imread_uint(jpeg_file, n_channels=1)
     assert np.array_equal(result.before, gray)
     assert np.array_equal(result.after,
-                          projected(restore(demo.models.get("tiny_gray"), gray)[0], jpeg_file))
+                          projected(restore(demo.models.get("tiny_gray"), gray)[0], jpeg_file,
+                                    demo.models.get("tiny_gray")))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -116,7 +116,8 @@ def test_demo_in_chromium(tmp_path):
     jpeg_img = imread_uint(str(jpeg_path))
     coefficients = read_coefficients(jpeg_path.read_bytes())  # the demo projects by default
     expected_blind, expected_qf = restore(model, jpeg_img)
-    expected_blind = project(expected_blind, coefficients)
+    expected_blind = project(expected_blind, coefficients, "calibrated",
+                             lambda x: restore(model, x)[0])
     proc, url = _start_app(model_path)
     try:
         with sync_playwright() as p:
@@ -144,7 +145,8 @@ def test_demo_in_chromium(tmp_path):
             name, controlled = _download(page, tmp_path, "controlled.png")
             assert name == f"parrots_qf20_tiny_qf{qf}.png"
             assert np.abs(controlled.astype(int) - blind).max() > 1  # the slider changed it
-            expected_controlled = project(restore(model, jpeg_img, qf=qf)[0], coefficients)
+            expected_controlled = project(restore(model, jpeg_img, qf=qf)[0], coefficients,
+                                          "calibrated", lambda x: restore(model, x, qf=qf)[0])
             assert np.abs(controlled.astype(int) - expected_controlled).max() <= 1
             page.screenshot(path=str(tmp_path / "demo_result.png"), full_page=True)
 

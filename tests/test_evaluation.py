@@ -152,7 +152,8 @@ def test_real_script_projects_each_file_read_once_for_all_settings(tmp_path, tes
     img = imread_uint(str(folder / "1.jpg"), 3)
     for setting, qf in (("blind", None), ("qf10", 10), ("qf90", 90)):
         written = imread_uint(str(tmp_path / "res" / f"real_tiny3_{setting}_proj" / "1.png"), 3)
-        expected = project(restore(model, img, qf=qf)[0], read_coefficients(data))
+        expected = project(restore(model, img, qf=qf)[0], read_coefficients(data), "calibrated",
+                           lambda x, qf=qf: restore(model, x, qf=qf)[0])
         assert np.array_equal(written, expected), setting
 
 
@@ -288,7 +289,8 @@ def test_projection_projects_each_restoration_and_names_its_rows(tmp_path, small
         img_L, data = jpeg_file(img, 20)
     else:
         img_L, data = double_jpeg_file(img, 10, 30, 4)
-    expected = project(restore(model, img_L)[0], read_coefficients(data))
+    expected = project(restore(model, img_L)[0], read_coefficients(data), "calibrated",
+                       lambda x: restore(model, x)[0])
     written = imread_uint(str(tmp_path / "res" / f"{name}_proj" / "monarch.png"), n_channels)
     assert np.array_equal(written, expected)
     assert not np.array_equal(written, restore(model, img_L)[0])

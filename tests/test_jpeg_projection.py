@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from data.jpeg import jpeg_decode, jpeg_encode
-from data.jpeg_projection import (ProjectionUnavailable, _project_plane, block_dct, block_idct,
+from data.jpeg_projection import (CALIBRATION_WINDOW, TWIN_SHIFT, ProjectionUnavailable,
+                                  _project_plane, _window, block_dct, block_idct, calibrate,
                                   posterior_mean, project, read_coefficients, rgb_to_ycbcr,
                                   ycbcr_to_rgb)
 from utils.metrics import psnr
@@ -196,3 +197,79 @@ def test_a_restoration_that_strays_is_pulled_back_towards_the_file(photo):
         assert posterior > clipped + 1
         if qf == 100:  # intervals of width 1: about the JPEG itself
             assert posterior > jpeg_db - 0.3
+
+
+def _oracle_for_its_twin(img):
+    """A 'network' that restores the calibration's twin perfectly: it returns the twin's source."""
+    pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
+    return lambda twin: np.pad(img, pad, mode="edge")
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_a_network_that_restores_its_twin_keeps_every_departure(photo, gray):
+    """Shares of 1 (the twin restored exactly): the calibrated result is the clip itself."""
+    img = photo[..., 1] if gray else photo
+    blurred = cv2.GaussianBlur(img, (0, 0), 1.0)
+    coefficients = read_coefficients(jpeg_encode(img, 50))
+    clipped = project(blurred, coefficients, "clip")  # the twin's source
+    shares = calibrate(blurred, coefficients, _oracle_for_its_twin(clipped))
+    assert len(shares) == (1 if gray else 3) and all(s.shape == (8, 8) for s in shares)
+    np.testing.assert_allclose(np.concatenate(shares), 1.0)
+    np.testing.assert_array_equal(project(blurred, coefficients, "calibrated",
+                                          _oracle_for_its_twin(clipped)), clipped)
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_a_network_that_paints_detail_flat_is_drawn_back_to_the_file(photo, gray):
+    """A 'network' that blurs everything: at QF 95 its output, clipped or posterior, is worse
+    than the JPEG; the twin shows the blur losing detail, and the calibrated result keeps
+    about the JPEG. At QF 10, where blur removes blocking, it keeps most of the blur's gain."""
+    truth = photo[..., 1] if gray else photo
+    network = lambda img: cv2.GaussianBlur(img, (0, 0), 1.0)  # noqa: E731
+    for qf in (95, 10):
+        data = jpeg_encode(truth, qf)
+        decoded, coefficients = jpeg_decode(data, 1 if gray else 3), read_coefficients(data)
+        jpeg_db = float(psnr(decoded, truth))
+        restored = network(decoded)
+        clipped = float(psnr(project(restored, coefficients, "clip"), truth))
+        calibrated = float(psnr(project(restored, coefficients, "calibrated", network), truth))
+        if qf == 95:
+            assert clipped < jpeg_db - 0.5 and calibrated > jpeg_db - 0.1
+        else:
+            assert calibrated > jpeg_db + 0.3 and calibrated > clipped - 0.3
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_calibrated_coefficients_lie_in_their_intervals(photo, gray):
+    # mid-tones: the result's pixels are never clipped at 0 or 255, which would move them
+    img = ((photo[..., 1] if gray else photo) * 0.7 + 38).astype(np.uint8)
+    data = jpeg_encode(img, 80)
+    coefficients = read_coefficients(data)
+    noisy = np.clip(jpeg_decode(data, 1 if gray else 3)
+                    + np.random.default_rng(3).normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    out = project(noisy, coefficients, "calibrated", lambda x: cv2.GaussianBlur(x, (0, 0), 0.8))
+    (y, *_), component = ((out.astype(np.float64),) if gray
+                          else rgb_to_ycbcr(out.astype(np.float64))), coefficients.components[0]
+    padded = np.pad(y, ((0, 128 - 121), (0, 200 - 195)), mode="edge")
+    k, q = component.coefficients, component.table
+    outside = np.abs(block_dct(padded - 128) - k * q) - q / 2
+    # whole blocks (the partial edge blocks were padded again from the result); the rounding
+    # of the result to 8-bit pixels moves a coefficient by about a pixel level at most
+    assert outside[:15, :24].max() <= 1.5
+
+
+def test_the_calibration_window_starts_on_the_grid_and_is_bounded():
+    rows, cols = _window(3000, 4000)
+    assert rows.start % 16 == 0 and cols.start % 16 == 0
+    assert rows.stop - rows.start == cols.stop - cols.start == CALIBRATION_WINDOW
+    assert abs((rows.start + rows.stop) / 2 - 1500) <= 16 and abs((cols.start + cols.stop) / 2
+                                                                  - 2000) <= 16
+    assert _window(121, 195) == (slice(0, 121), slice(0, 195))
+
+
+def test_unknown_methods_and_a_calibration_without_network_are_refused(photo):
+    coefficients = read_coefficients(jpeg_encode(photo, 50))
+    with pytest.raises(ValueError, match="calibrated, clip, posterior"):
+        project(photo, coefficients, "median")
+    with pytest.raises(ValueError, match="restore function"):
+        project(photo, coefficients, "calibrated")

@@ -104,9 +104,11 @@ def run(argv, capsys):
 
 def restored_and_projected(model, data, n_channels, **kwargs):
     """What main_restore writes for JPEG bytes by default: the network's restoration of the
-    decoded file, projected onto the file's quantization intervals."""
+    decoded file, projected onto the file's quantization intervals (calibrated on a twin by
+    the same network and options)."""
     restored, _ = restore(model, jpeg_decode(data, n_channels), **kwargs)
-    return project(restored, read_coefficients(data))
+    return project(restored, read_coefficients(data), "calibrated",
+                   lambda x: restore(model, x, **kwargs)[0])
 
 
 def read_rgb(path):
@@ -560,7 +562,8 @@ def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, t
         code, out, _ = run([str(path), "-o", str(tmp_path / mode), "--qf", mode, "--gray-model",
                             tiny_models["gray"], "--device", "cpu"], capsys)
         assert code == 0 and f"[gray, QF {qf} ({mode}; network estimate" in out
-        assert received == [(1, [[pytest.approx(1 - qf / 100)]])]
+        # the restoration, then its twin for the projection's calibration: both fed the QF
+        assert received == [(1, [[pytest.approx(1 - qf / 100)]])] * 2
     expected = restored_and_projected(load_model(tiny_models["gray"]), path.read_bytes(), 1,
                                       qf=10)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dominant" / "double.png"),
