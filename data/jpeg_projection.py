@@ -266,19 +266,22 @@ def calibrate(img, coefficients, restore):
     """Per component, per frequency (8, 8), the share of the restoration's departure from the
     file's value to keep, learned on a twin whose truth is known.
 
-    The twin is `img` moved by `TWIN_SHIFT` pixels down and right (edge-padded) and compressed
-    with the file's own tables and sampling, so its blocks fall half a block off the ones the
-    network already cleaned (on the file's own grid, the compression would give back nearly
-    the file, and teach nothing); `restore` (the network and options that made `img`) restores
-    it, and the share that best brings that restoration back to `img` (least squares per
-    frequency, in [0, 1]) is returned. The shares are statistics of the image, so they are
-    learned on its central `CALIBRATION_WINDOW` window: on a large photo the second network
-    pass costs a fixed fraction of a megapixel, not a second restoration. A network that restores its twin well keeps its
+    The twin's truth is `img` clipped into the file's intervals (as detailed as the file allows
+    at high QF, as clean as the network made it at low QF), moved by `TWIN_SHIFT` pixels down
+    and right (edge-padded) and compressed with the file's own tables and sampling, so its
+    blocks fall half a block off the ones the network already cleaned (on the file's own grid
+    the compression would give back nearly the file, and teach nothing). `restore` (the
+    network and options that made `img`) restores the twin, and the share that best brings
+    that restoration back to its truth (least squares per frequency, in [0, 1]) is returned.
+    The shares are statistics of the image, so they are learned on its central
+    `CALIBRATION_WINDOW` window: on a large photo the second pass costs a fixed fraction of a
+    megapixel, not a second restoration. A network that restores its twin well keeps its
     departures (1); one that paints detail flat or invents it, as a small network does at
     QF 90 to 100, is drawn back towards the file's values (towards 0).
     """
     pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
-    source = np.pad(project(img, coefficients, "clip")[_window(*img.shape[:2])], pad, mode="edge")
+    clipped = project(img, coefficients, "clip")
+    source = np.pad(clipped[_window(*img.shape[:2])], pad, mode="edge")
     height, width = source.shape[:2]
     planes = _planes(source)
     components = coefficients.components[:len(planes)]  # a gray image: the file's Y alone
