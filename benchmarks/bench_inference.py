@@ -14,6 +14,12 @@ in grey levels from the first row of each input (fp32, untiled, uncompiled where
         --precision fp32 bf16 --limit 4 --synthetic-mp 2 --tile 256
     python benchmarks/bench_inference.py --random-init --device cuda --precision bf16 \\
         --layout channels_last --compile off on --synthetic-mp 0 --tile 0
+    python benchmarks/bench_inference.py --model fbcnn_color_lite --device cpu --threads 2 \\
+        --precision fp32 --limit 0 --tile 256 512 768 1024 --qf-input blind 10
+
+Several `--tile` sizes are compared side by side in one run (each with its own rows), and
+`--qf-input` adds rows with the QF fed to the network (`blind`: the network's own estimate,
+the default).
 """
 import argparse
 import itertools
@@ -31,13 +37,13 @@ from benchmarks.benchlib import (PeakMemory, add_model_args, build_model, device
 from data.jpeg import jpeg
 from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
                               check_options, fit_overlap, restore)
-from runners.cli import run_cli
+from runners.cli import quality_factor, run_cli
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("input", "input", "{}"), ("precision", "precision", "{}"), ("layout", "layout", "{}"),
-           ("compile", "compile", "{}"), ("tiling", "tiling", "{}"),
+           ("compile", "compile", "{}"), ("qf_input", "QF fed", "{}"), ("tiling", "tiling", "{}"),
            ("megapixels", "MP", "{:.2f}"),
            ("seconds", "s", "{:.2f}"), ("mp_per_s", "MP/s", "{:.3f}"),
            ("tflops", "TFLOP/s", "{:.3f}"), ("peak_gib", "peak GiB", "{:.2f}"),
@@ -63,6 +69,15 @@ def synthetic_photo(images, megapixels, seed=0):
             row.append(img[y:y + block, x:x + block])
         rows.append(np.concatenate(row, axis=1))
     return np.ascontiguousarray(np.concatenate(rows, axis=0)[:height, :width])
+
+
+def _qf_input(text):
+    if text == "blind":
+        return text
+    try:
+        return str(quality_factor(text))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or blind") from None
 
 
 def measure(model, inputs, device, reference=None, warmup=0, **options):
@@ -109,9 +124,13 @@ def main(argv=None):
     p.add_argument("--qf", type=int, default=10, help="JPEG quality of the inputs")
     p.add_argument("--synthetic-mp", type=float, default=12.0,
                    help="megapixels of the synthetic photo; 0 skips it (default %(default)s)")
-    p.add_argument("--tile", type=int, default=1024, help="tile size of the tiled rows; 0 skips")
+    p.add_argument("--tile", type=int, nargs="+", default=[1024],
+                   help="tile sizes of the tiled rows, one set of rows each; 0 skips")
+    p.add_argument("--qf-input", type=_qf_input, nargs="+", default=["blind"],
+                   help="blind (the network's estimate) and/or QFs fed to the network")
     p.add_argument("--tile-overlap", type=int, default=None,
-                   help="default: 32, or half the tile (a multiple of 8) for tiles under 64")
+                   help="default: 32, or half the tile (a multiple of 8) for tiles under 64, "
+                        "per tile size")
     p.add_argument("--tile-cache-gib", type=float, nargs="+", default=None,
                    help="encoder cache sizes of the tiled rows, one row each (default: the "
                         "device's default, DEFAULT_TILE_CACHE_GIB in models/inference.py)")
@@ -124,13 +143,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
-    if args.tile_overlap is None:
-        args.tile_overlap = fit_overlap(args.tile or None)
-    if args.tile:
+    tiles = [tile for tile in args.tile if tile]
+    overlaps = {tile: fit_overlap(tile) if args.tile_overlap is None else args.tile_overlap
+                for tile in tiles}
+    for tile in tiles:
         try:
-            check_options(tile=args.tile, tile_overlap=args.tile_overlap)
+            check_options(tile=tile, tile_overlap=overlaps[tile])
         except ValueError as exc:
-            raise UserError(f"--tile/--tile-overlap: {exc}") from None
+            raise UserError(f"--tile {tile}/--tile-overlap: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup if args.warmup is not None else int(args.device.startswith("cuda"))
@@ -152,7 +172,7 @@ def main(argv=None):
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
     caches = args.tile_cache_gib or [DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
-    tilings = [(None, None)] + ([(args.tile, cache) for cache in caches] if args.tile else [])
+    tilings = [(None, None)] + [(tile, cache) for tile in tiles for cache in caches]
 
     rows = []
     tflop_per_mp = fbcnn_conv_flops(model.net, 1000, 1000) / 1e12
@@ -163,22 +183,23 @@ def main(argv=None):
                                    "tflop_per_megapixel": tflop_per_mp,
                                    "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
 
-    for name, inputs in sets:
-        reference = None
+    for (name, inputs), qf_input in itertools.product(sets, args.qf_input):
+        reference = None  # per input and QF fed: a fed QF changes the output
         for precision, layout, compile, (tile, cache) in itertools.product(
                 args.precision, args.layout, args.compile, tilings):
             megapixels = max(img.shape[0] * img.shape[1] for img in inputs) / 1e6
             label = ("untiled" if tile is None else
-                     f"{tile}/{args.tile_overlap}, cache {cache:g} GiB")
+                     f"{tile}/{overlaps[tile]}, cache {cache:g} GiB")
             base = {"input": name, "precision": precision, "layout": layout, "compile": compile,
-                    "tiling": label}
+                    "qf_input": qf_input, "tiling": label}
             if tile is None and megapixels > untiled_max:
                 rows.append({**base, "note": f"skipped: over {untiled_max} MP untiled"})
                 save()
                 print(f"{base}: skipped, over {untiled_max} MP", file=sys.stderr)
                 continue
             row, outputs = measure(model, inputs, device, reference, warmup, precision=precision,
-                                   tile=tile, tile_overlap=args.tile_overlap,
+                                   qf=None if qf_input == "blind" else int(qf_input),
+                                   tile=tile, tile_overlap=overlaps.get(tile, 32),
                                    channels_last=layout == "channels_last",
                                    compile=compile == "on", max_untiled_megapixels=math.inf,
                                    tile_cache_gib=cache)

@@ -101,6 +101,25 @@ def test_inference_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_th
     assert "| LIVE1_color (1 images) | fp32" in capsys.readouterr().out
 
 
+def test_inference_benchmark_compares_tile_sizes_blind_and_fed(tmp_path, keep_threads):
+    """Several tile sizes and a fed QF in one run: a row each, each fed row against its own
+    untiled reference (a fed QF changes the output)."""
+    path = tmp_path / "tiles.json"
+    assert bench_inference.main(["--random-init", "--nc", "4", "8", "8", "16", "--nb", "1",
+                                 "--device", "cpu", "--precision", "fp32", "--limit", "0",
+                                 "--synthetic-mp", "0.05", "--tile", "64", "128", "--threads",
+                                 "1", "--tile-cache-gib", "0", "--qf-input", "blind", "30",
+                                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["qf_input"], r["tiling"]) for r in rows] == [
+        ("blind", "untiled"), ("blind", "64/32, cache 0 GiB"), ("blind", "128/32, cache 0 GiB"),
+        ("30", "untiled"), ("30", "64/32, cache 0 GiB"), ("30", "128/32, cache 0 GiB")]
+    assert rows[0].get("reference") and rows[3].get("reference")
+    assert rows[3]["max_diff"] == 0 and all(r["max_diff"] <= 1 for r in rows)
+    with pytest.raises(SystemExit):
+        bench_inference.main(["--random-init", "--qf-input", "0"])
+
+
 def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_threads):
     path = tmp_path / "train.json"
     assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
