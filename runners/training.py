@@ -14,8 +14,9 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
   `total_iter`), validating every `checkpoint_test`;
 - distributed runs: every process trains, rank 0 alone logs, validates and saves;
 - stopping: Ctrl+C or SIGTERM is announced at once and takes effect after the iteration in
-  progress (a validation in progress is abandoned, a save completes); a second one stops at once
-  (after a save in progress). The loader workers ignore both signals, which a terminal or a
+  progress (a validation in progress is abandoned, a save completes), which is then saved, so a
+  preempted and requeued job resumes where it stopped; a second one stops at once (after a save
+  in progress, which is atomic: an interrupted save leaves the previous checkpoint). The loader workers ignore both signals, which a terminal or a
   scheduler sends to every process of the run, and are shut down by the main process.
 """
 import contextlib
@@ -620,6 +621,10 @@ class _Trainer:
                             self.save(step)
                         if self.has_test and step % t["checkpoint_test"] == 0:
                             self.test(step)
+                    if self.stopping and step and self.saved != step:
+                        # the iteration reached, so that a requeued job resumes there; every
+                        # process agreed to stop here, and a second signal acts after the save
+                        self.save(step)
                 finally:
                     self.stop.interruptible = False
                     _stop_workers(batches)

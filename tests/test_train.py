@@ -470,6 +470,32 @@ def test_an_interrupted_run_says_where_it_will_resume(option_file, tmp_path, mon
         os.path.join(tmp_path, "tiny"))
 
 
+def test_sigterm_saves_the_iteration_reached_and_the_resumed_run_goes_on_as_uninterrupted(
+        option_file, reference_run, tmp_path, monkeypatch):
+    """SIGTERM during iteration 3 (checkpoint_save is 2): the run finishes the iteration, saves
+    it and stops; the next start resumes from 3 and its losses and weights are the
+    uninterrupted run's."""
+    real = ModelFBCNN.optimize_parameters
+
+    def signalled_in_3(self, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, step)
+
+    monkeypatch.setattr(ModelFBCNN, "optimize_parameters", signalled_in_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(option_file, tmp_path)
+    run_dir = os.path.join(tmp_path, "tiny")
+    assert ckpt.complete_checkpoints(os.path.join(run_dir, "models")) == [2, 3]
+    assert "interrupted at iteration 3; the next start resumes from iteration 3" in _log(run_dir)
+    monkeypatch.setattr(ModelFBCNN, "optimize_parameters", real)
+    assert _run(option_file, tmp_path) == {"start": 3, "end": 6}
+    assert _losses(run_dir) == _losses(reference_run)
+    resumed = load_state_dict_file(os.path.join(run_dir, "models", "6_G.safetensors"))
+    reference = load_state_dict_file(os.path.join(reference_run, "models", "6_G.safetensors"))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_training_like_ctrl_c(option_file, tmp_path):
     cmd = [sys.executable, MAIN, "-opt", option_file, "--set", f"path.root={tmp_path}", "--set",
@@ -561,9 +587,11 @@ def test_sigterm_to_the_whole_run_stops_it_cleanly(option_file, tmp_path, moment
     said = err.index("SIGTERM: stopping after this iteration")
     assert said < err.index(f"LEFT {moment}")  # at once, not once the moment is over
     assert err.rstrip().endswith("interrupted")
-    assert (f"interrupted at iteration {stopped_at}; the next start resumes from iteration 2"
-            in _log(os.path.join(tmp_path, "tiny")))
-    assert ckpt.complete_checkpoints(os.path.join(tmp_path, "tiny", "models")) == [2]
+    # the iteration reached is saved (2 already was, by checkpoint_save)
+    assert (f"interrupted at iteration {stopped_at}; the next start resumes from iteration "
+            f"{stopped_at}" in _log(os.path.join(tmp_path, "tiny")))
+    assert ckpt.complete_checkpoints(os.path.join(tmp_path, "tiny", "models")) == sorted(
+        {2, stopped_at})
     if moment == "validation":
         assert "iteration 2: validation abandoned (stopping)" in err
     deadline = time.time() + 10
