@@ -238,15 +238,18 @@ def _to_full_size(samples, factor, height, width):
     return samples[:height, :width]
 
 
+_LEVEL = {np.dtype(np.uint8): 1.0, np.dtype(np.uint16): 257.0}  # one 8-bit level, per dtype
+
+
 def _planes(img):
-    """Float planes of a uint8 image: [gray] or [Y, Cb, Cr]."""
-    pixels = img.astype(np.float64)
+    """Float planes on the 8-bit scale of a uint8 or uint16 image: [gray] or [Y, Cb, Cr]."""
+    pixels = img.astype(np.float64) / _LEVEL[img.dtype]
     return [pixels] if img.ndim == 2 else list(rgb_to_ycbcr(pixels))
 
 
-def _image(planes):
-    out = planes[0] if len(planes) == 1 else ycbcr_to_rgb(*planes)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def _image(planes, dtype=np.uint8):
+    out = (planes[0] if len(planes) == 1 else ycbcr_to_rgb(*planes)) * _LEVEL[np.dtype(dtype)]
+    return np.clip(np.rint(out), 0, np.iinfo(dtype).max).astype(dtype)
 
 
 TWIN_SHIFT = 4  # pixels: the twin's block grid sits half a block off the file's
@@ -319,7 +322,8 @@ def _project_plane(plane, component, method="posterior", share=None):
 
 
 def project(img, coefficients, method="posterior", restore=None):
-    """The restored uint8 image (RGB HxWx3, gray HxW or HxWx1) made consistent with the file.
+    """The restored image (RGB HxWx3, gray HxW or HxWx1; uint8, or uint16 whose levels are 257
+    times the file's) made consistent with the file, in the same type.
 
     `method` "clip" is the projection onto the constraint set (each coefficient clipped into
     its interval); "posterior" takes, inside the same intervals, the posterior mean of
@@ -348,4 +352,4 @@ def project(img, coefficients, method="posterior", restore=None):
     planes = _planes(img)
     for i, component in enumerate(coefficients.components[:len(planes)]):
         planes[i] = _project_plane(planes[i], component, method, shares[i])
-    return _image(planes)
+    return _image(planes, img.dtype)

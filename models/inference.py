@@ -64,13 +64,14 @@ import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.jpeg import label_to_qf, qf_to_label
 from utils.errors import UserError
-from utils.image import tensor2uint, uint2tensor
+from utils.image import tensor2uint, tensor2uint16, uint2tensor
 
 __all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
@@ -398,8 +399,10 @@ def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=
 
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None,
-            x8=False):
-    """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`.
+            x8=False, bit_depth=8):
+    """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`,
+    the restored image uint16 with `bit_depth` 16 (the network's output rounded to 65535
+    levels instead of 255; the input's levels x 257 for the `jpeg` pseudo-model).
 
     `model` is a LoadedModel (its `net` None for the `jpeg` pseudo-model, which returns the
     input). `qf`, when given, is the integer QF fed to the network as `qf_input`; the predicted
@@ -411,13 +414,16 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     rotations and mirrorings, averaged; the QF reported (and, when blind, fed to the other
     seven passes) is the identity pass's.
     """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth {bit_depth}: 8 or 16")
     if model.net is None:
         check_options(precision, tile, tile_overlap)
-        return img, None
+        return (img if bit_depth == 8 else img.astype(np.uint16) * 257), None
     restored, qf_pred = _run(model, img, qf, device, precision, tile, tile_overlap, channels_last,
                              compile, max_untiled_megapixels, tile_cache_gib, qf_only=False,
                              x8=x8)
-    return tensor2uint(restored), label_to_qf(qf_pred[0, 0])
+    out = tensor2uint(restored) if bit_depth == 8 else tensor2uint16(restored)
+    return out, label_to_qf(qf_pred[0, 0])
 
 
 def predict_qf(model, img, device="cpu", precision="fp32", tile=None, tile_overlap=32,

@@ -16,7 +16,7 @@ images on disk, one at a time, with every model loaded at most once:
   existing output only with `--overwrite`; files found in folders that are outputs of other
   inputs (an earlier run's results) are not inputs; JPEGs are restored on their stored 8x8
   grid and then turned by their EXIF orientation; ICC profiles are carried into PNG and JPEG
-  outputs;
+  outputs; `--bit-depth 16` writes png and tif outputs at 16 bits per sample;
 - reporting: a progress bar, one line per failed file naming it, a summary, exit status 1 when
   any file failed (the others are still processed), 2 for a usage error;
 - `--qf-estimate`: per file the header QF, the network's QF and the dominant QF, as a table
@@ -108,6 +108,9 @@ def build_parser(prog=None):
                         "(docs/restore.md); no effect on other formats (default: on)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
+    p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
+                   help="bits per sample of png and tif outputs: 16 keeps the network's output "
+                        "between 8-bit levels (default %(default)s)")
     p.add_argument("--quality", type=quality_factor, default=None,
                    help=f"quality of jpg and webp outputs (default {DEFAULT_QUALITY})")
     p.add_argument("--suffix", default="", help="added to each output's file name stem")
@@ -334,7 +337,8 @@ def choose_qf(mode, decoded):
 
 
 def encode_image(img, ext, quality=95, icc=None):
-    """Encoded bytes of a uint8 RGB or gray image; `icc` embedded where the format allows."""
+    """Encoded bytes of a uint8 (or, for png and tif, uint16) RGB or gray image; `icc` embedded
+    where the format allows."""
     params = {".jpg": [int(cv2.IMWRITE_JPEG_QUALITY), quality],
               ".webp": [int(cv2.IMWRITE_WEBP_QUALITY), quality]}.get(ext, [])
     data = imencode(img, ext, params)
@@ -404,6 +408,8 @@ def run_restore(args):
     device = resolve_device(args.device)
     options = speed_options(args)
     ext = FORMATS[args.format]
+    if args.bit_depth == 16 and ext not in (".png", ".tif"):
+        raise OptionError(f"--bit-depth 16: {args.format} holds 8 bits; use --format png or tif")
     _warn_unused(args, [("--json", args.json, "without --qf-estimate"),
                         ("--no-network", args.no_network, "without --qf-estimate"),
                         ("--quality", args.quality is not None and ext not in (".jpg", ".webp"),
@@ -435,9 +441,11 @@ def run_restore(args):
             qf, qf_source = choose_qf(args.qf, decoded)
             model = models.get("gray" if decoded.gray else "color")
             def again(img, model=model, qf=qf):
-                return restore(model, img, qf=qf, device=device, **options)[0]
+                return restore(model, img, qf=qf, device=device, bit_depth=args.bit_depth,
+                               **options)[0]
 
-            img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device, **options)
+            img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device,
+                                     bit_depth=args.bit_depth, **options)
             consistency = ""
             if model.net is not None:
                 img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,

@@ -16,8 +16,9 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
 - stopping: Ctrl+C or SIGTERM is announced at once and takes effect after the iteration in
   progress (a validation in progress is abandoned, a save completes), which is then saved, so a
   preempted and requeued job resumes where it stopped; a second one stops at once (after a save
-  in progress, which is atomic: an interrupted save leaves the previous checkpoint). The loader workers ignore both signals, which a terminal or a
-  scheduler sends to every process of the run, and are shut down by the main process.
+  in progress, which is atomic: an interrupted save leaves the previous checkpoint). The
+  loader workers ignore both signals, which a terminal or a scheduler sends to every process
+  of the run, and are shut down by the main process.
 """
 import contextlib
 import json

@@ -605,3 +605,18 @@ def test_resolve_device_follows_cuda_availability(monkeypatch):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"
+
+
+def test_bit_depth_16_is_the_same_output_at_65535_levels(model, photo, faithful):
+    """The 16-bit output rounds to the 8-bit one within a level (both round the same float
+    output) and keeps what lies between levels; the jpeg pseudo-model scales by 257."""
+    sixteen, qf = restore(model, photo, bit_depth=16)
+    assert sixteen.dtype == np.uint16 and qf == faithful[1]
+    assert np.abs(np.rint(sixteen / 257.0) - faithful[0]).max() <= 1
+    inside = sixteen[(sixteen > 0) & (sixteen < 65535)]  # the untrained network clips many
+    assert inside.size > 1000 and (inside % 257 != 0).mean() > 0.9
+    identity = LoadedModel("jpeg", None, None)
+    np.testing.assert_array_equal(restore(identity, photo, bit_depth=16)[0],
+                                  photo.astype(np.uint16) * 257)
+    with pytest.raises(ValueError, match="bit_depth 12"):
+        restore(model, photo, bit_depth=12)

@@ -681,3 +681,35 @@ def test_a_jpeg_that_cannot_be_projected_is_still_restored_and_named(tmp_path, p
     assert ("cmyk.jpg: not projected onto the file's DCT (4 components (CMYK or YCCK)); "
             "written as the network restored it") in err
     assert "not projected onto the file's DCT]" in out
+
+
+def test_bit_depth_16_keeps_the_levels_between_8_bit_ones(tmp_path, testsets_dir, tiny_models,
+                                                          capsys):
+    """`--bit-depth 16`: a 16-bit PNG (and TIFF) whose rounding to 8 bits is the 8-bit run's
+    output within one level (the network's output rounded twice), and which holds values
+    between 8-bit levels; projected, it stays within rounding of the 8-bit projection (which
+    starts from the rounded restoration). A format that holds 8 bits is refused."""
+    clean = imread_uint(os.path.join(testsets_dir, "LIVE1_color", "monarch.png"))[:96, :128]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.jpg").write_bytes(jpeg_encode(clean, 30))
+    common = [str(tmp_path / "in"), "--model", tiny_models["color"], "--device", "cpu"]
+    for projection in ("--no-projection", "--projection"):
+        assert run([*common, "-o", str(tmp_path / f"o8{projection}"), projection], capsys)[0] == 0
+        eight = cv2.imread(str(tmp_path / f"o8{projection}" / "m.png"), cv2.IMREAD_UNCHANGED)
+        for fmt in ("png", "tif"):
+            out = tmp_path / f"o16{fmt}{projection}"
+            code, stdout, _ = run([*common, "-o", str(out), "--bit-depth", "16", "--format", fmt,
+                                   projection], capsys)
+            assert code == 0 and ("projected onto" in stdout) == (projection == "--projection")
+            sixteen = cv2.imread(str(out / f"m.{fmt}"), cv2.IMREAD_UNCHANGED)
+            assert sixteen.dtype == np.uint16 and sixteen.shape == eight.shape
+            diff = np.abs(np.rint(sixteen / 257.0) - eight)
+            if projection == "--no-projection":
+                assert diff.max() <= 1
+            else:
+                assert diff.max() <= 2 and diff.mean() < 0.2
+            inside = sixteen[(sixteen > 0) & (sixteen < 65535)]  # the test network clips many
+            assert inside.size > 1000 and (inside % 257 != 0).mean() > 0.9
+    code, _, err = run([*common, "-o", str(tmp_path / "oj"), "--bit-depth", "16", "--format",
+                        "jpg"], capsys)
+    assert code == 2 and "--bit-depth 16: jpg holds 8 bits" in err

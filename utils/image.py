@@ -414,6 +414,14 @@ def uint2tensor(img):
     return tensor.float().div(255.0).unsqueeze(0)
 
 
+def tensor2uint16(tensor):
+    """Tensor (1, C, H, W) or (C, H, W) -> uint16 HxW or HxWx3: clip to [0, 1], x65535, round
+    (the network's output at 16 bits, keeping the precision between 8-bit levels)."""
+    img = tensor.detach().squeeze(0).float().clamp(0, 1).mul(65535.0).round()
+    img = img.to(torch.int32).cpu().permute(1, 2, 0).numpy().astype(np.uint16)
+    return img[:, :, 0] if img.shape[2] == 1 else img
+
+
 def tensor2uint(tensor):
     """Tensor (1, C, H, W) or (C, H, W) -> uint8 HxW or HxWx3: clip to [0, 1], x255, round."""
     img = tensor.detach().squeeze(0).float().clamp(0, 1).mul(255.0).round().byte().cpu()
