@@ -31,11 +31,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-try:
-    import fcntl  # POSIX; elsewhere runs go without the run-folder lock
-except ImportError:
-    fcntl = None
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -50,7 +45,7 @@ from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
-from utils.fileio import atomic_write_bytes, make_folder
+from utils.fileio import atomic_write_bytes, folder_lock, make_folder
 from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import LOG_FORMAT, MetricsWriter, progress_bar, setup_logging
 from utils.metrics import mean_score, scores
@@ -694,27 +689,8 @@ def train(opt, should_end=None):
         return {"start": trainer.start, "end": end}
 
 
-@contextlib.contextmanager
 def _run_folder_lock(task_dir):
     """Hold `<task_dir>/.lock` for the run: a second run on the same folder (same task and
     path.root) would interleave its checkpoints and metrics with this one's, so it stops."""
-    make_folder(task_dir)
-    if fcntl is None:
-        yield
-        return
-    f = open(os.path.join(task_dir, ".lock"), "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"{task_dir}: another training run is using this folder ({holder}); "
-                            "wait for it to end, or choose another task or path.root") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        yield
-    finally:
-        f.close()  # releases the lock
+    return folder_lock(task_dir, ".lock", "another training run is using this folder",
+                       "wait for it to end, or choose another task or path.root")

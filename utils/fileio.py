@@ -13,13 +13,21 @@ and the error is a `WriteError` naming the file and the reason. A process killed
 Paths in messages go through `display_path`: file names that are not valid UTF-8 (surrogate
 escapes from `os.listdir`, bytes paths) show as \\xNN escapes, printable on any terminal.
 """
+import contextlib
 import os
+import socket
 import threading
+
+try:
+    import fcntl  # POSIX; elsewhere folders are used without the lock
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 from utils.errors import UserError
 
-__all__ = ["WriteError", "printable", "display_path", "make_folder", "atomic_write",
-           "atomic_write_bytes", "temporary_name", "is_temporary_name", "remove_stale_temporaries"]
+__all__ = ["WriteError", "printable", "display_path", "make_folder", "folder_lock",
+           "atomic_write", "atomic_write_bytes", "temporary_name", "is_temporary_name",
+           "remove_stale_temporaries"]
 
 _TMP_MARK = ".tmp-"
 
@@ -178,3 +186,30 @@ def remove_stale_temporaries(folder):
     for name in stale:
         os.remove(os.path.join(folder, name))
     return stale
+
+
+@contextlib.contextmanager
+def folder_lock(folder, name, busy, hint):
+    """Hold the lock file `folder/name` for the block: a second process that asks for it
+    meanwhile gets a UserError `"<folder>: <busy> (pid N on HOST); <hint>"`. The lock is
+    released when the holder exits, however it ends (the file stays, holding the last holder's
+    name). POSIX only; a no-op elsewhere."""
+    make_folder(folder)
+    if fcntl is None:
+        yield
+        return
+    f = open(os.path.join(folder, name), "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{folder}: {busy} ({holder}); {hint}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
