@@ -25,6 +25,7 @@ images on disk, one at a time, with every model loaded at most once:
 The network step itself is models/inference.py's `restore`.
 """
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
@@ -43,7 +45,8 @@ from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, default_model, load_model
 from runners.cli import DEVICE_HELP, add_speed_args, quality_factor, run_cli, speed_options
 from utils.errors import UserError
-from utils.fileio import atomic_write_bytes, display_path
+from utils.dist import all_gather_objects, join_shards
+from utils.fileio import atomic_write_bytes, display_path, folder_lock, remove_stale_temporaries
 from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, imencode, read_file_bytes
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
                               read_icc_profile, read_orientation)
@@ -52,7 +55,7 @@ from utils.logger import setup_logging
 
 __all__ = ["FORMATS", "build_parser", "collect_inputs", "plan_outputs", "ModelCache",
            "ModelUnavailable", "read_image", "choose_qf", "make_consistent", "encode_image",
-           "run_restore",
+           "refusals", "run_restore",
            "run_qf_estimate", "main"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
@@ -64,6 +67,7 @@ DEFAULT_QUALITY = 95  # of jpg and webp outputs
 PROJECTED = "projected onto the file's DCT"
 NOT_PROJECTED = "not projected onto the file's DCT"
 NOT_A_JPEG = "not a JPEG file: no JPEG trace read"
+LOCK_NAME = ".main_restore.lock"  # in -o OUTDIR while a run writes there
 
 
 def _qf_mode(text):
@@ -399,8 +403,76 @@ def plan_outputs(jobs, args, ext):
                                                                       ()))]
 
 
+def refusals(work):
+    """Per `(job, output)` pair, None or why it is not restored, decided over the whole list so
+    that the processes of a sharded run agree: an output that is an input file is never
+    written, and an output two inputs share goes to the first of them."""
+    inputs = {os.path.realpath(job.path) for job, _ in work}
+    first, reasons = {}, []
+    for job, dest in work:
+        key = os.path.realpath(dest)
+        if key in inputs:
+            reasons.append(f"its output {dest} is an input file, which is never overwritten; "
+                           "choose another -o or a --suffix")
+        elif key in first:
+            reasons.append(f"its output {dest} is also the output of {first[key]}; use --suffix "
+                           "or separate runs")
+        else:
+            first[key] = display_path(job.path)
+            reasons.append(None)
+    return reasons
+
+
+def _place(shard, device):
+    """This process's device and CPU threads in a sharded run: cuda:LOCAL_RANK, or an equal
+    share of the machine's CPU threads."""
+    if not shard.distributed:
+        return device
+    if device == "cuda":
+        return f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.local_world_size))
+    return device
+
+
+@contextlib.contextmanager
+def _output_lock(folder, shard):
+    """Hold -o OUTDIR's lock for the run (rank 0 holds it for every process of a sharded run):
+    another run writing there meanwhile is refused, naming the holder."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if shard.is_main:
+            try:
+                stack.enter_context(folder_lock(folder, LOCK_NAME, "another main_restore run is "
+                                                "writing this folder", "wait for it to end, or "
+                                                "choose another -o", remove=True))
+            except UserError as exc:
+                error = str(exc)
+        error = all_gather_objects(error)[0]  # every process learns rank 0's answer
+        if error:
+            raise UserError(error)
+        yield
+
+
+@contextlib.contextmanager
+def _rank_logging(shard):
+    """Processes other than rank 0 of a sharded run say only warnings and errors (their own
+    files' failures); rank 0 says its files' lines and the summary for all."""
+    root = logging.getLogger("fbcnn")
+    saved = root.level
+    if not shard.is_main:
+        root.setLevel(max(saved, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
+
+
 def run_restore(args):
-    """Restore every input; returns the exit status (0 all done, 1 some file failed)."""
+    """Restore every input; returns the exit status (0 all done, 1 some file failed).
+
+    Under torchrun (or srun) each process restores its share of the sorted list (items rank,
+    rank + N, ...) on its own device, and rank 0 prints one summary for all and returns the
+    run's status (the others return 0, so that the launcher names one cause)."""
     if not args.output:
         raise OptionError("-o OUTDIR is required (where the restored images go)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -414,78 +486,111 @@ def run_restore(args):
                         ("--no-network", args.no_network, "without --qf-estimate"),
                         ("--quality", args.quality is not None and ext not in (".jpg", ".webp"),
                          f"on {args.format} output (only jpg and webp)")])
+    shard = join_shards()
+    with _rank_logging(shard):
+        return _restore_all(args, shard, _place(shard, device), options, ext)
+
+
+def _restore_all(args, shard, device, options, ext):
     jobs, failures, passed = collect_inputs(args.inputs, args.recursive, exclude=args.output)
-    _log_passed_over(passed)
-    for message in failures:
-        LOG.error("error: %s", message)
+    if shard.is_main:
+        _log_passed_over(passed)
+        for message in failures:
+            LOG.error("error: %s", message)
     models = ModelCache({"color": args.model, "gray": args.gray_model}, device)
     work = plan_outputs(jobs, args, ext)
-    inputs = {os.path.realpath(job.path) for job, _ in work}
-    planned, done, skipped, icc_dropped = {}, 0, 0, set()
+    mine = shard.take(zip(work, refusals(work)))
+    done, skipped, failed, icc_dropped = 0, 0, [], set()
     start = time.perf_counter()
-    for job, dest in tqdm(work, desc="restoring", unit="img", disable=None):
-        key, shown = os.path.realpath(dest), display_path(job.path)
-        try:
-            if key in inputs:
-                raise UserError(f"its output {dest} is an input file, which is never "
-                                "overwritten; choose another -o or a --suffix")
-            if key in planned:
-                raise UserError(f"its output {dest} is also the output of {planned[key]}; "
-                                "use --suffix or separate runs")
-            planned[key] = shown
-            if os.path.exists(dest) and not args.overwrite:
-                LOG.info("skipped %s: %s exists (--overwrite replaces it)", shown, dest)
+    with _output_lock(args.output, shard):
+        if shard.is_main:  # what a killed run left half-written (never under its own name)
+            for folder in sorted({os.path.dirname(dest) for _, dest in work}):
+                remove_stale_temporaries(folder)
+        all_gather_objects(None)  # the others start once the stale files are gone
+        for (job, dest), refused in tqdm(mine, desc="restoring", unit="img",
+                                         disable=None if shard.is_main else True):
+            status = _restore_one(job, dest, refused, args, models, device, options, ext,
+                                  icc_dropped)
+            if status == "done":
+                done += 1
+            elif status == "skipped":
                 skipped += 1
-                continue
-            decoded = read_image(job.path, args.channels)
-            qf, qf_source = choose_qf(args.qf, decoded)
-            model = models.get("gray" if decoded.gray else "color")
-            def again(img, model=model, qf=qf):
-                return restore(model, img, qf=qf, device=device, bit_depth=args.bit_depth,
-                               **options)[0]
-
-            img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device,
-                                     bit_depth=args.bit_depth, **options)
-            consistency = ""
-            if model.net is not None:
-                img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,
-                                                              again)
-                if problem:
-                    LOG.warning("warning: %s: %s (%s); written as the network restored it",
-                                shown, NOT_PROJECTED, problem)
-            img_E = apply_orientation(img_E, decoded.orientation)
-            icc = decoded.icc
-            if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)
-                                    != ("GRAY" if img_E.ndim == 2 else "RGB")):
-                icc_dropped.add(f"{shown} ({ext} output)" if ext not in ICC_FORMATS
-                                else f"{shown} ({icc_colour_space(icc)} profile, "
-                                     f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
-                icc = None
-            quality = DEFAULT_QUALITY if args.quality is None else args.quality
-            atomic_write_bytes(dest, encode_image(img_E, ext, quality, icc), fsync=False,
-                               replace=args.overwrite)
-            done += 1
-            LOG.info("%s -> %s [%s]", shown, display_path(dest), ", ".join(
-                ["gray" if decoded.gray else "colour", _qf_used(model, decoded, qf, qf_source,
-                                                                qf_pred)]
-                + ([consistency] if consistency else [])
-                + (["x8"] if options.get("x8") and model.net is not None else [])))
-        except FileExistsError:
-            LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
-                     display_path(dest))
-            skipped += 1
-        except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
-            failures.append(_failure(job.path, exc))
-    for item in sorted(icc_dropped):
-        LOG.warning("warning: ICC profile not carried for %s", item)
+            elif status is not None:
+                failed.append(status)
+        gathered = all_gather_objects({"done": done, "skipped": skipped, "failed": failed,
+                                       "icc": sorted(icc_dropped),
+                                       "models_failed": bool(models.failed)})
     elapsed = time.perf_counter() - start
-    summary = f"{done} restored, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s"
+    failed = failures + [line for part in gathered for line in part["failed"]]
+    done, skipped = sum(p["done"] for p in gathered), sum(p["skipped"] for p in gathered)
+    status = 2 if any(p["models_failed"] for p in gathered) else 1 if failed else 0
+    if not shard.is_main:
+        return 0
+    for item in sorted({item for part in gathered for item in part["icc"]}):
+        LOG.warning("warning: ICC profile not carried for %s", item)
+    summary = f"{done} restored, {skipped} skipped, {len(failed)} failed in {elapsed:.1f} s"
     if options.get("x8"):
         summary += " (x8 self-ensemble)"
+    if shard.distributed:
+        summary += f" by {shard.world_size} processes"
     if done:
         summary += f" -> {args.output}"
-    tqdm.write(summary, file=sys.stderr if failures else sys.stdout)
-    return 2 if models.failed else 1 if failures else 0
+    if shard.distributed and failed:  # each was said by its own process; here all together
+        summary += "".join(f"\n  failed: {line}" for line in failed)
+    tqdm.write(summary, file=sys.stderr if failed else sys.stdout)
+    return status
+
+
+def _restore_one(job, dest, refused, args, models, device, options, ext, icc_dropped):
+    """Restore one input to `dest`: "done", "skipped", None (a model could not be had: said
+    once by the ModelCache) or the failure's line."""
+    shown = display_path(job.path)
+    try:
+        if refused:
+            raise UserError(refused)
+        if os.path.exists(dest) and not args.overwrite:
+            LOG.info("skipped %s: %s exists (--overwrite replaces it)", shown, dest)
+            return "skipped"
+        decoded = read_image(job.path, args.channels)
+        qf, qf_source = choose_qf(args.qf, decoded)
+        model = models.get("gray" if decoded.gray else "color")
+
+        def again(img):
+            return restore(model, img, qf=qf, device=device, bit_depth=args.bit_depth,
+                           **options)[0]
+
+        img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device,
+                                 bit_depth=args.bit_depth, **options)
+        consistency = ""
+        if model.net is not None:
+            img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,
+                                                          again)
+            if problem:
+                LOG.warning("warning: %s: %s (%s); written as the network restored it",
+                            shown, NOT_PROJECTED, problem)
+        img_E = apply_orientation(img_E, decoded.orientation)
+        icc = decoded.icc
+        if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)
+                                != ("GRAY" if img_E.ndim == 2 else "RGB")):
+            icc_dropped.add(f"{shown} ({ext} output)" if ext not in ICC_FORMATS
+                            else f"{shown} ({icc_colour_space(icc)} profile, "
+                                 f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
+            icc = None
+        quality = DEFAULT_QUALITY if args.quality is None else args.quality
+        atomic_write_bytes(dest, encode_image(img_E, ext, quality, icc), fsync=False,
+                           replace=args.overwrite)
+        LOG.info("%s -> %s [%s]", shown, display_path(dest), ", ".join(
+            ["gray" if decoded.gray else "colour", _qf_used(model, decoded, qf, qf_source,
+                                                            qf_pred)]
+            + ([consistency] if consistency else [])
+            + (["x8"] if options.get("x8") and model.net is not None else [])))
+        return "done"
+    except FileExistsError:
+        LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
+                 display_path(dest))
+        return "skipped"
+    except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
+        return _failure(job.path, exc)
 
 
 def _warn_unused(args, checks):
@@ -512,8 +617,16 @@ def run_qf_estimate(args):
 
     Returns 0, or 1 when some file could not be read. A model that cannot be loaded (no
     network to download it, a wrong file) is no file's fault: its files keep their header and
-    dominant QF, their network QF stays empty, and one warning per model says why."""
-    device = None if args.no_network else resolve_device(args.device)
+    dominant QF, their network QF stays empty, and one warning per model says why. Under
+    torchrun (or srun) each process estimates its share and rank 0 prints (and writes) them
+    all, in the inputs' order."""
+    shard = join_shards()
+    with _rank_logging(shard):
+        return _estimate_all(args, shard)
+
+
+def _estimate_all(args, shard):
+    device = None if args.no_network else _place(shard, resolve_device(args.device))
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
     options.pop("x8", None)  # x8 reports the QF of its unturned pass: the plain one
@@ -523,15 +636,17 @@ def run_qf_estimate(args):
                                             ("--suffix", args.suffix),
                                             ("--no-projection", not args.projection))])
     jobs, failures, passed = collect_inputs(args.inputs, args.recursive)
-    _log_passed_over(passed)
     if args.json:
         _check_json_path(args.json, jobs, args.overwrite)
-    for message in failures:
-        LOG.error("error: %s", message)
+    if shard.is_main:
+        _log_passed_over(passed)
+        for message in failures:
+            LOG.error("error: %s", message)
     models = None if args.no_network else ModelCache(
         {"color": args.model, "gray": args.gray_model}, device)
-    rows = []
-    for job in tqdm(jobs, desc="estimating", unit="img", disable=None):
+    rows, failed = [], []
+    for index, job in tqdm(shard.take(enumerate(jobs)), desc="estimating", unit="img",
+                           disable=None if shard.is_main else True):
         try:
             decoded = read_image(job.path, args.channels)
             header = header_qf(decoded.jpeg_info) if decoded.jpeg_info is not None else None
@@ -541,14 +656,20 @@ def run_qf_estimate(args):
                 network_qf = predict_qf(model, decoded.img, device=device, **options)
             dominant = estimate_dominant_qf(decoded.img).qf
         except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
-            failures.append(_failure(job.path, exc))
+            failed.append(_failure(job.path, exc))
             continue
-        rows.append(({"file": job.path, "header_qf": None if header is None else header.qf,
-                      "network_qf": network_qf, "dominant_qf": dominant}, header))
+        rows.append((index, {"file": job.path, "header_qf": None if header is None else
+                             header.qf, "network_qf": network_qf, "dominant_qf": dominant},
+                     None if header is None else str(header)))
+    gathered = all_gather_objects((rows, failed))
+    failures += [line for _, part in gathered for line in part]
+    if not shard.is_main:
+        return 0
+    rows = [(row, header) for _, row, header in sorted(r for part, _ in gathered for r in part)]
     width = max([len("file")] + [len(display_path(r["file"])) for r, _ in rows])
     lines = [f"{'file':<{width}}  {'header':>24}  {'network':>7}  {'dominant':>8}"]
     for row, header in rows:
-        cells = ["-" if header is None else str(header),
+        cells = ["-" if header is None else header,
                  "-" if row["network_qf"] is None else str(row["network_qf"]),
                  "-" if row["dominant_qf"] is None else str(row["dominant_qf"])]
         lines.append(f"{display_path(row['file']):<{width}}  {cells[0]:>24}  {cells[1]:>7}  "
@@ -558,7 +679,8 @@ def run_qf_estimate(args):
         atomic_write_bytes(args.json, (json.dumps([r for r, _ in rows], indent=2) + "\n").encode(),
                            fsync=False)
     if failures:
-        tqdm.write(f"{len(failures)} file(s) failed", file=sys.stderr)
+        tqdm.write(f"{len(failures)} file(s) failed" + "".join(
+            f"\n  failed: {line}" for line in failures if shard.distributed), file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -295,9 +295,10 @@ class RecordingRestore:
         self.calls = []
 
     def __call__(self, model, img, qf=None, device="cpu", precision="fp32", tile=None,
-                 tile_overlap=32, channels_last=False, x8=False):
+                 tile_overlap=32, channels_last=False, x8=False, bit_depth=8):
         self.calls.append(dict(qf=qf, device=device, precision=precision, tile=tile,
-                               tile_overlap=tile_overlap, channels_last=channels_last, x8=x8))
+                               tile_overlap=tile_overlap, channels_last=channels_last, x8=x8,
+                               bit_depth=bit_depth))
         return img, 42
 
 
@@ -320,7 +321,7 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     call = qf_used("--precision", "bf16", "--tile", "256", "--tile-overlap", "16",
                    "--channels-last", "--device", "cpu", "--x8")
     assert call == dict(qf=None, device="cpu", precision="bf16", tile=256, tile_overlap=16,
-                        channels_last=True, x8=True)
+                        channels_last=True, x8=True, bit_depth=8)
     assert qf_used()["tile"] is None and qf_used()["precision"] == "fp32"  # restore()'s defaults
     assert qf_used()["x8"] is False
 

@@ -189,16 +189,19 @@ def remove_stale_temporaries(folder):
 
 
 @contextlib.contextmanager
-def folder_lock(folder, name, busy, hint):
+def folder_lock(folder, name, busy, hint, remove=False):
     """Hold the lock file `folder/name` for the block: a second process that asks for it
     meanwhile gets a UserError `"<folder>: <busy> (pid N on HOST); <hint>"`. The lock is
-    released when the holder exits, however it ends (the file stays, holding the last holder's
-    name). POSIX only; a no-op elsewhere."""
+    released when the holder exits, however it ends; the file stays, holding the last holder's
+    name, unless `remove` (then it is deleted as the block ends, still held, and only a killed
+    holder leaves it, unlocked). POSIX only; a no-op elsewhere."""
     make_folder(folder)
     if fcntl is None:
         yield
         return
-    f = open(os.path.join(folder, name), "a+", encoding="utf-8")
+    path = os.path.join(folder, name)
+    f = open(path, "a+", encoding="utf-8")
+    held = False
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -206,10 +209,14 @@ def folder_lock(folder, name, busy, hint):
             f.seek(0)
             holder = f.read().strip() or "another process"
             raise UserError(f"{folder}: {busy} ({holder}); {hint}") from None
+        held = True
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield
     finally:
+        if held and remove:
+            with contextlib.suppress(OSError):
+                os.remove(path)
         f.close()  # releases the lock

@@ -1,0 +1,129 @@
+"""Sharded runs under torchrun (two CPU processes over gloo): main_restore gives, file for file
+and byte for byte, what one process gives; a run killed midway is finished by a rerun; an
+output folder another run is writing is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import runners.restore as cli
+from data.jpeg import jpeg_encode
+from models.network_fbcnn import FBCNN
+from utils import REPO_ROOT
+from utils.fileio import folder_lock, is_temporary_name
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+MAIN = os.path.join(REPO_ROOT, "main_restore.py")
+
+# main_restore with the second process of a two-process run killed (SIGKILL-like, os._exit)
+# in the middle of writing its second output: its temporary file is left half written
+_DYING = """
+import os, sys
+import runners.restore as r
+from utils.fileio import temporary_name
+real, calls = r.atomic_write_bytes, []
+def dying(path, data, **kwargs):
+    calls.append(path)
+    if os.environ.get("RANK") == "1" and len(calls) == 2:
+        with open(temporary_name(path), "wb") as f:
+            f.write(data[:len(data) // 2])
+        os._exit(9)
+    return real(path, data, **kwargs)
+r.atomic_write_bytes = dying
+sys.exit(r.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    paths = []
+    for n in (3, 1):
+        torch.manual_seed(n)
+        path = folder / f"tiny{n}.safetensors"
+        save_file(FBCNN(in_nc=n, out_nc=n, nc=[8, 16, 32, 64], nb=1).state_dict(), str(path))
+        paths += ["--model" if n == 3 else "--gray-model", str(path)]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, testsets_dir):
+    """Seven JPEGs of several sizes and qualities, colour and gray, and one broken file."""
+    folder = tmp_path_factory.mktemp("inputs")
+    img = cv2.imread(os.path.join(testsets_dir, "LIVE1_color", "monarch.png"))[:, :, ::-1]
+    for i in range(7):
+        crop = np.ascontiguousarray(img[20 * i:20 * i + 72 + 8 * i, 16 * i:16 * i + 96])
+        if i % 3 == 2:
+            crop = np.ascontiguousarray(cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY))
+        (folder / f"img{i}.jpg").write_bytes(jpeg_encode(crop, 15 + 10 * i))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return str(folder)
+
+
+def _torchrun(argv, script=MAIN):
+    return subprocess.run([*TORCHRUN, script, *argv], env=ENV, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _files(folder):
+    return {name: open(os.path.join(folder, name), "rb").read()
+            for name in sorted(os.listdir(folder))}
+
+
+def test_two_processes_restore_a_folder_byte_for_byte_as_one(inputs, models, tmp_path, capsys):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert cli.main([inputs, "-o", one, *models, "--device", "cpu"]) == 1  # broken.jpg fails
+    capsys.readouterr()
+    proc = _torchrun([inputs, "-o", two, *models, "--device", "cpu"])
+    assert proc.returncode == 1, proc.stderr[-3000:]  # rank 0's status: one file failed
+    assert proc.stdout.count(" restored, ") + proc.stderr.count(" restored, ") == 1
+    assert "7 restored, 0 skipped, 1 failed" in proc.stderr and "by 2 processes" in proc.stderr
+    assert "failed: " in proc.stderr and "broken.jpg" in proc.stderr
+    assert _files(one) == _files(two) and len(_files(two)) == 7  # no lock or temporary left
+
+    single, merged = tmp_path / "one.json", tmp_path / "two.json"
+    assert cli.main([inputs, "--qf-estimate", "--json", str(single), *models,
+                     "--device", "cpu"]) == 1
+    proc = _torchrun([inputs, "--qf-estimate", "--json", str(merged), *models, "--device", "cpu"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = json.loads(merged.read_text())
+    assert rows == json.loads(single.read_text()) and len(rows) == 7
+    assert [os.path.basename(r["file"]) for r in rows] == [f"img{i}.jpg" for i in range(7)]
+
+
+def test_a_run_killed_midway_is_finished_by_a_rerun(inputs, models, tmp_path, capsys):
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "out")
+    cli.main([inputs, "-o", reference, *models, "--device", "cpu"])
+    script = tmp_path / "dying.py"
+    script.write_text(_DYING)
+    proc = _torchrun([inputs, "-o", out, *models, "--device", "cpu"], script=str(script))
+    assert proc.returncode != 0
+    left = sorted(os.listdir(out))
+    assert any(is_temporary_name(name) for name in left)  # the half-written file, as a kill
+    finished = [name for name in left if name.endswith(".png")]
+    assert 0 < len(finished) < 7
+    capsys.readouterr()
+    assert cli.main([inputs, "-o", out, *models, "--device", "cpu"]) == 1
+    summary = capsys.readouterr().err
+    assert f"{7 - len(finished)} restored, {len(finished)} skipped, 1 failed" in summary
+    assert _files(out) == _files(reference)  # the temporary file is gone, the rest is done
+
+
+def test_an_output_folder_another_run_is_writing_is_refused(inputs, models, tmp_path, capsys):
+    out = tmp_path / "out"
+    with folder_lock(str(out), cli.LOCK_NAME, "busy", "wait"):
+        assert cli.main([inputs, "-o", str(out), *models, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "another main_restore run is writing this folder (pid" in err
+        assert "choose another -o" in err
+        assert sorted(os.listdir(out)) == [cli.LOCK_NAME]  # nothing written
+    assert cli.main([inputs, "-o", str(out), *models, "--device", "cpu"]) == 1
+    assert len(os.listdir(out)) == 7  # the lock is gone with the run that held it
