@@ -1,13 +1,15 @@
 """What the projection onto a JPEG's quantization intervals costs, against the network's time.
 
     python benchmarks/bench_projection.py [--model fbcnn_color_lite] [--testset LIVE1_color]
-                                          [--qf 50] [--threads 2] [--repeat 3] [--json p.json]
+        [--qf 50] [--method calibrated posterior] [--threads 2] [--repeat 3] [--json p.json]
 
 Each image of the test set is compressed at `--qf` (OpenCV, as the test scripts); then, timed
 per image and summed: reading the file's coefficients (data/jpeg_projection.py's
-`read_coefficients`, jpeglib), the projection itself (`project`), and the network's restoration
-(`models.inference.restore`, fp32, as main_restore runs it). The best of `--repeat` passes is
-reported, in seconds per megapixel, with the projection's share of the whole.
+`read_coefficients`, jpeglib), the network's restoration (`models.inference.restore`, fp32, as
+main_restore runs it) and the projection itself (`project`) with each `--method`
+("calibrated", main_restore's, includes its second network pass over the twin). The best of
+`--repeat` passes is reported, in seconds per megapixel, with each method's share (reading
+included) of the whole restoration it belongs to.
 """
 import argparse
 import sys
@@ -17,7 +19,7 @@ import torch
 
 from benchmarks.benchlib import device_name, print_table, write_json
 from data.jpeg import jpeg_decode, jpeg_encode
-from data.jpeg_projection import project, read_coefficients
+from data.jpeg_projection import PROJECTION_METHODS, project, read_coefficients
 from models.inference import restore
 from models.model_zoo import load_model
 from runners.cli import quality_factor, run_cli
@@ -25,7 +27,7 @@ from runners.evaluation import resolve_testset
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("stage", "stage", "{}"), ("s_per_mp", "s per MP", "{:.3f}"),
-           ("share", "share of the whole", "{:.1%}")]
+           ("share", "projection's share of the whole", "{:.1%}")]
 
 
 def main(argv=None):
@@ -34,6 +36,8 @@ def main(argv=None):
     p.add_argument("--testset", default=None, help="default: LIVE1_color, or LIVE1_gray for a "
                    "1-channel model")
     p.add_argument("--qf", type=quality_factor, default=50)
+    p.add_argument("--method", nargs="+", choices=PROJECTION_METHODS,
+                   default=["calibrated", "posterior"])
     p.add_argument("--threads", type=int, default=None, help="torch and OpenCV threads")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -48,27 +52,32 @@ def main(argv=None):
     files = [jpeg_encode(imread_uint(path, n_channels), args.qf) for path in paths]
     decoded = [jpeg_decode(data, n_channels) for data in files]
     megapixels = sum(img.shape[0] * img.shape[1] for img in decoded) / 1e6
-    best = {"read coefficients": float("inf"), "project": float("inf"),
-            "network": float("inf")}
+
+    def network(img):
+        return restore(model, img)[0]
+
+    stages = ["read coefficients", "network", *(f"project ({m})" for m in args.method)]
+    best = dict.fromkeys(stages, float("inf"))
     for _ in range(args.repeat):
-        seconds = dict.fromkeys(best, 0.0)
+        seconds = dict.fromkeys(stages, 0.0)
         for data, img in zip(files, decoded):
             t0 = time.perf_counter()
             coefficients = read_coefficients(data)
             t1 = time.perf_counter()
-            restored, _ = restore(model, img)
-            t2 = time.perf_counter()
-            project(restored, coefficients)
-            t3 = time.perf_counter()
+            restored = network(img)
             seconds["read coefficients"] += t1 - t0
-            seconds["network"] += t2 - t1
-            seconds["project"] += t3 - t2
+            seconds["network"] += time.perf_counter() - t1
+            for method in args.method:
+                t2 = time.perf_counter()
+                project(restored, coefficients, method, network)
+                seconds[f"project ({method})"] += time.perf_counter() - t2
         best = {k: min(best[k], v) for k, v in seconds.items()}
-    whole = sum(best.values())
-    rows = [{"stage": k, "s_per_mp": v / megapixels, "share": v / whole} for k, v in best.items()]
-    rows.append({"stage": "projection (read + project)",
-                 "s_per_mp": (best["read coefficients"] + best["project"]) / megapixels,
-                 "share": (best["read coefficients"] + best["project"]) / whole})
+    rows = [{"stage": k, "s_per_mp": best[k] / megapixels} for k in stages[:2]]
+    for method in args.method:
+        projection = best["read coefficients"] + best[f"project ({method})"]
+        rows.append({"stage": f"project ({method})",
+                     "s_per_mp": best[f"project ({method})"] / megapixels,
+                     "share": projection / (projection + best["network"])})
     print(f"Device: {device_name(torch.device('cpu'))}. Model {model.name}, {testset} at QF "
           f"{args.qf}: {len(files)} images, {megapixels:.2f} MP; best of {args.repeat}.\n")
     print_table(rows, COLUMNS)

@@ -539,12 +539,15 @@ def test_projection_benchmark_reports_each_stage_per_megapixel(tmp_path, capsys)
     assert bench_projection.main(["--limit", "1", "--repeat", "1", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     stages = {row["stage"]: row for row in result["rows"]}
-    assert set(stages) == {"read coefficients", "project", "network",
-                           "projection (read + project)"}
-    assert sum(stages[s]["share"] for s in ("read coefficients", "project", "network")) == (
-        pytest.approx(1.0))
-    assert stages["projection (read + project)"]["s_per_mp"] == pytest.approx(
-        stages["read coefficients"]["s_per_mp"] + stages["project"]["s_per_mp"])
+    assert list(stages) == ["read coefficients", "network", "project (calibrated)",
+                            "project (posterior)"]
+    read, net = stages["read coefficients"]["s_per_mp"], stages["network"]["s_per_mp"]
+    for method in ("calibrated", "posterior"):
+        own = stages[f"project ({method})"]["s_per_mp"]
+        assert stages[f"project ({method})"]["share"] == pytest.approx((read + own)
+                                                                       / (read + own + net))
+    # the calibrated projection runs the network once more, on a twin as large as the image
+    assert stages["project (calibrated)"]["s_per_mp"] > 0.5 * net
     # --limit 1: LIVE1_color's first image, bikes.png, 768x512
     assert result["model"] == "fbcnn_color_lite" and result["megapixels"] == 768 * 512 / 1e6
 
