@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -244,6 +245,35 @@ def test_ddp_two_processes_with_gloo(option_file, reference_run, tmp_path):
     assert not any(k.startswith("module.") for k in ddp)
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_two_nodes_on_localhost_train_as_one_two_process_launch(option_file, tmp_path):
+    """Two torchrun launches acting as two nodes (`--nnodes 2`, c10d rendezvous on 127.0.0.1,
+    one process each) train as one launch of two processes: same losses, same weights."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = [MAIN, "-opt", option_file, "--set", "train.total_iter=2", "--set",
+           "datasets.test=null"]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+            "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+            "--rdzv_id", "fbcnn-two-nodes", *run, "--set", f"path.root={tmp_path / 'nodes'}"]
+    nodes = [subprocess.Popen(node, env=SUBPROCESS_ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in nodes]
+    assert [proc.returncode for proc in nodes] == [0, 0], outputs[0][1][-3000:]
+    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", *run, "--set", f"path.root={tmp_path / 'one'}"],
+                         env=SUBPROCESS_ENV, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    nodes_dir, one_dir = tmp_path / "nodes" / "tiny", tmp_path / "one" / "tiny"
+    assert "batch 4 on 2 process(es)" in _log(str(nodes_dir))
+    assert "parameters identical on all 2 processes" in _log(str(nodes_dir))
+    assert _losses(str(nodes_dir)) == _losses(str(one_dir))
+    a = load_state_dict_file(str(nodes_dir / "models" / "2_G.safetensors"))
+    b = load_state_dict_file(str(one_dir / "models" / "2_G.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def _wait_for(predicate, timeout, proc):
