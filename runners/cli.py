@@ -4,17 +4,21 @@ This module owns how an integer argument is checked, so every script words the e
 (argparse then prints it with the option's name and exits with status 2); the flags that choose
 how the network runs (`add_speed_args`: precision, tiles, encoder cache, memory layout,
 compile, and the x8 self-ensemble), the same on every test script and `main_restore.py`, and
-how they become `models.inference.restore` keyword arguments (`speed_options`); and how a
-script ends: one `error:` line and status 2 for a UserError, 130 for Ctrl+C.
+how they become `models.inference.restore` keyword arguments (`speed_options`); where a
+process of a sharded run computes (`shard_device`); and how a script ends: one `error:` line
+and status 2 for a UserError, 130 for Ctrl+C.
 """
 import argparse
+import os
 import sys
+
+import torch
 
 from models.inference import PRECISIONS, check_options, fit_overlap
 from utils.errors import UserError
 
 __all__ = ["bounded_int", "quality_factor", "non_negative_float", "tile_size", "DEVICE_HELP",
-           "SPEED_FLAGS", "add_speed_args", "speed_options", "run_cli"]
+           "SPEED_FLAGS", "add_speed_args", "speed_options", "shard_device", "run_cli"]
 
 DEVICE_HELP = ("where the network runs: auto (CUDA when PyTorch finds a GPU, else the CPU), cpu, "
                "or cuda (default %(default)s)")
@@ -127,3 +131,14 @@ def run_cli(body):
         print("interrupted", file=sys.stderr)
         return 130
     return status if isinstance(status, int) else 0
+
+
+def shard_device(shard, device):
+    """This process's device in a sharded run (utils.dist.Shard), given the resolved `--device`:
+    cuda:LOCAL_RANK, or the CPU with an equal share of the machine's threads."""
+    if not shard.distributed:
+        return device
+    if device == "cuda":
+        return f"cuda:{shard.local_rank % torch.cuda.device_count()}"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.local_world_size))
+    return device

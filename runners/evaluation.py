@@ -7,6 +7,8 @@ the results folder, and the `--json` summaries. The model is loaded once per run
 are presets (`Preset`) that fix the mode, the channel count and the defaults of the original.
 Inputs are degraded ahead, and results scored and written behind the network, on worker threads
 (runners/pipeline.py); the output is the same as a serial run's (`--workers 0`), in the same order.
+Under torchrun (or srun) each process restores its share of the (setting, image) pairs; rank 0
+gathers their scores and writes the log, the averages and the JSON as one process would.
 """
 import argparse
 import functools
@@ -25,9 +27,10 @@ from data.jpeg_projection import ProjectionUnavailable, project, read_coefficien
 from models.inference import resolve_device, restore
 from models.model_zoo import MODEL_ZOO, load_model
 from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
-                         speed_options)
+                         shard_device, speed_options)
 from runners.pipeline import Pipeline, StageClock
 from utils import REPO_ROOT
+from utils.dist import all_gather_objects, join_shards
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, read_file_bytes
@@ -316,7 +319,8 @@ def run(preset, args, clock=None):
     clock = clock if clock is not None else StageClock()
     testset_dir = resolve_testset(args.testset, args.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
-    device = resolve_device(args.device)
+    shard = join_shards()
+    device = shard_device(shard, resolve_device(args.device))
     speed = speed_options(args)
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
@@ -332,11 +336,14 @@ def run(preset, args, clock=None):
     prefix = f"{testset}_{model.name}"
     # the run's lines, and the shared modules' notes (automatic tiling, 16-bit inputs), go to
     # stdout and to the appended log of this test set and model
-    undo_logging = setup_logging(os.path.join(args.results, f"{prefix}.log"),
-                                 file_format="%(asctime)s %(levelname)s %(message)s",
-                                 stream=sys.stdout)
+    # (rank 0's alone in a sharded run: the others say only their errors)
+    undo_logging = (setup_logging(os.path.join(args.results, f"{prefix}.log"),
+                                  file_format="%(asctime)s %(levelname)s %(message)s",
+                                  stream=sys.stdout) if shard.is_main
+                    else setup_logging(level=logging.ERROR))
     try:
-        return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix)
+        return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix,
+                         shard)
     finally:
         undo_logging()
 
@@ -361,7 +368,17 @@ def _output_names(names):
     return {name: name + ".png" if stem in shared else stem for name, stem in zip(names, stems)}
 
 
-def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix):
+class _Done:
+    """A finished result, as a future gives it (a sharded run's gathered scores)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix, shard):
     LOG.info("model %s on %s (%s), device %s, %s", args.model, testset, testset_dir, device,
              ", ".join([speed.get("precision", "fp32")]
                        + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
@@ -413,17 +430,22 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                 return img_L, img_H, _coefficients(data, name)
 
         jobs = [(setting, name, img) for setting in settings for name, img in images]
+        mine = shard.take(range(len(jobs)))  # every job when not sharded
+        collected = []  # sharded: (job, predicted QF, scores, write) of this process's jobs
         # one bar over every (setting, image) pair, with the time left for the whole run
-        with tqdm(total=len(jobs), unit="img", dynamic_ncols=True, disable=None) as bar:
-            for i, ((setting, name, _), (img_L, img_H, coefficients)) in enumerate(
-                    zip(jobs, pipe.map_prepared(degrade, jobs))):
+        with tqdm(total=len(mine), unit="img", dynamic_ncols=True,
+                  disable=None if shard.is_main else True) as bar:
+            for i, (img_L, img_H, coefficients) in zip(
+                    mine, pipe.map_prepared(degrade, [jobs[i] for i in mine])):
+                setting, name, _ = jobs[i]
                 index = i % len(images)
                 out_dir = (None if args.no_save_images
                            else os.path.join(args.results, setting.name))
-                if index == 0:
-                    if out_dir is not None:
-                        make_folder(out_dir)
+                if out_dir is not None and (index == 0 or shard.distributed):
+                    make_folder(out_dir)
+                if index == 0 or shard.distributed:
                     bar.set_description(setting.name, refresh=False)
+                if index == 0 and not shard.distributed:
                     pipe.finish(_log_setting, setting, len(images), model.net is not None)
                 with clock("network"):
                     img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
@@ -436,10 +458,29 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                           else pipe.submit(_scores, img_E, img_H, clock, device))
                 written = None if out_dir is None else pipe.submit(
                     _write_png, os.path.join(out_dir, out_names[name]), img_E, clock)
-                pipe.finish(_log_image, setting, name, qf_pred, scores, written)
                 bar.update()
+                if shard.distributed:
+                    collected.append((i, qf_pred, scores, written))
+                    continue
+                pipe.finish(_log_image, setting, name, qf_pred, scores, written)
                 if index == len(images) - 1:
                     pipe.finish(_summarize, setting, testset, model.name, skipped, summaries)
+        if shard.distributed:
+            done = [(i, qf_pred, None if scores is None else scores.result(),
+                     None if written is None else written.result())
+                    for i, qf_pred, scores, written in collected]
+            gathered = sorted(job for part in all_gather_objects(done) for job in part)
+            if not shard.is_main:
+                return []
+            for i, qf_pred, scores, _ in gathered:  # in order, as one process logs them
+                setting, name, _ = jobs[i]
+                index = i % len(images)
+                if index == 0:
+                    _log_setting(setting, len(images), model.net is not None)
+                _log_image(setting, name, qf_pred, None if scores is None else _Done(scores),
+                           None)
+                if index == len(images) - 1:
+                    _summarize(setting, testset, model.name, skipped, summaries)
     if skipped:
         LOG.warning("%d file(s) skipped: %s", len(skipped), ", ".join(skipped))
     if args.json:

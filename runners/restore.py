@@ -43,7 +43,8 @@ from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_projection import ProjectionUnavailable, project, read_coefficients
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import MODEL_ZOO, default_model, load_model
-from runners.cli import DEVICE_HELP, add_speed_args, quality_factor, run_cli, speed_options
+from runners.cli import (DEVICE_HELP, add_speed_args, quality_factor, run_cli, shard_device,
+                         speed_options)
 from utils.errors import UserError
 from utils.dist import all_gather_objects, join_shards
 from utils.fileio import atomic_write_bytes, display_path, folder_lock, remove_stale_temporaries
@@ -423,17 +424,6 @@ def refusals(work):
     return reasons
 
 
-def _place(shard, device):
-    """This process's device and CPU threads in a sharded run: cuda:LOCAL_RANK, or an equal
-    share of the machine's CPU threads."""
-    if not shard.distributed:
-        return device
-    if device == "cuda":
-        return f"cuda:{shard.local_rank % torch.cuda.device_count()}"
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.local_world_size))
-    return device
-
-
 @contextlib.contextmanager
 def _output_lock(folder, shard):
     """Hold -o OUTDIR's lock for the run (rank 0 holds it for every process of a sharded run):
@@ -488,7 +478,7 @@ def run_restore(args):
                          f"on {args.format} output (only jpg and webp)")])
     shard = join_shards()
     with _rank_logging(shard):
-        return _restore_all(args, shard, _place(shard, device), options, ext)
+        return _restore_all(args, shard, shard_device(shard, device), options, ext)
 
 
 def _restore_all(args, shard, device, options, ext):
@@ -626,7 +616,7 @@ def run_qf_estimate(args):
 
 
 def _estimate_all(args, shard):
-    device = None if args.no_network else _place(shard, resolve_device(args.device))
+    device = None if args.no_network else shard_device(shard, resolve_device(args.device))
     options = {} if args.no_network else speed_options(args)
     options.pop("tile_cache_gib", None)  # the QF pass alone caches nothing
     options.pop("x8", None)  # x8 reports the QF of its unturned pass: the plain one

@@ -127,3 +127,39 @@ def test_an_output_folder_another_run_is_writing_is_refused(inputs, models, tmp_
         assert sorted(os.listdir(out)) == [cli.LOCK_NAME]  # nothing written
     assert cli.main([inputs, "-o", str(out), *models, "--device", "cpu"]) == 1
     assert len(os.listdir(out)) == 7  # the lock is gone with the run that held it
+
+
+def _log_lines(path):
+    """The log's messages, without their time stamps."""
+    return [line.split(" ", 3)[3] for line in open(path, encoding="utf-8").read().splitlines()]
+
+
+def test_a_sharded_test_script_prints_logs_and_writes_what_one_process_does(models, tmp_path,
+                                                                            testsets_dir):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    img = cv2.imread(os.path.join(testsets_dir, "LIVE1_color", "bikes.png"))
+    for i in range(5):
+        cv2.imwrite(str(folder / f"im{i}.png"), img[40 * i:40 * i + 64 + 8 * i, 48 * i:48 * i + 96])
+    script = os.path.join(REPO_ROOT, "main_test_fbcnn_color.py")
+    common = ["--model", models[1], "--testset", str(folder), "--qf", "10", "30", "--device",
+              "cpu"]
+    one = subprocess.run([sys.executable, script, *common, "--results", str(tmp_path / "one"),
+                          "--json", str(tmp_path / "one.json")], env=ENV, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun([*common, "--results", str(tmp_path / "two"), "--json",
+                     str(tmp_path / "two.json")], script=script)
+    assert two.returncode == 0, two.stderr[-3000:]
+    averages = [line for line in one.stdout.splitlines() if line.startswith("Average")]
+    assert len(averages) == 2
+    assert [line for line in two.stdout.splitlines() if line.startswith("Average")] == averages
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads(
+        (tmp_path / "one.json").read_text())
+    log = "set_tiny3.log"
+    lines = _log_lines(tmp_path / "two" / log)  # written once, the same lines in the same order
+    assert [line.replace("two.json", "one.json") for line in lines] == _log_lines(
+        tmp_path / "one" / log)
+    assert len(lines) == 1 + 2 * (1 + 5 + 1) + 1  # model; per setting: header, images, average
+    for setting in ("set_tiny3_qf10", "set_tiny3_qf30"):
+        assert _files(tmp_path / "two" / setting) == _files(tmp_path / "one" / setting)
