@@ -44,7 +44,8 @@ import torch
 from utils.jpeg_header import JpegHeaderError, iter_segments
 
 __all__ = ["ProjectionUnavailable", "Component", "JpegCoefficients", "read_coefficients",
-           "project", "posterior_mean", "METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
+           "project", "calibrate", "Twin", "make_twin", "twin_shares", "posterior_mean",
+           "METHODS", "PROJECTION_METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
            "block_idct"]
 
 # SOF markers: the ones libjpeg decodes to 8x8 DCT coefficients, and why the others are not used
@@ -282,6 +283,21 @@ def calibrate(img, coefficients, restore):
     departures (1); one that paints detail flat or invents it, as a small network does at
     QF 90 to 100, is drawn back towards the file's values (towards 0).
     """
+    twin = make_twin(img, coefficients)
+    return twin_shares(twin, restore(twin.image))
+
+
+class Twin(NamedTuple):
+    """A calibration's twin JPEG (`image`, uint8, to be restored as the file was) and what its
+    shares are measured against: per component, the truth's departure from the twin's stored
+    values and those values."""
+    image: np.ndarray
+    truths: list
+    components: tuple
+
+
+def make_twin(img, coefficients):
+    """The Twin of `calibrate` for the restoration `img` of the file with `coefficients`."""
     pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
     clipped = project(img, coefficients, "clip")
     source = np.pad(clipped[_window(*img.shape[:2])], pad, mode="edge")
@@ -294,10 +310,15 @@ def calibrate(img, coefficients, restore):
         centre = np.round(truth / component.table) * component.table
         planes[i] = _to_full_size(block_idct(centre) + 128, component.factor, height, width)
         truths.append((truth - centre, centre))
-    restored = _planes(restore(_image(planes)))
+    return Twin(_image(planes), truths, components)
+
+
+def twin_shares(twin, restored):
+    """The shares of `calibrate`, from the Twin and its restoration (uint8 or uint16)."""
+    restored = _planes(restored)
     shares = []
-    for i, component in enumerate(components):
-        departure, centre = truths[i]
+    for i, component in enumerate(twin.components):
+        departure, centre = twin.truths[i]
         estimate = _grid_dct(restored[i], component.factor) - centre
         num = (departure * estimate).sum(axis=(0, 1))
         den = (estimate * estimate).sum(axis=(0, 1))
@@ -321,7 +342,7 @@ def _project_plane(plane, component, method="posterior", share=None):
     return plane + _to_full_size(correction, component.factor, *plane.shape)
 
 
-def project(img, coefficients, method="posterior", restore=None):
+def project(img, coefficients, method="posterior", restore=None, shares=None):
     """The restored image (RGB HxWx3, gray HxW or HxWx1; uint8, or uint16 whose levels are 257
     times the file's) made consistent with the file, in the same type.
 
@@ -331,7 +352,8 @@ def project(img, coefficients, method="posterior", restore=None):
     towards the file's own values for one that strays by more than the quantization explains;
     "calibrated" keeps, per frequency, the share of the restoration's departure from the
     file's value that `calibrate` learns on a twin JPEG with `restore` (the network and options
-    that made `img`, run once more), then clips. A gray image is brought
+    that made `img`, run once more; or the `shares` already learned, as `twin_shares` gives
+    them for a batch of twins restored together), then clips. A gray image is brought
     to the file's Y component; a colour image from a gray file gets its Y done and its chroma
     kept. Raises ProjectionUnavailable when the sizes differ.
     """
@@ -342,13 +364,13 @@ def project(img, coefficients, method="posterior", restore=None):
                                     f"{coefficients.width}x{coefficients.height}")
     if img.ndim == 3 and img.shape[2] == 1:
         inner = None if restore is None else (lambda x: restore(x[:, :, None])[:, :, 0])
-        return project(img[:, :, 0], coefficients, method, inner)[:, :, None]
-    if method == "calibrated":
+        return project(img[:, :, 0], coefficients, method, inner, shares)[:, :, None]
+    if method != "calibrated":
+        shares = [None] * len(coefficients.components)
+    elif shares is None:
         if restore is None:
             raise ValueError("the calibrated projection needs the restore function")
         shares = calibrate(img, coefficients, restore)
-    else:
-        shares = [None] * len(coefficients.components)
     planes = _planes(img)
     for i, component in enumerate(coefficients.components[:len(planes)]):
         planes[i] = _project_plane(planes[i], component, method, shares[i])
