@@ -73,7 +73,7 @@ from data.jpeg import label_to_qf, qf_to_label
 from utils.errors import UserError
 from utils.image import tensor2uint, tensor2uint16, uint2tensor
 
-__all__ = ["restore", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
+__all__ = ["restore", "restore_batch", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "precision_autocast", "tf32_allowed",
            "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB",
@@ -424,6 +424,39 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
                              x8=x8)
     out = tensor2uint(restored) if bit_depth == 8 else tensor2uint16(restored)
     return out, label_to_qf(qf_pred[0, 0])
+
+
+@torch.no_grad()
+def restore_batch(model, imgs, qfs=None, device="cpu", precision="fp32", channels_last=False,
+                  compile=False, bit_depth=8):
+    """Restore same-size uint8 images in one untiled forward pass; returns a list of
+    `(restored, predicted QF)`, one per image, as `restore` gives them.
+
+    Each image keeps its own QF: `qfs` (one integer per image) is fed as its `qf_input`, or,
+    when None, each image's own predicted QF conditions its decoder, as in `restore`. The
+    outputs equal `restore`'s image by image up to the order in which batched convolutions sum
+    (tests/test_inference.py bounds the difference). There is no tiling: batch only images that
+    `restore` would not tile (`plan_tile`).
+    """
+    check_options(precision)
+    if len({img.shape for img in imgs}) > 1:
+        raise ValueError("restore_batch: the images differ in size")
+    if model.net is None or len(imgs) == 1:
+        return [restore(model, img, qf=None if qfs is None else qfs[k], device=device,
+                        precision=precision, channels_last=channels_last, compile=compile,
+                        bit_depth=bit_depth) for k, img in enumerate(imgs)]
+    device = torch.device(device)
+    _set_memory_format(model.net, channels_last)
+    fns = _network_fns(model.net, compile)
+    x = torch.cat([uint2tensor(img) for img in imgs]).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    qf_input = None if qfs is None else torch.tensor([[qf_to_label(q)] for q in qfs],
+                                                     dtype=torch.float32, device=device)
+    with precision_autocast(device, precision), tf32_allowed(precision == "tf32"):
+        restored, qf_pred, _ = _forward(fns, x, qf_input, None, 32, device, 0)
+    to_image = tensor2uint if bit_depth == 8 else tensor2uint16
+    return [(to_image(restored[k:k + 1]), label_to_qf(qf_pred[k, 0])) for k in range(len(imgs))]
 
 
 def predict_qf(model, img, device="cpu", precision="fp32", tile=None, tile_overlap=32,

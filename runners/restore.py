@@ -40,11 +40,12 @@ import torch
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
-from data.jpeg_projection import ProjectionUnavailable, project, read_coefficients
-from models.inference import predict_qf, resolve_device, restore
+from data.jpeg_projection import (ProjectionUnavailable, make_twin, project, read_coefficients,
+                                  twin_shares)
+from models.inference import plan_tile, predict_qf, resolve_device, restore, restore_batch
 from models.model_zoo import MODEL_ZOO, default_model, load_model
-from runners.cli import (DEVICE_HELP, add_speed_args, quality_factor, run_cli, shard_device,
-                         speed_options)
+from runners.cli import (DEVICE_HELP, add_speed_args, bounded_int, quality_factor, run_cli,
+                         shard_device, speed_options)
 from utils.errors import UserError
 from utils.dist import all_gather_objects, join_shards
 from utils.fileio import atomic_write_bytes, display_path, folder_lock, remove_stale_temporaries
@@ -69,6 +70,7 @@ PROJECTED = "projected onto the file's DCT"
 NOT_PROJECTED = "not projected onto the file's DCT"
 NOT_A_JPEG = "not a JPEG file: no JPEG trace read"
 LOCK_NAME = ".main_restore.lock"  # in -o OUTDIR while a run writes there
+BATCH_OPTIONS = ("precision", "channels_last", "compile")  # the speed options a batch takes
 
 
 def _qf_mode(text):
@@ -113,6 +115,10 @@ def build_parser(prog=None):
                         "(docs/restore.md); no effect on other formats (default: on)")
     p.add_argument("--format", choices=sorted(FORMATS), default="png",
                    help="output format (default %(default)s)")
+    p.add_argument("--batch", type=bounded_int(1), default=1, metavar="N",
+                   help="restore up to N inputs of the same size in one forward pass (many "
+                        "small files, such as dataset crops; not with --tile or --x8; default "
+                        "%(default)s)")
     p.add_argument("--bit-depth", type=int, choices=(8, 16), default=8,
                    help="bits per sample of png and tif outputs: 16 keeps the network's output "
                         "between 8-bit levels (default %(default)s)")
@@ -360,10 +366,11 @@ def _qf_used(model, decoded, qf, qf_source, qf_pred):
     return f"QF {qf} ({qf_source}; network estimate {qf_pred})"
 
 
-def make_consistent(img_E, decoded, wanted, again):
+def make_consistent(img_E, decoded, wanted, again=None, shares=None):
     """`(image, note, problem)`: a JPEG's restoration projected onto the quantization intervals
     of its file's DCT coefficients when `wanted` (data/jpeg_projection.py, "calibrated": `again`
-    is the restore function that made `img_E`, run once more on a twin), a few words saying
+    is the restore function that made `img_E`, run once more on a twin, or `shares` what the
+    twin taught, when it was restored with others), a few words saying
     what was done (empty when the projection was not wanted), and why a JPEG could not be
     projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is then kept as it is),
     else None."""
@@ -372,8 +379,8 @@ def make_consistent(img_E, decoded, wanted, again):
     if not wanted:
         return img_E, "", None
     try:
-        return (project(img_E, read_coefficients(decoded.data), "calibrated", again), PROJECTED,
-                None)
+        return (project(img_E, read_coefficients(decoded.data), "calibrated", again, shares),
+                PROJECTED, None)
     except ProjectionUnavailable as exc:
         return img_E, NOT_PROJECTED, str(exc)
 
@@ -470,6 +477,9 @@ def run_restore(args):
     device = resolve_device(args.device)
     options = speed_options(args)
     ext = FORMATS[args.format]
+    if args.batch > 1 and (options.get("tile") or options.get("x8")):
+        raise OptionError(f"--batch {args.batch}: not with --tile or --x8 (a batch is one "
+                          "untiled forward pass)")
     if args.bit_depth == 16 and ext not in (".png", ".tif"):
         raise OptionError(f"--bit-depth 16: {args.format} holds 8 bits; use --format png or tif")
     _warn_unused(args, [("--json", args.json, "without --qf-estimate"),
@@ -497,16 +507,19 @@ def _restore_all(args, shard, device, options, ext):
             for folder in sorted({os.path.dirname(dest) for _, dest in work}):
                 remove_stale_temporaries(folder)
         all_gather_objects(None)  # the others start once the stale files are gone
-        for (job, dest), refused in tqdm(mine, desc="restoring", unit="img",
-                                         disable=None if shard.is_main else True):
-            status = _restore_one(job, dest, refused, args, models, device, options, ext,
-                                  icc_dropped)
-            if status == "done":
-                done += 1
-            elif status == "skipped":
-                skipped += 1
-            elif status is not None:
-                failed.append(status)
+        with tqdm(total=len(mine), desc="restoring", unit="img",
+                  disable=None if shard.is_main else True) as bar:
+            for first in range(0, len(mine), args.batch):
+                chunk = mine[first:first + args.batch]
+                for status in _restore_chunk(chunk, args, models, device, options, ext,
+                                             icc_dropped):
+                    if status == "done":
+                        done += 1
+                    elif status == "skipped":
+                        skipped += 1
+                    else:
+                        failed.append(status)
+                bar.update(len(chunk))
         gathered = all_gather_objects({"done": done, "skipped": skipped, "failed": failed,
                                        "icc": sorted(icc_dropped),
                                        "models_failed": bool(models.failed)})
@@ -531,30 +544,104 @@ def _restore_all(args, shard, device, options, ext):
     return status
 
 
-def _restore_one(job, dest, refused, args, models, device, options, ext, icc_dropped):
-    """Restore one input to `dest`: "done", "skipped", None (a model could not be had: said
-    once by the ModelCache) or the failure's line."""
-    shown = display_path(job.path)
+@dataclass
+class _Item:
+    """One input on its way through `_restore_chunk`."""
+    job: Job
+    dest: str
+    decoded: object
+    qf: object
+    qf_source: str
+    model: object
+    img_E: object = None
+    qf_pred: object = None
+    twin: object = None
+    shares: object = None
+
+
+def _groups(items, batch):
+    """`items` (index -> _Item) in runs of at most `batch` that one forward pass can take: the
+    same model, image size and kind of QF (fed or predicted)."""
+    runs = {}
+    for k, item in items.items():
+        key = (id(item.model), item.decoded.img.shape, item.qf is None)
+        runs.setdefault(key, []).append(k)
+    return [ks[i:i + batch] for ks in runs.values() for i in range(0, len(ks), batch)]
+
+
+def _network(items, keys, images, args, device, options):
+    """Restore `images` (one per key, each with its item's model and QF): together when there
+    are several (`restore_batch`, untiled), else with every speed option (`restore`)."""
+    first = items[keys[0]]
+    qfs = None if first.qf is None else [items[k].qf for k in keys]
+    if len(keys) > 1 and plan_tile(images[0].shape, device)[0] is None:
+        return restore_batch(first.model, images, qfs, device=device, bit_depth=args.bit_depth,
+                             **{k: v for k, v in options.items() if k in BATCH_OPTIONS})
+    return [restore(items[k].model, img, qf=items[k].qf, device=device,
+                    bit_depth=args.bit_depth, **options) for k, img in zip(keys, images)]
+
+
+def _restore_chunk(chunk, args, models, device, options, ext, icc_dropped):
+    """Restore a chunk of `((job, output), refusal)` (one, or `--batch` of them): per input,
+    "done", "skipped", or the failure's line. Inputs of the same size and model go through
+    the network together, and so do their projections' twins."""
+    statuses, items = [None] * len(chunk), {}
+    for k, ((job, dest), refused) in enumerate(chunk):
+        try:
+            if refused:
+                raise UserError(refused)
+            if os.path.exists(dest) and not args.overwrite:
+                LOG.info("skipped %s: %s exists (--overwrite replaces it)",
+                         display_path(job.path), dest)
+                statuses[k] = "skipped"
+                continue
+            decoded = read_image(job.path, args.channels)
+            qf, qf_source = choose_qf(args.qf, decoded)
+            model = models.get("gray" if decoded.gray else "color")
+            items[k] = _Item(job, dest, decoded, qf, qf_source, model)
+        except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
+            statuses[k] = _failure(job.path, exc)
+
+    def each_group(images_of, store):
+        for keys in _groups(items, args.batch):
+            keys = [k for k in keys if k in items]
+            try:
+                results = _network(items, keys, [images_of(items[k]) for k in keys], args,
+                                   device, options)
+            except (UserError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+                for k in keys:
+                    statuses[k] = _failure(items.pop(k).job.path, exc)
+                continue
+            for k, result in zip(keys, results):
+                store(items[k], result)
+
+    each_group(lambda item: item.decoded.img,
+               lambda item, result: setattr(item, "img_E", result[0]) or setattr(
+                   item, "qf_pred", result[1]))
+    if args.projection:  # each JPEG's twin, restored as the JPEG was (the calibration)
+        for item in items.values():
+            if item.model.net is not None and item.decoded.jpeg_info is not None:
+                with contextlib.suppress(ProjectionUnavailable):  # said when projecting
+                    item.twin = make_twin(item.img_E, read_coefficients(item.decoded.data))
+        twinned = {k: item for k, item in items.items() if item.twin is not None}
+        saved, items = items, twinned
+        each_group(lambda item: item.twin.image,
+                   lambda item, result: setattr(item, "shares", twin_shares(item.twin,
+                                                                            result[0])))
+        items = {k: item for k, item in saved.items() if statuses[k] is None}
+    for k, item in items.items():
+        statuses[k] = _write(item, args, options, ext, icc_dropped)
+    return statuses
+
+
+def _write(item, args, options, ext, icc_dropped):
+    """Make `item`'s restoration consistent with its file, turn it, write it; its status."""
+    shown, decoded, img_E = display_path(item.job.path), item.decoded, item.img_E
     try:
-        if refused:
-            raise UserError(refused)
-        if os.path.exists(dest) and not args.overwrite:
-            LOG.info("skipped %s: %s exists (--overwrite replaces it)", shown, dest)
-            return "skipped"
-        decoded = read_image(job.path, args.channels)
-        qf, qf_source = choose_qf(args.qf, decoded)
-        model = models.get("gray" if decoded.gray else "color")
-
-        def again(img):
-            return restore(model, img, qf=qf, device=device, bit_depth=args.bit_depth,
-                           **options)[0]
-
-        img_E, qf_pred = restore(model, decoded.img, qf=qf, device=device,
-                                 bit_depth=args.bit_depth, **options)
         consistency = ""
-        if model.net is not None:
+        if item.model.net is not None:
             img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,
-                                                          again)
+                                                          shares=item.shares)
             if problem:
                 LOG.warning("warning: %s: %s (%s); written as the network restored it",
                             shown, NOT_PROJECTED, problem)
@@ -567,20 +654,20 @@ def _restore_one(job, dest, refused, args, models, device, options, ext, icc_dro
                                  f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
             icc = None
         quality = DEFAULT_QUALITY if args.quality is None else args.quality
-        atomic_write_bytes(dest, encode_image(img_E, ext, quality, icc), fsync=False,
+        atomic_write_bytes(item.dest, encode_image(img_E, ext, quality, icc), fsync=False,
                            replace=args.overwrite)
-        LOG.info("%s -> %s [%s]", shown, display_path(dest), ", ".join(
-            ["gray" if decoded.gray else "colour", _qf_used(model, decoded, qf, qf_source,
-                                                            qf_pred)]
+        LOG.info("%s -> %s [%s]", shown, display_path(item.dest), ", ".join(
+            ["gray" if decoded.gray else "colour", _qf_used(item.model, decoded, item.qf,
+                                                            item.qf_source, item.qf_pred)]
             + ([consistency] if consistency else [])
-            + (["x8"] if options.get("x8") and model.net is not None else [])))
+            + (["x8"] if options.get("x8") and item.model.net is not None else [])))
         return "done"
     except FileExistsError:
         LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,
-                 display_path(dest))
+                 display_path(item.dest))
         return "skipped"
     except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
-        return _failure(job.path, exc)
+        return _failure(item.job.path, exc)
 
 
 def _warn_unused(args, checks):

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
 from models.inference import (check_options, fit_overlap, forward_tiled, plan_tile, predict_qf,
-                              restore, tf32_allowed, tile_spans, tile_starts)
+                              restore, restore_batch, tf32_allowed, tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from runners.evaluation import COLOR, main
@@ -620,3 +620,20 @@ def test_bit_depth_16_is_the_same_output_at_65535_levels(model, photo, faithful)
                                   photo.astype(np.uint16) * 257)
     with pytest.raises(ValueError, match="bit_depth 12"):
         restore(model, photo, bit_depth=12)
+
+
+def test_a_batch_restores_each_image_as_restore_does_with_its_own_qf(model, photo):
+    """Four crops in one forward pass: each image's output and predicted QF as `restore` gives
+    them alone, blind (each decoder conditioned on its own prediction) and with a QF per image;
+    the batched convolutions sum in another order, so outputs may differ by one grey level."""
+    crops = [np.ascontiguousarray(photo[8 * k:8 * k + 96, 16 * k:16 * k + 128]) for k in range(4)]
+    for qfs in (None, [10, 30, 50, 90]):
+        batch = restore_batch(model, crops, qfs)
+        alone = [restore(model, img, qf=None if qfs is None else qfs[k])
+                 for k, img in enumerate(crops)]
+        assert [qf for _, qf in batch] == [qf for _, qf in alone]
+        assert max(_grey_diff(b, a).max() for (b, _), (a, _) in zip(batch, alone)) <= 1
+    fed = restore_batch(model, crops, [10, 30, 50, 90])
+    assert not np.array_equal(fed[0][0], restore(model, crops[0], qf=90)[0])  # its own QF
+    with pytest.raises(ValueError, match="differ in size"):
+        restore_batch(model, [crops[0], photo])

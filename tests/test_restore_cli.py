@@ -714,3 +714,52 @@ def test_bit_depth_16_keeps_the_levels_between_8_bit_ones(tmp_path, testsets_dir
     code, _, err = run([*common, "-o", str(tmp_path / "oj"), "--bit-depth", "16", "--format",
                         "jpg"], capsys)
     assert code == 2 and "--bit-depth 16: jpg holds 8 bits" in err
+
+
+def test_batch_restores_same_size_inputs_together_as_one_by_one(tmp_path, testsets_dir,
+                                                                tiny_models, capsys,
+                                                                monkeypatch):
+    """`--batch 4` on crops of two sizes, colour and gray, JPEG and PNG: the inputs of a chunk of
+    four (in name order) of one size and model go through the network (and their twins
+    through it again) in one pass, each with its own QF; every output is within one grey
+    level of `--batch 1`'s."""
+    clean = imread_uint(os.path.join(testsets_dir, "LIVE1_color", "bikes.png"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(7):
+        rows = slice(24 * i, 24 * i + (64 if i < 5 else 80))
+        crop = np.ascontiguousarray(clean[rows, 32 * i:32 * i + 96])
+        (folder / f"c{i}.jpg").write_bytes(jpeg_encode(crop, 10 + 12 * i))
+    gray = np.ascontiguousarray(cv2.cvtColor(clean[:64, :96], cv2.COLOR_RGB2GRAY))
+    for i in range(2):
+        (folder / f"g{i}.jpg").write_bytes(jpeg_encode(gray[:, i:i + 90], 30 + 40 * i))
+    cv2.imwrite(str(folder / "p.png"), cv2.cvtColor(clean[:64, :96], cv2.COLOR_RGB2BGR))
+    batches = []
+    real = FBCNN.forward
+
+    def counting(net, x, qf_input=None):
+        batches.append(x.shape[0])
+        return real(net, x, qf_input)
+
+    monkeypatch.setattr(FBCNN, "forward", counting)
+    common = [str(folder), "--model", tiny_models["color"], "--gray-model", tiny_models["gray"],
+              "--device", "cpu"]
+    for qf in ("auto", "header"):
+        outputs = {}
+        for batch in ("1", "4"):
+            batches.clear()
+            out = tmp_path / f"{qf}_{batch}"
+            args = [*common, "-o", str(out), "--qf", qf, "--batch", batch]
+            code, _, _ = run(args, capsys)
+            assert code == (0 if qf == "auto" else 1)  # --qf header fails the PNG only
+            outputs[batch] = {name: cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+                              for name in sorted(os.listdir(out))}
+            if batch == "4":  # chunks of 4 in name order: c0-c3 | c4, c5+c6, g0 | g1, p
+                # (each pass twice, the twins'; the PNG has no twin, and fails --qf header)
+                assert sorted(batches) == sorted([4, 4, 2, 2] + [1] * (7 if qf == "auto" else 6))
+        assert outputs["1"].keys() == outputs["4"].keys() and len(outputs["4"]) >= 9
+        assert max(np.abs(outputs["1"][n].astype(int) - outputs["4"][n]).max()
+                   for n in outputs["1"]) <= 1
+    code, _, err = run([*common, "-o", str(tmp_path / "x"), "--batch", "4", "--tile", "64"],
+                       capsys)
+    assert code == 2 and "--batch 4: not with --tile or --x8" in err
