@@ -72,7 +72,7 @@ MODEL_ZOO = {
     # train_fbcnn_color_lite_cpu_allqf.json (QF 5..100, single and double JPEG; docs/training.md, 8)
     "fbcnn_color_lite": ZooEntry(
         "fbcnn_color_lite.safetensors",
-        "345630011767272e927ba592b0ca594295f3db0c57ca2b9de061b50ae9f354ee", 3, bundled=True,
+        "c6053bb8f7282a4b99a70748b288acb94dc789f1977225f8097513404f81b3c9", 3, bundled=True,
         arch=(("nc", (8, 16, 32, 64)), ("nb", 2))),
     # trained on a 2-core CPU with options/train_fbcnn_gray_lite_cpu.json, then
     # train_fbcnn_gray_lite_cpu_allqf.json (QF 5..100, single and double JPEG)

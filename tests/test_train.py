@@ -1023,6 +1023,32 @@ def test_all_qf_recipes_fine_tune_the_first_stage_over_the_whole_range(name, in_
     assert not torch.equal(tuned.m_head.weight, first.m_head.weight)  # it trained from there
 
 
+def test_the_colour_qf_head_recipe_goes_on_from_the_second_stage(tmp_path):
+    """options/train_fbcnn_color_lite_cpu_qfhead.json as it is, from a second-stage network
+    (here an untrained one of the same shape), on tiny data: 128x128 patches in batches of 8,
+    more identity samples, the QF loss at 0.1, and the folded layout kept."""
+    path = os.path.join(ROOT, "options", "train_fbcnn_color_lite_cpu_qfhead.json")
+    torch.manual_seed(0)
+    second = FBCNN(3, 3, [8, 16, 32, 64], 2, act_mode="R")
+    start = save_network(str(tmp_path / "second.safetensors"), second.state_dict(),
+                         infer_fbcnn_kwargs(second.state_dict()))
+    images = _write_images(tmp_path / "images", 3, (152, 160, 3), 4)  # H_size + 16 (the shift)
+    opt = load_options(path, [f"path.root={tmp_path}", f"path.pretrained_netG={start}",
+                              f"datasets.train.dataroot_H={images}",
+                              f"datasets.test.dataroot_H={images}",
+                              "datasets.train.dataloader_num_workers=0", "train.total_iter=1",
+                              "train.checkpoint_save=1", "train.checkpoint_test=1"])
+    train_set = opt["datasets"]["train"]
+    assert (train_set["dataset_type"], train_set["H_size"], train_set["dataloader_batch_size"],
+            train_set["qf_range"], train_set["identity_prob"]) == ("jpegdouble", 128, 8,
+                                                                    [5, 100], 0.2)
+    assert opt["train"]["QF_lossfn_weight"] == 0.1 and opt["netG"]["act_mode"] == "R"
+    assert train(opt) == {"start": 0, "end": 1}
+    tuned = load_model(ckpt.network_file(os.path.join(tmp_path, "fbcnn_color_lite_cpu_qfhead",
+                                                      "models"), 1)).net
+    assert not torch.equal(tuned.m_head.weight, second.m_head.weight)
+
+
 @pytest.mark.parametrize("init_type", ["orthogonal", "normal", "uniform", "xavier_normal",
                                        "xavier_uniform", "kaiming_normal", "kaiming_uniform"])
 def test_init_types_as_kair(init_type):
