@@ -35,7 +35,7 @@ import torch
 from benchmarks.benchlib import (PeakMemory, add_model_args, build_model, device_name,
                                  fbcnn_conv_flops, print_table, write_json)
 from data.jpeg import jpeg
-from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE_CACHE_GIB, PRECISIONS,
+from models.inference import (DEFAULT_TILE_CACHE_GIB, PRECISIONS, cpu_plan,
                               check_options, fit_overlap, restore)
 from runners.cli import quality_factor, run_cli
 from utils import REPO_ROOT
@@ -133,10 +133,11 @@ def main(argv=None):
                         "per tile size")
     p.add_argument("--tile-cache-gib", type=float, nargs="+", default=None,
                    help="encoder cache sizes of the tiled rows, one row each (default: the "
-                        "device's default, DEFAULT_TILE_CACHE_GIB in models/inference.py)")
+                        "device's default: DEFAULT_TILE_CACHE_GIB, on CPU the model's cpu_plan, "
+                        "in models/inference.py)")
     p.add_argument("--untiled-max-mp", type=float, default=None,
                    help="skip untiled rows of larger images (default: no limit on CUDA, where "
-                        f"OOM falls back to tiles; {CPU_MAX_UNTILED_MEGAPIXELS} on CPU)")
+                        "OOM falls back to tiles; on CPU the model's cpu_plan limit)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed passes over the inputs before each timed one (default: 1 on "
                         "CUDA, where cudnn.benchmark tunes per shape; 0 on CPU)")
@@ -159,9 +160,9 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    untiled_max = args.untiled_max_mp if args.untiled_max_mp is not None else (
-        math.inf if device.type == "cuda" else CPU_MAX_UNTILED_MEGAPIXELS)
     model = build_model(args, device)
+    untiled_max = args.untiled_max_mp if args.untiled_max_mp is not None else (
+        math.inf if device.type == "cuda" else cpu_plan(model.net).max_untiled_megapixels)
     n_channels = model.net.in_nc
     clean = [imread_uint(path, n_channels) for path in list_images(args.testset)]
     crop = "" if args.crop is None else f", {args.crop}x{args.crop} crops"
@@ -171,7 +172,8 @@ def main(argv=None):
     if args.synthetic_mp > 0:
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
-    caches = args.tile_cache_gib or [DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
+    caches = args.tile_cache_gib or [cpu_plan(model.net).tile_cache_gib if device.type == "cpu"
+                                     else DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
     tilings = [(None, None)] + [(tile, cache) for tile in tiles for cache in caches]
 
     rows = []

@@ -55,8 +55,9 @@ memory than the faithful default (fp32, the whole image in one pass):
 - Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
   `DEFAULT_TILE["cuda"]` pixels, and a tiled pass that runs out of memory is retried without
   the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of
-  memory kills the process instead of raising, so images above `max_untiled_megapixels` (default
-  `CPU_MAX_UNTILED_MEGAPIXELS`) are tiled from the start with `DEFAULT_TILE["cpu"]`.
+  memory kills the process instead of raising, so images above `max_untiled_megapixels` are
+  tiled from the start. The default limit, the tile and the encoder cache are the network's
+  `cpu_plan`, by its width: measured per zoo model (`CPU_PLANS`).
 """
 import contextlib
 import logging
@@ -76,7 +77,7 @@ from utils.image import tensor2uint, tensor2uint16, uint2tensor
 __all__ = ["restore", "restore_batch", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "precision_autocast", "tf32_allowed",
-           "DEFAULT_TILE", "MIN_TILE", "CPU_MAX_UNTILED_MEGAPIXELS", "DEFAULT_TILE_CACHE_GIB",
+           "DEFAULT_TILE", "MIN_TILE", "CpuPlan", "CPU_PLANS", "cpu_plan", "DEFAULT_TILE_CACHE_GIB",
            "DIHEDRAL"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
@@ -86,13 +87,47 @@ LOG = logging.getLogger(f"fbcnn.{__name__}")
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Full FBCNN in fp32 needs about 1.5 GiB per megapixel untiled; a 1024-pixel tile then fits
 # in about 1.5 GiB of GPU memory, a 512-pixel tile in well under 1 GiB of RAM.
-DEFAULT_TILE = {"cuda": 1024, "cpu": 512}
+DEFAULT_TILE = {"cuda": 1024, "cpu": 512}  # the out-of-memory fallback's first tile
 MIN_TILE = 64
-CPU_MAX_UNTILED_MEGAPIXELS = 2.0
-# The encoder cache of blind tiled passes, GiB per image. On CPU tiling is there to bound RAM,
-# so nothing is cached unless asked; on CUDA 1 GiB holds the cached skips of about 4 megapixels
-# in fp32 and 8 in bf16 (64 values per pixel, see the module docstring).
+# The encoder cache of blind tiled passes, GiB per image: on CUDA 1 GiB holds the cached skips
+# of about 4 megapixels in fp32 and 8 in bf16 (64 values per pixel, see the module docstring);
+# on CPU the network's `cpu_plan` says.
 DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0, "cpu": 0.0}
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """How a network runs on a CPU unless told otherwise: images above
+    `max_untiled_megapixels` in tiles of `tile` pixels, a blind pass keeping up to
+    `tile_cache_gib` of encoder outputs between its two sweeps."""
+    tile: int
+    max_untiled_megapixels: float
+    tile_cache_gib: float
+
+
+# By the width of the network's first level, nc[0] (what sets its memory per pixel), measured
+# on a 2-core CPU with benchmarks/bench_inference.py (docs/benchmarks.md, "Tiles on the CPU").
+# The lite models (nc[0] 8): 512-pixel tiles were the fastest of 256, 512, 768 and 1024 on a
+# 12-megapixel photo, blind and with a QF, colour and gray; untiled they need about 0.26 GiB
+# per megapixel (12 MP: 3.3 GiB), but 512-pixel tiles are faster from 2 megapixels on (1 MP:
+# untiled 0.62 s, tiled 0.71; 2 MP: 1.60, 1.35), so they tile above 1.5; a 1 GiB encoder cache
+# (0.5 GiB used at 12 MP) made a blind 12 MP pass 1.3 times faster. The released width (64):
+# about 2.4 GiB at 1 megapixel untiled, so images above 2 are tiled to bound memory, without
+# a cache (each GiB holds a fraction of a photo's skips).
+CPU_PLANS = {16: CpuPlan(tile=512, max_untiled_megapixels=1.5, tile_cache_gib=1.0),
+             64: CpuPlan(tile=512, max_untiled_megapixels=2.0, tile_cache_gib=0.0)}
+
+
+def cpu_plan(net):
+    """The CpuPlan of `net`: that of the narrowest listed width at least its nc[0]; a wider
+    network than any listed gets the widest plan with its limit scaled down by the width."""
+    width = getattr(net, "nc", [max(CPU_PLANS)])[0]
+    for listed in sorted(CPU_PLANS):
+        if width <= listed:
+            return CPU_PLANS[listed]
+    widest = CPU_PLANS[max(CPU_PLANS)]
+    return CpuPlan(widest.tile, widest.max_untiled_megapixels * max(CPU_PLANS) / width,
+                   widest.tile_cache_gib)
 
 _COMPILED = weakref.WeakKeyDictionary()  # net -> its torch.compile'd entry points
 # The 8 transforms of x8 as (quarter turns, then mirrored left-right?); the identity first
@@ -381,18 +416,19 @@ def resolve_device(device):
     return device
 
 
-def _untiled_limit(max_untiled_megapixels):
-    return (CPU_MAX_UNTILED_MEGAPIXELS if max_untiled_megapixels is None
+def _untiled_limit(max_untiled_megapixels, net):
+    return (cpu_plan(net).max_untiled_megapixels if max_untiled_megapixels is None
             else max_untiled_megapixels)
 
 
-def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=None):
+def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=None, net=None):
     """`(tile, tile_overlap)` that `restore` starts with for an image of `shape` (H, W, ...):
-    the given tile, or on CPU `DEFAULT_TILE["cpu"]` above `max_untiled_megapixels`. (On CUDA an
-    untiled pass may still fall back to tiles when it runs out of memory.)"""
+    the given tile, or on CPU the tile of `net`'s `cpu_plan` above `max_untiled_megapixels`
+    (default: the plan's limit; `net` None: the released width's plan). (On CUDA an untiled
+    pass may still fall back to tiles when it runs out of memory.)"""
     if (tile is None and torch.device(device).type == "cpu"
-            and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels) * 1e6):
-        tile = DEFAULT_TILE["cpu"]
+            and shape[0] * shape[1] > _untiled_limit(max_untiled_megapixels, net) * 1e6):
+        tile = cpu_plan(net).tile
         tile_overlap = fit_overlap(tile, tile_overlap)
     return tile, tile_overlap
 
@@ -408,11 +444,11 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     input). `qf`, when given, is the integer QF fed to the network as `qf_input`; the predicted
     QF is reported either way. The defaults are the faithful path (fp32, untiled); the other
     options are described in the module docstring. `max_untiled_megapixels` applies on CPU
-    only (default `CPU_MAX_UNTILED_MEGAPIXELS`; `float("inf")` never tiles automatically).
+    only (default: the network's `cpu_plan`; `float("inf")` never tiles automatically).
     `tile_cache_gib`: the encoder cache of blind tiled passes (default `DEFAULT_TILE_CACHE_GIB`
-    for the device; 0 recomputes every tile's encoder). `x8`: the self-ensemble of the 8
-    rotations and mirrorings, averaged; the QF reported (and, when blind, fed to the other
-    seven passes) is the identity pass's.
+    for the device, on CPU the network's `cpu_plan`; 0 recomputes every tile's encoder).
+    `x8`: the self-ensemble of the 8 rotations and mirrorings, averaged; the QF reported (and,
+    when blind, fed to the other seven passes) is the identity pass's.
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth {bit_depth}: 8 or 16")
@@ -483,15 +519,16 @@ def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, c
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     qf_input = None if qf is None else torch.full((x.shape[0], 1), qf_to_label(qf), device=device)
-    planned = plan_tile(img.shape, device, tile, tile_overlap, max_untiled_megapixels)
+    planned = plan_tile(img.shape, device, tile, tile_overlap, max_untiled_megapixels, net)
     if planned[0] != tile:
         tile, tile_overlap = planned
         LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "
-                 "bound memory", img.shape[1], img.shape[0],
-                 _untiled_limit(max_untiled_megapixels), tile, tile_overlap)
+                 "bound memory and time", img.shape[1], img.shape[0],
+                 _untiled_limit(max_untiled_megapixels, net), tile, tile_overlap)
     with precision_autocast(device, precision), tf32_allowed(precision == "tf32"):
         if tile_cache_gib is None:
-            tile_cache_gib = DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)
+            tile_cache_gib = (cpu_plan(net).tile_cache_gib if device.type == "cpu"
+                              else DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0))
         cache_bytes = 0 if qf_input is not None or qf_only else int(tile_cache_gib * 2 ** 30)
         if x8:
             return _forward_x8(fns, x, qf_input, tile, tile_overlap, device, cache_bytes,

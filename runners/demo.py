@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
-from models.inference import (CPU_MAX_UNTILED_MEGAPIXELS, DEFAULT_TILE, fit_overlap, plan_tile,
-                              resolve_device, restore)
+from models.inference import (CPU_PLANS, DEFAULT_TILE, fit_overlap, plan_tile, resolve_device,
+                              restore)
 from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
                               model_folder, model_label)
 from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
@@ -244,7 +244,8 @@ class Demo:
         if qf is not None and not 1 <= int(qf) <= 100:
             raise UserError(f"QF {qf}: must be between 1 and 100")
         overlap = fit_overlap(self.tile)
-        tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap)[0]
+        tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap,
+                         net=model.net)[0]
         start = time.perf_counter()
         def again(img):
             return restore(model, img, qf=None if qf is None else int(qf),
@@ -394,9 +395,11 @@ def build_parser(prog=None):
                         help=DEVICE_HELP)
     parser.add_argument("--tile", type=tile_size, default=None, metavar="N",
                         help="restore every image in tiles of this many pixels (default: "
-                             f"untiled, but {DEFAULT_TILE['cpu']}-pixel tiles on CPU above "
-                             f"{CPU_MAX_UNTILED_MEGAPIXELS:g} megapixels and "
-                             f"{DEFAULT_TILE['cuda']}-pixel tiles on CUDA when out of memory)")
+                             "untiled, but on CPU each model's tiles above its limit, "
+                             f"{CPU_PLANS[16].max_untiled_megapixels:g} megapixels for the lite "
+                             f"models and {CPU_PLANS[64].max_untiled_megapixels:g} for the "
+                             f"released ones, and {DEFAULT_TILE['cuda']}-pixel tiles on CUDA when "
+                             "out of memory)")
     parser.add_argument("--projection", action=argparse.BooleanOptionalAction, default=True,
                         help="project a JPEG's restoration onto the quantization intervals of "
                              "its file's DCT coefficients, as main_restore does (default: on)")

@@ -574,7 +574,7 @@ def _network(items, keys, images, args, device, options):
     are several (`restore_batch`, untiled), else with every speed option (`restore`)."""
     first = items[keys[0]]
     qfs = None if first.qf is None else [items[k].qf for k in keys]
-    if len(keys) > 1 and plan_tile(images[0].shape, device)[0] is None:
+    if len(keys) > 1 and plan_tile(images[0].shape, device, net=first.model.net)[0] is None:
         return restore_batch(first.model, images, qfs, device=device, bit_depth=args.bit_depth,
                              **{k: v for k, v in options.items() if k in BATCH_OPTIONS})
     return [restore(items[k].model, img, qf=items[k].qf, device=device,

@@ -156,8 +156,8 @@ def test_large_images_are_tiled(tiny_path, tmp_path, jpeg_file):
 
 
 def test_cpu_tiles_large_uploads_as_restore_does(tiny_path, tmp_path, jpeg_file, monkeypatch):
-    monkeypatch.setattr(inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.01)  # 96x136 = 0.013 MP
-    monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 64)
+    # the tiny model's width (8) takes the lite plan: tiles of 64 above 0.01 MP (96x136: 0.013)
+    monkeypatch.setitem(inference.CPU_PLANS, 16, inference.CpuPlan(64, 0.01, 0.0))
     demo = Demo(ModelChoices({"tiny": tiny_path}), str(tmp_path))
     result = demo.run(jpeg_file, "tiny")
     assert result.tile == 64 and "tiled, 64 px" in result.info_markdown()

@@ -463,7 +463,7 @@ def test_infinite_averages_are_null_in_strict_json(tmp_path):
 
 def test_the_runner_logs_automatic_tiling(tmp_path, small_set, tiny_models, monkeypatch):
     import models.inference
-    monkeypatch.setattr(models.inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.001)
+    monkeypatch.setitem(models.inference.CPU_PLANS, 16, models.inference.CpuPlan(512, 0.001, 0))
     assert main(COLOR, ["--model", str(tiny_models[3]), "--testset", str(small_set), "--qf",
                         "20", "--results", str(tmp_path / "res"), "--device", "cpu"]) == 0
     log = (tmp_path / "res" / "small_tiny3.log").read_text()

@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
-from models.inference import (check_options, fit_overlap, forward_tiled, plan_tile, predict_qf,
-                              restore, restore_batch, tf32_allowed, tile_spans, tile_starts)
+from models.inference import (CpuPlan, check_options, cpu_plan, fit_overlap, forward_tiled,
+                              plan_tile, predict_qf, restore, restore_batch, tf32_allowed,
+                              tile_spans, tile_starts)
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from runners.evaluation import COLOR, main
@@ -230,7 +232,7 @@ def test_out_of_memory_with_the_encoder_cache_retries_without_it(model, photo, m
 
 
 def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
-    monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 96)
+    monkeypatch.setitem(inference.CPU_PLANS, 16, inference.CpuPlan(96, 1.5, 0.0))
     seen = _record_decodes(monkeypatch, model.net)
     auto, _ = restore(model, photo, max_untiled_megapixels=0.05)  # photo: 0.053 megapixels
     assert len(seen) == 12
@@ -239,11 +241,27 @@ def test_cpu_tiles_images_over_the_megapixel_limit(model, photo, monkeypatch):
     seen.clear()
     restore(model, photo, max_untiled_megapixels=math.inf)
     assert len(seen) == 1
-    assert plan_tile(photo.shape, "cpu", None, 32, 0.05) == (96, 32)
-    assert plan_tile(photo.shape, "cpu", None, 64, 0.05) == (96, 48)
-    assert plan_tile(photo.shape, "cpu", None, 32, 0.06) == (None, 32)
-    assert plan_tile(photo.shape, "cuda", None, 32, 0.05) == (None, 32)
-    assert plan_tile(photo.shape, "cpu", 128, 16, 0.05) == (128, 16)
+    net = model.net  # nc[0] 8: the lite plan
+    assert plan_tile(photo.shape, "cpu", None, 32, 0.05, net) == (96, 32)
+    assert plan_tile(photo.shape, "cpu", None, 64, 0.05, net) == (96, 48)
+    assert plan_tile(photo.shape, "cpu", None, 32, 0.06, net) == (None, 32)
+    assert plan_tile(photo.shape, "cuda", None, 32, 0.05, net) == (None, 32)
+    assert plan_tile(photo.shape, "cpu", 128, 16, 0.05, net) == (128, 16)
+
+
+def test_each_width_has_its_cpu_plan():
+    """The lite width tiles above 1.5 MP with an encoder cache, the released one above 2 MP
+    without; a width between takes the next wider plan, a wider one a proportionally smaller
+    limit; the plan decides where an image is first tiled."""
+    lite, released = _model().net, _model(nc=(64, 128, 256, 512), nb=1).net
+    assert cpu_plan(lite) == CpuPlan(512, 1.5, 1.0)
+    assert cpu_plan(released) == CpuPlan(512, 2.0, 0.0)
+    assert cpu_plan(SimpleNamespace(nc=[32, 64, 128, 256])) == CpuPlan(512, 2.0, 0.0)
+    assert cpu_plan(SimpleNamespace(nc=[128, 256, 512, 1024])) == CpuPlan(512, 1.0, 0.0)
+    assert cpu_plan(None) == CpuPlan(512, 2.0, 0.0)  # unknown: the released width's
+    shape = (1200, 1500)  # 1.8 MP: over the lite limit, under the released one
+    assert plan_tile(shape, "cpu", net=lite) == (512, 32)
+    assert plan_tile(shape, "cpu", net=released) == (None, 32)
 
 
 @pytest.mark.parametrize("tile, overlap, fitted", [(None, 32, 32), (16, 32, 8), (40, 32, 16),
@@ -280,7 +298,8 @@ def test_out_of_memory_falls_back_to_tiles_then_smaller_tiles(model, photo, monk
     monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 128)
     sizes = _oom_above(monkeypatch, model.net, 100 * 100)  # 128-pixel tiles fail, 64 fit
     with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):
-        restored, qf = restore(model, photo)
+        # no encoder cache (the lite plan's 1 GiB would be dropped first: the test below)
+        restored, qf = restore(model, photo, tile_cache_gib=0)
     assert sizes[0] == (200, 264) and sizes[1] == (128, 128) and set(sizes[2:]) == {(64, 64)}
     assert len(released) == 2 and len(caplog.records) == 2
     assert "64-pixel tiles" in caplog.records[-1].getMessage()

@@ -585,7 +585,7 @@ def test_automatic_tiling_is_shown_as_in_the_test_scripts(tmp_path, photo, tiny_
     import logging
 
     import models.inference
-    monkeypatch.setattr(models.inference, "CPU_MAX_UNTILED_MEGAPIXELS", 0.001)
+    monkeypatch.setitem(models.inference.CPU_PLANS, 16, models.inference.CpuPlan(512, 0.001, 0))
     write_jpeg(tmp_path / "a.jpg", photo)
     code, out, _ = run([str(tmp_path / "a.jpg"), "-o", str(tmp_path / "out"), "--model",
                         tiny_models["color"], "--device", "cpu"], capsys)
