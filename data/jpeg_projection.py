@@ -296,11 +296,30 @@ class Twin(NamedTuple):
     components: tuple
 
 
+def _window_coefficients(coefficients, rows, cols):
+    """The file's coefficients of the blocks under a window that starts on a block corner of
+    every component (a JpegCoefficients of the window's size), or None where it does not."""
+    components = []
+    for component in coefficients.components:
+        fy, fx = component.factor
+        if rows.start % (8 * fy) or cols.start % (8 * fx):
+            return None
+        r0, c0 = rows.start // (8 * fy), cols.start // (8 * fx)
+        r1, c1 = -(-rows.stop // (8 * fy)), -(-cols.stop // (8 * fx))
+        components.append(component._replace(coefficients=component.coefficients[r0:r1, c0:c1]))
+    return JpegCoefficients(rows.stop - rows.start, cols.stop - cols.start, tuple(components))
+
+
 def make_twin(img, coefficients):
     """The Twin of `calibrate` for the restoration `img` of the file with `coefficients`."""
     pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
-    clipped = project(img, coefficients, "clip")
-    source = np.pad(clipped[_window(*img.shape[:2])], pad, mode="edge")
+    rows, cols = _window(*img.shape[:2])
+    window = _window_coefficients(coefficients, rows, cols)
+    if window is None:  # a sampling whose blocks the window does not start on: clip it all
+        clipped = project(img, coefficients, "clip")[rows, cols]
+    else:  # the window alone: a large photo's second pass costs the window, not the photo
+        clipped = project(np.ascontiguousarray(img[rows, cols]), window, "clip")
+    source = np.pad(clipped, pad, mode="edge")
     height, width = source.shape[:2]
     planes = _planes(source)
     components = coefficients.components[:len(planes)]  # a gray image: the file's Y alone

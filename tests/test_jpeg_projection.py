@@ -9,9 +9,9 @@ from PIL import Image
 
 from data.jpeg import jpeg_decode, jpeg_encode
 from data.jpeg_projection import (CALIBRATION_WINDOW, TWIN_SHIFT, ProjectionUnavailable,
-                                  _project_plane, _window, block_dct, block_idct, calibrate,
-                                  posterior_mean, project, read_coefficients, rgb_to_ycbcr,
-                                  ycbcr_to_rgb)
+                                  _project_plane, _window, _window_coefficients, block_dct,
+                                  block_idct, calibrate, posterior_mean, project,
+                                  read_coefficients, rgb_to_ycbcr, ycbcr_to_rgb)
 from utils.metrics import psnr
 
 
@@ -273,3 +273,22 @@ def test_unknown_methods_and_a_calibration_without_network_are_refused(photo):
         project(photo, coefficients, "median")
     with pytest.raises(ValueError, match="restore function"):
         project(photo, coefficients, "calibrated")
+
+
+@pytest.mark.parametrize("gray", [True, False])
+def test_the_twin_of_a_large_image_clips_its_window_alone(testsets_dir, gray):
+    """Above CALIBRATION_WINDOW the twin's truth is clipped on the window's own blocks: as the
+    whole image's clip there (exactly for gray; colour within a level, its chroma correction
+    being upsampled without the neighbours outside)."""
+    img = cv2.imread(os.path.join(testsets_dir, "LIVE1_color", "bikes.png"))
+    big = np.ascontiguousarray(cv2.resize(img, (1000, 840))[:, :, ::-1])
+    big = np.ascontiguousarray(big[..., 1]) if gray else big
+    coefficients = read_coefficients(jpeg_encode(big, 60))
+    rows, cols = _window(*big.shape[:2])
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (768, 768)
+    window = _window_coefficients(coefficients, rows, cols)
+    assert (window.height, window.width) == (768, 768)
+    assert window.components[0].coefficients.shape[:2] == (96, 96)
+    whole = project(big, coefficients, "clip")[rows, cols].astype(int)
+    alone = project(np.ascontiguousarray(big[rows, cols]), window, "clip").astype(int)
+    assert np.abs(whole - alone).max() <= (0 if gray else 1)
