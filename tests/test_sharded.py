@@ -3,6 +3,7 @@ and byte for byte, what one process gives; a run killed midway is finished by a 
 output folder another run is writing is refused."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -163,3 +164,33 @@ def test_a_sharded_test_script_prints_logs_and_writes_what_one_process_does(mode
     assert len(lines) == 1 + 2 * (1 + 5 + 1) + 1  # model; per setting: header, images, average
     for setting in ("set_tiny3_qf10", "set_tiny3_qf30"):
         assert _files(tmp_path / "two" / setting) == _files(tmp_path / "one" / setting)
+
+
+def test_srun_launches_shard_as_torchrun_does(inputs, models, tmp_path, capsys, monkeypatch):
+    """Two processes started as srun starts them (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID;
+    MASTER_ADDR and MASTER_PORT exported by the job script) restore the folder as one process;
+    without MASTER_ADDR the run stops at once, saying what to export."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    cli.main([inputs, "-o", one, *models, "--device", "cpu"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, MAIN, inputs, "-o", two, *models, "--device",
+                               "cpu"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+                                   "SLURM_LOCALID": str(rank), "SLURM_NTASKS_PER_NODE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [1, 0], outputs[0][1][-3000:]
+    assert "7 restored, 0 skipped, 1 failed" in outputs[0][1] and "by 2 processes" in outputs[0][1]
+    assert _files(one) == _files(two)
+    capsys.readouterr()
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert cli.main([inputs, "-o", str(tmp_path / "x"), *models, "--device", "cpu"]) == 2
+    assert "MASTER_ADDR and MASTER_PORT not set" in capsys.readouterr().err
