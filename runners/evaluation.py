@@ -30,7 +30,7 @@ from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_facto
                          shard_device, speed_options)
 from runners.pipeline import Pipeline, StageClock
 from utils import REPO_ROOT
-from utils.dist import all_gather_objects, join_shards
+from utils.dist import all_gather_objects, join_shards, leave_shards
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
 from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, read_file_bytes
@@ -346,6 +346,7 @@ def run(preset, args, clock=None):
                          shard)
     finally:
         undo_logging()
+        leave_shards()
 
 
 def _coefficients(data, name):

@@ -47,7 +47,7 @@ from models.model_zoo import MODEL_ZOO, default_model, load_model
 from runners.cli import (DEVICE_HELP, add_speed_args, bounded_int, quality_factor, run_cli,
                          shard_device, speed_options)
 from utils.errors import UserError
-from utils.dist import all_gather_objects, join_shards
+from utils.dist import all_gather_objects, join_shards, leave_shards
 from utils.fileio import atomic_write_bytes, display_path, folder_lock, remove_stale_temporaries
 from utils.image import IMG_EXTENSIONS, ImageReadError, decode_uint8, imencode, read_file_bytes
 from utils.image_meta import (ICC_FORMATS, apply_orientation, embed_icc, icc_colour_space,
@@ -487,8 +487,11 @@ def run_restore(args):
                         ("--quality", args.quality is not None and ext not in (".jpg", ".webp"),
                          f"on {args.format} output (only jpg and webp)")])
     shard = join_shards()
-    with _rank_logging(shard):
-        return _restore_all(args, shard, shard_device(shard, device), options, ext)
+    try:
+        with _rank_logging(shard):
+            return _restore_all(args, shard, shard_device(shard, device), options, ext)
+    finally:
+        leave_shards()
 
 
 def _restore_all(args, shard, device, options, ext):
@@ -698,8 +701,11 @@ def run_qf_estimate(args):
     torchrun (or srun) each process estimates its share and rank 0 prints (and writes) them
     all, in the inputs' order."""
     shard = join_shards()
-    with _rank_logging(shard):
-        return _estimate_all(args, shard)
+    try:
+        with _rank_logging(shard):
+            return _estimate_all(args, shard)
+    finally:
+        leave_shards()
 
 
 def _estimate_all(args, shard):

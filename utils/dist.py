@@ -17,7 +17,7 @@ import torch.distributed as dist
 from utils.errors import UserError
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
-           "all_gather_floats", "Shard", "join_shards", "all_gather_objects"]
+           "all_gather_floats", "Shard", "join_shards", "leave_shards", "all_gather_objects"]
 
 
 class DistInfo(NamedTuple):
@@ -143,6 +143,13 @@ def join_shards():
         dist.init_process_group(backend="gloo", init_method="env://", rank=rank,
                                 world_size=world)
     return Shard(rank, world, local, local_world)
+
+
+def leave_shards():
+    """Leave the gloo group `join_shards` joined, if any: a process that exits with the group
+    alive can abort in its destructor ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_gather_objects(obj):
