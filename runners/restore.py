@@ -1,7 +1,7 @@
 """The `main_restore.py` tool: restore your own images, or report their JPEG quality.
 
 This module owns the command line that turns inputs (files, folders, globs) into restored
-images on disk, one at a time, with every model loaded at most once:
+images on disk, with every model loaded at most once:
 - routing: a grayscale image (a one-component JPEG; for other formats, three equal channels)
   goes to `--gray-model`, any other to `--model`, unless `--channels` forces one;
 - the QF fed to the network (`--qf`): the network's own estimate (auto), the file's
@@ -21,7 +21,10 @@ images on disk, one at a time, with every model loaded at most once:
   any file failed (the others are still processed), 2 for a usage error;
 - `--qf-estimate`: per file the header QF, the network's QF and the dominant QF, as a table
   and optionally as JSON; a model that cannot be had (offline, say) leaves the network column
-  empty with one warning, and the other two columns are still reported.
+  empty with one warning, and the other two columns are still reported;
+- many files: under torchrun or srun each process restores its share of the sorted inputs
+  (`utils.dist.join_shards`), rank 0 summarises; `--batch N` sends same-size inputs through
+  the network together; the output folder is locked while a run writes it.
 The network step itself is models/inference.py's `restore`.
 """
 import argparse
