@@ -369,21 +369,22 @@ def _qf_used(model, decoded, qf, qf_source, qf_pred):
     return f"QF {qf} ({qf_source}; network estimate {qf_pred})"
 
 
-def make_consistent(img_E, decoded, wanted, again=None, shares=None):
+def make_consistent(img_E, decoded, wanted, again=None, shares=None, coefficients=None):
     """`(image, note, problem)`: a JPEG's restoration projected onto the quantization intervals
     of its file's DCT coefficients when `wanted` (data/jpeg_projection.py, "calibrated": `again`
     is the restore function that made `img_E`, run once more on a twin, or `shares` what the
-    twin taught, when it was restored with others), a few words saying
-    what was done (empty when the projection was not wanted), and why a JPEG could not be
-    projected (CMYK, 12-bit, arithmetic coding, ...: the restoration is then kept as it is),
-    else None."""
+    twin taught when it was restored with others; `coefficients` the file's when already
+    read), a few words saying what was done (empty when the projection was not wanted), and
+    why a JPEG could not be projected (CMYK, 12-bit, arithmetic coding, ...: the restoration
+    is then kept as it is), else None."""
     if decoded.jpeg_info is None:
         return img_E, NOT_A_JPEG, None
     if not wanted:
         return img_E, "", None
     try:
-        return (project(img_E, read_coefficients(decoded.data), "calibrated", again, shares),
-                PROJECTED, None)
+        if coefficients is None:
+            coefficients = read_coefficients(decoded.data)
+        return project(img_E, coefficients, "calibrated", again, shares), PROJECTED, None
     except ProjectionUnavailable as exc:
         return img_E, NOT_PROJECTED, str(exc)
 
@@ -561,6 +562,7 @@ class _Item:
     model: object
     img_E: object = None
     qf_pred: object = None
+    coefficients: object = None  # the file's, read once for the twin and the projection
     twin: object = None
     shares: object = None
 
@@ -570,8 +572,7 @@ def _groups(items, batch):
     same model, image size and kind of QF (fed or predicted)."""
     runs = {}
     for k, item in items.items():
-        key = (id(item.model), item.decoded.img.shape, item.qf is None)
-        runs.setdefault(key, []).append(k)
+        runs.setdefault((id(item.model), item.decoded.img.shape, item.qf is None), []).append(k)
     return [ks[i:i + batch] for ks in runs.values() for i in range(0, len(ks), batch)]
 
 
@@ -608,35 +609,36 @@ def _restore_chunk(chunk, args, models, device, options, ext, icc_dropped):
         except (UserError, OSError, ValueError, cv2.error, RuntimeError, MemoryError) as exc:
             statuses[k] = _failure(job.path, exc)
 
-    def each_group(images_of, store):
-        for keys in _groups(items, args.batch):
-            keys = [k for k in keys if k in items]
+    def through_network(pending, image_of):
+        """{index: (restored, predicted QF)} for `pending`'s items, in forward passes of their
+        groups; a pass that fails fails its items."""
+        results = {}
+        for keys in _groups(pending, args.batch):
             try:
-                results = _network(items, keys, [images_of(items[k]) for k in keys], args,
-                                   device, options)
+                results.update(zip(keys, _network(pending, keys, [image_of(pending[k])
+                                                                  for k in keys],
+                                                  args, device, options)))
             except (UserError, OSError, ValueError, RuntimeError, MemoryError) as exc:
                 for k in keys:
-                    statuses[k] = _failure(items.pop(k).job.path, exc)
-                continue
-            for k, result in zip(keys, results):
-                store(items[k], result)
+                    statuses[k] = _failure(pending[k].job.path, exc)
+        return results
 
-    each_group(lambda item: item.decoded.img,
-               lambda item, result: setattr(item, "img_E", result[0]) or setattr(
-                   item, "qf_pred", result[1]))
+    for k, (img_E, qf_pred) in through_network(items, lambda item: item.decoded.img).items():
+        items[k].img_E, items[k].qf_pred = img_E, qf_pred
+    items = {k: item for k, item in items.items() if statuses[k] is None}
     if args.projection:  # each JPEG's twin, restored as the JPEG was (the calibration)
         for item in items.values():
             if item.model.net is not None and item.decoded.jpeg_info is not None:
-                with contextlib.suppress(ProjectionUnavailable):  # said when projecting
-                    item.twin = make_twin(item.img_E, read_coefficients(item.decoded.data))
+                with contextlib.suppress(ProjectionUnavailable):  # said when writing
+                    coefficients = read_coefficients(item.decoded.data)
+                    item.twin = make_twin(item.img_E, coefficients)
+                    item.coefficients = coefficients
         twinned = {k: item for k, item in items.items() if item.twin is not None}
-        saved, items = items, twinned
-        each_group(lambda item: item.twin.image,
-                   lambda item, result: setattr(item, "shares", twin_shares(item.twin,
-                                                                            result[0])))
-        items = {k: item for k, item in saved.items() if statuses[k] is None}
+        for k, (restored, _) in through_network(twinned, lambda item: item.twin.image).items():
+            items[k].shares = twin_shares(items[k].twin, restored)
     for k, item in items.items():
-        statuses[k] = _write(item, args, options, ext, icc_dropped)
+        if statuses[k] is None:
+            statuses[k] = _write(item, args, options, ext, icc_dropped)
     return statuses
 
 
@@ -647,7 +649,8 @@ def _write(item, args, options, ext, icc_dropped):
         consistency = ""
         if item.model.net is not None:
             img_E, consistency, problem = make_consistent(img_E, decoded, args.projection,
-                                                          shares=item.shares)
+                                                          shares=item.shares,
+                                                          coefficients=item.coefficients)
             if problem:
                 LOG.warning("warning: %s: %s (%s); written as the network restored it",
                             shown, NOT_PROJECTED, problem)

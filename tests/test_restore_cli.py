@@ -763,3 +763,18 @@ def test_batch_restores_same_size_inputs_together_as_one_by_one(tmp_path, testse
     code, _, err = run([*common, "-o", str(tmp_path / "x"), "--batch", "4", "--tile", "64"],
                        capsys)
     assert code == 2 and "--batch 4: not with --tile or --x8" in err
+
+
+def test_each_jpegs_coefficients_are_read_once(tmp_path, photo, tiny_models, capsys,
+                                               monkeypatch):
+    """The twin of the calibration and the projection share one read of the file's DCT."""
+    for name, qf in (("a.jpg", 20), ("b.jpg", 80)):
+        write_jpeg(tmp_path / name, photo, qf)
+    reads = []
+    real = cli.read_coefficients
+    monkeypatch.setattr(cli, "read_coefficients", lambda data: reads.append(1) or real(data))
+    code, out, _ = run([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "-o",
+                        str(tmp_path / "out"), "--model", tiny_models["color"], "--device",
+                        "cpu"], capsys)
+    assert code == 0 and out.count("projected onto the file's DCT") == 2
+    assert len(reads) == 2
