@@ -35,7 +35,7 @@ import torch
 from benchmarks.benchlib import (PeakMemory, add_model_args, build_model, device_name,
                                  fbcnn_conv_flops, print_table, write_json)
 from data.jpeg import jpeg
-from models.inference import (DEFAULT_TILE_CACHE_GIB, PRECISIONS, cpu_plan,
+from models.inference import (PRECISIONS, cpu_plan, default_tile_cache_gib,
                               check_options, fit_overlap, restore)
 from runners.cli import quality_factor, run_cli
 from utils import REPO_ROOT
@@ -133,8 +133,8 @@ def main(argv=None):
                         "per tile size")
     p.add_argument("--tile-cache-gib", type=float, nargs="+", default=None,
                    help="encoder cache sizes of the tiled rows, one row each (default: the "
-                        "device's default: DEFAULT_TILE_CACHE_GIB, on CPU the model's cpu_plan, "
-                        "in models/inference.py)")
+                        "device's default for the model, default_tile_cache_gib in "
+                        "models/inference.py)")
     p.add_argument("--untiled-max-mp", type=float, default=None,
                    help="skip untiled rows of larger images (default: no limit on CUDA, where "
                         "OOM falls back to tiles; on CPU the model's cpu_plan limit)")
@@ -172,8 +172,7 @@ def main(argv=None):
     if args.synthetic_mp > 0:
         photo = synthetic_photo(clean, args.synthetic_mp)
         sets.append((f"synthetic {photo.shape[1]}x{photo.shape[0]}", [jpeg(photo, args.qf)]))
-    caches = args.tile_cache_gib or [cpu_plan(model.net).tile_cache_gib if device.type == "cpu"
-                                     else DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0)]
+    caches = args.tile_cache_gib or [default_tile_cache_gib(device, model.net)]
     tilings = [(None, None)] + [(tile, cache) for tile in tiles for cache in caches]
 
     rows = []

@@ -77,7 +77,8 @@ from utils.image import tensor2uint, tensor2uint16, uint2tensor
 __all__ = ["restore", "restore_batch", "predict_qf", "plan_tile", "fit_overlap", "resolve_device",
            "check_options", "forward_tiled", "tile_spans", "tile_starts", "PRECISIONS",
            "precision_autocast", "tf32_allowed",
-           "DEFAULT_TILE", "MIN_TILE", "CpuPlan", "CPU_PLANS", "cpu_plan", "DEFAULT_TILE_CACHE_GIB",
+           "DEFAULT_TILE", "MIN_TILE", "CpuPlan", "CPU_PLANS", "cpu_plan",
+           "DEFAULT_TILE_CACHE_GIB", "default_tile_cache_gib",
            "DIHEDRAL"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
@@ -89,10 +90,10 @@ PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.
 # in about 1.5 GiB of GPU memory, a 512-pixel tile in well under 1 GiB of RAM.
 DEFAULT_TILE = {"cuda": 1024, "cpu": 512}  # the out-of-memory fallback's first tile
 MIN_TILE = 64
-# The encoder cache of blind tiled passes, GiB per image: on CUDA 1 GiB holds the cached skips
-# of about 4 megapixels in fp32 and 8 in bf16 (64 values per pixel, see the module docstring);
-# on CPU the network's `cpu_plan` says.
-DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0, "cpu": 0.0}
+# The encoder cache of blind tiled passes, GiB per image, on GPUs: on CUDA 1 GiB holds the
+# cached skips of about 4 megapixels in fp32 and 8 in bf16 (64 values per pixel, see the module
+# docstring). On CPU the network's `cpu_plan` says (`default_tile_cache_gib`).
+DEFAULT_TILE_CACHE_GIB = {"cuda": 1.0}
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ class CpuPlan:
 # a cache (each GiB holds a fraction of a photo's skips).
 CPU_PLANS = {16: CpuPlan(tile=512, max_untiled_megapixels=1.5, tile_cache_gib=1.0),
              64: CpuPlan(tile=512, max_untiled_megapixels=2.0, tile_cache_gib=0.0)}
+
+
+def default_tile_cache_gib(device, net):
+    """The encoder cache a blind tiled pass of `net` keeps on `device` unless told otherwise."""
+    if torch.device(device).type == "cpu":
+        return cpu_plan(net).tile_cache_gib
+    return DEFAULT_TILE_CACHE_GIB.get(torch.device(device).type, 0.0)
 
 
 def cpu_plan(net):
@@ -445,8 +453,8 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     QF is reported either way. The defaults are the faithful path (fp32, untiled); the other
     options are described in the module docstring. `max_untiled_megapixels` applies on CPU
     only (default: the network's `cpu_plan`; `float("inf")` never tiles automatically).
-    `tile_cache_gib`: the encoder cache of blind tiled passes (default `DEFAULT_TILE_CACHE_GIB`
-    for the device, on CPU the network's `cpu_plan`; 0 recomputes every tile's encoder).
+    `tile_cache_gib`: the encoder cache of blind tiled passes (default
+    `default_tile_cache_gib`; 0 recomputes every tile's encoder).
     `x8`: the self-ensemble of the 8 rotations and mirrorings, averaged; the QF reported (and,
     when blind, fed to the other seven passes) is the identity pass's.
     """
@@ -527,8 +535,7 @@ def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, c
                  _untiled_limit(max_untiled_megapixels, net), tile, tile_overlap)
     with precision_autocast(device, precision), tf32_allowed(precision == "tf32"):
         if tile_cache_gib is None:
-            tile_cache_gib = (cpu_plan(net).tile_cache_gib if device.type == "cpu"
-                              else DEFAULT_TILE_CACHE_GIB.get(device.type, 0.0))
+            tile_cache_gib = default_tile_cache_gib(device, net)
         cache_bytes = 0 if qf_input is not None or qf_only else int(tile_cache_gib * 2 ** 30)
         if x8:
             return _forward_x8(fns, x, qf_input, tile, tile_overlap, device, cache_bytes,
