@@ -63,6 +63,8 @@ class Degradation:
     The final P x P crop is at offset 0, or (probability `shift_prob`) at a random offset in
     [0, side - P] of the patch at hand: [0, 8] for single and double JPEG alike, except for a
     single-JPEG sample of a double type, whose (P+16)-pixel patch allows [0, 16].
+    `samplings`: the chroma samplings of colour JPEGs (`data.jpeg.SAMPLINGS` keys), one drawn
+    uniformly per JPEG; empty (every preset): OpenCV's 4:2:0, and no draw is made.
     """
     gray: bool
     qf_range: tuple
@@ -76,6 +78,7 @@ class Degradation:
     y_prob: float = 0.75
     shift_prob: float = 0.5
     max_shift: int = 8
+    samplings: tuple = ()
 
     @property
     def double(self):
@@ -93,7 +96,8 @@ DATASET_PRESETS = {
 }
 
 # the fields of a preset that `datasets.train` may override (null keeps the preset's)
-DEGRADATION_OPTIONS = ("qf_range", "qf_uniform_prob", "identity_prob", "double_prob")
+DEGRADATION_OPTIONS = ("qf_range", "qf_uniform_prob", "identity_prob", "double_prob",
+                       "samplings")
 
 
 def dataset_preset(name):
@@ -128,6 +132,14 @@ def rgb_to_training_gray(img, rng, y_prob=0.75):
     if rng.random() < y_prob:
         return rgb2y_matlab(img)
     return cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+
+
+def _sampling(rng, degradation):
+    """A chroma sampling drawn from `degradation.samplings`; None (no draw) when it is empty,
+    so the presets' random streams stay as they were."""
+    if not degradation.samplings or degradation.gray:
+        return None
+    return degradation.samplings[int(rng.integers(len(degradation.samplings)))]
 
 
 def uint8_to_chw(img):
@@ -249,7 +261,7 @@ class DatasetJPEG(Dataset):
             patch_L, label = patch_H, qf_to_label(100)
         else:
             qf = sample_qf(rng, deg.qf_range, deg.qf_choices, deg.qf_uniform_prob)
-            patch_L = jpeg(patch_H, qf)
+            patch_L = jpeg(patch_H, qf, _sampling(rng, deg))
             label = qf_to_label(qf)
         if key.double:
             top, left = random_offset(rng, deg.max_shift)
@@ -257,7 +269,7 @@ class DatasetJPEG(Dataset):
             patch_L = crop(patch_L, top, left, size + 8)
             qf2 = sample_qf(rng, deg.double_qf_range, deg.double_qf_choices,
                             deg.double_qf_uniform_prob)
-            patch_L = jpeg(np.ascontiguousarray(patch_L), qf2)
+            patch_L = jpeg(np.ascontiguousarray(patch_L), qf2, _sampling(rng, deg))
             label = math.nan
         # the final crop's offset spans what the patch at hand leaves: [0, 8] after a double
         # JPEG, [0, 16] for a single-JPEG sample of a double type, whose patch is still P+16

@@ -4,13 +4,20 @@ This module owns how a clean uint8 image becomes its JPEG-compressed counterpart
 in the paper: colour images are RGB (converted to BGR for the codec and back), grayscale images
 are HxW and are encoded single-channel. The test runner and the training datasets both call these
 functions, so both degrade images the same way. Functions that draw random numbers take an
-explicit `numpy.random.Generator`.
+explicit `numpy.random.Generator`. A colour JPEG's chroma sampling is OpenCV's default, 4:2:0,
+unless `sampling` names another ("444", "422", "420": what cameras and editors write).
 """
 import cv2
 import numpy as np
 
-__all__ = ["jpeg_encode", "jpeg_decode", "jpeg", "jpeg_file", "double_jpeg", "double_jpeg_file",
-           "shift_crop", "qf_to_label", "label_to_qf"]
+__all__ = ["SAMPLINGS", "jpeg_encode", "jpeg_decode", "jpeg", "jpeg_file", "double_jpeg",
+           "double_jpeg_file", "shift_crop", "qf_to_label", "label_to_qf"]
+
+
+# chroma sampling -> OpenCV's IMWRITE_JPEG_SAMPLING_FACTOR value
+SAMPLINGS = {"444": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+             "422": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422,
+             "420": cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420}
 
 
 def _check_qf(qf):
@@ -19,8 +26,9 @@ def _check_qf(qf):
     return int(qf)
 
 
-def jpeg_encode(img, qf):
-    """Encode a uint8 RGB (HxWx3) or grayscale (HxW) image as JPEG bytes at quality `qf`."""
+def jpeg_encode(img, qf, sampling=None):
+    """Encode a uint8 RGB (HxWx3) or grayscale (HxW) image as JPEG bytes at quality `qf`, a
+    colour one with the chroma `sampling` (a key of SAMPLINGS; None: OpenCV's, 4:2:0)."""
     if img.dtype != np.uint8:
         raise TypeError(f"jpeg_encode expects uint8 pixels, got {img.dtype}")
     if img.ndim == 3 and img.shape[2] == 3:
@@ -29,7 +37,13 @@ def jpeg_encode(img, qf):
         img = img[:, :, 0]
     elif img.ndim != 2:
         raise ValueError(f"jpeg_encode expects HxW or HxWx3 images, got shape {img.shape}")
-    ok, buf = cv2.imencode(".jpg", img, [int(cv2.IMWRITE_JPEG_QUALITY), _check_qf(qf)])
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), _check_qf(qf)]
+    if sampling is not None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"chroma sampling {sampling!r}: choose one of {', '.join(SAMPLINGS)}")
+        if img.ndim == 3:
+            params += [int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR), int(SAMPLINGS[sampling])]
+    ok, buf = cv2.imencode(".jpg", img, params)
     if not ok:
         raise ValueError(f"OpenCV could not JPEG-encode an image of shape {img.shape}")
     return buf.tobytes()
@@ -43,17 +57,18 @@ def jpeg_decode(data, n_channels):
     return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def jpeg_file(img, qf):
-    """`(jpeg(img, qf), the JPEG bytes it decodes)`: the file too, for what reads it."""
-    data = jpeg_encode(img, qf)
+def jpeg_file(img, qf, sampling=None):
+    """`(jpeg(img, qf, sampling), the JPEG bytes it decodes)`: the file too, for what reads it."""
+    data = jpeg_encode(img, qf, sampling)
     n_channels = 1 if img.ndim == 2 else img.shape[2]
     out = jpeg_decode(data, 1 if n_channels == 1 else 3)
     return (out[:, :, None] if img.ndim == 3 and n_channels == 1 else out), data
 
 
-def jpeg(img, qf):
-    """Compress and decompress once at quality `qf`; the layout (RGB or gray) is kept."""
-    return jpeg_file(img, qf)[0]
+def jpeg(img, qf, sampling=None):
+    """Compress and decompress once at quality `qf` (chroma `sampling` as for `jpeg_encode`);
+    the layout (RGB or gray) is kept."""
+    return jpeg_file(img, qf, sampling)[0]
 
 
 def shift_crop(img, shift):

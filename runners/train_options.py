@@ -15,6 +15,7 @@ import os
 import sys
 
 from data.dataset_jpeg import DATASET_PRESETS, dataset_channels
+from data.jpeg import SAMPLINGS
 from models.inference import PRECISIONS
 from models.model_fbcnn import IMAGE_LOSSES, QF_LOSSES
 from models.select_network import NETWORKS
@@ -86,6 +87,9 @@ SCHEMA = Section({
             "double_prob": Key("float", None, "share of the iterations that are non-aligned "
                                "double JPEG; null: the dataset type's (0.5 for the double "
                                "types, 0 for the others)", nullable=True, minimum=0, maximum=1),
+            "samplings": Key("list_str", None, "chroma samplings of the colour training JPEGs, "
+                             "one drawn per JPEG (`444`, `422`, `420`); null: OpenCV's 4:2:0 "
+                             "alone, as the original", nullable=True, choices=tuple(SAMPLINGS)),
             "cache": Key("str", "none", "`memory`: decode every training image once and keep it "
                          "in RAM (small sets only)", choices=("none", "memory")),
         }),

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from data import dataset_jpeg
 from data.dataset_jpeg import (DATASET_PRESETS, DatasetJPEG, Degradation, IterationBatchSampler,
                                SampleKey, define_dataset, rgb_to_training_gray)
-from data.jpeg import augment_img, jpeg, qf_to_label, random_crop, random_offset, sample_qf
+from data.jpeg import (SAMPLINGS, augment_img, jpeg, qf_to_label, random_crop, random_offset,
+                       sample_qf)
 from runners import prepare_subimages
 from utils.errors import UserError
 from utils.image import imread_uint, rgb2y_matlab
@@ -376,3 +377,28 @@ def test_prepare_subimages_refuses_two_images_with_one_stem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "would both be cut into 0001_s*.png" in err
     assert not (tmp_path / "dst").exists()
+
+
+def test_samplings_are_drawn_per_jpeg_and_leave_the_presets_streams_alone(tmp_path):
+    """With `samplings`, each colour JPEG of a sample is made at one of them, each drawn; left
+    empty (every preset), the samples are OpenCV's 4:2:0 ones, as before."""
+    img = _dihedral_colour_image(P + 8)  # the crop of a single type: the whole image
+    cv2.imwrite(str(tmp_path / "sym.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    fixed = dataclasses.replace(DATASET_PRESETS["jpeg"], qf_range=(30, 30), qf_choices=(30,),
+                                shift_prob=0.0)
+    expected = {s: jpeg(img, 30, s)[:P, :P] for s in SAMPLINGS}
+    assert not np.array_equal(expected["444"], expected["420"])
+    mixed = DatasetJPEG(str(tmp_path), dataclasses.replace(fixed, samplings=tuple(SAMPLINGS)),
+                        patch_size=P, seed=0)
+    seen = []
+    for position in range(30):
+        L = mixed[SampleKey(0, position, False)]["L"].permute(1, 2, 0).numpy()
+        seen += [s for s, e in expected.items() if np.array_equal(L, e)]
+    assert len(seen) == 30 and set(seen) == set(SAMPLINGS)
+    plain = DatasetJPEG(str(tmp_path), fixed, patch_size=P, seed=0)
+    for position in range(5):
+        L = plain[SampleKey(0, position, False)]["L"].permute(1, 2, 0).numpy()
+        assert np.array_equal(L, jpeg(img, 30)[:P, :P])
+    entry = {"dataset_type": "jpeg", "dataroot_H": str(tmp_path), "H_size": P, "cache": "none",
+             "samplings": ["444", "420"]}
+    assert define_dataset(entry, "train", 3).degradation.samplings == ("444", "420")

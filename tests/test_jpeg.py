@@ -88,3 +88,22 @@ def test_labels_round_trip():
     for qf in range(0, 101):
         assert label_to_qf(qf_to_label(qf)) == qf
     assert qf_to_label(10) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("sampling, factors", [("444", (1, 1)), ("422", (2, 1)),
+                                               ("420", (2, 2))])
+def test_chroma_sampling_is_written_into_the_file(rgb, sampling, factors):
+    """The SOF header's luma sampling factors (horizontal, vertical) say how the chroma was
+    sampled; None is OpenCV's default, 4:2:0, byte for byte."""
+    data = jpeg_encode(rgb, 50, sampling)
+    sof = data.index(b"\xff\xc0")
+    luma = data[sof + 11]  # the first component's sampling byte
+    assert (luma >> 4, luma & 15) == factors
+    if sampling == "420":
+        assert data == jpeg_encode(rgb, 50)
+    # a gray image has no chroma: the sampling changes nothing
+    assert jpeg_encode(rgb[..., 0], 50, sampling) == jpeg_encode(rgb[..., 0], 50)
+    out = jpeg(rgb, 50, sampling)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    with pytest.raises(ValueError, match="chroma sampling '411'"):
+        jpeg_encode(rgb, 50, "411")

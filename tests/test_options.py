@@ -155,6 +155,8 @@ def test_suggestion_is_the_likeliest_key(where, name, meant):
     ("datasets.train.qf_range", [90, 10], r"qf_range: \[low, high\] with low <= high"),
     ("datasets.train.qf_range", [5, 101], r"qf_range\[1\]: must be <= 100"),
     ("datasets.train.identity_prob", 1.5, r"identity_prob: must be <= 1"),
+    ("datasets.train.samplings", ["444", "411"],
+     r'samplings\[1\]: "411" is not one of "444", "422", "420"'),
     ("datasets.train.double_prob", 0.3, r"dataset type 'jpeg' is single JPEG; choose a double "
                                         r"type \(jpeggraydouble, jpegdouble\)"),
     ("merge_bn", True, None),
@@ -295,7 +297,7 @@ def test_every_invalid_value_names_its_key(key, value, message):
 def test_every_schema_key_rejects_a_wrong_type():
     """Each option, given a value of a type it cannot take, is refused naming that option."""
     wrong = {"str": 1, "int": "1", "float": "x", "bool": 1, "list_int": {"a": 1},
-             "list_float": "x"}
+             "list_float": "x", "list_str": "444"}
     for path, spec in all_paths(SCHEMA):
         if isinstance(spec, Section):
             continue

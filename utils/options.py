@@ -37,8 +37,9 @@ REQUIRED = _Required()
 class Key(NamedTuple):
     """One option: its type, default (or REQUIRED), allowed values and meaning.
 
-    `kind` is one of str, int, float, bool, list_int, list_float. `minimum` applies to numbers and
-    to list elements; `exclusive_min` makes it strict. `registry` names what `choices` are (a
+    `kind` is one of str, int, float, bool, list_int, list_float, list_str. `minimum` and
+    `choices` apply to scalars and to list elements; `exclusive_min` makes it strict.
+    `registry` names what `choices` are (a
     "dataset type"): a value outside them is then "unknown", with the closest name suggested.
     """
     kind: str
@@ -158,7 +159,8 @@ def _suggest(name, section, prefix, schema):
 
 def _type_name(spec):
     names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-             "list_int": "a list of integers", "list_float": "a list of numbers"}
+             "list_int": "a list of integers", "list_float": "a list of numbers",
+             "list_str": "a list of strings"}
     text = names[spec.kind]
     if spec.length:
         text = text.replace("a list", f"a list of {spec.length}").replace(" of integers",
@@ -204,8 +206,12 @@ def _check_value(value, spec, where):
         if spec.length is not None and len(value) != spec.length:
             raise UserError(f"{where}: expected {_type_name(spec)}, got {json.dumps(value)}")
         item_kind = spec.kind[len("list_"):]
-        return [_check_scalar(v, item_kind, f"{where}[{i}]", spec) for i, v in enumerate(value)]
-    value = _check_scalar(value, spec.kind, where, spec)
+        return [_check_choice(_check_scalar(v, item_kind, f"{where}[{i}]", spec), spec,
+                              f"{where}[{i}]") for i, v in enumerate(value)]
+    return _check_choice(_check_scalar(value, spec.kind, where, spec), spec, where)
+
+
+def _check_choice(value, spec, where):
     if spec.choices is not None and value not in spec.choices:
         if spec.registry:
             close = difflib.get_close_matches(str(value), [str(c) for c in spec.choices], n=1,
