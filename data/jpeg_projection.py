@@ -1,36 +1,21 @@
 """Consistency with the file: project a restored image onto its JPEG's quantization constraint set.
 
 This module owns what a JPEG file says about the image it was made from. Each 8x8 DCT
-coefficient of each component was stored as an integer k with step q (the file's quantization
-table), so the true coefficient lay in [(k - 1/2) q, (k + 1/2) q]. The set of images whose
-coefficients all lie in their intervals is convex and holds the true image, so projecting a
-restored image onto it (clipping every coefficient into its interval) never moves the estimate
-away from the truth in that component's DCT domain (jpeg2png and knusperli post-process
-decoded JPEGs the same way). It is exact for the luma (Y) component and for gray files; chroma
-is stored at the file's sampling (4:2:0, 4:2:2, ...), so the restored chroma is box-averaged to
-it (as libjpeg's encoder downsamples), projected there, and the correction is brought back to
-full size bilinearly (centred as libjpeg's "fancy" upsampling), which is close to, not exactly,
-a projection. Edge blocks are padded by replicating the last row and column, as the encoder did.
-
-Inside the intervals, three ways to pick the result. "clip" is the projection itself.
-"posterior" (`METHODS`, no network needed) reads the restoration as a noisy measurement of each
-coefficient, estimates that noise per frequency from the image, and takes the mean of the
-measurement's distribution truncated to the interval. "calibrated" (what main_restore, the demo
-and the test scripts' `--projection` use) asks the network itself how far to trust it: the
-clipped restoration is compressed again with the file's own tables on a grid half a block off
-the file's (`calibrate`), the same network and options restore that twin, and per component and
-frequency the share of the departure from the file's value that best brought the twin back is
-the share kept (least squares, in [0, 1]), then clipped. A small network that paints detail
-flat at QF 90 to 100 is thus drawn back to the file's values, one that restores well keeps its
-gains; it costs one more network pass over at most a `CALIBRATION_WINDOW` window of the image.
-Every result is consistent with the file.
-
-The coefficients and tables are read by jpeglib (libjpeg's own decoder, with wheels for Linux,
-macOS and Windows, MPL-2.0; it reads progressive files and restart intervals as any decoder
-does), not by a hand-written Huffman decoder. It is imported only when a projection is asked
-for. Files it cannot use are named by `ProjectionUnavailable` with the reason (CMYK or YCCK,
-12-bit samples, arithmetic coding, lossless or hierarchical JPEG, RGB components); callers keep
-the unprojected restoration then.
+coefficient was stored as an integer k with step q, so the truth lay in [(k - 1/2) q,
+(k + 1/2) q]; the set of such images is convex and holds the truth, so clipping a restoration's
+coefficients into their intervals never moves it away from the truth (jpeg2png and knusperli do
+the same). Exact for luma and gray files; chroma is box-averaged to the file's sampling,
+projected there, and the correction brought back bilinearly (libjpeg's centred upsampling).
+Inside the intervals: "clip"; "posterior" (the mean of the restoration read as a noisy
+measurement, truncated to the interval); "calibrated" (main_restore's default): a twin JPEG,
+the clipped restoration shifted half a block and compressed with the file's own tables
+(`make_twin`), is restored by the same network, and per component and frequency the
+least-squares share of the departure from the file's value that brought the twin back
+(`twin_shares`, in [0, 1]) is the share kept, then clipped. The arithmetic is float32 on
+torch tensors, every plane's blocks in two matrix products with the 8x8 DCT.
+Coefficients and tables are read by jpeglib (libjpeg itself; wheels for Linux, macOS, Windows),
+imported only when a projection runs; `ProjectionUnavailable` names files it cannot use (CMYK,
+12-bit, arithmetic, lossless or hierarchical JPEG, RGB components).
 """
 import os
 import struct
@@ -40,12 +25,13 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from utils.jpeg_header import JpegHeaderError, iter_segments
 
 __all__ = ["ProjectionUnavailable", "Component", "JpegCoefficients", "read_coefficients",
            "project", "calibrate", "Twin", "make_twin", "twin_shares", "posterior_mean",
-           "METHODS", "PROJECTION_METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
+           "PROJECTION_METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
            "block_idct"]
 
 # SOF markers: the ones libjpeg decodes to 8x8 DCT coefficients, and why the others are not used
@@ -83,19 +69,41 @@ def _dct_matrix():
     return d
 
 
-_D = _dct_matrix()  # JPEG's 8x8 DCT is the orthonormal DCT-II
+_D = {torch.float64: torch.from_numpy(_dct_matrix())}  # JPEG's DCT: the orthonormal DCT-II
+_D[torch.float32] = _D[torch.float64].float()
+
+
+# Coefficients are kept "planar", (R, 8, C, 8): coefficient (u, v) of block (r, c) at
+# [r, u, c, v], which is the plane's own memory order, so a plane's DCT is two matrix products
+# with no reordering, and a table (8, 8) broadcasts as (1, 8, 1, 8).
+def _dct(plane):
+    """(8R, 8C) tensor -> (R, 8, C, 8) DCT coefficients of its 8x8 blocks."""
+    d = _D[plane.dtype]
+    r, c = plane.shape[0] // 8, plane.shape[1] // 8
+    return (d @ plane.reshape(r, 8, 8 * c)).reshape(r, 8, c, 8) @ d.T
+
+
+def _idct(coefficients):
+    """(R, 8, C, 8) tensor -> (8R, 8C) samples."""
+    d = _D[coefficients.dtype]
+    r, c = coefficients.shape[0], coefficients.shape[2]
+    return (d.T @ (coefficients @ d).reshape(r, 8, 8 * c)).reshape(8 * r, 8 * c)
+
+
+def _planar(table):
+    """An (8, 8) array (a table, shares) as a (1, 8, 1, 8) float32 tensor."""
+    return torch.from_numpy(np.asarray(table, dtype=np.float32)).reshape(1, 8, 1, 8)
 
 
 def block_dct(plane):
-    """(8R, 8C) samples -> (R, C, 8, 8) DCT coefficients of each 8x8 block."""
-    r, c = plane.shape[0] // 8, plane.shape[1] // 8
-    return _D @ plane.reshape(r, 8, c, 8).transpose(0, 2, 1, 3) @ _D.T
+    """(8R, 8C) samples -> (R, C, 8, 8) DCT coefficients of each 8x8 block (numpy)."""
+    return _dct(torch.from_numpy(np.asarray(plane, dtype=np.float64))).permute(0, 2, 1, 3).numpy()
 
 
 def block_idct(coefficients):
-    """(R, C, 8, 8) DCT coefficients -> (8R, 8C) samples."""
-    r, c = coefficients.shape[:2]
-    return (_D.T @ coefficients @ _D).transpose(0, 2, 1, 3).reshape(8 * r, 8 * c)
+    """(R, C, 8, 8) DCT coefficients -> (8R, 8C) samples (numpy)."""
+    coefficients = torch.from_numpy(np.asarray(coefficients, dtype=np.float64))
+    return _idct(coefficients.permute(0, 2, 1, 3).contiguous()).numpy()
 
 
 # JFIF's full-range YCbCr, the transform JPEG files use (ITU-T T.871)
@@ -167,19 +175,32 @@ def read_coefficients(data):
         v, h = sampling[i]
         if v_max % v or h_max % h:
             raise ProjectionUnavailable(f"sampling factors {sampling.tolist()}")
-        components.append(Component(np.asarray(plane, dtype=np.float64),
-                                    np.asarray(tables[table_ids[i]], dtype=np.float64),
+        components.append(Component(np.asarray(plane, dtype=np.float32),
+                                    np.asarray(tables[table_ids[i]], dtype=np.float32),
                                     (int(v_max // v), int(h_max // h))))
     return JpegCoefficients(int(height), int(width), tuple(components))
 
 
-def _pad_to(plane, rows, cols):
-    return np.pad(plane, ((0, max(0, rows - plane.shape[0])), (0, max(0, cols - plane.shape[1]))),
-                  mode="edge")[:rows, :cols]
+def _posterior(estimate, k, step):
+    """`posterior_mean` on planar tensors (R, 8, C, 8), `step` (1, 8, 1, 8)."""
+    centre, low, high = k * step, (k - 0.5) * step, (k + 0.5) * step
+    spread = ((estimate - centre) ** 2).mean(dim=(0, 2), keepdim=True)
+    sigma = torch.sqrt(torch.clamp(spread - step ** 2 / 12.0, min=0.0))
+    clipped = torch.minimum(torch.maximum(estimate, low), high)
+    if not sigma.any():
+        return clipped
+    a, b = (low - estimate) / sigma, (high - estimate) / sigma
+    mass = torch.special.ndtr(b) - torch.special.ndtr(a)
+    density = (torch.exp(-0.5 * a * a) - torch.exp(-0.5 * b * b)) / np.sqrt(2 * np.pi)
+    mean = estimate + sigma * density / mass
+    # sigma 0, or an interval so far in the tail that the ratio is lost: the nearest edge
+    usable = (sigma > 0) & (mass > 1e-9) & torch.isfinite(mean)
+    return torch.where(usable, torch.minimum(torch.maximum(mean, low), high), clipped)
 
 
 def posterior_mean(estimate, k, step):
-    """Per coefficient, the mean of N(estimate, s^2) truncated to [(k - 1/2) q, (k + 1/2) q].
+    """Per coefficient, the mean of N(estimate, s^2) truncated to [(k - 1/2) q, (k + 1/2) q]
+    (numpy arrays (R, C, 8, 8), `step` (8, 8)).
 
     The restoration is read as a noisy measurement of the true coefficient, whose noise variance
     s^2 is estimated per frequency from the image itself: the mean of (estimate - k q)^2 over
@@ -188,39 +209,36 @@ def posterior_mean(estimate, k, step):
     than the quantization step can explain, the result moves from it towards the file's own
     value k q; it always stays in the interval.
     """
-    centre, low, high = k * step, (k - 0.5) * step, (k + 0.5) * step
-    spread = ((estimate - centre) ** 2).reshape(-1, 64).mean(axis=0).reshape(8, 8)
-    sigma = np.sqrt(np.maximum(spread - step ** 2 / 12.0, 0.0))
-    clipped = np.clip(estimate, low, high)
-    if not sigma.any():
-        return clipped
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a, b = (low - estimate) / sigma, (high - estimate) / sigma
-        mass = (torch.special.ndtr(torch.from_numpy(b))
-                - torch.special.ndtr(torch.from_numpy(a))).numpy()
-        density = (np.exp(-0.5 * a * a) - np.exp(-0.5 * b * b)) / np.sqrt(2 * np.pi)
-        mean = estimate + sigma * density / mass
-    # sigma 0, or an interval so far in the tail that the ratio is lost: the nearest edge
-    usable = (sigma > 0) & (mass > 1e-9) & np.isfinite(mean)
-    return np.where(usable, np.clip(mean, low, high), clipped)
+    estimate, k = (torch.from_numpy(np.asarray(a, dtype=np.float64)).permute(0, 2, 1, 3)
+                   for a in (estimate, k))
+    step = torch.from_numpy(np.asarray(step, dtype=np.float64)).reshape(1, 8, 1, 8)
+    return _posterior(estimate, k, step).permute(0, 2, 1, 3).numpy()
 
 
-METHODS = {"clip": lambda estimate, k, step: np.clip(estimate, (k - 0.5) * step,
-                                                      (k + 0.5) * step),
-           "posterior": posterior_mean}
-PROJECTION_METHODS = ("calibrated", *METHODS)
+def _kept(departure, step, share):
+    """The kept departure from the file's value: `share` of it (None: all of it), clipped to
+    the interval of half a step either side."""
+    kept = departure.clone() if share is None else departure * share
+    return kept.clamp_(min=-step / 2, max=step / 2)
+
+
+PROJECTION_METHODS = ("calibrated", "clip", "posterior")
 
 
 def _grid_dct(plane, factor, rows=None, cols=None):
-    """The DCT coefficients (R, C, 8, 8) of a full-size float plane as an encoder stores it at
-    sampling `factor`: edge-padded to `rows` x `cols` (default: whole blocks of the sampling),
-    box-averaged to the sampling (libjpeg's downsampling), level-shifted."""
+    """The DCT coefficients (R, C, 64) of a full-size float plane (tensor) as an encoder stores
+    it at sampling `factor`: edge-padded to `rows` x `cols` (default: whole blocks of the
+    sampling), box-averaged to the sampling (libjpeg's downsampling), level-shifted."""
     (fy, fx), (height, width) = factor, plane.shape
     rows = rows or 8 * fy * -(-height // (8 * fy))
     cols = cols or 8 * fx * -(-width // (8 * fx))
-    padded = _pad_to(plane, rows, cols)
-    stored = padded.reshape(rows // fy, fy, cols // fx, fx).mean(axis=(1, 3))
-    return block_dct(stored - 128)
+    padded = plane[:rows, :cols]
+    if padded.shape != (rows, cols):
+        padded = F.pad(padded[None, None], (0, cols - padded.shape[1], 0, rows - padded.shape[0]),
+                       mode="replicate")[0, 0]
+    if (fy, fx) != (1, 1):
+        padded = F.avg_pool2d(padded[None, None], (fy, fx))[0, 0]
+    return _dct(padded - 128)
 
 
 def _stored_dct(plane, component):
@@ -234,23 +252,41 @@ def _to_full_size(samples, factor, height, width):
     upsampling) and cropped to the image."""
     fy, fx = factor
     if (fy, fx) != (1, 1):
-        samples = cv2.resize(samples, (samples.shape[1] * fx, samples.shape[0] * fy),
-                             interpolation=cv2.INTER_LINEAR)
+        samples = torch.from_numpy(cv2.resize(samples.numpy(), (samples.shape[1] * fx,
+                                                                samples.shape[0] * fy),
+                                              interpolation=cv2.INTER_LINEAR))
     return samples[:height, :width]
 
 
 _LEVEL = {np.dtype(np.uint8): 1.0, np.dtype(np.uint16): 257.0}  # one 8-bit level, per dtype
+_TO_YCBCR_T = torch.from_numpy(_TO_YCBCR).float()
+_FROM_YCBCR_T = torch.from_numpy(_FROM_YCBCR).float()
+_CHROMA_OFFSET_T = torch.from_numpy(_CHROMA_OFFSET).float()[:, None]
 
 
 def _planes(img):
-    """Float planes on the 8-bit scale of a uint8 or uint16 image: [gray] or [Y, Cb, Cr]."""
-    pixels = img.astype(np.float64) / _LEVEL[img.dtype]
-    return [pixels] if img.ndim == 2 else list(rgb_to_ycbcr(pixels))
+    """float32 tensor planes on the 8-bit scale of a uint8 or uint16 image: [gray] or
+    [Y, Cb, Cr]."""
+    if img.ndim == 2:
+        pixels = torch.from_numpy(img.astype(np.float32))
+        return [pixels / _LEVEL[img.dtype] if img.dtype != np.uint8 else pixels]
+    rgb = torch.from_numpy(img).permute(2, 0, 1).reshape(3, -1).float()
+    scale = _TO_YCBCR_T / _LEVEL[img.dtype]
+    return list(torch.addmm(_CHROMA_OFFSET_T, scale, rgb).reshape(3, *img.shape[:2]).unbind(0))
 
 
 def _image(planes, dtype=np.uint8):
-    out = (planes[0] if len(planes) == 1 else ycbcr_to_rgb(*planes)) * _LEVEL[np.dtype(dtype)]
-    return np.clip(np.rint(out), 0, np.iinfo(dtype).max).astype(dtype)
+    level = _LEVEL[np.dtype(dtype)]
+    if len(planes) == 1:
+        out = planes[0] * level if level != 1 else planes[0].clone()
+    else:
+        ycc = torch.stack(planes).reshape(3, -1) - _CHROMA_OFFSET_T
+        out = (_FROM_YCBCR_T * level) @ ycc
+        out = out.reshape(3, *planes[0].shape).permute(1, 2, 0)
+    out = out.round_().clamp_(0, np.iinfo(dtype).max)
+    if np.dtype(dtype) == np.uint8:
+        return out.to(torch.uint8).contiguous().numpy()
+    return out.to(torch.int32).contiguous().numpy().astype(dtype)
 
 
 TWIN_SHIFT = 4  # pixels: the twin's block grid sits half a block off the file's
@@ -310,6 +346,12 @@ def _window_coefficients(coefficients, rows, cols):
     return JpegCoefficients(rows.stop - rows.start, cols.stop - cols.start, tuple(components))
 
 
+def _k_and_step(component):
+    """A component's quantized coefficients (planar, R x 8 x C x 8) and table (1, 8, 1, 8)."""
+    k = torch.from_numpy(component.coefficients).permute(0, 2, 1, 3).float().contiguous()
+    return k, _planar(component.table)
+
+
 def make_twin(img, coefficients):
     """The Twin of `calibrate` for the restoration `img` of the file with `coefficients`."""
     pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
@@ -325,40 +367,41 @@ def make_twin(img, coefficients):
     components = coefficients.components[:len(planes)]  # a gray image: the file's Y alone
     truths = []
     for i, component in enumerate(components):
+        step = _planar(component.table)
         truth = _grid_dct(planes[i], component.factor)
-        centre = np.round(truth / component.table) * component.table
-        planes[i] = _to_full_size(block_idct(centre) + 128, component.factor, height, width)
+        centre = torch.round(truth / step) * step
+        planes[i] = _to_full_size(_idct(centre) + 128, component.factor, height, width)
         truths.append((truth - centre, centre))
     return Twin(_image(planes), truths, components)
 
 
 def twin_shares(twin, restored):
-    """The shares of `calibrate`, from the Twin and its restoration (uint8 or uint16)."""
+    """The shares (8, 8) of `calibrate`, from the Twin and its restoration (uint8 or uint16)."""
     restored = _planes(restored)
     shares = []
     for i, component in enumerate(twin.components):
         departure, centre = twin.truths[i]
-        estimate = _grid_dct(restored[i], component.factor) - centre
-        num = (departure * estimate).sum(axis=(0, 1))
-        den = (estimate * estimate).sum(axis=(0, 1))
-        shares.append(np.clip(np.divide(num, den, out=np.ones_like(num), where=den > 1e-9),
-                              0.0, 1.0))
+        estimate = (_grid_dct(restored[i], component.factor) - centre).double()
+        num = (departure.double() * estimate).sum(dim=(0, 2))
+        den = (estimate * estimate).sum(dim=(0, 2))
+        share = torch.where(den > 1e-9, num / den.clamp(min=1e-9), torch.ones_like(num))
+        shares.append(share.clamp(0.0, 1.0).numpy())
     return shares
 
 
-def _project_plane(plane, component, method="posterior", share=None):
-    """Bring one full-size float plane (level-shifted by -128 inside) into a component's box;
-    returns the corrected full-size plane."""
+def _project_plane(plane, component, method="calibrated", share=None):
+    """Bring one full-size float plane (a tensor, level-shifted by -128 inside) into a
+    component's box; returns the corrected full-size plane. `share`: the calibrated shares
+    (8, 8); None with "calibrated" keeps every departure (the clip)."""
     coefficients = _stored_dct(plane, component)
-    k, step = component.coefficients, component.table
-    if share is not None:  # calibrated: the kept share of the departure from the file's value
-        centre = k * step
-        projected = np.clip(centre + share * (coefficients - centre), centre - step / 2,
-                            centre + step / 2)
-    else:
-        projected = METHODS[method](coefficients, k, step)
-    correction = block_idct(projected - coefficients)
-    return plane + _to_full_size(correction, component.factor, *plane.shape)
+    k, step = _k_and_step(component)
+    if method == "posterior":
+        correction = _posterior(coefficients, k, step) - coefficients
+    else:  # the clip, and the calibrated share of the departure from the file's value
+        departure = coefficients.sub_(k.mul_(step))  # in place: 12 MP planes are large
+        correction = _kept(departure, step, None if share is None else _planar(share))
+        correction -= departure
+    return plane.add_(_to_full_size(_idct(correction), component.factor, *plane.shape))
 
 
 def project(img, coefficients, method="posterior", restore=None, shares=None):
@@ -376,7 +419,7 @@ def project(img, coefficients, method="posterior", restore=None, shares=None):
     to the file's Y component; a colour image from a gray file gets its Y done and its chroma
     kept. Raises ProjectionUnavailable when the sizes differ.
     """
-    if method not in METHODS and method != "calibrated":
+    if method not in PROJECTION_METHODS:
         raise ValueError(f"unknown projection method {method!r}: {', '.join(PROJECTION_METHODS)}")
     if img.shape[:2] != (coefficients.height, coefficients.width):
         raise ProjectionUnavailable(f"the image is {img.shape[1]}x{img.shape[0]}, the file "

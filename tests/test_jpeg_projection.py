@@ -5,6 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.jpeg import jpeg_decode, jpeg_encode
@@ -64,12 +65,12 @@ def test_the_file_reads_as_opencv_decodes_it(photo):
 def test_projected_gray_coefficients_lie_in_their_intervals(photo, qf):
     data = jpeg_encode(photo[..., 0], qf)
     component = read_coefficients(data).components[0]
-    blurred = cv2.GaussianBlur(jpeg_decode(data, 1), (7, 7), 2).astype(np.float64)
-    out = _project_plane(blurred, component)
+    blurred = cv2.GaussianBlur(jpeg_decode(data, 1), (7, 7), 2).astype(np.float32)
+    out = _project_plane(torch.from_numpy(blurred), component).double().numpy()
     padded = np.pad(out, ((0, 128 - 121), (0, 200 - 195)), mode="edge")
     k, q = component.coefficients, component.table
     d = block_dct(padded - 128)
-    inside = (d >= (k - 0.5) * q - 1e-6) & (d <= (k + 0.5) * q + 1e-6)
+    inside = (d >= (k - 0.5) * q - 1e-3) & (d <= (k + 0.5) * q + 1e-3)  # float32's rounding
     # the whole blocks exactly (the partial edge blocks were padded again from the result)
     assert inside[:15, :24].all()
 
