@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.jpeg import label_to_qf, qf_to_label
+from models.engines import check_engine, openvino_fns
 from utils.errors import UserError
 from utils.image import tensor2uint, tensor2uint16, uint2tensor
 
@@ -148,10 +149,12 @@ def fit_overlap(tile, overlap=32):
     return overlap if tile is None else min(overlap, tile // 2 // 8 * 8)
 
 
-def check_options(precision="fp32", tile=None, tile_overlap=32):
-    """Raise ValueError, naming the argument, unless the options are valid for `restore`."""
+def check_options(precision="fp32", tile=None, tile_overlap=32, engine="torch", device="cpu"):
+    """Raise ValueError, naming the argument, unless the options are valid for `restore` (a
+    UserError naming the install command when the engine asked for is not installed)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_engine(engine, precision, device)
     if (tile_overlap is None or int(tile_overlap) != tile_overlap or tile_overlap < 0
             or tile_overlap % 8):
         raise ValueError(f"tile_overlap={tile_overlap!r}: must be 0 or a positive multiple of 8 "
@@ -166,8 +169,11 @@ def check_options(precision="fp32", tile=None, tile_overlap=32):
                          f"(tile={tile}, so at most {fit_overlap(tile, tile)})")
 
 
-def _network_fns(net, compile):
-    """The network's entry points, compiled once per network when asked."""
+def _network_fns(net, compile, engine="torch", precision="fp32"):
+    """The network's entry points: OpenVINO's (`models.engines`), or PyTorch's, compiled once
+    per network when asked."""
+    if engine == "openvino":
+        return openvino_fns(net, precision)
     if not compile:
         return SimpleNamespace(forward=net, encode=net.encode, decode=net.decode, head=net.head,
                                qf_features=net.qf_features, qf_from_pooled=net.qf_from_pooled)
@@ -443,7 +449,7 @@ def plan_tile(shape, device, tile=None, tile_overlap=32, max_untiled_megapixels=
 
 def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile_overlap=32,
             channels_last=False, compile=False, max_untiled_megapixels=None, tile_cache_gib=None,
-            x8=False, bit_depth=8):
+            x8=False, bit_depth=8, engine="torch"):
     """Restore a uint8 HxW or HxWx3 image; returns `(restored uint8, predicted QF or None)`,
     the restored image uint16 with `bit_depth` 16 (the network's output rounded to 65535
     levels instead of 255; the input's levels x 257 for the `jpeg` pseudo-model).
@@ -456,23 +462,25 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     `tile_cache_gib`: the encoder cache of blind tiled passes (default
     `default_tile_cache_gib`; 0 recomputes every tile's encoder).
     `x8`: the self-ensemble of the 8 rotations and mirrorings, averaged; the QF reported (and,
-    when blind, fed to the other seven passes) is the identity pass's.
+    when blind, fed to the other seven passes) is the identity pass's. `engine`: "torch" or
+    "openvino" (`models.engines`, CPU, fp32 or bf16).
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth {bit_depth}: 8 or 16")
     if model.net is None:
-        check_options(precision, tile, tile_overlap)
+        check_options(precision, tile, tile_overlap, engine, device)
         return (img if bit_depth == 8 else img.astype(np.uint16) * 257), None
-    restored, qf_pred = _run(model, img, qf, device, precision, tile, tile_overlap, channels_last,
-                             compile, max_untiled_megapixels, tile_cache_gib, qf_only=False,
-                             x8=x8)
+    restored, qf_pred = _run(model, img, qf, device=device, precision=precision, tile=tile,
+                             tile_overlap=tile_overlap, channels_last=channels_last,
+                             compile=compile, max_untiled_megapixels=max_untiled_megapixels,
+                             tile_cache_gib=tile_cache_gib, qf_only=False, x8=x8, engine=engine)
     out = tensor2uint(restored) if bit_depth == 8 else tensor2uint16(restored)
     return out, label_to_qf(qf_pred[0, 0])
 
 
 @torch.no_grad()
 def restore_batch(model, imgs, qfs=None, device="cpu", precision="fp32", channels_last=False,
-                  compile=False, bit_depth=8):
+                  compile=False, bit_depth=8, engine="torch"):
     """Restore same-size uint8 images in one untiled forward pass; returns a list of
     `(restored, predicted QF)`, one per image, as `restore` gives them.
 
@@ -482,16 +490,16 @@ def restore_batch(model, imgs, qfs=None, device="cpu", precision="fp32", channel
     (tests/test_inference.py bounds the difference). There is no tiling: batch only images that
     `restore` would not tile (`plan_tile`).
     """
-    check_options(precision)
+    check_options(precision, engine=engine, device=device)
     if len({img.shape for img in imgs}) > 1:
         raise ValueError("restore_batch: the images differ in size")
     if model.net is None or len(imgs) == 1:
         return [restore(model, img, qf=None if qfs is None else qfs[k], device=device,
                         precision=precision, channels_last=channels_last, compile=compile,
-                        bit_depth=bit_depth) for k, img in enumerate(imgs)]
+                        bit_depth=bit_depth, engine=engine) for k, img in enumerate(imgs)]
     device = torch.device(device)
     _set_memory_format(model.net, channels_last)
-    fns = _network_fns(model.net, compile)
+    fns = _network_fns(model.net, compile, engine, precision)
     x = torch.cat([uint2tensor(img) for img in imgs]).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -504,25 +512,27 @@ def restore_batch(model, imgs, qfs=None, device="cpu", precision="fp32", channel
 
 
 def predict_qf(model, img, device="cpu", precision="fp32", tile=None, tile_overlap=32,
-               channels_last=False, compile=False, max_untiled_megapixels=None):
+               channels_last=False, compile=False, max_untiled_megapixels=None, engine="torch"):
     """The QF `restore(model, img, ...)` would report, from the encoder and the QF head alone
     (no decoder); None for the `jpeg` pseudo-model. Options as for `restore`."""
     if model.net is None:
-        check_options(precision, tile, tile_overlap)
+        check_options(precision, tile, tile_overlap, engine, device)
         return None
-    _, qf_pred = _run(model, img, None, device, precision, tile, tile_overlap, channels_last,
-                      compile, max_untiled_megapixels, 0, qf_only=True, x8=False)
+    _, qf_pred = _run(model, img, None, device=device, precision=precision, tile=tile,
+                      tile_overlap=tile_overlap, channels_last=channels_last, compile=compile,
+                      max_untiled_megapixels=max_untiled_megapixels, tile_cache_gib=0,
+                      qf_only=True, x8=False, engine=engine)
     return label_to_qf(qf_pred[0, 0])
 
 
 @torch.no_grad()
-def _run(model, img, qf, device, precision, tile, tile_overlap, channels_last, compile,
-         max_untiled_megapixels, tile_cache_gib, qf_only, x8):
-    check_options(precision, tile, tile_overlap)
+def _run(model, img, qf, *, device, precision, tile, tile_overlap, channels_last, compile,
+         max_untiled_megapixels, tile_cache_gib, qf_only, x8, engine):
+    check_options(precision, tile, tile_overlap, engine, device)
     device = torch.device(device)
     net = model.net
     _set_memory_format(net, channels_last)
-    fns = _network_fns(net, compile)
+    fns = _network_fns(net, compile, engine, precision)
     x = uint2tensor(img).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -2,8 +2,8 @@
 
 This module owns how an integer argument is checked, so every script words the error alike
 (argparse then prints it with the option's name and exits with status 2); the flags that choose
-how the network runs (`add_speed_args`: precision, tiles, encoder cache, memory layout,
-compile, and the x8 self-ensemble), the same on every test script and `main_restore.py`, and
+how the network runs (`add_speed_args`: engine, precision, tiles, encoder cache, memory
+layout, compile, and the x8 self-ensemble), the same on every test script and `main_restore.py`, and
 how they become `models.inference.restore` keyword arguments (`speed_options`); where a
 process of a sharded run computes (`shard_device`); and how a script ends: one `error:` line
 and status 2 for a UserError, 130 for Ctrl+C.
@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from models.engines import ENGINES, INSTALL_OPENVINO
 from models.inference import PRECISIONS, check_options, fit_overlap
 from utils.errors import UserError
 
@@ -65,20 +66,25 @@ def non_negative_float(text):
 # own (faithful) defaults.
 SPEED_FLAGS = {"precision": "--precision", "tile": "--tile", "tile_overlap": "--tile-overlap",
                "tile_cache_gib": "--tile-cache-gib", "channels_last": "--channels-last",
-               "compile": "--compile", "x8": "--x8"}
+               "compile": "--compile", "x8": "--x8", "engine": "--engine"}
 
 
-def add_speed_args(parser):
-    """Add the speed-and-memory flags (SPEED_FLAGS) to `parser`, as one argument group."""
+def add_speed_args(parser, engine_default="torch"):
+    """Add the speed-and-memory flags (SPEED_FLAGS) to `parser`, as one argument group;
+    `engine_default` is what --engine's help says the default is."""
     g = parser.add_argument_group("speed, memory and self-ensemble (the defaults are the "
                                   "faithful path)")
     g.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="network arithmetic: fp32 (IEEE), tf32 (TF32 convolutions and matmuls), or "
                         "bf16/fp16 autocast (default fp32)")
+    g.add_argument("--engine", choices=ENGINES, default=None,
+                   help="who runs the network: torch (PyTorch), or openvino on the CPU (fp32 "
+                        "or bf16; " + INSTALL_OPENVINO + "); default: " + engine_default)
     g.add_argument("--tile", type=tile_size, default=None, metavar="N",
                    help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "
-                        "the whole image; default: whole images, tiled only on CPU above 2 "
-                        "megapixels or on CUDA when memory runs out")
+                        "the whole image; default: whole images, tiled only on CPU above the "
+                        "network's limit (1.5 megapixels for the lite models) or on CUDA when "
+                        "memory runs out")
     g.add_argument("--tile-overlap", type=_overlap, default=None, metavar="M",
                    help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
                         "(default 32, or N/2 rounded down to a multiple of 8 for tiles under "
@@ -108,7 +114,7 @@ def speed_options(args):
         options["tile_overlap"] = fit_overlap(options["tile"])
     try:
         check_options(options.get("precision", "fp32"), options.get("tile"),
-                      options.get("tile_overlap", 32))
+                      options.get("tile_overlap", 32), options.get("engine", "torch"))
     except ValueError as exc:
         text = str(exc)
         for key in sorted(SPEED_FLAGS, key=len, reverse=True):  # tile_overlap before tile

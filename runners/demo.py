@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
+from models.engines import fastest_options
 from models.inference import (CPU_PLANS, DEFAULT_TILE, fit_overlap, plan_tile, resolve_device,
                               restore)
 from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
@@ -206,6 +207,7 @@ class Demo:
         self.projection = projection  # a JPEG's result projected onto its file's DCT intervals
         self.work_dir = work_dir
         self.tile = tile  # None: restore() decides
+        self.speed = fastest_options({}, models.device)  # the engine and layout main_restore uses
         self.max_megapixels = max_megapixels
         os.makedirs(os.path.join(work_dir, "outputs"), exist_ok=True)
 
@@ -249,10 +251,12 @@ class Demo:
         start = time.perf_counter()
         def again(img):
             return restore(model, img, qf=None if qf is None else int(qf),
-                           device=self.models.device, tile=self.tile, tile_overlap=overlap)[0]
+                           device=self.models.device, tile=self.tile, tile_overlap=overlap,
+                           **self.speed)[0]
 
         after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
-                                 device=self.models.device, tile=self.tile, tile_overlap=overlap)
+                                 device=self.models.device, tile=self.tile, tile_overlap=overlap,
+                                 **self.speed)
         consistency = ""
         if model.net is not None:
             after, consistency, problem = make_consistent(after, decoded, self.projection, again)

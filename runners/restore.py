@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data.dominant_qf import estimate_dominant_qf
 from data.jpeg_projection import (ProjectionUnavailable, make_twin, project, read_coefficients,
                                   twin_shares)
+from models.engines import fastest_options
 from models.inference import plan_tile, predict_qf, resolve_device, restore, restore_batch
 from models.model_zoo import MODEL_ZOO, default_model, load_model
 from runners.cli import (DEVICE_HELP, add_speed_args, bounded_int, quality_factor, run_cli,
@@ -73,7 +73,8 @@ PROJECTED = "projected onto the file's DCT"
 NOT_PROJECTED = "not projected onto the file's DCT"
 NOT_A_JPEG = "not a JPEG file: no JPEG trace read"
 LOCK_NAME = ".main_restore.lock"  # in -o OUTDIR while a run writes there
-BATCH_OPTIONS = ("precision", "channels_last", "compile")  # the speed options a batch takes
+# the speed options a batch takes
+BATCH_OPTIONS = ("precision", "channels_last", "compile", "engine")
 
 
 def _qf_mode(text):
@@ -140,7 +141,8 @@ def build_parser(prog=None):
                    "as a JSON list of {file, header_qf, network_qf, dominant_qf} (an existing "
                    "file only with --overwrite)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
-    add_speed_args(p)
+    add_speed_args(p, engine_default="openvino where it is installed (CPU), else torch with "
+                      "--channels-last")
     return p
 
 
@@ -479,7 +481,7 @@ def run_restore(args):
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise OptionError(f"-o {args.output}: exists and is not a folder")
     device = resolve_device(args.device)
-    options = speed_options(args)
+    options = fastest_options(speed_options(args), device)
     ext = FORMATS[args.format]
     if args.batch > 1 and (options.get("tile") or options.get("x8")):
         raise OptionError(f"--batch {args.batch}: not with --tile or --x8 (a batch is one "

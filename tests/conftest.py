@@ -44,6 +44,20 @@ def offline_zoo(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """The OpenVINO engine's converted networks go to a folder of this run, not the user's cache
+    (subprocesses started by the tests inherit it)."""
+    folder = str(tmp_path_factory.mktemp("openvino_cache"))
+    previous = os.environ.get("FBCNN_CACHE_DIR")
+    os.environ["FBCNN_CACHE_DIR"] = folder
+    yield folder
+    if previous is None:
+        os.environ.pop("FBCNN_CACHE_DIR", None)
+    else:
+        os.environ["FBCNN_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 import models.inference as inference
 from data.jpeg import jpeg, jpeg_encode
 from data.jpeg_projection import project, read_coefficients
-from models.inference import restore
+from models.engines import fastest_options
+from models.inference import restore as inference_restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
 from runners.demo import (DEMO_MODEL_ORDER, LITE_NOTE, Demo, ModelChoices, find_models, main,
@@ -32,6 +33,11 @@ HAS_GRADIO = importlib.util.find_spec("gradio") is not None
 needs_gradio = pytest.mark.skipif(
     not HAS_GRADIO and not os.environ.get("FBCNN_REQUIRE_BROWSER"),
     reason="gradio not installed (pip install -r requirements-demo.txt)")
+
+
+def restore(model, img, **kwargs):
+    """`models.inference.restore` with the demo's engine and layout (main_restore's)."""
+    return inference_restore(model, img, **fastest_options(kwargs, "cpu"))
 
 
 def _save_tiny(path, in_nc=3, seed=0):

@@ -22,7 +22,8 @@ import torch
 
 from data.jpeg import jpeg_encode
 from data.jpeg_projection import project, read_coefficients
-from models.inference import restore
+from models.engines import fastest_options
+from models.inference import restore as inference_restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from tests.conftest import REPO_ROOT
@@ -37,6 +38,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-sync"]
 STARTUP_TIMEOUT_S = 60
 STEP_TIMEOUT_MS = 20_000
+
+
+def restore(model, img, **kwargs):
+    """`models.inference.restore` with the demo's engine and layout (main_restore's)."""
+    return inference_restore(model, img, **fastest_options(kwargs, "cpu"))
 
 
 def _require_browser_stack():

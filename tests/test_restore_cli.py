@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import runners.restore as cli
 from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
 from data.jpeg_projection import project, read_coefficients
+from models.engines import fastest_options, openvino_available
 from models.inference import restore
 from models import model_zoo
 from models.model_zoo import MODEL_ZOO, ZooEntry, load_model
@@ -105,7 +106,8 @@ def run(argv, capsys):
 def restored_and_projected(model, data, n_channels, **kwargs):
     """What main_restore writes for JPEG bytes by default: the network's restoration of the
     decoded file, projected onto the file's quantization intervals (calibrated on a twin by
-    the same network and options)."""
+    the same network and options), with main_restore's engine and layout."""
+    kwargs = fastest_options(kwargs, "cpu")
     restored, _ = restore(model, jpeg_decode(data, n_channels), **kwargs)
     return project(restored, read_coefficients(data), "calibrated",
                    lambda x: restore(model, x, **kwargs)[0])
@@ -295,10 +297,10 @@ class RecordingRestore:
         self.calls = []
 
     def __call__(self, model, img, qf=None, device="cpu", precision="fp32", tile=None,
-                 tile_overlap=32, channels_last=False, x8=False, bit_depth=8):
+                 tile_overlap=32, channels_last=False, x8=False, bit_depth=8, engine="torch"):
         self.calls.append(dict(qf=qf, device=device, precision=precision, tile=tile,
                                tile_overlap=tile_overlap, channels_last=channels_last, x8=x8,
-                               bit_depth=bit_depth))
+                               bit_depth=bit_depth, engine=engine))
         return img, 42
 
 
@@ -319,10 +321,14 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     assert qf_used("--qf", "12")["qf"] == 12
     assert qf_used("--qf", "header")["qf"] == 37
     call = qf_used("--precision", "bf16", "--tile", "256", "--tile-overlap", "16",
-                   "--channels-last", "--device", "cpu", "--x8")
+                   "--channels-last", "--device", "cpu", "--x8", "--engine", "torch")
     assert call == dict(qf=None, device="cpu", precision="bf16", tile=256, tile_overlap=16,
-                        channels_last=True, x8=True, bit_depth=8)
+                        channels_last=True, x8=True, bit_depth=8, engine="torch")
     assert qf_used()["tile"] is None and qf_used()["precision"] == "fp32"  # restore()'s defaults
+    # main_restore's own: the fastest fp32 engine installed, channels_last for PyTorch
+    fast = qf_used()
+    assert (fast["engine"], fast["channels_last"]) == (
+        ("openvino", False) if openvino_available() else ("torch", True))
     assert qf_used()["x8"] is False
 
     code, _, err = run([str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--qf", "header",
@@ -561,12 +567,12 @@ def test_qf_dominant_feeds_the_first_qf_of_a_non_aligned_double_jpeg(tmp_path, t
     for mode, qf in (("dominant", 10), ("header", 30)):  # the file's own tables say 30
         received.clear()
         code, out, _ = run([str(path), "-o", str(tmp_path / mode), "--qf", mode, "--gray-model",
-                            tiny_models["gray"], "--device", "cpu"], capsys)
+                            tiny_models["gray"], "--device", "cpu", "--engine", "torch"], capsys)
         assert code == 0 and f"[gray, QF {qf} ({mode}; network estimate" in out
         # the restoration, then its twin for the projection's calibration: both fed the QF
         assert received == [(1, [[pytest.approx(1 - qf / 100)]])] * 2
     expected = restored_and_projected(load_model(tiny_models["gray"]), path.read_bytes(), 1,
-                                      qf=10)
+                                      qf=10, engine="torch")
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dominant" / "double.png"),
                                              cv2.IMREAD_GRAYSCALE), expected)
 
@@ -743,7 +749,7 @@ def test_batch_restores_same_size_inputs_together_as_one_by_one(tmp_path, testse
 
     monkeypatch.setattr(FBCNN, "forward", counting)
     common = [str(folder), "--model", tiny_models["color"], "--gray-model", tiny_models["gray"],
-              "--device", "cpu"]
+              "--device", "cpu", "--engine", "torch"]  # PyTorch's forward counts the batches
     for qf in ("auto", "header"):
         outputs = {}
         for batch in ("1", "4"):
