@@ -2,8 +2,10 @@
 
     python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray]
                                       [--qf 10 30 50 70 90] [--qf-input 10 50 90]
+                                      [--sampling 444]
 
-Each image is compressed at each QF (data/jpeg.py, as the test scripts do) and the network's
+Each image is compressed at each QF (data/jpeg.py, as the test scripts do; a colour image at
+the chroma `--sampling`, default OpenCV's 4:2:0) and the network's
 QF is read with `models.inference.predict_qf` (the encoder and the QF head, no decoder). The
 table gives, per true QF, the mean and the range of the predictions and the mean and median
 absolute error. FBCNN's flexible control rests on this head: a head that predicts the same QF
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.benchlib import print_table, write_json
-from data.jpeg import jpeg
+from data.jpeg import SAMPLINGS, jpeg
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import load_model
 from runners.cli import quality_factor, run_cli
@@ -49,6 +51,8 @@ def main(argv=None):
     p.add_argument("--qf-input", type=quality_factor, nargs="+", default=[], metavar="QF",
                    help="also restore blind and with each of these QFs as qf_input, and report "
                         "the mean PSNR of each per true QF")
+    p.add_argument("--sampling", choices=tuple(SAMPLINGS), default=None,
+                   help="chroma sampling of the colour JPEGs (default: OpenCV's, 4:2:0)")
     p.add_argument("--units", action="store_true",
                    help="also report, per ReLU of the QF head's and the QF embedding's MLPs, the "
                         "share of units active on at least one input (a dead MLP predicts one "
@@ -69,7 +73,7 @@ def main(argv=None):
     active = _watch_units(model.net) if args.units else None
     rows, per_image, psnr_rows = [], [], []
     for qf in args.qf:
-        inputs = [jpeg(img, qf) for img in images]
+        inputs = [jpeg(img, qf, args.sampling) for img in images]
         if args.qf_input:  # the blind restorations report the predicted QF too
             blind = [restore(model, L, device=device) for L in inputs]
             predicted = [qf_pred for _, qf_pred in blind]
@@ -83,9 +87,12 @@ def main(argv=None):
                      "max": int(max(predicted)),
                      "mae": float(np.mean(np.abs(np.array(predicted) - qf))),
                      "medae": float(np.median(np.abs(np.array(predicted) - qf)))})
-    print(f"QF head of {args.model} on {testset} ({len(images)} images), device {device}:")
+    sampling = f", chroma {args.sampling}" if args.sampling and channels == 3 else ""
+    print(f"QF head of {args.model} on {testset} ({len(images)} images{sampling}), "
+          f"device {device}:")
     print_table(rows, COLUMNS)
-    result = {"model": args.model, "testset": testset, "rows": rows, "images": per_image}
+    result = {"model": args.model, "testset": testset, "sampling": args.sampling,
+              "rows": rows, "images": per_image}
     if active is not None:
         units = [{"layer": name, "units": int(seen.numel()),
                   "active": float(seen.float().mean())} for name, seen in active.items()

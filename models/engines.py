@@ -179,7 +179,8 @@ class _OpenVinoNet:
             LOG.warning("could not keep the converted network in %s (%s)", cache_dir(),
                         " ".join(str(exc).split())[-200:])
         self.config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision],
-                       "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+                       "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                       "ENABLE_CPU_PINNING": False}
         self.key = _weights_key(net)
         self.head, self.qf_features = net.head, net.qf_features
         self.qf_from_pooled = net.qf_from_pooled

@@ -43,6 +43,7 @@ from models.model_fbcnn import ModelFBCNN
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import net_act_mode
 from utils import checkpoint as ckpt
+from utils.cpu import native_bf16
 from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, folder_lock, make_folder
@@ -418,10 +419,11 @@ class _Trainer:
             logger.info("train.amp %r is the former name of train.precision: read as "
                         "train.precision %r", self.t["amp"], self.t["precision"])
         precision = self.t["precision"]
-        if self.info.device.type == "cpu" and precision in ("bf16", "fp16"):
-            logger.warning("train.precision %r on the CPU: autocast is much slower than fp32 on "
-                           "CPUs without native %s arithmetic (15x on this project's 2-core AMD "
-                           "EPYC, docs/training.md); --set train.precision=fp32 for CPU runs",
+        if (self.info.device.type == "cpu" and precision in ("bf16", "fp16")
+                and not (precision == "bf16" and any(native_bf16().values()))):
+            logger.warning("train.precision %r on a CPU without native %s arithmetic: autocast "
+                           "is much slower than fp32 there (15x on a 2-core AMD EPYC, "
+                           "docs/training.md); --set train.precision=fp32 for this machine",
                            precision, precision)
         total = self.t["total_iter"]
         if opt["merge_bn"] and total is not None and opt["merge_bn_startpoint"] > total:

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (bench_inference, bench_loader, bench_projection, bench_test_script,
+from benchmarks import (bench_cpu_engines, bench_inference, bench_loader, bench_projection, bench_test_script,
                         bench_train, eval_fbcnn_d, eval_qf_head, gpu_session, gpu_train_lite,
                         no_harm, travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
+from models.engines import openvino_available
 from models.inference import predict_qf, restore
 from models.model_zoo import load_model, read_fbcnn_kwargs
 from models.network_fbcnn import FBCNN
@@ -571,3 +572,36 @@ def test_no_harm_scores_main_restore_outputs_against_the_clean_images(tmp_path, 
     clean = [r for r in rows if r["qf"] == "clean"]
     assert len(clean) == 2 and all(r["psnr"] == float("inf") for r in clean)
     assert (tmp_path / "nh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qf_head_evaluation_compresses_at_the_chroma_sampling_asked(tmp_path):
+    path = tmp_path / "qf_head.json"
+    assert eval_qf_head.main(["--model", "fbcnn_color_lite", "--limit", "2", "--qf", "30",
+                              "--sampling", "444", "--device", "cpu", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    model = load_model("fbcnn_color_lite")
+    live1 = os.path.join(REPO_ROOT, "testsets", "LIVE1_color")
+    images = [imread_uint(os.path.join(live1, name)) for name in sorted(os.listdir(live1))[:2]]
+    expected = [predict_qf(model, jpeg(img, 30, "444")) for img in images]
+    assert result["sampling"] == "444"
+    assert result["rows"][0]["mean"] == pytest.approx(np.mean(expected))
+
+
+def test_cpu_engine_benchmark_compares_every_engine_with_pytorch_fp32(tmp_path, capsys):
+    path = tmp_path / "engines.json"
+    variants = ["torch fp32", "torch fp32 channels_last", "torch bf16 channels_last",
+                "onnxruntime fp32", "openvino fp32"]
+    assert bench_cpu_engines.main(["--lite-mp", "0.02", "--released-mp", "--repeat", "1",
+                                   "--psnr-qf", "10", "--psnr-limit", "1", "--variants",
+                                   *variants, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    rows = {row["variant"]: row for row in result["rows"]}
+    expected = [v for v in variants if v != "openvino fp32" or openvino_available()]
+    assert list(rows) == expected and rows["torch fp32"]["max_diff"] == 0
+    for name, row in rows.items():  # fp32 engines: a 16-bit level at most; bf16 further off
+        assert row["mp_per_s"] > 0 and row["peak_gib"] > 0
+        assert (row["max_diff"] <= 2 / 65535) == ("bf16" not in name), name
+    psnr_rows = {row["variant"]: row for row in result["psnr"]}
+    assert psnr_rows["torch fp32"]["delta"] == 0
+    assert abs(psnr_rows["torch fp32 channels_last"]["delta"]) < 1e-3
+    assert "AVX-512 bf16:" in capsys.readouterr().out
