@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from utils.jpeg_header import JpegHeaderError, iter_segments
 
 __all__ = ["ProjectionUnavailable", "Component", "JpegCoefficients", "read_coefficients",
-           "project", "calibrate", "Twin", "make_twin", "twin_shares", "posterior_mean",
+           "project", "Twin", "make_twin", "twin_shares", "posterior_mean",
            "PROJECTION_METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
            "block_idct"]
 
@@ -302,27 +302,6 @@ def _window(height, width, size=CALIBRATION_WINDOW):
     return span(height), span(width)
 
 
-def calibrate(img, coefficients, restore):
-    """Per component, per frequency (8, 8), the share of the restoration's departure from the
-    file's value to keep, learned on a twin whose truth is known.
-
-    The twin's truth is `img` clipped into the file's intervals (as detailed as the file allows
-    at high QF, as clean as the network made it at low QF), moved by `TWIN_SHIFT` pixels down
-    and right (edge-padded) and compressed with the file's own tables and sampling, so its
-    blocks fall half a block off the ones the network already cleaned (on the file's own grid
-    the compression would give back nearly the file, and teach nothing). `restore` (the
-    network and options that made `img`) restores the twin, and the share that best brings
-    that restoration back to its truth (least squares per frequency, in [0, 1]) is returned.
-    The shares are statistics of the image, so they are learned on its central
-    `CALIBRATION_WINDOW` window: on a large photo the second pass costs a fixed fraction of a
-    megapixel, not a second restoration. A network that restores its twin well keeps its
-    departures (1); one that paints detail flat or invents it, as a small network does at
-    QF 90 to 100, is drawn back towards the file's values (towards 0).
-    """
-    twin = make_twin(img, coefficients)
-    return twin_shares(twin, restore(twin.image))
-
-
 class Twin(NamedTuple):
     """A calibration's twin JPEG (`image`, uint8, to be restored as the file was) and what its
     shares are measured against: per component, the truth's departure from the twin's stored
@@ -353,7 +332,14 @@ def _k_and_step(component):
 
 
 def make_twin(img, coefficients):
-    """The Twin of `calibrate` for the restoration `img` of the file with `coefficients`."""
+    """The calibration's twin of the restoration `img` of the file with `coefficients`.
+
+    The twin's truth is `img` clipped into the file's intervals (as detailed as the file allows
+    at high QF, as clean as the network made it at low QF), moved by `TWIN_SHIFT` pixels down
+    and right (edge-padded) and compressed with the file's own tables and sampling, so its
+    blocks fall half a block off the ones the network already cleaned. Only the central
+    `CALIBRATION_WINDOW` window is used: the shares are statistics of the image, and a large
+    photo's second pass then costs a fixed fraction of a megapixel."""
     pad = ((TWIN_SHIFT, 0), (TWIN_SHIFT, 0)) + ((0, 0),) * (img.ndim - 2)
     rows, cols = _window(*img.shape[:2])
     window = _window_coefficients(coefficients, rows, cols)
@@ -376,7 +362,11 @@ def make_twin(img, coefficients):
 
 
 def twin_shares(twin, restored):
-    """The shares (8, 8) of `calibrate`, from the Twin and its restoration (uint8 or uint16)."""
+    """Per component, per frequency (8, 8), the share of the restoration's departure from the
+    file's value to keep: the least-squares share, in [0, 1], that brings the twin's
+    restoration (uint8 or uint16; made by the network and options that made the image) back
+    to the twin's truth. A network that restores its twin well keeps its departures (1); one
+    that paints detail flat or invents it is drawn back towards the file's values (0)."""
     restored = _planes(restored)
     shares = []
     for i, component in enumerate(twin.components):
@@ -404,35 +394,28 @@ def _project_plane(plane, component, method="calibrated", share=None):
     return plane.add_(_to_full_size(_idct(correction), component.factor, *plane.shape))
 
 
-def project(img, coefficients, method="posterior", restore=None, shares=None):
+def project(img, coefficients, method, shares=None):
     """The restored image (RGB HxWx3, gray HxW or HxWx1; uint8, or uint16 whose levels are 257
     times the file's) made consistent with the file, in the same type.
 
     `method` "clip" is the projection onto the constraint set (each coefficient clipped into
     its interval); "posterior" takes, inside the same intervals, the posterior mean of
-    `posterior_mean`, which equals the clip for a restoration the file cannot fault and leans
-    towards the file's own values for one that strays by more than the quantization explains;
-    "calibrated" keeps, per frequency, the share of the restoration's departure from the
-    file's value that `calibrate` learns on a twin JPEG with `restore` (the network and options
-    that made `img`, run once more; or the `shares` already learned, as `twin_shares` gives
-    them for a batch of twins restored together), then clips. A gray image is brought
-    to the file's Y component; a colour image from a gray file gets its Y done and its chroma
-    kept. Raises ProjectionUnavailable when the sizes differ.
+    `posterior_mean`; "calibrated" keeps, per frequency, the `shares` of the departure from
+    the file's value that a twin taught (`make_twin`, `twin_shares`), then clips. A gray image
+    is brought to the file's Y component; a colour image from a gray file gets its Y done and
+    its chroma kept. Raises ProjectionUnavailable when the sizes differ.
     """
     if method not in PROJECTION_METHODS:
         raise ValueError(f"unknown projection method {method!r}: {', '.join(PROJECTION_METHODS)}")
+    if method == "calibrated" and shares is None:
+        raise ValueError("the calibrated projection needs the shares its twin taught")
     if img.shape[:2] != (coefficients.height, coefficients.width):
         raise ProjectionUnavailable(f"the image is {img.shape[1]}x{img.shape[0]}, the file "
                                     f"{coefficients.width}x{coefficients.height}")
     if img.ndim == 3 and img.shape[2] == 1:
-        inner = None if restore is None else (lambda x: restore(x[:, :, None])[:, :, 0])
-        return project(img[:, :, 0], coefficients, method, inner, shares)[:, :, None]
+        return project(img[:, :, 0], coefficients, method, shares)[:, :, None]
     if method != "calibrated":
         shares = [None] * len(coefficients.components)
-    elif shares is None:
-        if restore is None:
-            raise ValueError("the calibrated projection needs the restore function")
-        shares = calibrate(img, coefficients, restore)
     planes = _planes(img)
     for i, component in enumerate(coefficients.components[:len(planes)]):
         planes[i] = _project_plane(planes[i], component, method, shares[i])

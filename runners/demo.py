@@ -38,17 +38,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.jpeg import jpeg_encode
+from models.consistency import file_coefficients, restore_consistent
 from models.engines import fastest_options
-from models.inference import (CPU_PLANS, DEFAULT_TILE, fit_overlap, plan_tile, resolve_device,
-                              restore)
+from models.inference import CPU_PLANS, DEFAULT_TILE, fit_overlap, plan_tile, resolve_device
 from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
                               model_folder, model_label)
 from runners.cli import DEVICE_HELP, bounded_int, non_negative_float, tile_size
-from runners.restore import make_consistent, read_image
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import display_path
 from utils.image import ImageReadError, check_image_bytes, imread_uint, imwrite
+from utils.image_file import read_image
 from utils.image_meta import apply_orientation
 from utils.logger import setup_logging
 
@@ -249,18 +249,13 @@ class Demo:
         tile = plan_tile(decoded.img.shape, self.models.device, self.tile, overlap,
                          net=model.net)[0]
         start = time.perf_counter()
-        def again(img):
-            return restore(model, img, qf=None if qf is None else int(qf),
-                           device=self.models.device, tile=self.tile, tile_overlap=overlap,
-                           **self.speed)[0]
-
-        after, qf_pred = restore(model, decoded.img, qf=None if qf is None else int(qf),
-                                 device=self.models.device, tile=self.tile, tile_overlap=overlap,
-                                 **self.speed)
-        consistency = ""
-        if model.net is not None:
-            after, consistency, problem = make_consistent(after, decoded, self.projection, again)
-            consistency += f" ({problem})" if problem else ""
+        coefficients, consistency, problem = (None, "", None) if model.net is None else \
+            file_coefficients(decoded.data, self.projection)
+        after, qf_pred = restore_consistent(model, decoded.img, coefficients,
+                                            qf=None if qf is None else int(qf),
+                                            device=self.models.device, tile=self.tile,
+                                            tile_overlap=overlap, **self.speed)
+        consistency += f" ({problem})" if problem else ""
         seconds = time.perf_counter() - start
         img = apply_orientation(decoded.img, decoded.orientation)
         after = apply_orientation(after, decoded.orientation)

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg_file, jpeg_file, shift_crop
-from data.jpeg_projection import ProjectionUnavailable, project, read_coefficients
-from models.inference import resolve_device, restore
+from models.consistency import file_coefficients, restore_consistent
+from models.inference import resolve_device
 from models.model_zoo import MODEL_ZOO, load_model
 from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
                          shard_device, speed_options)
@@ -351,11 +351,10 @@ def run(preset, args, clock=None):
 
 def _coefficients(data, name):
     """The JPEG's coefficients for --projection, or None (with a warning) where it has none."""
-    try:
-        return read_coefficients(data)
-    except ProjectionUnavailable as exc:
-        LOG.warning("%s: not projected (%s)", name, exc)
-        return None
+    coefficients, _, problem = file_coefficients(data)
+    if problem:
+        LOG.warning("%s: not projected (%s)", name, problem)
+    return coefficients
 
 
 def _output_names(names):
@@ -448,13 +447,9 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                     bar.set_description(setting.name, refresh=False)
                 if index == 0 and not shard.distributed:
                     pipe.finish(_log_setting, setting, len(images), model.net is not None)
-                with clock("network"):
-                    img_E, qf_pred = restore(model, img_L, qf=setting.qf_input, **speed)
-                if coefficients is not None:
-                    with clock("projection"):
-                        img_E = project(img_E, coefficients, "calibrated",
-                                        lambda x, qf=setting.qf_input: restore(model, x, qf=qf,
-                                                                               **speed)[0])
+                with clock("network"):  # and the projection's twin, when there is one
+                    img_E, qf_pred = restore_consistent(model, img_L, coefficients,
+                                                        qf=setting.qf_input, **speed)
                 scores = (None if img_H is None
                           else pipe.submit(_scores, img_E, img_H, clock, device))
                 written = None if out_dir is None else pipe.submit(

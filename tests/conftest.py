@@ -12,6 +12,17 @@ REFERENCE = os.path.join(REPO_ROOT, "tests", "reference")
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 
 
+def calibrated_projection(img_E, data, network):
+    """The calibrated projection of `img_E`, the restoration of the JPEG bytes `data`, step by
+    step: its twin restored by `network` (the network and options that made `img_E`), the
+    shares the twin teaches, the projection with them."""
+    from data.jpeg_projection import make_twin, project, read_coefficients, twin_shares
+    coefficients = read_coefficients(data)
+    twin = make_twin(img_E, coefficients)
+    return project(img_E, coefficients, "calibrated", shares=twin_shares(twin,
+                                                                          network(twin.image)))
+
+
 class TouchOnUnpickle:
     """A pickled object whose unpickling runs `touch PATH`: what the weight loaders must never
     let run (the file at PATH tells)."""

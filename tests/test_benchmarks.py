@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import (bench_cpu_engines, bench_inference, bench_loader, bench_projection, bench_test_script,
-                        bench_train, eval_fbcnn_d, eval_qf_head, gpu_session, gpu_train_lite,
-                        no_harm, travel_size)
+from benchmarks import (bench_cpu_engines, bench_inference, bench_loader, bench_projection,
+                        bench_test_script, bench_train, eval_fbcnn_d, eval_qf_head, gpu_session,
+                        gpu_train_lite, no_harm, travel_size)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.engines import openvino_available

@@ -16,14 +16,13 @@ from safetensors.torch import save_file
 
 import models.inference as inference
 from data.jpeg import jpeg, jpeg_encode
-from data.jpeg_projection import project, read_coefficients
 from models.engines import fastest_options
 from models.inference import restore as inference_restore
 from models.model_zoo import MODEL_ZOO
 from models.network_fbcnn import FBCNN
 from runners.demo import (DEMO_MODEL_ORDER, LITE_NOTE, Demo, ModelChoices, find_models, main,
                           prepare_samples)
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, calibrated_projection
 from utils.errors import UserError
 from utils.image import imread_uint
 
@@ -50,8 +49,7 @@ def projected(img, path, model, **kwargs):
     """`img` projected onto the quantization intervals of the JPEG file at `path`, calibrated
     on a twin restored by `model` with `kwargs` (as the demo restored `img`)."""
     with open(path, "rb") as f:
-        return project(img, read_coefficients(f.read()), "calibrated",
-                       lambda x: restore(model, x, **kwargs)[0])
+        return calibrated_projection(img, f.read(), lambda x: restore(model, x, **kwargs)[0])
 
 
 @pytest.fixture(scope="module")

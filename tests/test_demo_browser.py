@@ -21,12 +21,11 @@ import pytest
 import torch
 
 from data.jpeg import jpeg_encode
-from data.jpeg_projection import project, read_coefficients
 from models.engines import fastest_options
 from models.inference import restore as inference_restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, calibrated_projection
 from utils.image import imread_uint
 
 pytestmark = pytest.mark.browser
@@ -120,10 +119,9 @@ def test_demo_in_chromium(tmp_path):
 
     model = load_model(model_path)
     jpeg_img = imread_uint(str(jpeg_path))
-    coefficients = read_coefficients(jpeg_path.read_bytes())  # the demo projects by default
+    data = jpeg_path.read_bytes()  # the demo projects by default
     expected_blind, expected_qf = restore(model, jpeg_img)
-    expected_blind = project(expected_blind, coefficients, "calibrated",
-                             lambda x: restore(model, x)[0])
+    expected_blind = calibrated_projection(expected_blind, data, lambda x: restore(model, x)[0])
     proc, url = _start_app(model_path)
     try:
         with sync_playwright() as p:
@@ -151,8 +149,8 @@ def test_demo_in_chromium(tmp_path):
             name, controlled = _download(page, tmp_path, "controlled.png")
             assert name == f"parrots_qf20_tiny_qf{qf}.png"
             assert np.abs(controlled.astype(int) - blind).max() > 1  # the slider changed it
-            expected_controlled = project(restore(model, jpeg_img, qf=qf)[0], coefficients,
-                                          "calibrated", lambda x: restore(model, x, qf=qf)[0])
+            expected_controlled = calibrated_projection(
+                restore(model, jpeg_img, qf=qf)[0], data, lambda x: restore(model, x, qf=qf)[0])
             assert np.abs(controlled.astype(int) - expected_controlled).max() <= 1
             page.screenshot(path=str(tmp_path / "demo_result.png"), full_page=True)
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from data.jpeg import double_jpeg_file, jpeg, jpeg_file
-from data.jpeg_projection import project, read_coefficients
+from data.jpeg_projection import read_coefficients
 from models.inference import restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
+from models import consistency
 from runners import evaluation
 from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
-from tests.conftest import REFERENCE, REPO_ROOT, shared_testset
+from tests.conftest import REFERENCE, REPO_ROOT, calibrated_projection, shared_testset
 from utils.image import imread_uint, imwrite
 
 
@@ -141,7 +142,7 @@ def test_real_script_projects_each_file_read_once_for_all_settings(tmp_path, tes
         with open(os.path.join(testsets_dir, "Real", name), "rb") as f:
             (folder / name).write_bytes(f.read())
     reads = []
-    monkeypatch.setattr(evaluation, "read_coefficients",
+    monkeypatch.setattr(consistency, "read_coefficients",
                         lambda data: reads.append(len(data)) or read_coefficients(data))
     assert main(COLOR_REAL, ["--model", str(tiny_models[3]), "--testset", str(folder),
                              "--qf-control", "10", "90", "--projection", "--workers", "0",
@@ -152,8 +153,8 @@ def test_real_script_projects_each_file_read_once_for_all_settings(tmp_path, tes
     img = imread_uint(str(folder / "1.jpg"), 3)
     for setting, qf in (("blind", None), ("qf10", 10), ("qf90", 90)):
         written = imread_uint(str(tmp_path / "res" / f"real_tiny3_{setting}_proj" / "1.png"), 3)
-        expected = project(restore(model, img, qf=qf)[0], read_coefficients(data), "calibrated",
-                           lambda x, qf=qf: restore(model, x, qf=qf)[0])
+        expected = calibrated_projection(restore(model, img, qf=qf)[0], data,
+                                         lambda x, qf=qf: restore(model, x, qf=qf)[0])
         assert np.array_equal(written, expected), setting
 
 
@@ -231,13 +232,14 @@ def test_one_progress_bar_over_every_setting_and_image(tmp_path, small_set, monk
 def test_speed_flags_reach_restore_and_unset_ones_keep_its_defaults(tmp_path, small_set,
                                                                      tiny_models, monkeypatch):
     calls = []
-    real_restore = evaluation.restore
+    real_restore = consistency.restore
 
-    def recording(*args, **kwargs):
-        calls.append({k: v for k, v in kwargs.items() if k != "qf"})
+    def recording(*args, **kwargs):  # bit_depth: the test scripts write 8-bit PNGs
+        calls.append({k: v for k, v in kwargs.items() if k not in ("qf", "bit_depth")})
+        assert kwargs["bit_depth"] == 8
         return real_restore(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "restore", recording)
+    monkeypatch.setattr(consistency, "restore", recording)
     base = ["--model", str(tiny_models[3]), "--testset", str(small_set), "--qf", "20",
             "--results", str(tmp_path / "res"), "--no-save-images", "--device", "cpu"]
     assert main(COLOR, base) == 0
@@ -289,8 +291,8 @@ def test_projection_projects_each_restoration_and_names_its_rows(tmp_path, small
         img_L, data = jpeg_file(img, 20)
     else:
         img_L, data = double_jpeg_file(img, 10, 30, 4)
-    expected = project(restore(model, img_L)[0], read_coefficients(data), "calibrated",
-                       lambda x: restore(model, x)[0])
+    expected = calibrated_projection(restore(model, img_L)[0], data,
+                                     lambda x: restore(model, x)[0])
     written = imread_uint(str(tmp_path / "res" / f"{name}_proj" / "monarch.png"), n_channels)
     assert np.array_equal(written, expected)
     assert not np.array_equal(written, restore(model, img_L)[0])
@@ -476,7 +478,7 @@ def test_a_json_path_that_cannot_be_written_fails_before_the_work(tmp_path, smal
                                                                   monkeypatch, capsys):
     (tmp_path / "afile").write_text("x")
     path = {"folder": tmp_path, "below_a_file": tmp_path / "afile" / "r.json"}[where]
-    monkeypatch.setattr(evaluation, "restore", None)  # never reached
+    monkeypatch.setattr(evaluation, "restore_consistent", None)  # never reached
     assert main(COLOR, ["--model", "jpeg", "--testset", str(small_set), "--json", str(path),
                         "--results", str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err

@@ -11,8 +11,9 @@ from PIL import Image
 from data.jpeg import jpeg_decode, jpeg_encode
 from data.jpeg_projection import (CALIBRATION_WINDOW, TWIN_SHIFT, ProjectionUnavailable,
                                   _project_plane, _window, _window_coefficients, block_dct,
-                                  block_idct, calibrate, posterior_mean, project,
-                                  read_coefficients, rgb_to_ycbcr, ycbcr_to_rgb)
+                                  block_idct, make_twin, posterior_mean, project,
+                                  read_coefficients, rgb_to_ycbcr, twin_shares,
+                                  ycbcr_to_rgb)
 from utils.metrics import psnr
 
 
@@ -83,14 +84,14 @@ def test_projection_never_moves_a_gray_estimate_away_from_the_truth(photo, qf):
     decoded = jpeg_decode(data, 1)
     for estimate in (cv2.GaussianBlur(decoded, (5, 5), 1.2), cv2.medianBlur(decoded, 5),
                      np.full_like(decoded, 128)):
-        projected = project(estimate, coefficients)
+        projected = project(estimate, coefficients, "posterior")
         assert psnr(projected, truth) >= psnr(estimate, truth) - 0.01
         # a projection: applying it again changes little (rounding, and pixels clipped to
         # [0, 255] after the first)
-        moved = np.abs(project(projected, coefficients).astype(int) - projected)
+        moved = np.abs(project(projected, coefficients, "posterior").astype(int) - projected)
         assert float((moved > 1).mean()) < 0.01
     # the truth is in the set: it stays (up to libjpeg's integer DCT and rounding)
-    assert psnr(project(truth, coefficients), truth) > 55
+    assert psnr(project(truth, coefficients, "posterior"), truth) > 55
 
 
 @pytest.mark.parametrize("kind", ["opencv 4:2:0", "4:4:4", "4:2:2", "progressive",
@@ -110,17 +111,17 @@ def test_colour_layouts_keep_the_truth_and_improve_a_blurred_estimate(photo, kin
     factors = [c.factor for c in coefficients.components]
     assert factors[0] == (1, 1) and len(factors) == 3
     assert factors[1] == {"4:4:4": (1, 1), "4:2:2": (1, 2)}.get(kind, (2, 2))
-    assert psnr(project(photo, coefficients), photo) > 50
+    assert psnr(project(photo, coefficients, "posterior"), photo) > 50
     decoded = jpeg_decode(data, 3)
     blurred = cv2.GaussianBlur(decoded, (5, 5), 1.5)
-    gain = float(psnr(project(blurred, coefficients), photo) - psnr(blurred, photo))
+    gain = float(psnr(project(blurred, coefficients, "posterior"), photo) - psnr(blurred, photo))
     assert gain > 1
 
 
 def test_a_colour_restoration_of_a_gray_file_gets_its_luma_projected(photo):
     data = jpeg_encode(photo[..., 1], 30)
     colour = np.repeat(cv2.GaussianBlur(jpeg_decode(data, 1), (5, 5), 1.2)[..., None], 3, axis=2)
-    projected = project(colour, read_coefficients(data))
+    projected = project(colour, read_coefficients(data), "posterior")
     assert projected.shape == colour.shape
     assert psnr(projected[..., 1], photo[..., 1]) > psnr(colour[..., 1], photo[..., 1])
 
@@ -128,7 +129,7 @@ def test_a_colour_restoration_of_a_gray_file_gets_its_luma_projected(photo):
 def test_a_size_mismatch_is_refused(photo):
     coefficients = read_coefficients(jpeg_encode(photo, 50))
     with pytest.raises(ProjectionUnavailable, match="the image is 194x121, the file 195x121"):
-        project(photo[:, :-1], coefficients)
+        project(photo[:, :-1], coefficients, "posterior")
 
 
 def _with_sof(data, marker=None, precision=None):
@@ -194,10 +195,21 @@ def test_a_restoration_that_strays_is_pulled_back_towards_the_file(photo):
         noisy = np.clip(decoded + rng.normal(0, 6, decoded.shape), 0, 255).astype(np.uint8)
         jpeg_db = float(psnr(decoded, truth))
         clipped = float(psnr(project(noisy, coefficients, "clip"), truth))
-        posterior = float(psnr(project(noisy, coefficients), truth))
+        posterior = float(psnr(project(noisy, coefficients, "posterior"), truth))
         assert posterior > clipped + 1
         if qf == 100:  # intervals of width 1: about the JPEG itself
             assert posterior > jpeg_db - 0.3
+
+
+def calibrate(img, coefficients, network):
+    """The shares a twin of `img` teaches when `network` restores it."""
+    twin = make_twin(img, coefficients)
+    return twin_shares(twin, network(twin.image))
+
+
+def calibrated(img, coefficients, network):
+    """`img` projected with the shares its twin teaches (models/consistency.py's steps)."""
+    return project(img, coefficients, "calibrated", shares=calibrate(img, coefficients, network))
 
 
 def _oracle_for_its_twin(img):
@@ -216,7 +228,7 @@ def test_a_network_that_restores_its_twin_keeps_every_departure(photo, gray):
     shares = calibrate(blurred, coefficients, _oracle_for_its_twin(clipped))
     assert len(shares) == (1 if gray else 3) and all(s.shape == (8, 8) for s in shares)
     np.testing.assert_allclose(np.concatenate(shares), 1.0)
-    np.testing.assert_array_equal(project(blurred, coefficients, "calibrated",
+    np.testing.assert_array_equal(calibrated(blurred, coefficients,
                                           _oracle_for_its_twin(clipped)), clipped)
 
 
@@ -233,11 +245,11 @@ def test_a_network_that_paints_detail_flat_is_drawn_back_to_the_file(photo, gray
         jpeg_db = float(psnr(decoded, truth))
         restored = network(decoded)
         clipped = float(psnr(project(restored, coefficients, "clip"), truth))
-        calibrated = float(psnr(project(restored, coefficients, "calibrated", network), truth))
+        kept = float(psnr(calibrated(restored, coefficients, network), truth))
         if qf == 95:
-            assert clipped < jpeg_db - 0.5 and calibrated > jpeg_db - 0.1
+            assert clipped < jpeg_db - 0.5 and kept > jpeg_db - 0.1
         else:
-            assert calibrated > jpeg_db + 0.3 and calibrated > clipped - 0.3
+            assert kept > jpeg_db + 0.3 and kept > clipped - 0.3
 
 
 @pytest.mark.parametrize("gray", [True, False])
@@ -248,7 +260,7 @@ def test_calibrated_coefficients_lie_in_their_intervals(photo, gray):
     coefficients = read_coefficients(data)
     noisy = np.clip(jpeg_decode(data, 1 if gray else 3)
                     + np.random.default_rng(3).normal(0, 4, img.shape), 0, 255).astype(np.uint8)
-    out = project(noisy, coefficients, "calibrated", lambda x: cv2.GaussianBlur(x, (0, 0), 0.8))
+    out = calibrated(noisy, coefficients, lambda x: cv2.GaussianBlur(x, (0, 0), 0.8))
     (y, *_), component = ((out.astype(np.float64),) if gray
                           else rgb_to_ycbcr(out.astype(np.float64))), coefficients.components[0]
     padded = np.pad(y, ((0, 128 - 121), (0, 200 - 195)), mode="edge")
@@ -268,11 +280,11 @@ def test_the_calibration_window_starts_on_the_grid_and_is_bounded():
     assert _window(121, 195) == (slice(0, 121), slice(0, 195))
 
 
-def test_unknown_methods_and_a_calibration_without_network_are_refused(photo):
+def test_unknown_methods_and_a_calibration_without_shares_are_refused(photo):
     coefficients = read_coefficients(jpeg_encode(photo, 50))
     with pytest.raises(ValueError, match="calibrated, clip, posterior"):
         project(photo, coefficients, "median")
-    with pytest.raises(ValueError, match="restore function"):
+    with pytest.raises(ValueError, match="needs the shares"):
         project(photo, coefficients, "calibrated")
 
 

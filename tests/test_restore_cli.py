@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import save_file
 
 import runners.restore as cli
+from models import consistency
 from data.jpeg import jpeg, jpeg_decode, jpeg_encode, shift_crop
-from data.jpeg_projection import project, read_coefficients
 from models.engines import fastest_options, openvino_available
 from models.inference import restore
 from models import model_zoo
 from models.model_zoo import MODEL_ZOO, ZooEntry, load_model
 from models.network_fbcnn import FBCNN
+from tests.conftest import calibrated_projection
 from utils import REPO_ROOT, fileio
 from utils.checkpoint import save_network
 from utils.image import imread_uint
@@ -109,8 +110,7 @@ def restored_and_projected(model, data, n_channels, **kwargs):
     the same network and options), with main_restore's engine and layout."""
     kwargs = fastest_options(kwargs, "cpu")
     restored, _ = restore(model, jpeg_decode(data, n_channels), **kwargs)
-    return project(restored, read_coefficients(data), "calibrated",
-                   lambda x: restore(model, x, **kwargs)[0])
+    return calibrated_projection(restored, data, lambda x: restore(model, x, **kwargs)[0])
 
 
 def read_rgb(path):
@@ -306,7 +306,7 @@ class RecordingRestore:
 
 def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, capsys):
     recorder = RecordingRestore()
-    monkeypatch.setattr(cli, "restore", recorder)
+    monkeypatch.setattr(consistency, "restore", recorder)
     path = write_jpeg(tmp_path / "a.jpg", photo, 37)
     cv2.imwrite(str(tmp_path / "b.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
 
@@ -777,8 +777,9 @@ def test_each_jpegs_coefficients_are_read_once(tmp_path, photo, tiny_models, cap
     for name, qf in (("a.jpg", 20), ("b.jpg", 80)):
         write_jpeg(tmp_path / name, photo, qf)
     reads = []
-    real = cli.read_coefficients
-    monkeypatch.setattr(cli, "read_coefficients", lambda data: reads.append(1) or real(data))
+    real = consistency.read_coefficients
+    monkeypatch.setattr(consistency, "read_coefficients",
+                        lambda data: reads.append(1) or real(data))
     code, out, _ = run([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "-o",
                         str(tmp_path / "out"), "--model", tiny_models["color"], "--device",
                         "cpu"], capsys)

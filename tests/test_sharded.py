@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import runners.restore as cli
+from runners import restore_io
 from data.jpeg import jpeg_encode
 from models.network_fbcnn import FBCNN
 from utils import REPO_ROOT
@@ -120,12 +121,12 @@ def test_a_run_killed_midway_is_finished_by_a_rerun(inputs, models, tmp_path, ca
 
 def test_an_output_folder_another_run_is_writing_is_refused(inputs, models, tmp_path, capsys):
     out = tmp_path / "out"
-    with folder_lock(str(out), cli.LOCK_NAME, "busy", "wait"):
+    with folder_lock(str(out), restore_io.LOCK_NAME, "busy", "wait"):
         assert cli.main([inputs, "-o", str(out), *models, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert "another main_restore run is writing this folder (pid" in err
         assert "choose another -o" in err
-        assert sorted(os.listdir(out)) == [cli.LOCK_NAME]  # nothing written
+        assert sorted(os.listdir(out)) == [restore_io.LOCK_NAME]  # nothing written
     assert cli.main([inputs, "-o", str(out), *models, "--device", "cpu"]) == 1
     assert len(os.listdir(out)) == 7  # the lock is gone with the run that held it
 

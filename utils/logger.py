@@ -20,6 +20,7 @@ in does not keep the level of the one it replaces. `TqdmHandler` is its ten line
 and a level of its own.
 """
 import json
+import contextlib
 import logging
 import math
 import os
@@ -29,8 +30,8 @@ from tqdm import tqdm
 
 from utils.fileio import make_folder, printable
 
-__all__ = ["ROOT_LOGGER", "LOG_FORMAT", "TqdmHandler", "setup_logging", "MetricsWriter",
-           "progress_bar"]
+__all__ = ["ROOT_LOGGER", "LOG_FORMAT", "TqdmHandler", "setup_logging", "rank_logging",
+           "MetricsWriter", "progress_bar"]
 
 ROOT_LOGGER = "fbcnn"
 LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
@@ -144,3 +145,17 @@ def progress_bar(start, total, enabled=True):
         return None
     return tqdm(initial=start, total=total, unit="it", dynamic_ncols=True, file=sys.stderr,
                 desc="train")
+
+
+@contextlib.contextmanager
+def rank_logging(is_main):
+    """Within the block, a process other than rank 0 of a sharded run says only warnings and
+    errors (its own files' failures); rank 0 says everything, the summary for all included."""
+    root = logging.getLogger("fbcnn")
+    saved = root.level
+    if not is_main:
+        root.setLevel(max(saved, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
