@@ -25,7 +25,7 @@ from benchmarks.benchlib import (PeakMemory, add_training_option_args, device_na
 from models.inference import PRECISIONS
 from models.model_fbcnn import ModelFBCNN
 from runners.cli import run_cli
-from runners.train_options import AMP_PRECISION, load_options  # --amp reads as train.amp
+from runners.train_options import load_options
 
 COLUMNS = [("precision", "precision", "{}"), ("channels_last", "channels_last", "{}"),
            ("compile", "compile", "{}"),
@@ -41,8 +41,6 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", nargs="+", choices=tuple(PRECISIONS), default=None,
                    help="train.precision values to compare (default fp32 bf16)")
-    p.add_argument("--amp", nargs="+", choices=tuple(AMP_PRECISION), default=None,
-                   help="the former name of --precision: off is fp32")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
                    help="train.compile settings to compare (compiled during the warm-up steps)")
@@ -51,10 +49,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
-    if args.amp and args.precision:
-        p.error("give --precision or its former name --amp, not both")
-    precisions = ([AMP_PRECISION[a] for a in args.amp] if args.amp else
-                  args.precision or ["fp32", "bf16"])
+    precisions = args.precision or ["fp32", "bf16"]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

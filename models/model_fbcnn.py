@@ -398,8 +398,7 @@ class ModelFBCNN:
         """After a resume: Adam's betas and weight decay, and the base learning rate, are the
         options' (the checkpoint's state would otherwise keep the old ones, silently). A change
         is logged against the checkpoint's own options (`saved_train`, its `train` section)
-        where they are recorded: checkpoints written after a BatchNorm fold by earlier versions
-        hold the rate at the fold as `initial_lr`, which no option ever said."""
+        where they are recorded, else against the optimizer's state."""
         t = self.opt_train
         wanted = {"initial_lr": ("G_optimizer_lr", t["G_optimizer_lr"]),
                   "betas": ("G_optimizer_betas", tuple(t["G_optimizer_betas"])),

@@ -10,7 +10,6 @@ process, data folders). The reading, overriding and checking itself is the gener
 one place. `python -m runners.train_options` prints the table of docs/training.md.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -22,11 +21,9 @@ from models.select_network import NETWORKS
 from utils.errors import UserError
 from utils.options import Key, Section, origin_namer, read_option_file, reference_markdown, resolve
 
-__all__ = ["SCHEMA", "AMP_PRECISION", "validate", "load_options", "options_reference_markdown"]
+__all__ = ["SCHEMA", "validate", "load_options", "options_reference_markdown"]
 
 _MILESTONES = [200000, 400000, 1200000, 1600000, 1800000]
-# the former `train.amp` values and the `train.precision` each stands for
-AMP_PRECISION = {"off": "fp32", "bf16": "bf16", "fp16": "fp16"}
 _INIT_TYPES = ("orthogonal", "normal", "uniform", "xavier_normal", "xavier_uniform",
                "kaiming_normal", "kaiming_uniform", "default", "none")
 
@@ -188,9 +185,6 @@ SCHEMA = Section({
                          "and cuBLAS may use TF32: PyTorch's default for convolutions, so the "
                          "original's on GPUs that have TF32) | `bf16` | `fp16` (autocast; fp16 "
                          "with a gradient scaler)", choices=tuple(PRECISIONS)),
-        "amp": Key("str", None, "deprecated, the former name of `train.precision`: `off` reads "
-                   "as `fp32`, `bf16` and `fp16` as themselves", nullable=True,
-                   choices=tuple(AMP_PRECISION)),
         "channels_last": Key("bool", False, "NHWC memory format for the network and batches"),
         "cudnn_benchmark": Key("bool", False, "let cuDNN pick the fastest convolution kernels"),
         "compile": Key("bool", False, "`torch.compile` the training forward and backward "
@@ -273,32 +267,6 @@ def _cross_checks(opt, origin, world_size, check_paths):
             raise UserError(f"{origin('path.pretrained_netG')}: no such file {pretrained!r}")
 
 
-def _precision_from_amp(raw, opt, origin, overridden):
-    """Read the deprecated `train.amp` as `train.precision`. When both are given and disagree,
-    the one set by `--set` wins (an old file's `amp` with `--set train.precision=...`, or the
-    reverse); from the same place they are an error. `train.amp` stays in the resolved options
-    only where it agrees with `train.precision` (the trainer then logs the new name)."""
-    train = opt["train"]
-    amp = train["amp"]
-    if amp is None:
-        return
-    given = raw.get("train") or {}
-    wanted = AMP_PRECISION[amp]
-    if "precision" not in given or train["precision"] == wanted:
-        train["precision"] = wanted
-        return
-    amp_set, precision_set = "train.amp" in overridden, "train.precision" in overridden
-    if amp_set and not precision_set:
-        train["precision"] = wanted
-    elif precision_set and not amp_set:
-        train["amp"] = None
-    else:
-        raise UserError(f"{origin('train.amp')}: {json.dumps(amp)} (train.precision "
-                        f"{json.dumps(wanted)}) contradicts train.precision "
-                        f"{json.dumps(train['precision'])}; train.amp is the former name of "
-                        f"train.precision: remove it")
-
-
 def validate(raw, source="options", overridden=(), world_size=1, check_paths=True):
     """A resolved copy of `raw` (defaults filled) or a UserError naming `source` and the key.
 
@@ -307,7 +275,6 @@ def validate(raw, source="options", overridden=(), world_size=1, check_paths=Tru
     """
     origin = origin_namer(source, overridden)
     opt = resolve(raw, SCHEMA, origin)
-    _precision_from_amp(raw, opt, origin, set(overridden))
     _cross_checks(opt, origin, world_size, check_paths)
     return opt
 

@@ -13,45 +13,37 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
 - logging the losses every `checkpoint_print`, saving every `checkpoint_save` (and at
   `total_iter`), validating every `checkpoint_test`;
 - distributed runs: every process trains, rank 0 alone logs, validates and saves;
-- stopping: Ctrl+C or SIGTERM is announced at once and takes effect after the iteration in
-  progress (a validation in progress is abandoned, a save completes), which is then saved, so a
-  preempted and requeued job resumes where it stopped; a second one stops at once (after a save
-  in progress, which is atomic: an interrupted save leaves the previous checkpoint). The
-  loader workers ignore both signals, which a terminal or a scheduler sends to every process
-  of the run, and are shut down by the main process.
+- stopping (runners/stopping.py): Ctrl+C or SIGTERM ends the run after the iteration in
+  progress, which is saved, so a preempted and requeued job resumes where it stopped.
+Validation is runners/validation.py's.
 """
 import contextlib
 import json
 import logging
 import os
 import random
-import signal
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data.dataset_jpeg import (IterationBatchSampler, dataset_channels, define_dataset,
-                               worker_init_fn)
-from data.jpeg import label_to_qf
+from data.dataset_jpeg import IterationBatchSampler, dataset_channels, define_dataset
 from models.model_fbcnn import ModelFBCNN
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import net_act_mode
+from runners.stopping import StopRequest, loader_worker_init, signals_held, stop_workers
+from runners.validation import validate
 from utils import checkpoint as ckpt
-from utils.cpu import native_bf16
-from utils.dist import all_gather_floats, all_reduce_mean, barrier, cleanup, init_distributed
+from utils.cpu import native_bf16, usable_cores
+from utils.dist import (all_gather_floats, all_reduce_mean, barrier, broadcast_int, cleanup,
+                        init_distributed)
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, folder_lock, make_folder
-from utils.image import ImageReadError, imwrite, tensor2uint
 from utils.logger import LOG_FORMAT, MetricsWriter, progress_bar, setup_logging
-from utils.metrics import mean_score, scores
 
-__all__ = ["RunDirs", "make_loader", "train", "validate"]
+__all__ = ["RunDirs", "make_loader", "train"]
 
 logger = logging.getLogger(f"fbcnn.{__name__}")
 
@@ -90,200 +82,10 @@ class RunDirs:
         return os.path.join(self.task_dir, "tensorboard")
 
 
-def _broadcast_int(value, info):
-    """Rank 0's integer (or None, sent as -1) on every process."""
-    if not info.distributed:
-        return value
-    t = torch.tensor([-1 if value is None else value], dtype=torch.int64, device=info.device)
-    dist.broadcast(t, src=0)
-    return None if int(t) < 0 else int(t)
-
-
 def _seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-
-
-def _uint8_image(chw):
-    img = chw.permute(1, 2, 0).numpy()
-    return img[:, :, 0] if img.shape[2] == 1 else img
-
-
-def _measure(E, H):
-    return dict(zip(("psnr", "ssim", "psnrb"), scores(E, H)))
-
-
-def validate(model, test_set, step, image_dir=None, jpeg_cache=None, stop=None):
-    """Restore every test image blind; per-image and average PSNR/SSIM/PSNR-B and predicted QF.
-
-    `jpeg_cache` (a dict kept between calls) holds the metrics of the unrestored JPEG inputs,
-    measured once, so each result can be read against the JPEG baseline. `stop`, a callable,
-    is asked before each image: when it says True, validation ends there and returns None.
-    """
-    rows = []
-    for index in range(len(test_set)):
-        if stop is not None and stop():
-            return None
-        try:
-            item = test_set[index]
-        except ImageReadError as exc:  # a file damaged since the start: skip it, keep training
-            logger.warning("validation: skipped %s", exc)
-            continue
-        E, qf_est = model.test(item["L"][None])
-        img_E, img_H = tensor2uint(E), _uint8_image(item["H"])
-        # the path below the test folder: images of one name in two sub-folders stay apart
-        name = os.path.splitext(os.path.relpath(item["H_path"], test_set.dataroot_H))[0]
-        row = {"name": name, **_measure(img_E, img_H), "qf": label_to_qf(qf_est[0, 0])}
-        if jpeg_cache is not None:
-            key = item["H_path"]
-            if key not in jpeg_cache:
-                jpeg_cache[key] = _measure(_uint8_image(item["L"]), img_H)
-            row.update({f"jpeg_{k}": v for k, v in jpeg_cache[key].items()})
-        rows.append(row)
-        logger.info("%4d--> %20s | PSNR %.2fdB | SSIM %.4f | PSNR-B %.2fdB | QF %d",
-                    index + 1, name, row["psnr"], row["ssim"], row["psnrb"], row["qf"])
-        if image_dir is not None:
-            folder = os.path.join(image_dir, name)
-            make_folder(folder)
-            imwrite(os.path.join(folder, f"{os.path.basename(name)}_{step}.png"), img_E)
-    keys = [k for k in rows[0] if k != "name"] if rows else []
-    average = {k: mean_score([r[k] for r in rows]) for k in keys}
-    return rows, average
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_SIGNAL_NAMES = {signal.SIGINT: "Ctrl+C (SIGINT)", signal.SIGTERM: "SIGTERM"}
-
-
-def _loader_worker_init(worker_id):
-    """A training loader worker ignores Ctrl+C and SIGTERM: a terminal or a scheduler sends
-    them to every process of the run, and a worker they killed would make the loader raise in
-    the main process, which instead stops the workers itself once its iteration is done. The
-    signals were held (blocked) since the worker started (`_signals_held`); ignoring them drops
-    any that came meanwhile."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.set_wakeup_fd(-1)  # the main process's, inherited through fork
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    worker_init_fn(worker_id)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Block SIGINT and SIGTERM in this thread for the block: the loader workers started in it
-    inherit the block until `_loader_worker_init` ignores the signals, and the main process gets
-    any that came once the block ends."""
-    if (not hasattr(signal, "pthread_sigmask")
-            or threading.current_thread() is not threading.main_thread()):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _stop_workers(batches):
-    """Shut down the loader iterator's worker processes now: as the DataLoader does (it asks
-    them, then sends SIGTERM, which they ignore), then SIGKILL for any still running. Reached
-    through DataLoader internals; an iterator without workers has nothing to stop."""
-    shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is None:
-        return
-    shutdown()
-    for worker in getattr(batches, "_workers", ()):
-        if worker.is_alive():
-            worker.kill()
-            worker.join(timeout=5)
-
-
-class _StopRequest:
-    """Ctrl+C and SIGTERM while the loop runs (main thread only; elsewhere a no-op).
-
-    The first signal sets `requested`; the loop ends after the iteration in progress. It is
-    announced at once by a thread woken through `signal.set_wakeup_fd`, which the signal
-    writes to even while the main thread is inside a long network step that does not return
-    to Python (where Python's own handler waits). A second signal raises KeyboardInterrupt
-    while `interruptible` (the loop's body outside saves), or when the save ends.
-    """
-
-    def __init__(self, announce=True):
-        self.announce = announce  # rank 0 alone says it, in a distributed run
-        self.requested = threading.Event()
-        self.interruptible = False
-        self.pending = False  # a second signal came while not interruptible
-        self.count = 0
-        self._active = False
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        self._reader, self._writer = socket.socketpair()
-        self._writer.setblocking(False)
-        self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        self._watcher = threading.Thread(target=self._watch, name="fbcnn-stop", daemon=True)
-        self._watcher.start()
-        self._active = True
-        return self
-
-    def __exit__(self, *exc):
-        self.interruptible = False
-        if not self._active:
-            return
-        self._active = False
-        signal.set_wakeup_fd(self._previous_fd)
-        for sig, handler in self._handlers.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        with contextlib.suppress(OSError):
-            self._writer.send(b"\0")  # wakes the watcher to end
-        self._watcher.join(timeout=5)
-        self._reader.close()
-        self._writer.close()
-
-    def _on_signal(self, signum, frame):
-        self.count += 1
-        self.requested.set()
-        if self.count > 1:
-            if self.interruptible:
-                raise KeyboardInterrupt
-            self.pending = True
-
-    def _watch(self):
-        announced = False
-        while True:
-            data = self._reader.recv(64)
-            if not data or 0 in data:
-                return
-            names = [_SIGNAL_NAMES[n] for n in data if n in _SIGNAL_NAMES]
-            if names and not announced:
-                announced = True
-                self.requested.set()
-                if self.announce:
-                    logger.warning("%s: stopping after this iteration (a second Ctrl+C or "
-                                   "SIGTERM stops at once)", names[0])
-
-    @contextlib.contextmanager
-    def critical(self):
-        """A block a second signal does not cut short (a save): it takes effect after it."""
-        interruptible, self.interruptible = self.interruptible, False
-        try:
-            yield
-        finally:
-            self.interruptible = interruptible
-        if self.pending and interruptible:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
-def _cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def make_loader(dataset, sampler, train_opt, info):
@@ -292,17 +94,17 @@ def make_loader(dataset, sampler, train_opt, info):
     batches do not depend on the number of workers)."""
     workers = train_opt["dataloader_num_workers"] // info.world_size
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    cap = max(1, _cores() // local_processes)
+    cap = max(1, usable_cores() // local_processes)
     if workers > cap:
         logger.warning("datasets.train.dataloader_num_workers %d: this machine has %d core(s) "
                        "for %d training process(es); using %d loader process(es) each",
-                       train_opt["dataloader_num_workers"], _cores(), local_processes, cap)
+                       train_opt["dataloader_num_workers"], usable_cores(), local_processes, cap)
         workers = cap
     kwargs = {}
     if workers > 0:
         kwargs = {"persistent_workers": train_opt["dataloader_persistent_workers"],
                   "prefetch_factor": train_opt["dataloader_prefetch_factor"],
-                  "worker_init_fn": _loader_worker_init}
+                  "worker_init_fn": loader_worker_init}
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                       pin_memory=train_opt["dataloader_pin_memory"] and info.device.type == "cuda",
                       **kwargs)
@@ -318,8 +120,8 @@ def _resume_point(dirs, info):
             logger.warning("removed %d temporary file(s) of an interrupted save: %s", len(stale),
                            ", ".join(stale))
         point = ckpt.resume_point(dirs.models)
-    latest = _broadcast_int(None if point is None else point[0], info)
-    weights_only = _broadcast_int(int(point is not None and point[1]), info)
+    latest = broadcast_int(None if point is None else point[0], info)
+    weights_only = broadcast_int(int(point is not None and point[1]), info)
     return latest, bool(weights_only)
 
 
@@ -335,7 +137,7 @@ class _Trainer:
         self.t = opt["train"]
         self.metrics = None
         self.jpeg_cache = {}
-        self.stop = _StopRequest(announce=info.is_main)
+        self.stop = StopRequest(announce=info.is_main)
         self.resume_file = None  # the network file of the checkpoint resumed from
 
     def setup(self):
@@ -382,7 +184,7 @@ class _Trainer:
                 logger.warning("train.manual_seed %d differs from the checkpoint's %d: the data "
                                "stream will not continue as before", t["manual_seed"], stored)
         if t["manual_seed"] is None:
-            t["manual_seed"] = _broadcast_int(random.SystemRandom().randrange(2 ** 31)
+            t["manual_seed"] = broadcast_int(random.SystemRandom().randrange(2 ** 31)
                                               if info.is_main else 0, info)
         _seed_everything(t["manual_seed"])
         if info.device.type == "cuda":
@@ -415,9 +217,6 @@ class _Trainer:
             if entry is not None and entry["dataroot_L"] is not None:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
-        if self.t["amp"] is not None:
-            logger.info("train.amp %r is the former name of train.precision: read as "
-                        "train.precision %r", self.t["amp"], self.t["precision"])
         precision = self.t["precision"]
         if (self.info.device.type == "cpu" and precision in ("bf16", "fp16")
                 and not (precision == "bf16" and any(native_bf16().values()))):
@@ -580,52 +379,31 @@ class _Trainer:
         barrier()
 
     def run(self):
-        t, model = self.t, self.model
-        total = t["total_iter"]
-        step = self.start
+        """Train from `self.start` to train.total_iter (or a stop); returns the iteration
+        reached. Ctrl+C or SIGTERM ends the run after the iteration in progress, saved."""
+        total, step = self.t["total_iter"], self.start
         if total is not None and step >= total:
             logger.info("iteration %d already reached train.total_iter %d: nothing to do",
                         step, total)
             return step
-        bar = progress_bar(step, total, enabled=self.info.is_main)
-        timer = {"time": time.time(), "step": step}
+        self.bar = progress_bar(step, total, enabled=self.info.is_main)
+        self.timer = {"time": time.time(), "step": step}
         self.saved = self.start  # the newest checkpoint on disk (0: none)
         self.stopping = self.ending = False
         try:
             with self.stop:
-                with _signals_held():  # the workers start holding them, then ignore them
+                with signals_held():  # the workers start holding them, then ignore them
                     batches = iter(self.loader)
                 try:
                     self.stop.interruptible = True
                     while (total is None or step < total) and not self._stop_agreed():
-                        data = next(batches)
                         step += 1
-                        if (self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]
-                                and "B" in net_act_mode(model.bare)):
-                            model.merge_bnorm()
-                            logger.info("iteration %d: BatchNorm folded into the convolutions "
-                                        "(act_mode now %s)", step, net_act_mode(model.bare))
-                        model.feed_data(data)
-                        model.optimize_parameters(step)
-                        model.update_learning_rate()
-                        if bar is not None:
-                            bar.update(1)
-                            if step % 10 == 0:
-                                bar.set_postfix(loss=f"{float(model.log_dict['loss']):.4e}")
-                        if step % t["checkpoint_print"] == 0:
-                            self.log_train(step, timer)
-                            timer = {"time": time.time(), "step": step}
-                        if step % t["checkpoint_save"] == 0 or step == total:
-                            self.save(step)
-                        if self.has_test and step % t["checkpoint_test"] == 0:
-                            self.test(step)
+                        self._iteration(step, next(batches))
                     if self.stopping and step and self.saved != step:
-                        # the iteration reached, so that a requeued job resumes there; every
-                        # process agreed to stop here, and a second signal acts after the save
-                        self.save(step)
+                        self.save(step)  # every process agreed to stop here: a resume starts here
                 finally:
                     self.stop.interruptible = False
-                    _stop_workers(batches)
+                    stop_workers(batches)
             if self.stopping:
                 raise KeyboardInterrupt
             if self.ending and self.saved != step:
@@ -636,11 +414,34 @@ class _Trainer:
                            "scratch (no checkpoint yet)")
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            if self.bar is not None:
+                self.bar.close()
         logger.info("stopped at iteration %d (%s)", step,
                     "asked to end early" if self.ending else "train.total_iter")
         return step
+
+    def _iteration(self, step, data):
+        """One training step, then what falls due at it: log, checkpoint, validation."""
+        t, model = self.t, self.model
+        if (self.opt["merge_bn"] and step == self.opt["merge_bn_startpoint"]
+                and "B" in net_act_mode(model.bare)):
+            model.merge_bnorm()
+            logger.info("iteration %d: BatchNorm folded into the convolutions (act_mode now %s)",
+                        step, net_act_mode(model.bare))
+        model.feed_data(data)
+        model.optimize_parameters(step)
+        model.update_learning_rate()
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(loss=f"{float(model.log_dict['loss']):.4e}")
+        if step % t["checkpoint_print"] == 0:
+            self.log_train(step, self.timer)
+            self.timer = {"time": time.time(), "step": step}
+        if step % t["checkpoint_save"] == 0 or step == t["total_iter"]:
+            self.save(step)
+        if self.has_test and step % t["checkpoint_test"] == 0:
+            self.test(step)
 
     def _stop_agreed(self):
         """Whether to stop before the next iteration: on a Ctrl+C or SIGTERM (`stopping`) or on

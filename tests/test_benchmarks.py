@@ -136,12 +136,6 @@ def test_train_benchmark_writes_its_table_and_json(tmp_path, capsys, keep_thread
              if line.startswith("| ") and "patches/s" not in line]
     assert [[cell.strip() for cell in row] for row in table] == [["fp32", "False", "off"],
                                                                  ["bf16", "False", "off"]]
-    # --amp, the former name, as train.amp reads: off is fp32 (the row reports the model's)
-    assert bench_train.main(["--device", "cpu", "--threads", "1", "--set", "netG.nc=[4,8,8,16]",
-                             "--set", "netG.nb=1", "--set", "datasets.train.H_size=32",
-                             "--set", "datasets.train.dataloader_batch_size=2", "--amp", "off",
-                             "--steps", "1", "--warmup", "1", "--json", str(path)]) == 0
-    assert [r["precision"] for r in json.loads(path.read_text())["rows"]] == ["fp32"]
 
 
 def test_loader_benchmark_writes_its_table_and_json(tmp_path, capsys):

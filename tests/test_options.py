@@ -50,33 +50,12 @@ def test_shipped_option_files_load_unchanged_with_spec_values(name, dataset_type
     assert ((train["checkpoint_test"], train["checkpoint_save"], train["checkpoint_print"]) ==
             (2500, 5000, 500))
     assert opt["datasets"]["test"]["dataset_type"] == "jpeg"  # gray nets: follows in_nc instead
-    assert train["total_iter"] is None and train["precision"] == "fp32" and train["amp"] is None
+    assert train["total_iter"] is None and train["precision"] == "fp32"
 
 
 def _with(raw, **train):
     raw["train"].update(train)
     return raw
-
-
-def test_train_amp_is_read_as_train_precision():
-    """The former `train.amp` keeps old option files working; `--set` wins over the file."""
-    for amp, precision in (("off", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")):
-        train = validate(_with(_raw(), amp=amp), check_paths=False)["train"]
-        assert (train["precision"], train["amp"]) == (precision, amp)
-    agreeing = validate(_with(_raw(), amp="off", precision="fp32"), check_paths=False)
-    assert agreeing["train"]["precision"] == "fp32"
-    old_file = _with(_raw(), amp="off")
-    touched = apply_overrides(old_file, ["train.precision=bf16"])
-    train = validate(old_file, overridden=touched, check_paths=False)["train"]
-    assert (train["precision"], train["amp"]) == ("bf16", None)
-    new_file = _with(_raw(), precision="bf16")
-    touched = apply_overrides(new_file, ["train.amp=off"])
-    train = validate(new_file, overridden=touched, check_paths=False)["train"]
-    assert (train["precision"], train["amp"]) == ("fp32", "off")
-    with pytest.raises(UserError, match=r'^o\.json: train\.amp: "off" \(train\.precision "fp32"\) '
-                                        r'contradicts train\.precision "tf32"; train\.amp is the '
-                                        r"former name of train\.precision: remove it$"):
-        validate(_with(_raw(), amp="off", precision="tf32"), "o.json", check_paths=False)
 
 
 def test_comment_markers_inside_strings_are_kept():
@@ -145,7 +124,6 @@ def test_suggestion_is_the_likeliest_key(where, name, meant):
     ("train.G_optimizer_lr", 0, r"train\.G_optimizer_lr: must be > 0"),
     ("train.precision", "fp64",
      r'train\.precision: "fp64" is not one of "fp32", "tf32", "bf16", "fp16"'),
-    ("train.amp", "fp32", r'train\.amp: "fp32" is not one of "off", "bf16", "fp16"'),
     ("train.G_scheduler_milestones", [5, 3], r"increasing order"),
     ("train.G_scheduler_type", "CosineAnnealingLR", r"until train\.total_iter, which is null"),
     ("datasets.train.dataset_type", "jpg", r"unknown dataset type 'jpg'; did you mean 'jpeg'\? "

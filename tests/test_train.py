@@ -921,8 +921,8 @@ def test_resume_takes_the_options_learning_rate_betas_and_weight_decay(option_fi
 
 def test_changed_optimizer_options_are_told_against_the_checkpoints_options(option_file,
                                                                           caplog):
-    """A checkpoint folded by an earlier version holds the rate at the fold as initial_lr: with
-    its recorded options unchanged nothing is reported; a real change still is."""
+    """A change is told against the checkpoint's recorded options, not its optimizer state (an
+    initial_lr that no option said): unchanged options report nothing; a real change does."""
     first = _tiny_model(option_file)
     state = {**first.training_state(), "options": json.dumps(first.opt)}
     for group in state["optimizer"]["param_groups"]:

@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from utils.errors import UserError
 
-__all__ = ["DistInfo", "init_distributed", "cleanup", "barrier", "all_reduce_mean",
-           "all_gather_floats", "Shard", "join_shards", "leave_shards", "all_gather_objects"]
+__all__ = ["DistInfo", "init_distributed", "cleanup", "barrier", "broadcast_int",
+           "all_reduce_mean", "all_gather_floats", "Shard", "join_shards", "leave_shards",
+           "all_gather_objects"]
 
 
 class DistInfo(NamedTuple):
@@ -69,6 +70,15 @@ def barrier():
     """Wait for every process (a no-op in single-process runs)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_int(value, info):
+    """Rank 0's integer (or None, sent as -1) on every process."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([-1 if value is None else value], dtype=torch.int64, device=info.device)
+    dist.broadcast(t, src=0)
+    return None if int(t) < 0 else int(t)
 
 
 def all_reduce_mean(values, device):
