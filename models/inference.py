@@ -3,61 +3,14 @@
 This module owns the conversion uint8 image -> tensor -> network -> uint8 image, exactly as
 the original test scripts did it (`clip(0, 1) * 255`, rounded), the meaning of a QF given by
 the user (`qf_input = 1 - QF/100`), and every way of running the network faster or in less
-memory than the faithful default (fp32, the whole image in one pass):
-
-- `precision`: "fp32" (IEEE fp32 everywhere: cuDNN's TF32 convolutions, which PyTorch allows
-  by default, and cuBLAS's TF32 matrix products are switched off for the call), "tf32" (cuDNN
-  and cuBLAS may use TF32 tensor cores; the same as fp32 on CPU), or "bf16" / "fp16" through
-  `torch.autocast` (weights stay fp32, so the model can switch back). bf16/fp16 work on CUDA
-  and, with torch >= 2.4, on CPU; a CPU without native bf16/fp16 arithmetic runs them slower
-  than fp32, so there they serve to compare with fp32. `precision_autocast` and `tf32_allowed`
-  are the two halves of this, shared with training (`models.model_fbcnn`).
-- `channels_last` (NHWC activations and weights) and `compile` (`torch.compile`, compiled once
-  per network and kept while the network lives).
-- `tile`: tiled inference. The image is replicate-padded to a multiple of 8 (as the network pads
-  it) and cut into `tile` x `tile` tiles whose origins are multiples of 8, so the JPEG 8x8 grid and
-  the network's three 2x downsamplings line up in every tile as in the whole image. Tiles are
-  spread evenly so that neighbours overlap by at least `tile_overlap` pixels.
-  Blending: a tile's weight is 0 within `tile_overlap // 4` pixels of an edge where it was cut
-  (there the zero padding inside the network distorts it most), rises linearly over the next
-  `tile_overlap // 2` pixels, then stays 1; the weights are normalised to sum to 1 at every
-  pixel. So wherever the network's receptive field is smaller than `tile_overlap // 4`, the tiled
-  output equals the untiled one; otherwise the seams are feathered.
-  One QF per image: FBCNN's QF head is a global average pool followed by an MLP. Each tile's
-  QF feature map is weighted by the same partition-of-unity weights (taken at 1/8 scale) and
-  summed, which is the global average pool of the whole image's features; the MLP then gives one
-  qf, passed to every tile's decoder as `qf_input`, so all tiles are conditioned alike. In blind
-  mode the encoder must therefore see every tile before any tile is decoded: a QF pass, then
-  the restoration pass. Recomputing each tile's encoder in the second pass costs 1.45x the
-  convolution FLOPs of one untiled pass for full FBCNN, plus the overlaps. The encoder cache
-  avoids that: the QF pass keeps each tile's skips except the first (x2, x3, x4 and the body's
-  output: 64 values per pixel for full FBCNN, a quarter of the channels at each halving) for as
-  many tiles as fit in `tile_cache_gib`, and the second pass recomputes only the first skip (one
-  3x3 convolution) for them; the output is the same bit for bit. The last tile's encoding is
-  always reused. With a QF given by the user it is a single pass.
-- `x8`: the self-ensemble of the original's model class (KAIR's `testx8`): the image is run
-  under each of the 8 rotations and mirrorings of the square, each output is turned back, and
-  the 8 outputs are averaged (in fp32, before clipping and rounding). Off by default; 8 times
-  the network's work. Our choices, where the original gives none:
-  - One QF per image. The identity pass runs first, blind or with the user's QF as usual; its
-    predicted qf is the QF reported, and in blind mode it is also fed as `qf_input` to the
-    other seven passes, so all eight decoders are conditioned alike (as all tiles are). The
-    original's `testx8` (KAIR's `utils_model.test_mode(mode=3)`) slices and averages the
-    network's return value as one tensor: FBCNN's second output, the qf, is never handled (the
-    call fails on the (image, qf) pair), and none of the original's scripts call it.
-  - The image is first replicate-padded to a multiple of 8, as the network pads it, and then
-    turned, so the JPEG 8x8 grid falls on the network's 8x8 cells in every pass (KAIR turns
-    the unpadded image, which moves the grid when a side is not a multiple of 8); the padding
-    is cropped after averaging.
-  - Each pass is an ordinary pass of its own: precision, memory layout and compilation apply
-    to it, and with `tile` each turned image is tiled on its own grid (so are the automatic
-    tiling and the out-of-memory fallback; a fallback's tile size is kept for the later passes).
-- Bounded memory. On CUDA an untiled pass that raises out-of-memory is retried with tiles of
-  `DEFAULT_TILE["cuda"]` pixels, and a tiled pass that runs out of memory is retried without
-  the encoder cache, then with tiles half as large, down to `MIN_TILE`. On CPU, running out of
-  memory kills the process instead of raising, so images above `max_untiled_megapixels` are
-  tiled from the start. The default limit, the tile and the encoder cache are the network's
-  `cpu_plan`, by its width: measured per zoo model (`CPU_PLANS`).
+memory than the faithful default (fp32, the whole image in one pass): `precision` (fp32, tf32,
+bf16/fp16 autocast; `precision_autocast` and `tf32_allowed` are shared with training),
+`channels_last`, `compile`, `engine` (models/engines.py), `tile` (tiles on the 8x8 grid,
+blended, with one QF for the whole image from the QF features pooled over every tile, and an
+encoder cache between a blind pass's two sweeps), `x8` (the self-ensemble of the 8 rotations
+and mirrorings, with the unturned pass's QF), and bounded memory (CUDA falls back to tiles on
+out-of-memory; a CPU tiles images above its network's `cpu_plan`). docs/evaluation.md, "How
+the network runs", describes each choice and why.
 """
 import contextlib
 import logging
@@ -107,15 +60,8 @@ class CpuPlan:
     tile_cache_gib: float
 
 
-# By the width of the network's first level, nc[0] (what sets its memory per pixel), measured
-# on a 2-core CPU with benchmarks/bench_inference.py (docs/benchmarks.md, "Tiles on the CPU").
-# The lite models (nc[0] 8): 512-pixel tiles were the fastest of 256, 512, 768 and 1024 on a
-# 12-megapixel photo, blind and with a QF, colour and gray; untiled they need about 0.26 GiB
-# per megapixel (12 MP: 3.3 GiB), but 512-pixel tiles are faster from 2 megapixels on (1 MP:
-# untiled 0.62 s, tiled 0.71; 2 MP: 1.60, 1.35), so they tile above 1.5; a 1 GiB encoder cache
-# (0.5 GiB used at 12 MP) made a blind 12 MP pass 1.3 times faster. The released width (64):
-# about 2.4 GiB at 1 megapixel untiled, so images above 2 are tiled to bound memory, without
-# a cache (each GiB holds a fraction of a photo's skips).
+# By the width of the network's first level, nc[0] (what sets its memory per pixel): the
+# measurements that chose them are in docs/benchmarks.md, "Tiles on the CPU".
 CPU_PLANS = {16: CpuPlan(tile=512, max_untiled_megapixels=1.5, tile_cache_gib=1.0),
              64: CpuPlan(tile=512, max_untiled_megapixels=2.0, tile_cache_gib=0.0)}
 

@@ -12,6 +12,7 @@ summary; exit 1 when a file failed, 2 for a usage error); sharding under torchru
 output plan are runners/restore_io.py's; `--qf-estimate` is runners/qf_estimate.py.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -180,9 +181,11 @@ def _restore_all(args, shard, device, options, ext):
     models = ModelCache({"color": args.model, "gray": args.gray_model}, device)
     work = plan_outputs(jobs, args, ext)
     mine = shard.take(zip(work, refusals(work)))
-    done, skipped, failed, icc_dropped = 0, 0, [], set()
+    done, skipped, failed = 0, 0, []
+    said = {"lines": [], "icc": set()}  # each restored file's line; ICC profiles not carried
     start = time.perf_counter()
-    with output_lock(args.output, shard):
+    # no input, no output folder: nothing is made where nothing will be written
+    with output_lock(args.output, shard) if work else contextlib.nullcontext():
         if shard.is_main:  # what a killed run left half-written (never under its own name)
             for folder in sorted({os.path.dirname(dest) for _, dest in work}):
                 remove_stale_temporaries(folder)
@@ -191,8 +194,7 @@ def _restore_all(args, shard, device, options, ext):
                   disable=None if shard.is_main else True) as bar:
             for first in range(0, len(mine), args.batch):
                 chunk = mine[first:first + args.batch]
-                for status in _restore_chunk(chunk, args, models, device, options, ext,
-                                             icc_dropped):
+                for status in _restore_chunk(chunk, args, models, device, options, ext, said):
                     if status == "done":
                         done += 1
                     elif status == "skipped":
@@ -201,7 +203,7 @@ def _restore_all(args, shard, device, options, ext):
                         failed.append(status)
                 bar.update(len(chunk))
         gathered = all_gather_objects({"done": done, "skipped": skipped, "failed": failed,
-                                       "icc": sorted(icc_dropped),
+                                       "icc": sorted(said["icc"]), "lines": said["lines"],
                                        "models_failed": bool(models.failed)})
     elapsed = time.perf_counter() - start
     failed = failures + [line for part in gathered for line in part["failed"]]
@@ -209,6 +211,9 @@ def _restore_all(args, shard, device, options, ext):
     status = 2 if any(p["models_failed"] for p in gathered) else 1 if failed else 0
     if not shard.is_main:
         return 0
+    for part in gathered[1:]:  # the other processes' files: every file's line is said here
+        for line in part["lines"]:
+            LOG.info("%s", line)
     for item in sorted({item for part in gathered for item in part["icc"]}):
         LOG.warning("warning: ICC profile not carried for %s", item)
     summary = f"{done} restored, {skipped} skipped, {len(failed)} failed in {elapsed:.1f} s"
@@ -249,7 +254,7 @@ def _groups(items, batch):
     return [ks[i:i + batch] for ks in runs.values() for i in range(0, len(ks), batch)]
 
 
-def _restore_chunk(chunk, args, models, device, options, ext, icc_dropped):
+def _restore_chunk(chunk, args, models, device, options, ext, said):
     """Restore a chunk of `((job, output), refusal)` (one, or `--batch` of them): per input,
     "done", "skipped", or the failure's line. Inputs of the same size and model go through
     the network together, and so do their projections' twins (models/consistency.py)."""
@@ -288,11 +293,11 @@ def _restore_chunk(chunk, args, models, device, options, ext, icc_dropped):
             item.img_E, item.qf_pred = img_E, qf_pred
     for k, item in items.items():
         if statuses[k] is None:
-            statuses[k] = _write(item, args, options, ext, icc_dropped)
+            statuses[k] = _write(item, args, options, ext, said)
     return statuses
 
 
-def _write(item, args, options, ext, icc_dropped):
+def _write(item, args, options, ext, said):
     """Make `item`'s restoration consistent with its file, turn it, write it; its status."""
     shown, decoded, img_E = display_path(item.job.path), item.decoded, item.img_E
     try:
@@ -304,18 +309,20 @@ def _write(item, args, options, ext, icc_dropped):
         icc = decoded.icc
         if icc is not None and (ext not in ICC_FORMATS or icc_colour_space(icc)
                                 != ("GRAY" if img_E.ndim == 2 else "RGB")):
-            icc_dropped.add(f"{shown} ({ext} output)" if ext not in ICC_FORMATS
+            said["icc"].add(f"{shown} ({ext} output)" if ext not in ICC_FORMATS
                             else f"{shown} ({icc_colour_space(icc)} profile, "
                                  f"{'gray' if img_E.ndim == 2 else 'colour'} output)")
             icc = None
         quality = DEFAULT_QUALITY if args.quality is None else args.quality
         atomic_write_bytes(item.dest, encode_image(img_E, ext, quality, icc), fsync=False,
                            replace=args.overwrite)
-        LOG.info("%s -> %s [%s]", shown, display_path(item.dest), ", ".join(
+        line = "{} -> {} [{}]".format(shown, display_path(item.dest), ", ".join(
             ["gray" if decoded.gray else "colour", _qf_used(item.model, decoded, item.qf,
                                                             item.qf_source, item.qf_pred)]
             + ([consistency] if consistency else [])
             + (["x8"] if options.get("x8") and item.model.net is not None else [])))
+        LOG.info("%s", line)
+        said["lines"].append(line)
         return "done"
     except FileExistsError:
         LOG.info("skipped %s: %s appeared meanwhile (--overwrite replaces it)", shown,

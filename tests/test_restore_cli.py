@@ -143,6 +143,26 @@ def test_files_folders_globs_and_recursive(tmp_path, photo, capsys):
 
     code, _, err = run([str(src / "*.bmp"), "-o", str(out / "none"), *IDENTITY], capsys)
     assert code == 1 and "no image files match" in err
+    assert not (out / "none").exists()  # nothing to write: no output folder either
+    code, _, err = run([str(src / "missing.jpg"), "-o", str(out / "none"), *IDENTITY], capsys)
+    assert code == 1 and "no such file or folder" in err and not (out / "none").exists()
+
+
+def test_a_rerun_clears_only_what_a_killed_run_left(tmp_path, photo, capsys):
+    """The output folder's own files (dotfiles, notes, other images) survive a rerun; only
+    atomic_write's temporaries of a killed run go."""
+    write_jpeg(tmp_path / "a.jpg", photo)
+    out = tmp_path / "out"
+    out.mkdir()
+    users = [".DS_Store", "notes.txt", ".notes.tmp-old", "other.png"]
+    for name in users:
+        (out / name).write_text("the user's")
+    stale = os.path.basename(fileio.temporary_name(str(out / "a.png")))
+    (out / stale).write_bytes(b"half")
+    code, _, _ = run([str(tmp_path / "a.jpg"), "-o", str(out), *IDENTITY], capsys)
+    assert code == 0
+    assert sorted(os.listdir(out)) == sorted(users + ["a.png"])
+    assert all((out / name).read_text() == "the user's" for name in users)
 
 
 def test_existing_outputs_are_kept_unless_overwrite(tmp_path, photo, capsys):

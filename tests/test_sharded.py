@@ -90,6 +90,9 @@ def test_two_processes_restore_a_folder_byte_for_byte_as_one(inputs, models, tmp
     assert "7 restored, 0 skipped, 1 failed" in proc.stderr and "by 2 processes" in proc.stderr
     assert "failed: " in proc.stderr and "broken.jpg" in proc.stderr
     assert _files(one) == _files(two) and len(_files(two)) == 7  # no lock or temporary left
+    # rank 0 says every file's line, the other process's included
+    said = [f"img{i}.jpg -> " for i in range(7)]
+    assert all(proc.stdout.count(line) == 1 for line in said), proc.stdout[-3000:]
 
     single, merged = tmp_path / "one.json", tmp_path / "two.json"
     assert cli.main([inputs, "--qf-estimate", "--json", str(single), *models,

@@ -15,6 +15,7 @@ escapes from `os.listdir`, bytes paths) show as \\xNN escapes, printable on any 
 """
 import contextlib
 import os
+import re
 import socket
 import threading
 
@@ -42,9 +43,13 @@ def temporary_name(path):
     return os.path.join(folder, f".{name}{_TMP_MARK}{os.getpid()}-{threading.get_ident()}")
 
 
+_TMP_NAME = re.compile(r"\..+" + re.escape(_TMP_MARK) + r"\d+-\d+")
+
+
 def is_temporary_name(name):
-    """Whether a file name is one of `atomic_write`'s temporary files."""
-    return name.startswith(".") and _TMP_MARK in name
+    """Whether a file name is one of `atomic_write`'s temporary files, `.<name>.tmp-<pid>-<tid>`
+    exactly: a user's own dotfiles and notes (`.DS_Store`, `.notes.tmp-old`) never are."""
+    return _TMP_NAME.fullmatch(name) is not None
 
 
 def _fsync_dir(folder):
