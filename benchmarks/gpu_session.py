@@ -1,16 +1,16 @@
 """The GPU measurements of docs/benchmarks.md in one time-boxed command.
 
-    python -m benchmarks.gpu_session --out "$OUT"            # on the GPU machine
-    python -m benchmarks.gpu_session --smoke --out /tmp/s     # the same steps, tiny, on CPU
+    python -m benchmarks.gpu_session --out DIR [--budget-s 540]     # on a machine with a GPU
+    python -m benchmarks.gpu_session --smoke --out /tmp/s           # the same steps, tiny, on CPU
 
-Run from the checkout's root with `-m`: it needs no installation of the project (the GPU
-machine has none), and its steps get the checkout on their import path. Each step runs in a
+Run from the checkout's root with `-m`: it needs no installation of the project, and its steps
+get the checkout on their import path. Each step runs in a
 process group of its own, killed whole at the step's limit, and writes its JSON row by row,
 so a step stopped at its limit keeps what it measured.
 
-A GPU may be at hand for one command of a few minutes only, so this script runs the measurements
-of docs/benchmarks.md ("Measurements to make on a GPU") in priority order, each in its own
-process with its own time limit, and starts no step after `--budget-s`: a step that fails, runs
+This script runs the measurements of docs/benchmarks.md ("Measurements to make on a GPU") in
+priority order, each in its own process with its own time limit, and with `--budget-s` starts
+no step after that many seconds (for a GPU at hand for a few minutes only): a step that fails, runs
 out of memory or hits its limit costs only itself. The steps, all with full-size FBCNN
 (`--random-init`), in order:
 
@@ -28,8 +28,8 @@ out of memory or hits its limit costs only itself. The steps, all with full-size
 7. `inference_compile`: LIVE1_color in bf16 channels_last, without and with torch.compile;
 8. `train_compile`: bf16 channels_last training steps, without and with torch.compile.
 
-The first six's limits add up to 480 s, inside the default budget of 540 s; the compile steps
-get what is left.
+The first six's limits add up to 480 s: a budget of that much gets their figures, and the
+compile steps get what is left of a larger one.
 
 Each step writes its JSON into a scratch folder; at the end (and after every step) everything
 is merged into two files under `--out`, `gpu_session.json` (device, per step: command, exit
@@ -98,7 +98,7 @@ STEPS = [
      [*_TRAIN, "--precision", "bf16", "--compile", "off", "on", "--json", "{json}"],
      [*_TRAIN_TINY, "--precision", "fp32", "--compile", "off", "--json", "{json}"]),
 ]
-# the first six, the figures docs/benchmarks.md asks for first, fit the default budget together
+# the first six, the figures docs/benchmarks.md asks for first (480 s of limits together)
 FIRST_STEPS = 6
 
 
@@ -115,7 +115,7 @@ def _device():
 
 def _child_env():
     """The environment of a step: the checkout itself first on the import path, so the steps
-    run from a bare checkout (a GPU machine where this project is not installed)."""
+    run from a bare checkout (a machine where this project is not installed)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     return env
@@ -142,8 +142,9 @@ def _run_step(command, log, limit):
     return "ok" if code == 0 else f"exit {code}"
 
 
-def run_session(out, smoke=False, budget_s=540.0, only=None):
-    """Run the steps (all, or those named in `only`); returns the merged result dict."""
+def run_session(out, smoke=False, budget_s=None, only=None):
+    """Run the steps (all, or those named in `only`), none started after `budget_s` seconds
+    (None: no budget); returns the merged result dict."""
     os.makedirs(out, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="gpu_session_")
     result = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke, **_device(),
@@ -154,7 +155,8 @@ def run_session(out, smoke=False, budget_s=540.0, only=None):
         for name, limit, gpu_args, smoke_args in STEPS:
             if only and name not in only:
                 continue
-            left = budget_s - (time.monotonic() - start)
+            left = (float("inf") if budget_s is None
+                    else budget_s - (time.monotonic() - start))
             if left < 15:
                 result["steps"].append({"name": name, "status": "not started (budget spent)"})
                 continue
@@ -182,10 +184,11 @@ def run_session(out, smoke=False, budget_s=540.0, only=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT") or "gpu_session",
-                   help="folder for gpu_session.json and gpu_session.log (default: $OUT)")
-    p.add_argument("--budget-s", type=float, default=540.0,
-                   help="no step starts after this many seconds (default %(default)s)")
+    p.add_argument("--out", required=True,
+                   help="folder for gpu_session.json and gpu_session.log")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="no step starts after this many seconds (default: no budget; each step "
+                        "has its own limit)")
     p.add_argument("--only", nargs="+", choices=[s[0] for s in STEPS],
                    help="run these steps only")
     p.add_argument("--smoke", action="store_true",
