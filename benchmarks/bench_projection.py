@@ -28,7 +28,7 @@ from models.engines import fastest_options
 from models.inference import restore
 from models.model_zoo import load_model
 from runners.cli import quality_factor, run_cli
-from runners.evaluation import resolve_testset
+from data.testsets import resolve_testset
 from utils.image import imread_uint, list_images
 
 COLUMNS = [("stage", "stage", "{}"), ("s_per_mp", "s per MP", "{:.3f}"),

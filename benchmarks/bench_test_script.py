@@ -22,7 +22,6 @@ path as released weights.
         --channels-last --qf 10 40 --workers 8 --no-process
 """
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -30,13 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from benchmarks.benchlib import add_model_args, build_model, device_name, print_table, write_json
-from models.inference import PRECISIONS
+from data.testsets import resolve_testset
+from models.inference import PRECISIONS, fit_overlap
 from runners.cli import run_cli
-from runners.evaluation import COLOR, DEFAULT_WORKERS, build_parser, resolve_testset, run
+from runners.evaluation import COLOR, DEFAULT_WORKERS, EvalSettings, run
 from runners.pipeline import StageClock
 from utils import REPO_ROOT
 from utils.errors import UserError
@@ -75,14 +76,23 @@ def _runner_flags(args, model_arg, testset, precision):
     return flags
 
 
-def _run_runner(flags, qf, workers, results):
+def _runner_settings(args, model_arg, testset, precision):
+    """The same run as `_runner_flags`, as the runner's settings object."""
+    speed = {"precision": precision}
+    if args.tile:
+        speed.update(tile=int(args.tile), tile_overlap=fit_overlap(int(args.tile)))
+    if args.channels_last:
+        speed["channels_last"] = True
+    return EvalSettings.of(COLOR, model=model_arg, testset=testset, device=args.device,
+                           speed=speed)
+
+
+def _run_runner(settings, qf, workers, results):
     """One in-process run of the runner for one QF: (wall seconds, StageClock, summary)."""
-    run_args = build_parser(COLOR).parse_args(
-        [*flags, "--qf", str(qf), "--workers", str(workers), "--results", results])
     clock = StageClock()
     start = time.perf_counter()
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        (summary,) = run(COLOR, run_args, clock)
+    (summary,) = run(COLOR, replace(settings, qf=(qf,), workers=workers, results=results,
+                                    console=False), clock)
     return time.perf_counter() - start, clock, summary
 
 
@@ -167,13 +177,14 @@ def main(argv=None):
         named["model"] = os.path.splitext(os.path.basename(model_arg))[0]
         for precision in args.precision:
             flags = _runner_flags(args, model_arg, testset, precision)
+            settings = _runner_settings(args, model_arg, testset, precision)
             for i in range(warmup):  # each precision's kernels chosen before its timed runs
-                seconds, _, _ = _run_runner(flags, args.qf[0], args.workers[0],
+                seconds, _, _ = _run_runner(settings, args.qf[0], args.workers[0],
                                             os.path.join(workdir, f"warmup_{precision}_{i}"))
                 print(f"warm-up {i + 1} ({precision}): {seconds:.1f} s", file=sys.stderr,
                       flush=True)
             for qf, workers in itertools.product(args.qf, args.workers):
-                wall, clock, summary = _run_runner(flags, qf, workers, os.path.join(
+                wall, clock, summary = _run_runner(settings, qf, workers, os.path.join(
                     workdir, f"results_{precision}_qf{qf}_w{workers}"))
                 rows.append({"precision": precision, "qf": qf, "workers": workers,
                              "wall_s": wall, **{f"{s}_s": clock.seconds.get(s, 0.0)

@@ -29,7 +29,7 @@ from data.jpeg import SAMPLINGS, jpeg
 from models.inference import predict_qf, resolve_device, restore
 from models.model_zoo import load_model
 from runners.cli import quality_factor, run_cli
-from runners.evaluation import resolve_testset
+from data.testsets import resolve_testset
 from utils.errors import UserError
 from utils.image import imread_uint, list_images
 from utils.metrics import psnr

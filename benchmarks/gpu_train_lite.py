@@ -52,7 +52,6 @@ runs every step on the CPU with a tiny network, the Classic5 images as training 
 script, it trains nothing useful.
 """
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -69,7 +68,8 @@ from models.model_zoo import (infer_fbcnn_kwargs, load_model, load_state_dict_fi
                               read_fbcnn_kwargs, sha256_file)
 from models.select_network import merge_bn, net_act_mode
 from runners.cli import run_cli
-from runners.evaluation import COLOR, GRAY, Preset, build_parser, resolve_testset, run
+from data.testsets import resolve_testset
+from runners.evaluation import COLOR, GRAY, EvalSettings, Preset, run
 from runners.train_options import load_options
 from runners.training import RunDirs, train
 from utils import REPO_ROOT
@@ -257,11 +257,10 @@ def _evaluate(recipe, weights, testset, device, workdir, eval_log):
     summaries, logs = {}, []
     for label, model in (("network", weights), ("jpeg", "jpeg")):
         results = os.path.join(workdir, f"eval_{label}")
-        argv = ["--model", model, "--testset", testset, "--qf", *map(str, EVAL_QFS),
-                "--device", device, "--results", results, "--no-save-images"]
         # the per-image lines go to the runner's log file, copied below
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            summaries[label] = run(recipe.preset, build_parser(recipe.preset).parse_args(argv))
+        summaries[label] = run(recipe.preset, EvalSettings.of(
+            recipe.preset, model=model, testset=testset, qf=EVAL_QFS, device=device,
+            results=results, save_images=False, console=False))
         logs += [(label, os.path.join(results, name)) for name in sorted(os.listdir(results))
                  if name.endswith(".log")]
     _copy_logs(logs, eval_log)

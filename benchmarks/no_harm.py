@@ -33,7 +33,7 @@ from benchmarks.benchlib import print_table, write_json
 from data.jpeg import jpeg_decode, jpeg_encode
 from runners import restore as main_restore
 from runners.cli import quality_factor
-from runners.evaluation import resolve_testset
+from data.testsets import resolve_testset
 from utils.image import imread_uint, imwrite, list_images
 from utils.metrics import psnr
 

@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg_file, jpeg_file, shift_crop
+from data.testsets import resolve_testset
 from models.consistency import file_coefficients, restore_consistent
 from models.inference import resolve_device
 from models.model_zoo import MODEL_ZOO, load_model
 from runners.cli import (DEVICE_HELP, SPEED_FLAGS, add_speed_args, quality_factor, run_cli,
                          shard_device, speed_options)
 from runners.pipeline import Pipeline, StageClock
-from utils import REPO_ROOT
 from utils.dist import all_gather_objects, join_shards, leave_shards
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
@@ -37,8 +37,8 @@ from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, re
 from utils.logger import setup_logging
 from utils.metrics import mean_score, scores
 
-__all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "build_parser",
-           "resolve_testset", "run", "main"]
+__all__ = ["Preset", "COLOR", "GRAY", "GRAY_DOUBLE", "COLOR_REAL", "EvalSettings",
+           "build_parser", "run", "main"]
 
 LOG = logging.getLogger(f"fbcnn.{__name__}")
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -114,6 +114,47 @@ def build_parser(preset, prog=None):
     return p
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """One run of the test runner, as a test script's command line describes it: benchmarks
+    build it directly (`EvalSettings.of(preset, ...)`), the scripts from their flags."""
+    model: str
+    testset: str
+    testsets_root: object = None
+    qf: tuple = ()
+    qf1: tuple = ()
+    qf2: tuple = ()
+    shift: int = 4
+    qf_control: tuple = ()
+    device: str = "auto"
+    speed: dict = field(default_factory=dict)  # restore() keyword arguments (speed_options)
+    workers: int = DEFAULT_WORKERS
+    results: str = "test_results"
+    save_images: bool = True
+    json: object = None
+    projection: bool = False
+    console: bool = True  # the lines on stdout too (they always go to the log)
+
+    @classmethod
+    def of(cls, preset, **changes):
+        """The preset's defaults (the original's), with `changes`."""
+        defaults = dict(model=preset.model, testset=preset.testset, qf=preset.qf,
+                        qf1=preset.qf1, qf2=preset.qf2, shift=preset.shift,
+                        qf_control=preset.qf_control)
+        return cls(**{**defaults, **changes})
+
+    @classmethod
+    def from_args(cls, preset, args):
+        """The settings of a test script's parsed flags (`build_parser`)."""
+        modes = {"single": ("qf",), "double": ("qf1", "qf2", "shift"), "real": ("qf_control",)}
+        return cls.of(preset, model=args.model, testset=args.testset,
+                      testsets_root=args.testsets_root, device=args.device,
+                      speed=speed_options(args), workers=args.workers, results=args.results,
+                      save_images=not args.no_save_images, json=args.json,
+                      projection=args.projection,
+                      **{k: getattr(args, k) for k in modes[preset.mode]})
+
+
 @dataclass
 class Setting:
     """One row of a results table: a degradation applied to every image of the test set."""
@@ -124,33 +165,6 @@ class Setting:
     x8: bool = False  # restored with the self-ensemble (--x8): its name ends in _x8
     projection: bool = False  # projected onto the JPEG's intervals (--projection): ..._proj
     scores: list = field(default_factory=list)
-
-
-# the paper's test sets that are too large for the repository, and where they come from
-PUBLIC_TESTSETS = {
-    "BSDS500_color": "the 500 images of BSDS500, www2.eecs.berkeley.edu/Research/Projects/CS/"
-                     "vision/grouping/resources.html",
-    "BSDS500_gray": "BSDS500 (www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
-                    "resources.html) converted to gray",
-    "McMaster": "the 18 McMaster images, www4.comp.polyu.edu.hk/~cslzhang/CDM_Dataset.htm",
-}
-
-
-def resolve_testset(testset, root):
-    """A name under `root` (default: the repository's testsets/) first, else a folder path."""
-    root = root or os.path.join(REPO_ROOT, "testsets")
-    path = os.path.join(root, testset)
-    if os.path.isdir(path):
-        return os.path.abspath(path)
-    if os.path.isdir(testset):
-        return os.path.abspath(testset)
-    known = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-             if os.path.isdir(root) else [])
-    hint = f"; sets in {root}: {', '.join(known)}" if known else f"; {root} holds no test sets"
-    if testset in PUBLIC_TESTSETS:
-        hint += (f". {testset} is not in the repository: download {PUBLIC_TESTSETS[testset]}, "
-                 f"put it in a folder named {testset} and give its parent as --testsets-root")
-    raise UserError(f"--testset {testset!r}: no folder {path}{hint}")
 
 
 def _check_channels(model, n_channels, model_arg):
@@ -177,20 +191,24 @@ def _double_jpeg(img, qf1, qf2, shift):
     return img_L, shift_crop(img, shift), data
 
 
-def _settings(preset, args, prefix):
+def _settings(preset, cfg, prefix, x8, projection):
+    """The rows of the cfg, each named once: `<prefix>_qf10`, ..., with `_x8` and `_proj`
+    when restored with the self-ensemble or projected."""
+    suffix = ("_x8" if x8 else "") + ("_proj" if projection else "")
+
+    def setting(name, keys, **kwargs):
+        return Setting(f"{prefix}_{name}{suffix}", keys, x8=x8, projection=projection, **kwargs)
     if preset.mode == "single":
-        return [Setting(f"{prefix}_qf{q}", {"qf": q},
-                        degrade=functools.partial(_single_jpeg, qf=q)) for q in args.qf]
+        return [setting(f"qf{q}", {"qf": q}, degrade=functools.partial(_single_jpeg, qf=q))
+                for q in cfg.qf]
     if preset.mode == "double":
-        if args.shift < 0:
-            raise UserError(f"--shift {args.shift}: must be 0 or more")
-        return [Setting(f"{prefix}_qf{q1}_{q2}_shift{args.shift}",
-                        {"qf1": q1, "qf2": q2, "shift": args.shift},
-                        degrade=functools.partial(_double_jpeg, qf1=q1, qf2=q2,
-                                                  shift=args.shift))
-                for q1 in args.qf1 for q2 in args.qf2]
-    return [Setting(f"{prefix}_blind", {"qf_control": None}),
-            *[Setting(f"{prefix}_qf{q}", {"qf_control": q}, qf_input=q) for q in args.qf_control]]
+        if cfg.shift < 0:
+            raise UserError(f"--shift {cfg.shift}: must be 0 or more")
+        return [setting(f"qf{q1}_{q2}_shift{cfg.shift}", {"qf1": q1, "qf2": q2, "shift": cfg.shift},
+                        degrade=functools.partial(_double_jpeg, qf1=q1, qf2=q2, shift=cfg.shift))
+                for q1 in cfg.qf1 for q2 in cfg.qf2]
+    return [setting("blind", {"qf_control": None}),
+            *[setting(f"qf{q}", {"qf_control": q}, qf_input=q) for q in cfg.qf_control]]
 
 
 def _read_image(path, n_channels):
@@ -310,40 +328,40 @@ def _summarize(setting, testset, model_name, skipped, summaries):
     summaries.append(summary)
 
 
-def run(preset, args, clock=None):
-    """Evaluate one model on one test set for every setting; returns the summaries.
+def run(preset, settings, clock=None):
+    """Evaluate one model on one test set for every setting of `settings` (an EvalSettings);
+    returns the summaries.
 
     `clock`, a StageClock, receives the seconds spent loading the model, reading images,
     making JPEGs, in the network, on metrics and on writes (for benchmarks).
     """
     clock = clock if clock is not None else StageClock()
-    testset_dir = resolve_testset(args.testset, args.testsets_root)
+    testset_dir = resolve_testset(settings.testset, settings.testsets_root)
     testset = os.path.basename(os.path.normpath(testset_dir))
     shard = join_shards()
-    device = shard_device(shard, resolve_device(args.device))
-    speed = speed_options(args)
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers}: must be 0 (serial) or more")
-    if not args.results.strip():
+    device = shard_device(shard, resolve_device(settings.device))
+    speed = {**settings.speed, "device": device}
+    if settings.workers < 0:
+        raise UserError(f"--workers {settings.workers}: must be 0 (serial) or more")
+    if not settings.results.strip():
         raise UserError("--results '': give a folder for the restored images and the log")
-    if args.json:  # before the work, not after it
-        if os.path.isdir(args.json):
-            raise UserError(f"--json {args.json}: is a folder; give a file name")
-        make_folder(os.path.dirname(args.json) or ".")
+    if settings.json:  # before the work, not after it
+        if os.path.isdir(settings.json):
+            raise UserError(f"--json {settings.json}: is a folder; give a file name")
+        make_folder(os.path.dirname(settings.json) or ".")
     with clock("load_model"):
-        model = load_model(args.model, device=device)
-    _check_channels(model, preset.n_channels, args.model)
+        model = load_model(settings.model, device=device)
+    _check_channels(model, preset.n_channels, settings.model)
     prefix = f"{testset}_{model.name}"
     # the run's lines, and the shared modules' notes (automatic tiling, 16-bit inputs), go to
     # stdout and to the appended log of this test set and model
     # (rank 0's alone in a sharded run: the others say only their errors)
-    undo_logging = (setup_logging(os.path.join(args.results, f"{prefix}.log"),
+    undo_logging = (setup_logging(os.path.join(settings.results, f"{prefix}.log"),
                                   file_format="%(asctime)s %(levelname)s %(message)s",
-                                  stream=sys.stdout) if shard.is_main
+                                  stream=sys.stdout, console=settings.console) if shard.is_main
                     else setup_logging(level=logging.ERROR))
     try:
-        return _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix,
-                         shard)
+        return _evaluate(preset, settings, clock, model, speed, testset, testset_dir, prefix, shard)
     finally:
         undo_logging()
         leave_shards()
@@ -378,36 +396,32 @@ class _Done:
         return self.value
 
 
-def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, prefix, shard):
-    LOG.info("model %s on %s (%s), device %s, %s", args.model, testset, testset_dir, device,
+def _evaluate(preset, cfg, clock, model, speed, testset, testset_dir, prefix, shard):
+    device = speed["device"]
+    LOG.info("model %s on %s (%s), device %s, %s", cfg.model, testset, testset_dir, device,
              ", ".join([speed.get("precision", "fp32")]
                        + [SPEED_FLAGS[k] if v is True else f"{SPEED_FLAGS[k]} {v}"
-                          for k, v in speed.items() if k != "precision"]))
-    settings = _settings(preset, args, prefix)
-    if speed.get("x8"):  # its own rows, folders and log lines beside the plain run's
-        for setting in settings:
-            setting.name, setting.x8 = f"{setting.name}_x8", True
-    if args.projection and model.net is not None:
-        for setting in settings:
-            setting.name, setting.projection = f"{setting.name}_proj", True
+                          for k, v in speed.items() if k not in ("precision", "device")]))
+    # x8 and the projection get rows, folders and log lines of their own names
+    settings = _settings(preset, cfg, prefix, bool(speed.get("x8")),
+                         cfg.projection and model.net is not None)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # conv algorithms tuned once per input shape
-    speed["device"] = device
 
     summaries = []
-    with Pipeline(args.workers) as pipe:
+    with Pipeline(cfg.workers) as pipe:
         with clock("read"):
             images, skipped = _read_testset(testset_dir, preset.n_channels, pipe)
         if preset.mode == "double":  # the crop between the two JPEGs must leave a pixel
-            small = [name for name, img in images if min(img.shape[:2]) <= args.shift]
+            small = [name for name, img in images if min(img.shape[:2]) <= cfg.shift]
             for name in small:
                 LOG.warning("skipped %s: smaller than %dx%d, nothing is left after --shift %d",
-                            name, args.shift + 1, args.shift + 1, args.shift)
+                            name, cfg.shift + 1, cfg.shift + 1, cfg.shift)
             images = [(name, img) for name, img in images if name not in small]
             skipped += small
             if not images:
                 raise UserError(f"--testset {testset_dir}: no image larger than --shift "
-                                f"{args.shift}")
+                                f"{cfg.shift}")
         out_names = _output_names([name for name, _ in images])
 
         file_coefficients = {}  # real JPEGs: each file's, read once for all its settings
@@ -439,8 +453,8 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                     mine, pipe.map_prepared(degrade, [jobs[i] for i in mine])):
                 setting, name, _ = jobs[i]
                 index = i % len(images)
-                out_dir = (None if args.no_save_images
-                           else os.path.join(args.results, setting.name))
+                out_dir = (None if not cfg.save_images
+                           else os.path.join(cfg.results, setting.name))
                 if out_dir is not None and (index == 0 or shard.distributed):
                     make_folder(out_dir)
                 if index == 0 or shard.distributed:
@@ -479,13 +493,13 @@ def _evaluate(preset, args, clock, model, device, speed, testset, testset_dir, p
                     _summarize(setting, testset, model.name, skipped, summaries)
     if skipped:
         LOG.warning("%d file(s) skipped: %s", len(skipped), ", ".join(skipped))
-    if args.json:
-        _write_json(args.json, summaries)
-        LOG.info("summaries written to %s", args.json)
+    if cfg.json:
+        _write_json(cfg.json, summaries)
+        LOG.info("summaries written to %s", cfg.json)
     return summaries
 
 
 def main(preset, argv=None, prog=None):
     """Entry point of a test script: one clear line and exit status 2 on a user error."""
     args = build_parser(preset, prog).parse_args(argv)
-    return run_cli(lambda: run(preset, args))
+    return run_cli(lambda: run(preset, EvalSettings.from_args(preset, args)))

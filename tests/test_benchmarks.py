@@ -163,7 +163,7 @@ def test_test_script_benchmark_times_the_runner_per_stage(tmp_path, capsys, keep
                                    "--device", "cpu", "--testset", str(folder), "--qf", "10",
                                    "30", "--workers", "0", "2", "--threads", "1", "--warmup", "1",
                                    "--json", str(path)]) == 0
-    assert runs == [[10]] * 3 + [[30]] * 2  # the warm-up run comes before the timed ones
+    assert runs == [(10,)] * 3 + [(30,)] * 2  # the warm-up run comes before the timed ones
     result = json.loads(path.read_text())
     rows = result["rows"]
     assert [(r["qf"], r["workers"], r["n_images"]) for r in rows] == [

@@ -18,7 +18,7 @@ from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from models import consistency
 from runners import evaluation
-from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, main
+from runners.evaluation import COLOR, COLOR_REAL, GRAY, GRAY_DOUBLE, EvalSettings, main, run
 from tests.conftest import REFERENCE, REPO_ROOT, calibrated_projection, shared_testset
 from utils.image import imread_uint, imwrite
 
@@ -374,6 +374,28 @@ def test_defaults_are_the_originals():
         "LIVE1_gray", [10, 30, 50], [10, 30, 50], 4)
     real = build_parser(COLOR_REAL).parse_args([])
     assert (real.testset, real.qf_control) == ("Real", [5, 10, 30, 50, 70, 90])
+    # the settings object a benchmark builds has the same defaults as the flags give
+    for preset in (COLOR, GRAY, GRAY_DOUBLE, COLOR_REAL):
+        flags = EvalSettings.from_args(preset, build_parser(preset).parse_args([]))
+        built = EvalSettings.of(preset)
+        mode = {"single": "qf", "double": "qf1", "real": "qf_control"}[preset.mode]
+        assert (flags.model, flags.testset, list(getattr(flags, mode)), flags.speed) == (
+            built.model, built.testset, list(getattr(built, mode)), built.speed)
+
+
+def test_a_run_from_settings_names_its_rows_once_and_stays_off_stdout(tmp_path, small_set,
+                                                                      tiny_models, capsys):
+    """x8 and projection rows get their suffixes when made (nothing renamed after); with
+    console off the lines go to the log alone."""
+    settings = EvalSettings.of(COLOR, model=str(tiny_models[3]), testset=str(small_set),
+                               qf=(20,), device="cpu", results=str(tmp_path),
+                               save_images=False, projection=True, console=False,
+                               speed={"x8": True})
+    (summary,) = run(COLOR, settings)
+    assert (summary["qf"], summary["x8"], summary["projection"]) == (20, True, True)
+    assert capsys.readouterr().out == ""
+    log = next(tmp_path.glob("*.log")).read_text()
+    assert "Average PSNR/SSIM/PSNRB - small_tiny3_qf20_x8_proj -: " in log
 
 
 def test_testsets_are_copies_of_shared(testsets_dir):

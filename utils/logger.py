@@ -57,17 +57,20 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def setup_logging(log_file=None, level=logging.INFO, console_format="%(message)s",
-                  file_format=LOG_FORMAT, stream=None, error_stream=None):
+                  file_format=LOG_FORMAT, stream=None, error_stream=None, console=True):
     """Send the `fbcnn` loggers' records at `level` and above to the console and `log_file`.
 
-    The console is `stream` (default stderr); with `error_stream`, records at WARNING and above
-    go there instead. `log_file` (appended, its folder created) gets every record at `level`
-    and above in `file_format`. Returns the function that removes these handlers again.
+    The console is `stream` (default stderr; none when `console` is false); with
+    `error_stream`, records at WARNING and above go there instead. `log_file` (appended, its
+    folder created) gets every record at `level` and above in `file_format`. Returns the
+    function that removes these handlers again.
     """
     logger = logging.getLogger(ROOT_LOGGER)
     saved = (logger.level, list(logger.handlers))
     stream = sys.stderr if stream is None else stream
-    if error_stream is None:
+    if not console:
+        consoles = []
+    elif error_stream is None:
         consoles = [(stream, None)]
     else:
         consoles = [(stream, lambda record: record.levelno < logging.WARNING),
