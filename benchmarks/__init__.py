@@ -1,5 +1,3 @@
-"""Benchmark and evaluation scripts (`python benchmarks/<name>.py`), over `benchmarks.benchlib`.
-
-They import the project as installed by requirements.txt (`-e .`); on a machine where it is not
-installed, run them with the repository on the path: `PYTHONPATH=. python benchmarks/<name>.py`.
+"""Benchmark and evaluation scripts over `benchmarks.benchlib`, run from the checkout's root as
+modules: `python -m benchmarks.<name>` (the project is not installed; docs/install.md).
 """

@@ -1,6 +1,6 @@
 """CPU engines side by side: PyTorch (contiguous, channels_last, bf16), ONNX Runtime, OpenVINO.
 
-    python benchmarks/bench_cpu_engines.py [--threads 2] [--lite-mp 1 12] [--released-mp 0.25]
+    python -m benchmarks.bench_cpu_engines [--threads 2] [--lite-mp 1 12] [--released-mp 0.25]
         [--repeat 2] [--psnr-qf 10 90] [--json e.json]
 
 For the lite colour model (shipped weights) and the released width (nc 64-512, nb 4, random

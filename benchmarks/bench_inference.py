@@ -9,12 +9,12 @@ in the same process, one after the other, and reports megapixels/s, achieved TFL
 do more work than that, so theirs is the useful rate), peak memory, and the largest difference
 in grey levels from the first row of each input (fp32, untiled, uncompiled where asked for).
 
-    python benchmarks/bench_inference.py --model fbcnn_color --device cuda --json r.json
-    python benchmarks/bench_inference.py --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
+    python -m benchmarks.bench_inference --model fbcnn_color --device cuda --json r.json
+    python -m benchmarks.bench_inference --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
         --precision fp32 bf16 --limit 4 --synthetic-mp 2 --tile 256
-    python benchmarks/bench_inference.py --random-init --device cuda --precision bf16 \\
+    python -m benchmarks.bench_inference --random-init --device cuda --precision bf16 \\
         --layout channels_last --compile off on --synthetic-mp 0 --tile 0
-    python benchmarks/bench_inference.py --model fbcnn_color_lite --device cpu --threads 2 \\
+    python -m benchmarks.bench_inference --model fbcnn_color_lite --device cpu --threads 2 \\
         --precision fp32 --limit 0 --tile 256 512 768 1024 --qf-input blind 10
 
 Several `--tile` sizes are compared side by side in one run (each with its own rows), and

@@ -8,7 +8,7 @@ this is what the loader alone can feed a GPU. Compare it with `bench_train.py`'s
 for the step alone; the loader keeps up when its rate with the workers a run will use is
 above the step's.
 
-    python benchmarks/bench_loader.py --set datasets.train.dataroot_H=trainsets/sub480 \\
+    python -m benchmarks.bench_loader --set datasets.train.dataroot_H=trainsets/sub480 \\
         --workers 0 1 2 --json loader.json
 """
 import argparse

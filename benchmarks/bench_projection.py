@@ -1,6 +1,6 @@
 """What the projection onto a JPEG's quantization intervals costs, against the network's time.
 
-    python benchmarks/bench_projection.py [--model fbcnn_color_lite] [--testset LIVE1_color]
+    python -m benchmarks.bench_projection [--model fbcnn_color_lite] [--testset LIVE1_color]
         [--synthetic-mp 12] [--qf 50] [--method calibrated posterior] [--threads 2]
         [--repeat 3] [--json p.json]
 

@@ -16,9 +16,9 @@ a user waits for. Its PSNR per QF is compared with the runner's rows (the same o
 A `--random-init` model is saved to a temporary .safetensors file and loaded through the same
 path as released weights.
 
-    python benchmarks/bench_test_script.py --model fbcnn_color --device cuda --qf 10 20 30 40
-    python benchmarks/bench_test_script.py --random-init --nc 16 32 64 128 --nb 2 --device cpu
-    python benchmarks/bench_test_script.py --random-init --device cuda --precision fp32 bf16 fp16 \\
+    python -m benchmarks.bench_test_script --model fbcnn_color --device cuda --qf 10 20 30 40
+    python -m benchmarks.bench_test_script --random-init --nc 16 32 64 128 --nb 2 --device cpu
+    python -m benchmarks.bench_test_script --random-init --device cuda --precision fp32 bf16 fp16 \\
         --channels-last --qf 10 40 --workers 8 --no-process
 """
 import argparse

@@ -8,9 +8,9 @@ lets cuDNN and cuBLAS use TF32, PyTorch's default for convolutions and so the or
 `train.compile` setting, in one process. Achieved TFLOP/s counts a training step as 3x the
 forward convolution FLOPs (forward, and a backward pass for activations and weights).
 
-    python benchmarks/bench_train.py --device cuda --precision fp32 tf32 bf16 fp16 --json t.json
-    python benchmarks/bench_train.py --device cuda --precision bf16 --channels-last --compile off on
-    python benchmarks/bench_train.py --device cpu --set netG.nc=[16,32,64,128] --set netG.nb=2 \\
+    python -m benchmarks.bench_train --device cuda --precision fp32 tf32 bf16 fp16 --json t.json
+    python -m benchmarks.bench_train --device cuda --precision bf16 --channels-last --compile off on
+    python -m benchmarks.bench_train --device cpu --set netG.nc=[16,32,64,128] --set netG.nb=2 \\
         --set datasets.train.dataloader_batch_size=4 --precision fp32 --steps 3
 """
 import argparse

@@ -1,8 +1,8 @@
 """FBCNN-D on the paper's non-aligned double-JPEG protocol: estimator accuracy and PSNR.
 
-    python benchmarks/eval_fbcnn_d.py [--model fbcnn_gray] [--pairs 10,30 10,50 30,50 30,10]
+    python -m benchmarks.eval_fbcnn_d [--model fbcnn_gray] [--pairs 10,30 10,50 30,50 30,10]
                                       [--testset LIVE1_gray] [--shift 4] [--json out.json]
-    python benchmarks/eval_fbcnn_d.py --model fbcnn_color_lite --testset LIVE1_color
+    python -m benchmarks.eval_fbcnn_d --model fbcnn_color_lite --testset LIVE1_color
 
 The paper's protocol is grayscale; a colour model is evaluated the same way on a colour test
 set (RGB images, the estimator reading them as main_restore's `--qf dominant` does).

@@ -1,6 +1,6 @@
 """How well a model's QF head predicts the JPEG quality: predicted QF per true QF on a test set.
 
-    python benchmarks/eval_qf_head.py --model fbcnn_gray [--testset LIVE1_gray]
+    python -m benchmarks.eval_qf_head --model fbcnn_gray [--testset LIVE1_gray]
                                       [--qf 10 30 50 70 90] [--qf-input 10 50 90]
                                       [--sampling 444]
 

@@ -1,6 +1,6 @@
 """Does main_restore make a JPEG better or worse, QF 10 to 100? Gain over the JPEG, per image.
 
-    python benchmarks/no_harm.py --testset LIVE1_color Classic5 --qf 10 50 90 95 \
+    python -m benchmarks.no_harm --testset LIVE1_color Classic5 --qf 10 50 90 95 \
         [--variant default blind header header+proj] [--model M] [--gray-model M] \
         [--clean] [--out results/no_harm] [--plot docs/no_harm.png]
 

@@ -170,7 +170,7 @@ def default_model(released, lite, model_dir=None):
     if (released, lite) not in _fallbacks_told:
         _fallbacks_told.add((released, lite))
         LOG.info("%s is not in %s: using the bundled %s (a small model trained on a CPU; "
-                 "README, 'Model zoo'); name %s to download the released weights (about "
+                 "docs/models.md); name %s to download the released weights (about "
                  "288 MB)", MODEL_ZOO[released].filename, model_folder(model_dir), lite, released)
     return lite
 

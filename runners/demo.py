@@ -66,7 +66,7 @@ NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released we
                  "`model_zoo/`, or restart with `python app.py --model PATH_OR_NAME`: a "
                  "`.pth`/`.safetensors` FBCNN state dict, or a model name "
                  "(`fbcnn_color` downloads the released weights, about 288 MB).")
-LITE_NOTE = ("A lite model trained on a 2-core CPU (README, \"Lite models\"): it removes fewer "
+LITE_NOTE = ("A lite model trained on a 2-core CPU (docs/models.md): it removes fewer "
              "artifacts than the released models. With the projection onto the file's DCT (on "
              "by default) it leaves JPEGs of every quality, QF 10 to 100, at least as good as "
              "they came (on LIVE1 and Classic5 no image lost more than 0.1 dB).")

@@ -44,7 +44,7 @@ ENTRY_POINTS = [["main_test_fbcnn_color.py"], ["main_test_fbcnn_gray.py"],
                 ["main_test_fbcnn_gray_doublejpeg.py"], ["main_test_fbcnn_color_real.py"],
                 ["main_train_fbcnn.py"], ["main_restore.py"], ["app.py"],
                 ["-m", "runners.prepare_subimages"], ["-m", "runners.export_onnx"],
-                ["benchmarks/bench_inference.py"], ["benchmarks/eval_qf_head.py"]]
+                ["-m", "benchmarks.bench_inference"], ["-m", "benchmarks.eval_qf_head"]]
 
 # Runs an entry point after a hook that notes OpenCV's pixel cap at the moment cv2 is first
 # imported; prints it last (the entry point's own output comes before).

@@ -1,4 +1,4 @@
-"""model_zoo/'s bundled lite models as shipped: the scores the README's "Lite models" section gives.
+"""model_zoo/'s bundled lite models as shipped: the scores docs/models.md's lite-model table gives.
 
 The colour model's LIVE1 averages are checked by CI, which runs the README's quick start; the
 gray model's Classic5 average at QF 10 is checked here (10 images, seconds on a CPU).
@@ -19,13 +19,13 @@ from utils.metrics import psnr
 
 
 def _readme_row(testset, model):
-    """The QF 10 cell of README's "Lite models" table: "PSNR / SSIM / PSNRB"."""
-    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
+    """The QF 10 cell of docs/models.md's lite-model table: "PSNR / SSIM / PSNRB"."""
+    with open(os.path.join(REPO_ROOT, "docs", "models.md"), encoding="utf-8") as f:
         for line in f:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if cells[:2] == [testset, model]:
                 return cells[2]
-    raise AssertionError(f"README.md has no row for {testset} / {model}")
+    raise AssertionError(f"docs/models.md has no row for {testset} / {model}")
 
 
 def test_the_gray_lite_model_gives_the_readme_classic5_row_at_qf10(tmp_path):
@@ -66,7 +66,7 @@ def test_the_shipped_gray_model_through_main_restore_never_loses_on_classic5_at_
         tmp_path, offline_zoo):
     """The case the lite gray network alone loses on (its restoration of Classic5 at QF 95 is
     0.91 dB below the JPEG): with main_restore's default calibrated projection no image loses
-    more than 0.1 dB, and the mean gains (README, "Lite models": +0.10 dB, worst -0.00)."""
+    more than 0.1 dB, and the mean gains (docs/models.md: +0.10 dB, worst -0.00)."""
     folder = tmp_path / "in"
     folder.mkdir()
     clean, files = {}, {}

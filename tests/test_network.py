@@ -140,7 +140,7 @@ def test_spandrel_loads_our_state_dict_and_agrees(tmp_path):
 def test_spandrel_refuses_the_bundled_models_for_their_qf_head_width(name):
     """spandrel's FBCNN, like the original, hard-codes 512 inputs for the QF head's first
     Linear; the bundled lite models have nc[3] = 64 there, so spandrel refuses them at load, as
-    README's model zoo says (a 512-wide file agrees with ours: the test above)."""
+    docs/models.md says (a 512-wide file agrees with ours: the test above)."""
     spandrel = pytest.importorskip("spandrel")
     path = os.path.join(REPO_ROOT, "model_zoo", MODEL_ZOO[name].filename)
     assert load_model(path).net.qf_pred[-6].in_features == 64

@@ -70,9 +70,9 @@ def test_the_product_names_no_folder_outside_the_users_clone():
 
 
 def test_the_cpu_install_line_pins_the_pair_the_test_command_keeps():
-    """README's CPU-only PyTorch line installs exactly the torch and torchvision versions quick
-    start 2 asks for, so neither quick-start command replaces the CPU build."""
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+    """docs/install.md's CPU-only PyTorch line installs exactly the torch and torchvision
+    versions quick start 2 asks for, so neither quick-start command replaces the CPU build."""
+    with open(os.path.join(REPO_ROOT, "docs", "install.md")) as f:
         text = f.read()
     cpu = [line for line in text.splitlines() if "download.pytorch.org/whl/cpu" in line
            and line.lstrip().startswith("python3 -m venv")]
@@ -82,3 +82,17 @@ def test_the_cpu_install_line_pins_the_pair_the_test_command_keeps():
         return sorted(w for w in shlex.split(command) if w.startswith(("torch==",
                                                                        "torchvision==")))
     assert pins(cpu[0]) == pins(_quick_start()[1]) and len(pins(cpu[0])) == 2
+
+
+def test_the_readme_is_a_front_door():
+    """Read in five minutes: at most 12,000 bytes, with the picture of a restoration, the way
+    to restore one's own photos right after the quick start, and every doc it links there."""
+    with open(os.path.join(REPO_ROOT, "README.md"), "rb") as f:
+        raw = f.read()
+    text = raw.decode()
+    assert len(raw) <= 12_000
+    sections = re.findall(r"^## (.+)$", text, re.M)
+    assert sections[:2] == ["Quick start", "Restoring your own photos"]
+    for link in re.findall(r"\]\((docs/[^)]+)\)", text):
+        assert os.path.isfile(os.path.join(REPO_ROOT, link)), link
+    assert "](docs/restored.png)" in text
