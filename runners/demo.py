@@ -14,7 +14,7 @@ This module owns what the demo page does and how it is served:
 - restoring: blind first (the network's own QF, shown, and put on the slider), then again with
   the slider's QF as `qf_input` whenever the slider is released (FBCNN's flexible control);
   memory is bounded as in every script (`models.inference.restore`: tiles with `--tile`, on CPU
-  above 2 megapixels, on CUDA when out of memory); a JPEG's result is then projected onto its
+  above the network's limit, on CUDA when out of memory); a JPEG's result is then projected onto its
   file's quantization intervals (`--no-projection` turns it off), as main_restore does;
 - output: a before/after slider and the restored PNG to download, written to a private
   temporary folder that is removed at exit; samples (testsets/Real and a LIVE1 crop compressed
