@@ -1,25 +1,17 @@
 """Inference speed and memory of `models.inference.restore`, per precision, untiled vs tiled.
 
-Measures forward passes only (the JPEG inputs are made before the clock starts), on a test set
-(default LIVE1_color at QF 10) and on a synthetic photo of `--synthetic-mp` megapixels (a mosaic
-of the test set's images, JPEG-compressed at the same QF). For every precision, layout and
-`--compile` setting it runs the untiled and the tiled path (once per `--tile-cache-gib` size)
-in the same process, one after the other, and reports megapixels/s, achieved TFLOP/s
-(convolution FLOPs of one untiled pass, counted analytically for the model's widths; tiled rows
-do more work than that, so theirs is the useful rate), peak memory, and the largest difference
-in grey levels from the first row of each input (fp32, untiled, uncompiled where asked for).
+Forward passes only (the JPEG inputs are made before the clock starts), on a test set (default
+LIVE1_color at QF 10) and on a synthetic photo of `--synthetic-mp` megapixels (a mosaic of the
+set's images). For every precision, layout and `--compile` setting, untiled and tiled (per
+`--tile` size and `--tile-cache-gib`, and blind or with each `--qf-input`), one after the other
+in one process: megapixels/s, achieved TFLOP/s (convolution FLOPs of one untiled pass, counted
+analytically), peak memory, and the largest grey-level difference from the first row.
 
     python -m benchmarks.bench_inference --model fbcnn_color --device cuda --json r.json
     python -m benchmarks.bench_inference --random-init --nc 16 32 64 128 --nb 2 --device cpu \\
         --precision fp32 bf16 --limit 4 --synthetic-mp 2 --tile 256
-    python -m benchmarks.bench_inference --random-init --device cuda --precision bf16 \\
-        --layout channels_last --compile off on --synthetic-mp 0 --tile 0
     python -m benchmarks.bench_inference --model fbcnn_color_lite --device cpu --threads 2 \\
         --precision fp32 --limit 0 --tile 256 512 768 1024 --qf-input blind 10
-
-Several `--tile` sizes are compared side by side in one run (each with its own rows), and
-`--qf-input` adds rows with the QF fed to the network (`blind`: the network's own estimate,
-the default).
 """
 import argparse
 import itertools

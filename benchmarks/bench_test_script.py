@@ -1,25 +1,18 @@
 """The whole colour test script (main_test_fbcnn_color.py's runner), timed stage by stage.
 
-For each precision and QF, runs `runners.evaluation.run` on the test set exactly as the script
-does (model load, image reads, JPEG, network, PSNR/SSIM/PSNR-B, PNG writes, log), once serially
-(`--workers 0`) and once with the pipelined stages, in the same process, and reports the wall
-time, the seconds spent in each stage (summed over threads: with workers they overlap, so they
-can add up to more than the wall time) and megapixels/s after the model load. `--warmup` untimed
-runs come first (by default one on CUDA, where the first pass pays for the CUDA context and
-cuDNN's choice of kernels per image shape), so these rows are the runner's steady speed.
-
-Then, for each precision and `--workers` value, it runs `python main_test_fbcnn_color.py` with
-every `--qf` in a new process, as a user does, and times it from start to exit: Python's
-start-up, the imports, the model load and the first, cold pass are in that time, which is what
-a user waits for. Its PSNR per QF is compared with the runner's rows (the same on the CPU).
-
-A `--random-init` model is saved to a temporary .safetensors file and loaded through the same
-path as released weights.
+For each precision and QF, runs `runners.evaluation.run` on the test set as the script does,
+once serially (`--workers 0`) and once with the pipelined stages, in one process, after
+`--warmup` untimed runs: wall time, seconds per stage (summed over threads) and megapixels/s
+after the model load. Then, per precision and `--workers`, it runs `python
+main_test_fbcnn_color.py` with every `--qf` in a new process, as a user does, timed from start
+to exit (start-up, imports, model load and the cold first pass included), its PSNR per QF
+compared with the runner's. A `--random-init` model is saved to a temporary .safetensors file
+and loaded as released weights are.
 
     python -m benchmarks.bench_test_script --model fbcnn_color --device cuda --qf 10 20 30 40
     python -m benchmarks.bench_test_script --random-init --nc 16 32 64 128 --nb 2 --device cpu
-    python -m benchmarks.bench_test_script --random-init --device cuda --precision fp32 bf16 fp16 \\
-        --channels-last --qf 10 40 --workers 8 --no-process
+    python -m benchmarks.bench_test_script --random-init --device cuda --precision fp32 bf16 \\
+        fp16 --channels-last --qf 10 40 --workers 8 --no-process
 """
 import argparse
 import itertools

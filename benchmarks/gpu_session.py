@@ -3,40 +3,17 @@
     python -m benchmarks.gpu_session --out DIR [--budget-s 540]     # on a machine with a GPU
     python -m benchmarks.gpu_session --smoke --out /tmp/s           # the same steps, tiny, on CPU
 
-Run from the checkout's root with `-m`: it needs no installation of the project, and its steps
-get the checkout on their import path. Each step runs in a
-process group of its own, killed whole at the step's limit, and writes its JSON row by row,
-so a step stopped at its limit keeps what it measured.
-
-This script runs the measurements of docs/benchmarks.md ("Measurements to make on a GPU") in
-priority order, each in its own process with its own time limit, and with `--budget-s` starts
-no step after that many seconds (for a GPU at hand for a few minutes only): a step that fails, runs
-out of memory or hits its limit costs only itself. The steps, all with full-size FBCNN
-(`--random-init`), in order:
-
-1. `gpu_tests`: the GPU tests (each precision within its grey-level bound of the CPU's fp32,
-   the out-of-memory fallback to tiles, the metrics on CUDA);
-2. `inference_live1`: LIVE1_color at QF 10, fp32/tf32/bf16/fp16 x contiguous/channels_last;
-3. `test_script_fp32`: the whole colour test script at QF 10 to 40, serial (`--workers 0`, the
-   baseline) and pipelined (`--workers 8`), then each as a new process, start to exit;
-4. `train`: training steps at batch 128 of 96x96, `train.precision` fp32/tf32/bf16/fp16,
-   channels_last;
-5. `inference_12mp`: a 12-megapixel photo, fp32 and bf16, untiled vs 1024-pixel tiles with
-   encoder caches of 0, 1 and 2 GiB;
-6. `test_script_precision`: the test script in fp32, bf16 and fp16 side by side, channels_last,
-   pipelined;
-7. `inference_compile`: LIVE1_color in bf16 channels_last, without and with torch.compile;
-8. `train_compile`: bf16 channels_last training steps, without and with torch.compile.
-
-The first six's limits add up to 480 s: a budget of that much gets their figures, and the
-compile steps get what is left of a larger one.
-
-Each step writes its JSON into a scratch folder; at the end (and after every step) everything
-is merged into two files under `--out`, `gpu_session.json` (device, per step: command, exit
-status, seconds, results) and `gpu_session.log` (each step's output). `--smoke` swaps in tiny
-networks and inputs on the CPU (and leaves torch.compile off), to check the script itself
-without a GPU (tests/test_benchmarks.py runs it). Training a lite model to ship is a command of
-its own, as long as the time at hand allows: benchmarks/gpu_train_lite.py.
+Run from the checkout's root with `-m` (nothing needs installing). The `STEPS` (full-size
+FBCNN, `--random-init`) run in priority order: the GPU tests; LIVE1 inference per precision and
+layout; the whole colour test script, serial and pipelined, then as new processes; training
+steps per precision; a 12-megapixel photo untiled and tiled; the test script per precision;
+then inference and training with torch.compile. Each runs in a process group of its own,
+killed whole at its own limit, and writes its JSON row by row, so a step stopped at its limit
+keeps what it measured and costs only itself; with `--budget-s` no step starts after that many
+seconds (the first six's limits add up to 480 s). Everything is merged into
+`DIR/gpu_session.json` (device, per step: command, status, seconds, results) and
+`DIR/gpu_session.log`. `--smoke` swaps in tiny networks on the CPU (torch.compile off) to check
+the script without a GPU; docs/benchmarks.md describes each step.
 """
 import argparse
 import json

@@ -1,55 +1,22 @@
 """Train a lite FBCNN within a time budget, score it on LIVE1 and write it, ready to ship.
 
     python -m benchmarks.gpu_train_lite --model color --out DIR --budget-s 600     # on a GPU
-    python -m benchmarks.gpu_train_lite --model gray --out results \\
+    python -m benchmarks.gpu_train_lite --model gray --out DIR --budget-s 600 \\
         --init model_zoo/fbcnn_gray_lite.safetensors      # fine-tune the shipped network
     python -m benchmarks.gpu_train_lite --smoke --model color --out /tmp/x  # the same path, tiny
 
-One command, for a GPU held for a few minutes, through the project's own code:
-1. probe: the run's exact options train through `runners.training.train` (from scratch, thrown
-   away) until metrics.jsonl holds `--measure-s` seconds after its first logged interval (which
-   holds the start-up: loader workers, cuDNN's kernel choice); they give the iterations per
-   second, and the start-up time (the first interval less its iterations at that rate);
-2. plan: `train.total_iter` is what that rate fits into `--budget-s` less the time spent so far,
-   the start-up and `--eval-reserve-s`; the cosine schedule ends there (CosineAnnealingLR runs
-   to `train.total_iter`), and BatchNorm is folded at 90% of it (the recipes' 18,000 of 20,000);
-3. train: `runners.training.train` with those options; past the budget less the evaluation's
-   reserve the run ends there (`train`'s `should_end`), saving the iteration reached;
-4. write the network as fp16 safetensors with its architecture (`fbcnn_kwargs`) and training
-   record in the metadata (`utils.checkpoint.save_network`; BatchNorm folded if a stop came
-   before the fold);
-5. score that file with the test runner (`runners.evaluation.run`, as main_test_fbcnn_*.py) on
-   LIVE1 at QF 10, 20, 30 and 40 (PSNR, SSIM, PSNR-B, mean predicted QF), beside the JPEG
-   input's rows (`--model jpeg`).
-
-`--model` picks the recipe. The lite option files follow the original's three models; gray and
-gray_double share the gray lite recipe (network, schedule, batch) and differ in the dataset type,
-as the original's train_fbcnn_gray.json and train_fbcnn_graydouble.json do:
-
-| --model     | option file                         | dataset type                 | scored on   |
-|-------------|-------------------------------------|------------------------------|-------------|
-| color       | options/train_fbcnn_color_lite.json | jpeg (as in the file)        | LIVE1_color |
-| gray        | options/train_fbcnn_gray_lite.json  | jpeggray (set here)          | LIVE1_gray  |
-| gray_double | options/train_fbcnn_gray_lite.json  | jpeggraydouble (as the file) | LIVE1_gray  |
-
-`--init WEIGHTS` fine-tunes a shipped lite model instead of starting from scratch: the network's
-architecture comes from the file (a folded network trains without BatchNorm, so nothing is
-folded), and the learning rate starts a fresh cosine cycle from the recipe's
-`train.G_optimizer_lr` (`--set train.G_optimizer_lr=...` for another). `--set` passes any other
-option, as main_train_fbcnn.py takes it, after this script's own settings.
-
-Written to `--out`, five files: `<name>.safetensors` (the network in
-fp16, about 10.3 MiB for the lite widths; name: fbcnn_color_lite, fbcnn_gray_lite or
-fbcnn_gray_double_lite),
-`<name>.json` (device, options, probe, plan, timings, scores, the weights' sha256; also
-printed), `<name>_train.log` (the probe's and the run's training logs), `<name>_metrics.jsonl`
-(the run's loss curve) and `<name>_eval.log` (the runner's per-image lines).
-
-The training tiles are not in git (`trainsets/` is ignored): put them in trainsets/train_pack
-on the machine with the GPU, or give `--data`. `--smoke`
-runs every step on the CPU with a tiny network, the Classic5 images as training data (unless
-`--data` exists), a 2-second probe and two 64x64 crops of LIVE1 as the test set: it checks the
-script, it trains nothing useful.
+Through the project's own code: a probe run measures the iterations per second (and the
+start-up) of the recipe's exact options; `train.total_iter` is what that rate fits into
+`--budget-s` less the time spent, the start-up and `--eval-reserve-s` (the cosine schedule ends
+there, BatchNorm folded at 90%); `runners.training.train` runs it (ending early at the budget
+less the reserve, saved); the network is written as fp16 safetensors with its architecture and
+scored with the test runner on LIVE1 at QF 10 to 40 beside the JPEG rows. `--model` picks the
+recipe (color, gray, gray_double: the original's three models); `--init` fine-tunes a shipped
+lite model with a fresh cosine cycle; `--set` passes options as main_train_fbcnn.py takes them.
+`--out` receives `<name>.safetensors`, `<name>.json` (device, options, probe, plan, timings,
+scores, sha256), `<name>_train.log`, `<name>_metrics.jsonl` and `<name>_eval.log`. The training
+tiles go in trainsets/train_pack (or `--data`); `--smoke` runs every step on the CPU with a tiny
+network and Classic5 as training data, to check the script. docs/benchmarks.md has the rest.
 """
 import argparse
 import gc

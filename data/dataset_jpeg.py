@@ -1,25 +1,18 @@
 """FBCNN's JPEG datasets: one class, with the original dataset names as presets.
 
 This module owns how training patches and validation images are made from clean images:
-- `DatasetJPEG` reads clean (H) images and JPEG-compresses them on the fly with the functions of
-  `data.jpeg` (the same ones the test runner uses), colour or gray, single or double JPEG;
+- `DatasetJPEG` reads clean (H) images and JPEG-compresses them on the fly with `data.jpeg`
+  (the test runner's functions), colour or gray, single or double JPEG; bad files are found
+  from their headers before training starts (one error naming the first), and a file that
+  fails to decode later costs one image, not the run;
 - `DATASET_PRESETS` maps the option names `jpeg`, `jpeggray`, `jpeggraydouble` (the original's
-  data/dataset_jpeg.py, dataset_jpeggray.py and dataset_jpeggraydouble.py) and `jpegdouble`
-  (colour with the same double-JPEG augmentation) to their `Degradation`;
-- `IterationBatchSampler` decides which images and which random seed each sample of each
-  iteration gets, and whether the whole iteration is double JPEG (the original meant a per-batch
-  draw; here it is one draw per iteration, shared by all processes of a distributed run).
-
-Bad files are found before training starts: `DatasetJPEG` reads the header of every image (not
-its pixels) and refuses, with one error naming the first bad file, a set holding files that are
-not images, are empty, claim too many pixels or are smaller than the crop. A file that passes
-the header check but fails to decode later (say, truncated) costs one image, not the run: the
-next readable image of the set takes its place, with a warning.
-
-Every random draw of a training sample comes from a Generator seeded with `(seed, position)`,
-where `position` is the sample's place in the run's global stream of samples. A sample is thus a
-pure function of the seed and the iteration: independent of loader workers, of the number of
-processes, and of where a run was interrupted and resumed.
+  three datasets) and `jpegdouble` (colour, double JPEG) to their `Degradation`;
+- `IterationBatchSampler` decides which images and which seed each sample of each iteration
+  gets, and whether the iteration is double JPEG (one draw per iteration, shared by all
+  processes of a distributed run).
+Every random draw of a sample comes from a Generator seeded with `(seed, position)`, its place
+in the run's stream of samples: a sample is a pure function of the seed and the iteration,
+whatever the loader workers, the number of processes, or where a run was resumed.
 """
 import logging
 import math

@@ -2,33 +2,11 @@
 
 This module owns the paper's blind fix for non-aligned double JPEG (FBCNN-D, which the original
 code does not ship): find the QF of the compression that dominates the artifacts, to feed it
-to FBCNN as `qf_input`. It uses only re-compression with data/jpeg.py's encoder, so it works on
-any decoded image (a PNG screenshot of a JPEG, a crop of a JPEG, a JPEG of a JPEG).
-
-The observation ("JPEG ghosts"): re-compress an image at QF' on the 8x8 grid it was compressed
-on, and the error against it dips sharply at QF' = its QF, since its DCT coefficients are
-already multiples of that QF's quantization steps. On any other grid alignment no such dip
-appears. A non-aligned double JPEG (QF1, crop, QF2) shows two dips: QF2 on the last grid and
-a weaker one at QF1 on the first grid. So, on a window of the luma channel:
-
-1. `recompression_errors`: the MSE E[s, q] between the window at each of the 64 grid shifts s
-   and its re-compression at each QF q in 1..100.
-2. Normalise each QF's column by its median over the shifts (A = E / median), so that the
-   steady decrease of the error with q and the image content cancel out; a dip is a local
-   minimum over q of one shift's row.
-3. The last compression is the deepest dip (A near 0: re-compressing a decoded JPEG on its
-   own grid at its own QF reproduces it almost exactly). The lowest QF among that shift's
-   near-equal dips is taken, since a QF-10 JPEG also re-compresses exactly at QF 20 and 50
-   (their tables divide its table). No dip below `trace_threshold`: no JPEG trace, QF None.
-4. An earlier compression: on the other shifts, renormalised against the shifts that are
-   aligned with the last grid in the same way (same row phase, same column phase, or
-   neither), the deepest dip at a QF below the last one. The four shifts one pixel off the
-   last grid along one axis are not candidates (smooth content fakes dips there). It is
-   dominant when its normalised error is below `prior_threshold(window size)` (0.8 for the
-   default 256x256 window); otherwise the last QF is.
-
-The thresholds were chosen on LIVE1_gray (benchmarks/eval_fbcnn_d.py prints the accuracy). An
-aligned double JPEG (the same grid twice) is reported as its last QF.
+to FBCNN as `qf_input`. It uses only re-compression with data/jpeg.py's encoder ("JPEG
+ghosts": an image re-compressed on its own 8x8 grid at its own QF comes back almost exactly),
+so it works on any decoded image (a PNG screenshot of a JPEG, a crop, a JPEG of a JPEG);
+`estimate_dominant_qf` says how. The thresholds were chosen on LIVE1_gray
+(benchmarks/eval_fbcnn_d.py prints the accuracy).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +115,30 @@ def _normalise(errors, rows):
 
 
 def estimate_dominant_qf(img, max_size=256, trace_threshold=TRACE_THRESHOLD, threshold=None):
-    """FBCNN-D's estimate for a uint8 RGB or gray image; see the module docstring.
+    """FBCNN-D's estimate for a uint8 RGB or gray image.
+
+    The observation ("JPEG ghosts"): re-compress an image at QF' on the 8x8 grid it was compressed
+    on, and the error against it dips sharply at QF' = its QF, since its DCT coefficients are
+    already multiples of that QF's quantization steps. On any other grid alignment no such dip
+    appears. A non-aligned double JPEG (QF1, crop, QF2) shows two dips: QF2 on the last grid and
+    a weaker one at QF1 on the first grid. So, on a window of the luma channel:
+
+    1. `recompression_errors`: the MSE E[s, q] between the window at each of the 64 grid shifts s
+       and its re-compression at each QF q in 1..100.
+    2. Normalise each QF's column by its median over the shifts (A = E / median), so that the
+       steady decrease of the error with q and the image content cancel out; a dip is a local
+       minimum over q of one shift's row.
+    3. The last compression is the deepest dip (A near 0: re-compressing a decoded JPEG on its
+       own grid at its own QF reproduces it almost exactly). The lowest QF among that shift's
+       near-equal dips is taken, since a QF-10 JPEG also re-compresses exactly at QF 20 and 50
+       (their tables divide its table). No dip below `trace_threshold`: no JPEG trace, QF None.
+    4. An earlier compression: on the other shifts, renormalised against the shifts that are
+       aligned with the last grid in the same way (same row phase, same column phase, or
+       neither), the deepest dip at a QF below the last one. The four shifts one pixel off the
+       last grid along one axis are not candidates (smooth content fakes dips there). It is
+       dominant when its normalised error is below `prior_threshold(window size)` (0.8 for the
+       default 256x256 window); otherwise the last QF is.
+    An aligned double JPEG (the same grid twice) is reported as its last QF.
 
     `threshold` overrides `prior_threshold(window pixels)`. An image under 15x15 pixels has no
     window to measure: like an image without a JPEG trace, it gets DominantQF(None, None, None).

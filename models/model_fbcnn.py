@@ -1,30 +1,12 @@
 """FBCNN's training logic, apart from the network: losses, optimiser, scheduler and the step.
 
-This module owns what one training iteration does to `netG`:
-- loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
-  every type the original's options accept (image: l1, l2, l2sum, ssim; QF: l1, l2, l2sum) and
-  Charbonnier; the QF loss takes only the samples whose label is not NaN (averaged over them, or
-  summed for l2sum: double JPEG samples have no single QF and contribute nothing; the original
-  checked only a batch's first sample);
-- teacher forcing of the QF (`train.qf_input_prob`, off by default, not in the original): in
-  that share of the iterations whose samples all carry a label, the decoder gets the true labels
-  as `qf_input` instead of the predicted QF; the draw depends only on the seed and the
-  iteration, so a resumed run draws as an uninterrupted one;
-- Adam and MultiStepLR, or CosineAnnealingLR for short runs (stepped once per iteration,
-  after the optimiser);
-- optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
-  would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
-- the arithmetic (`train.precision`, the choices of inference, `models.inference.PRECISIONS`,
-  through the same two contexts): fp32 is IEEE fp32 with TF32 switched off for the whole step,
-  forward, backward and update (PyTorch would otherwise let cuDNN use TF32); tf32 lets cuDNN and
-  cuBLAS use it; bf16 autocast, or fp16 autocast with a gradient scaler, for the forward pass.
-  Validation (`test`) is always IEEE fp32, so its numbers compare across runs;
-- channels_last and torch.compile (`train.compile`), off by default;
-- DistributedDataParallel wrapping when the run has several processes;
-- non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
-  backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
-  iterations in a row stop the run with a `NonFiniteLossError` (one clear line).
-The loop around it (data, validation, checkpoints, logging) lives in `runners.training`.
+This module owns what one training iteration does to `netG` (`ModelFBCNN` says each part):
+the image loss plus the QF loss over the samples that have a label (every type the original's
+options accept, and Charbonnier), teacher forcing of the QF (`train.qf_input_prob`), Adam with
+MultiStep or cosine schedules, gradient clipping, KAIR's regularisers and BatchNorm folding,
+the arithmetic (`train.precision`, through inference's two contexts; validation is always
+IEEE fp32), channels_last and torch.compile, DDP, and skipping non-finite losses (too many in
+a row stop the run with one line). The loop around it lives in `runners.training`.
 """
 import bisect
 import json
@@ -125,6 +107,30 @@ class NonFiniteLossError(UserError):
 
 class ModelFBCNN:
     """Holds netG with its optimiser, scheduler and gradient scaler, and runs training steps.
+
+    - loss = `G_lossfn_weight` * image loss(E, H) + `QF_lossfn_weight` * QF loss(predicted, label),
+      every type the original's options accept (image: l1, l2, l2sum, ssim; QF: l1, l2, l2sum) and
+      Charbonnier; the QF loss takes only the samples whose label is not NaN (averaged over them, or
+      summed for l2sum: double JPEG samples have no single QF and contribute nothing; the original
+      checked only a batch's first sample);
+    - teacher forcing of the QF (`train.qf_input_prob`, off by default, not in the original): in
+      that share of the iterations whose samples all carry a label, the decoder gets the true labels
+      as `qf_input` instead of the predicted QF; the draw depends only on the seed and the
+      iteration, so a resumed run draws as an uninterrupted one;
+    - Adam and MultiStepLR, or CosineAnnealingLR for short runs (stepped once per iteration,
+      after the optimiser);
+    - optional gradient clipping of the global L2 norm (`G_optimizer_clipgrad`; the original's call
+      would have crashed), KAIR's weight regularisers, BatchNorm folding (`merge_bn`);
+    - the arithmetic (`train.precision`, the choices of inference, `models.inference.PRECISIONS`,
+      through the same two contexts): fp32 is IEEE fp32 with TF32 switched off for the whole step,
+      forward, backward and update (PyTorch would otherwise let cuDNN use TF32); tf32 lets cuDNN and
+      cuBLAS use it; bf16 autocast, or fp16 autocast with a gradient scaler, for the forward pass.
+      Validation (`test`) is always IEEE fp32, so its numbers compare across runs;
+    - channels_last and torch.compile (`train.compile`), off by default;
+    - DistributedDataParallel wrapping when the run has several processes;
+    - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
+      backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
+      iterations in a row stop the run with a `NonFiniteLossError` (one clear line).
 
     `netG` is what forward/backward run through (DDP-wrapped in distributed runs); `bare` is
     the plain FBCNN, used for saving, loading and validation.

@@ -2,30 +2,17 @@
 
 This module owns the command
 
-    python -m runners.convert_weights IN OUT [--overwrite] [--fp16]
+    python -m runners.convert_weights IN OUT [--overwrite] [--fp16] [--widen NC NC NC NC]
 
-- `.pth`/`.pt` -> `.safetensors`: the state dict (loaded with `torch.load(weights_only=True)`:
-  no pickled code runs; a DataParallel `module.` prefix or a `params`/`state_dict` wrapper is
-  taken off) goes to safetensors with the metadata `fbcnn_kwargs`, the FBCNN constructor
-  arguments inferred from its keys and shapes (`models.model_zoo.infer_fbcnn_kwargs`), so the
-  file loads here without guessing (test scripts, `path.pretrained_netG`, the restore tool).
-- `.safetensors` -> `.pth`: a plain state dict, the tensors as stored and the keys in the
-  network's order (as `state_dict()` lists them; safetensors sorts them, and KAIR's non-strict
-  loading pairs keys by position), which the original's
-  `model.load_state_dict(torch.load(path), strict=True)` accepts, as do tools that read only
-  `.pth`; the metadata cannot come along (a `.pth` of the original has none).
-
-`--fp16` stores the floating-point tensors of a `.safetensors` OUT in fp16 (half the size: the
-shipped lite models); IN may then be a `.safetensors` file too. `--widen NC1 NC2 NC3 NC4` grows
-the network to those level widths with the same function (`models.widen`, to go on training a
-wider model from a trained one), `--noise` breaking the copied channels' symmetry.
-
-Both ways the weights are checked first by building the FBCNN they describe and loading them
-strictly, so a file that is not an FBCNN state dict stops with one error line and writes nothing.
-The output is written atomically (a temporary file, then moved into place) and an existing file
-is replaced only with `--overwrite`. The keys cannot tell ReLU from LeakyReLU, nor average from
-max pooling: a `.pth` becomes `R`/`BR` and `avgpool` in the metadata (the original's networks
-are ReLU with strided convolutions, which the keys do tell).
+- `.pth`/`.pt` -> `.safetensors` (read with `weights_only=True`, wrappers and `module.`
+  prefixes taken off), with the FBCNN constructor arguments in the metadata (`fbcnn_kwargs`);
+- `.safetensors` -> `.pth`: a plain state dict in the network's key order, which the original's
+  `load_state_dict(..., strict=True)` accepts;
+- `--fp16`: a half-size `.safetensors` (the shipped lite models); `--widen`: the network grown
+  to wider levels with the same function (`models.widen`), `--noise` breaking its symmetry.
+The weights are checked first by building the FBCNN they describe and loading them strictly;
+the output is written atomically, replacing a file only with `--overwrite`. The keys cannot
+tell ReLU from LeakyReLU, nor average from max pooling: a `.pth` reads as `R`/`BR`, `avgpool`.
 """
 import argparse
 import os

@@ -1,24 +1,17 @@
 """The web demo behind `app.py`: try FBCNN in the browser, locally (Gradio).
 
 This module owns what the demo page does and how it is served:
-- models: the `--model` given (a zoo name or a weight file), else the first of
-  `DEMO_MODEL_ORDER` whose file is in the model folder (`model_zoo/`, or $FBCNN_MODEL_DIR);
-  nothing is downloaded unless `--model` names a zoo model that is missing. With no model the
-  page still starts and says how to get one. Each model is loaded once, on first use;
-- reading: an upload is refused above `--max-megapixels` from its header (so formats the
-  header sniffer does not know, such as JPEG 2000, are refused before decoding), then read as
-  `main_restore.py` reads it (`runners.restore.read_image`: the project's one decoder with its
-  header checks; a JPEG on its stored 8x8 grid, turned by its EXIF orientation after
-  restoration), and every bad file becomes a message in the page (an error text and a warning
-  toast) naming the file, never a traceback;
-- restoring: blind first (the network's own QF, shown, and put on the slider), then again with
-  the slider's QF as `qf_input` whenever the slider is released (FBCNN's flexible control);
-  memory is bounded as in every script (`models.inference.restore`: tiles with `--tile`, on CPU
-  above the network's limit, on CUDA when out of memory); a JPEG's result is then projected onto its
-  file's quantization intervals (`--no-projection` turns it off), as main_restore does;
-- output: a before/after slider and the restored PNG to download, written to a private
-  temporary folder that is removed at exit; samples (testsets/Real and a LIVE1 crop compressed
-  at QF 10) are written there at start.
+- models: the `--model` given, else the first of `DEMO_MODEL_ORDER` in the model folder
+  (`model_zoo/` or $FBCNN_MODEL_DIR); nothing is downloaded unless `--model` names a missing
+  zoo model; with none the page says how to get one. Each is loaded once, on first use;
+- reading: uploads over `--max-megapixels` are refused from their header, then read as
+  main_restore reads them (utils/image_file.py); a bad file is a message in the page naming
+  it, never a traceback;
+- restoring: blind first (the network's QF shown and put on the slider), then again with the
+  slider's QF whenever it is released; made consistent with a JPEG's file as main_restore
+  does (models/consistency.py; `--no-projection` turns it off), with main_restore's engine;
+- output: a before/after slider and the restored PNG, in a private temporary folder removed
+  at exit, with the samples (testsets/Real and a LIVE1 crop at QF 10).
 The Gradio import is deferred to `build_ui` and `main`, so the logic imports without it.
 """
 import argparse

@@ -85,9 +85,9 @@ def shared_testset(name):
     root = os.environ.get("FBCNN_TESTSETS_ROOT") or os.path.join(SHARED, "testsets")
     path = os.path.join(root, name)
     if not os.path.isdir(path):
-        pytest.skip(f"needs the {name} test set, too large for the repository (docs/"
-                    f"evaluation.md, 'Reproducing the tables': where to get it); set FBCNN_TESTSETS_ROOT to "
-                    f"the folder that holds it")
+        pytest.skip(f"needs the {name} test set, too large for the repository "
+                    f"(docs/evaluation.md, 'Reproducing the tables': where to get it); set "
+                    f"FBCNN_TESTSETS_ROOT to the folder that holds it")
     return path
 
 

@@ -1,23 +1,17 @@
 """Training checkpoints: atomic writes, completeness, discovery and safe loading.
 
 This module owns the on-disk layout of a run's `models/` folder. A checkpoint of iteration N is:
-- `N_G.safetensors`: the network (safetensors: tensors only, nothing executable), with metadata
-  `fbcnn_kwargs` (the FBCNN constructor arguments as JSON) and `iteration`; the test scripts
-  load it with `--model PATH` (`models.model_zoo.load_model`);
-- `N_state.pth`: optimizer, scheduler, gradient scaler, iteration, RNG states (python, numpy,
-  torch, cuda) and the resolved options as JSON text: only tensors and plain Python values, so
-  it loads with `torch.load(weights_only=True)`;
-- `N_done.json`: written last, listing the files and their sizes. Only a checkpoint with a
-  matching `N_done.json` counts as complete.
-Each file is written with `utils.fileio.atomic_write` (temporary file, fsync, `os.replace`,
-folder fsync): a crash at any moment leaves the previous complete checkpoint usable, and a full
-disk raises a WriteError naming the file, with no partial file left. Checkpoints of earlier
-versions, whose network was `N_G.pth`, still load.
-
-A run folder of the original (KAIR) holds `N_G.pth` alone: the network's state dict, with no
-training state and no marker. Such a file, with neither `N_state.pth` nor `N_done.json` beside
-it, is a weights-only checkpoint (`weights_only_checkpoints`); `resume_point` takes the newest
-of both kinds.
+- `N_G.safetensors`: the network (tensors only), with metadata `fbcnn_kwargs` (the FBCNN
+  constructor arguments) and `iteration`; `--model PATH` loads it;
+- `N_state.pth`: optimizer, scheduler, gradient scaler, iteration, RNG states and the resolved
+  options as JSON text: plain values only, loaded with `torch.load(weights_only=True)`;
+- `N_done.json`: written last, listing the files and their sizes; only a checkpoint with a
+  matching one counts as complete.
+Each file is written atomically (`utils.fileio.atomic_write`): a crash at any moment leaves the
+previous complete checkpoint usable, and a full disk raises a WriteError naming the file.
+A run folder of the original (KAIR) holds `N_G.pth` alone, the network's state dict: such a
+file with neither `N_state.pth` nor `N_done.json` beside it is a weights-only checkpoint
+(`weights_only_checkpoints`); `resume_point` takes the newest of both kinds.
 """
 import json
 import logging

@@ -2,36 +2,16 @@
 
 This module owns how an image file becomes the uint8 array every other module works on: RGB
 order for colour (HxWx3), plain HxW for grayscale, decoded by OpenCV exactly as the original
-scripts read them (`IMREAD_COLOR` / `IMREAD_GRAYSCALE`, EXIF orientation applied). It is the one
-reader of the test runner, the training datasets and the data preparation, and it refuses a bad
-file with an `ImageReadError` naming it, so a batch can skip that file and go on:
-
-- empty files, folders and unreadable files;
-- decompression bombs: before anything is decoded, the width and height are read from the
-  header in pure Python (`read_header`: PNG, JPEG, BMP, GIF, WebP, TIFF, PBM/PGM/PPM) and a file
-  over `max_pixels()` pixels (environment variable FBCNN_MAX_PIXELS, default 100 megapixels) is
-  refused; OpenCV's own limit, OPENCV_IO_MAX_IMAGE_PIXELS, is set to the same value as a
-  backstop for the formats the sniffer does not know (by `utils/__init__.py`, since OpenCV
-  reads it when first imported);
-- truncated files: a JPEG without an EOI marker after its first scan, a PNG without an IEND
-  chunk (some OpenCV versions decode these partially with only a warning);
-- bytes OpenCV cannot decode (random bytes, unsupported formats), and float pixels (HDR, float
-  TIFF).
-
-What is converted rather than refused, deliberately:
-- 16 bits per channel: rounded to 8 bits as round(v / 257), so 0 -> 0, 65535 -> 255 and every
-  8-bit value scaled by 257 comes back exactly (OpenCV alone would truncate, v >> 8). The
-  restoration works at 8 bits; the output is 8-bit.
-- alpha: dropped, the colour values kept as stored (what IMREAD_COLOR and the original scripts
-  do; JPEG, the format FBCNN restores, has no alpha, and compositing on a background would
-  change pixels that are then measured against the source).
-- palette and grayscale files read as colour: expanded to RGB (three equal channels for gray);
-  CMYK (Adobe) JPEGs are converted to RGB by OpenCV's decoder.
-
-Paths may be str (also the surrogate-escaped names `os.listdir` returns for file names that are
-not valid UTF-8), bytes or path-like; messages show them through `display_path`, which is
-printable whatever the terminal's encoding. `imwrite` writes atomically (utils.fileio): a failed
-write (full disk) leaves no partial image and raises an error naming the file.
+scripts read them. It is the one reader of the test runner, the training datasets and the data
+preparation, and refuses a bad file with an `ImageReadError` naming it, so a batch can skip it:
+empty, unreadable or truncated files, bytes OpenCV cannot decode, float pixels, and
+decompression bombs (width and height read from the header in pure Python, `read_header`,
+against `max_pixels()`: FBCNN_MAX_PIXELS, default 100 megapixels; OpenCV's own limit is set to
+the same as a backstop). Converted rather than refused: 16-bit pixels, rounded as
+round(v / 257); alpha, dropped with the colour kept as stored (as the original scripts do);
+palette and gray files read as colour, expanded to RGB. Paths may be str (surrogate-escaped
+names included), bytes or path-like, shown through `display_path`. `imwrite` writes atomically:
+a failed write leaves no partial image and names the file.
 """
 import logging
 import os

@@ -2,22 +2,14 @@
 
 This module owns:
 - the logger tree: every module logs to `logging.getLogger(f"fbcnn.{__name__}")`, so one
-  configuration of the `fbcnn` logger reaches all of them (the network's notes on tiling, the
-  image reader's on 16-bit files, a run's own lines) and nothing else's;
-- `setup_logging`, the one logging setup of every script: the `fbcnn` records at a level and
-  above go to the console through `TqdmHandler` (above a progress bar, never through it), on one
-  stream or split by level (warnings and errors to stderr), and to a log file, each with its
-  format; it returns the function that undoes it;
-- `MetricsWriter` appends one JSON object per line to `metrics.jsonl` (training losses at each
-  `checkpoint_print`, validation results at each `checkpoint_test`) and mirrors the scalars to
-  TensorBoard when the `tensorboard` package is importable;
-- `progress_bar` is a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal.
-
-tqdm ships a redirect, `tqdm.contrib.logging.logging_redirect_tqdm`; it falls short here in
-two ways: it keeps one console handler per logger and drops the others, so a split of info to
-stdout and warnings to stderr (main_restore.py's) cannot pass through it, and the handler it puts
-in does not keep the level of the one it replaces. `TqdmHandler` is its ten lines with a stream
-and a level of its own.
+  configuration of the `fbcnn` logger reaches all of them and nothing else's;
+- `setup_logging`, the one logging setup of every script: the records go to the console through
+  `TqdmHandler` (above a progress bar, never through it), on one stream or split by level, and
+  to a log file; it returns the function that undoes it; `rank_logging` quiets the processes
+  other than rank 0 of a sharded run;
+- `MetricsWriter` appends one JSON object per line to `metrics.jsonl` (losses, validation
+  results) and mirrors the scalars to TensorBoard when the package is importable;
+- `progress_bar`, a tqdm bar (iterations/s, loss, ETA) only when stderr is a terminal.
 """
 import json
 import contextlib
@@ -46,7 +38,10 @@ class _PrintableFormatter(logging.Formatter):
 
 
 class TqdmHandler(logging.StreamHandler):
-    """A console handler that prints above an active tqdm bar instead of through it."""
+    """A console handler that writes through `tqdm.write`, above any progress bar. (tqdm's own
+    `logging_redirect_tqdm` keeps one console handler per logger and drops the others, so a
+    split of info to stdout and warnings to stderr cannot pass through it, and its handler
+    does not keep the level of the one it replaces.)"""
 
     def emit(self, record):
         try:

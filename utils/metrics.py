@@ -1,25 +1,14 @@
 """Image quality metrics exactly as the FBCNN paper computed them: PSNR, SSIM and PSNR-B.
 
-This module owns the numbers in every results table. All functions take uint8 images
-(HxW or HxWx3), `img` the restored or compressed image and `ref` the ground truth, and trim
-`border` pixels from each side before measuring. `scores` gives all three at once and shares
-the work between them; the test runner and the training validation use it.
-
-How the values stay the paper's while costing less (tests/test_metrics.py checks each against
-a line-by-line copy of the original float64 code):
-- squared errors and block-boundary differences are summed as integers, which is exact; the
-  original's float64 sums of the same integers are exact too (every partial sum is below
-  2**53), so PSNR and PSNR-B are bit-identical;
-- SSIM's 11x11 Gaussian window is the outer product of a 1-D kernel, so it is applied as two
-  1-D passes (OpenCV's sepFilter2D) instead of one 2-D pass: the same sums in another order,
-  equal to the original within 1e-13 (tested), about four times faster;
-- `scores(..., device="cuda")` computes the same in torch float64 on a GPU (the test runner
-  does so when the network is there), with the same integer sums and a direct correlation for
-  the SSIM window.
-
-Colour PSNR-B quirk (kept on purpose, as in the paper's code): the MSE term is taken over
-the RGB channels, while the blocking effect factor (BEF) is measured on the MATLAB-style Y
-channel of `img` only, rounded to uint8.
+This module owns the numbers in every results table. All functions take uint8 images (HxW or
+HxWx3), `img` the restored or compressed image and `ref` the ground truth, and trim `border`
+pixels from each side; `scores` gives all three at once, sharing the work. The values stay
+the paper's while costing less (tests/test_metrics.py checks each against a copy of the
+original float64 code): squared errors and block-boundary differences are summed as integers,
+so PSNR and PSNR-B are bit-identical; SSIM's 11x11 Gaussian window is applied as two 1-D passes
+(equal within 1e-13, about four times faster); `scores(..., device="cuda")` computes the same
+in torch float64 on a GPU. Colour PSNR-B quirk (kept on purpose, as in the paper's code): the
+MSE is taken over RGB, the blocking effect factor on the MATLAB-style Y of `img`, rounded.
 """
 import math
 
