@@ -184,7 +184,9 @@ SCHEMA = Section({
                          "`--precision`: `fp32` (IEEE fp32, TF32 off: faithful) | `tf32` (cuDNN "
                          "and cuBLAS may use TF32: PyTorch's default for convolutions, so the "
                          "original's on GPUs that have TF32) | `bf16` | `fp16` (autocast; fp16 "
-                         "with a gradient scaler)", choices=tuple(PRECISIONS)),
+                         "with a gradient scaler) | `auto` (bf16 where the device has native "
+                         "bf16: a GPU with it, a CPU with AVX-512 bf16 or AMX; else fp32)",
+                         choices=(*PRECISIONS, "auto")),
         "channels_last": Key("bool", False, "NHWC memory format for the network and batches"),
         "cudnn_benchmark": Key("bool", False, "let cuDNN pick the fastest convolution kernels"),
         "compile": Key("bool", False, "`torch.compile` the training forward and backward "

@@ -14,8 +14,7 @@ This module owns the loop around `models.model_fbcnn.ModelFBCNN`:
   `total_iter`), validating every `checkpoint_test`;
 - distributed runs: every process trains, rank 0 alone logs, validates and saves;
 - stopping (runners/stopping.py): Ctrl+C or SIGTERM ends the run after the iteration in
-  progress, which is saved, so a preempted and requeued job resumes where it stopped.
-Validation is runners/validation.py's.
+  progress, saved, so a requeued job resumes there. Validation: runners/validation.py.
 """
 import contextlib
 import json
@@ -30,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.dataset_jpeg import IterationBatchSampler, dataset_channels, define_dataset
-from models.model_fbcnn import ModelFBCNN
+from models.model_fbcnn import ModelFBCNN, training_precision
 from models.model_zoo import infer_fbcnn_kwargs, load_state_dict_file
 from models.select_network import net_act_mode
 from runners.stopping import StopRequest, loader_worker_init, signals_held, stop_workers
@@ -217,9 +216,11 @@ class _Trainer:
             if entry is not None and entry["dataroot_L"] is not None:
                 logger.info("datasets.%s.dataroot_L is ignored: the JPEG inputs are made on "
                             "the fly", phase)
-        precision = self.t["precision"]
-        if (self.info.device.type == "cpu" and precision in ("bf16", "fp16")
-                and not (precision == "bf16" and any(native_bf16().values()))):
+        precision = training_precision(self.t["precision"], self.info.device)
+        if self.t["precision"] == "auto":
+            logger.info("train.precision auto: %s on this %s", precision, self.info.device.type)
+        if self.info.device.type == "cpu" and (precision == "fp16" or precision == "bf16"
+                                               and not any(native_bf16().values())):
             logger.warning("train.precision %r on a CPU without native %s arithmetic: autocast "
                            "is much slower than fp32 there (15x on a 2-core AMD EPYC, "
                            "docs/training.md); --set train.precision=fp32 for this machine",

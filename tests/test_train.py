@@ -1203,3 +1203,16 @@ def test_loader_workers_are_capped_at_the_machines_cores(option_file, monkeypatc
             "process(es); using 3 loader process(es) each") in caplog.text
     monkeypatch.setattr(training, "_cores", lambda: 16)
     assert training.make_loader(dataset, sampler, opt["datasets"]["train"], info).num_workers == 8
+
+
+def test_precision_auto_is_bf16_only_where_the_device_has_it(monkeypatch):
+    import models.model_fbcnn as model_fbcnn
+    cpu = torch.device("cpu")
+    for flags, expected in (({"avx512_bf16": True, "amx_bf16": False}, "bf16"),
+                            ({"avx512_bf16": False, "amx_bf16": True}, "bf16"),
+                            ({"avx512_bf16": False, "amx_bf16": False}, "fp32")):
+        monkeypatch.setattr(model_fbcnn, "native_bf16", lambda flags=flags: flags)
+        assert model_fbcnn.training_precision("auto", cpu) == expected
+        assert model_fbcnn.training_precision("fp32", cpu) == "fp32"  # a choice stays a choice
+    assert load_options("options/train_fbcnn_color_lite_cpu.json",
+                        ["train.precision=auto"], check_paths=False)["train"]["precision"] == "auto"

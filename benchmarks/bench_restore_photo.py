@@ -1,0 +1,113 @@
+"""A large photo through `main_restore.py`, start to exit, against plain network forwards.
+
+    python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--repeat 2]
+        [--variant default torch bf16 no-projection] [--json r.json]
+
+Makes one JPEG of `--mp` megapixels (a 4:3 mosaic of LIVE1 crops, OpenCV at `--qf`), then, in
+one run: the baseline, plain PyTorch eager fp32 forwards of the same network (contiguous, the
+QF predicted per tile) over the image's 512x512 tiles, summed; and for each `--variant` the
+whole command `python main_restore.py PHOTO -o DIR --overwrite [flags]` in a new process, timed
+from start to exit (Python's start-up, importing torch, decoding, the network, the projection
+and writing the PNG included), the best of `--repeat` runs after one untimed run (which fills
+the OpenVINO engine's cache of the converted network). Variants: `default` (main_restore's own
+defaults), `torch` (`--engine torch`), `bf16` (`--precision bf16`), `no-projection`. Each row
+gives its ratio to the baseline; the header names the CPU and its bf16 instructions.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from benchmarks.bench_inference import synthetic_photo
+from benchmarks.benchlib import device_name, print_table, write_json
+from data.jpeg import jpeg_decode, jpeg_encode
+from models.engines import fastest_options
+from models.model_zoo import load_model
+from runners.cli import quality_factor, run_cli
+from utils import REPO_ROOT
+from utils.cpu import native_bf16
+from utils.image import imread_uint, list_images, uint2tensor
+
+VARIANTS = {"default": [], "torch": ["--engine", "torch"], "bf16": ["--precision", "bf16"],
+            "no-projection": ["--no-projection"]}
+COLUMNS = [("variant", "variant", "{}"), ("flags", "flags", "{}"), ("seconds", "s", "{:.2f}"),
+           ("vs_baseline", "vs plain forwards", "{:.2f}x")]
+
+
+def plain_forwards(model, img, tile=512):
+    """Seconds of eager fp32 forwards of `model`'s network over `img`'s tile x tile tiles."""
+    net = model.net.float().eval()
+    x = uint2tensor(img)
+    seconds = 0.0
+    with torch.no_grad():
+        net(x[..., :64, :64])  # oneDNN's first-call set-up, outside the clock
+        for top in range(0, x.shape[-2], tile):
+            for left in range(0, x.shape[-1], tile):
+                part = x[..., top:top + tile, left:left + tile].contiguous()
+                start = time.perf_counter()
+                net(part)
+                seconds += time.perf_counter() - start
+    return seconds
+
+
+def whole_command(photo, out, flags, repeat):
+    """Best wall seconds of `main_restore.py` on `photo`, after one untimed run."""
+    command = [sys.executable, os.path.join(REPO_ROOT, "main_restore.py"), photo, "-o", out,
+               "--overwrite", "--quiet", *flags]
+    best = float("inf")
+    for run in range(repeat + 1):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        if run:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mp", type=float, default=12.0)
+    p.add_argument("--qf", type=quality_factor, default=50)
+    p.add_argument("--model", default="fbcnn_color_lite",
+                   help="the network of the baseline; main_restore uses its own default model")
+    p.add_argument("--variant", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    clean = [imread_uint(path) for path in
+             list_images(os.path.join(REPO_ROOT, "testsets", "LIVE1_color"))]
+    data = jpeg_encode(synthetic_photo(clean, args.mp), args.qf)
+    model = load_model(args.model)
+    img = jpeg_decode(data, 3)
+    megapixels = img.shape[0] * img.shape[1] / 1e6
+    with tempfile.TemporaryDirectory() as folder:
+        photo = os.path.join(folder, "photo.jpg")
+        with open(photo, "wb") as f:
+            f.write(data)
+        baseline = plain_forwards(model, img)
+        rows = [{"variant": "plain forwards", "flags": "eager fp32, 512x512 tiles",
+                 "seconds": baseline, "vs_baseline": 1.0}]
+        for name in args.variant:
+            seconds = whole_command(photo, os.path.join(folder, "out"), VARIANTS[name],
+                                    args.repeat)
+            rows.append({"variant": f"main_restore {name}", "flags": " ".join(VARIANTS[name])
+                         or f"(defaults: {fastest_options({}, 'cpu')})", "seconds": seconds,
+                         "vs_baseline": seconds / baseline})
+            print(f"{name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    features = native_bf16()
+    print(f"\nCPU: {device_name('cpu')}; AVX-512 bf16: {features['avx512_bf16']}, AMX bf16: "
+          f"{features['amx_bf16']}. A {img.shape[1]}x{img.shape[0]} ({megapixels:.1f} MP) "
+          f"JPEG at QF {args.qf}; main_restore timed start to exit, best of {args.repeat}.\n")
+    print_table(rows, COLUMNS)
+    if args.json:
+        write_json(args.json, {"cpu": device_name("cpu"), **features, "megapixels": megapixels,
+                               "qf": args.qf, "rows": rows,
+                               "argv": sys.argv[1:] if argv is None else argv})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
