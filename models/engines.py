@@ -22,6 +22,7 @@ import os
 import tempfile
 import warnings
 import weakref
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ _CONVERTED = weakref.WeakKeyDictionary()  # net -> {(precision, threads): namesp
 
 
 def openvino_available():
-    """Whether the `openvino` package can be imported (without importing it)."""
-    return importlib.util.find_spec("openvino") is not None
+    """Whether the OpenVINO extra is installed: `openvino`, and `onnx` for PyTorch's exporter
+    (without importing either)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("openvino", "onnx"))
 
 
 def fastest_options(options, device):
