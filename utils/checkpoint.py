@@ -36,7 +36,7 @@ logger = logging.getLogger(f"fbcnn.{__name__}")
 
 _DONE_RE = re.compile(r"^(\d+)_done\.json$")
 _ORIGINAL_RE = re.compile(r"^(\d+)_G\.pth$")
-_NETWORK_FILES = ("{}_G.safetensors", "{}_G.pth")  # current layout first, then the earlier one
+_NETWORK_FILE = "{}_G.safetensors"
 
 
 def rng_state():
@@ -143,12 +143,8 @@ def resume_point(models_dir):
 
 
 def network_file(models_dir, iteration):
-    """Path of checkpoint `iteration`'s network file (`N_G.safetensors`, or an older `N_G.pth`)."""
-    for pattern in _NETWORK_FILES:
-        path = os.path.join(models_dir, pattern.format(iteration))
-        if os.path.isfile(path):
-            return path
-    return os.path.join(models_dir, _NETWORK_FILES[0].format(iteration))
+    """Path of checkpoint `iteration`'s network file, `N_G.safetensors`."""
+    return os.path.join(models_dir, _NETWORK_FILE.format(iteration))
 
 
 def _load(path, loader):
@@ -166,17 +162,14 @@ def _torch_load(path):
 def load_training_state(models_dir, iteration):
     """(network state dict, training state) of a complete checkpoint, loaded without running
     pickled code (safetensors, and `torch.load(weights_only=True)`)."""
-    net_path = network_file(models_dir, iteration)
-    net_loader = load_safetensors_file if net_path.endswith(".safetensors") else _torch_load
-    net_state = _load(net_path, net_loader)
+    net_state = _load(network_file(models_dir, iteration), load_safetensors_file)
     state = _load(os.path.join(models_dir, f"{iteration}_state.pth"), _torch_load)
     return net_state, state
 
 
 def remove_checkpoint(models_dir, iteration):
     """Delete a checkpoint, its completion marker first so it never looks complete half-deleted."""
-    names = [f"{iteration}_done.json", f"{iteration}_state.pth",
-             *(pattern.format(iteration) for pattern in _NETWORK_FILES)]
+    names = [f"{iteration}_done.json", f"{iteration}_state.pth", _NETWORK_FILE.format(iteration)]
     for name in names:
         path = os.path.join(models_dir, name)
         if os.path.exists(path):
