@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from benchmarks import (bench_cpu_engines, bench_inference, bench_loader, bench_projection,
-                        bench_test_script, bench_train, eval_fbcnn_d, eval_qf_head, gpu_session,
-                        gpu_train_lite, no_harm)
+                        bench_restore_photo, bench_test_script, bench_train, eval_fbcnn_d,
+                        eval_qf_head, figure_restored, gpu_session, gpu_train_lite, no_harm)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.engines import openvino_available
@@ -563,3 +563,24 @@ def test_cpu_engine_benchmark_compares_every_engine_with_pytorch_fp32(tmp_path, 
     assert psnr_rows["torch fp32"]["delta"] == 0
     assert abs(psnr_rows["torch fp32 channels_last"]["delta"]) < 1e-3
     assert "AVX-512 bf16:" in capsys.readouterr().out
+
+
+def test_photo_benchmark_times_main_restore_against_plain_forwards(tmp_path):
+    path = tmp_path / "photo.json"
+    assert bench_restore_photo.main(["--mp", "0.05", "--repeat", "1", "--variant", "torch",
+                                     "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["plain forwards", "main_restore torch"]
+    assert rows[0]["vs_baseline"] == 1.0
+    assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
+
+
+def test_the_readme_figure_is_main_restores_restoration(tmp_path, capsys):
+    out = tmp_path / "figure.png"
+    assert figure_restored.main(["--qf", "10", "--crop", "0", "0", "64", "-o", str(out)]) == 0
+    figure = imread_uint(str(out))
+    assert figure.shape == (128, 3 * 128, 3)  # one row: JPEG, restored, original, 2x
+    clean = imread_uint(os.path.join(REPO_ROOT, "testsets", "LIVE1_color", "parrots.png"))
+    # the original's crop, enlarged, below the label band
+    np.testing.assert_array_equal(figure[24:, 256:][::2, ::2], clean[12:64, :64])
+    assert "QF 10: JPEG " in capsys.readouterr().out
