@@ -32,7 +32,7 @@ import numpy as np
 
 from data.jpeg import jpeg_encode
 from models.consistency import file_coefficients, restore_consistent
-from models.engines import fastest_options
+from models.engines import ENGINES, check_engine, fastest_options
 from models.inference import CPU_PLANS, DEFAULT_TILE, fit_overlap, plan_tile, resolve_device
 from models.model_zoo import (JPEG_MODEL, MODEL_ZOO, load_model, local_weight_file,
                               model_folder, model_label)
@@ -195,12 +195,19 @@ class Result:
 class Demo:
     """What the page does, independent of Gradio: read an upload, restore it, write the PNG."""
 
-    def __init__(self, models, work_dir, tile=None, max_megapixels=24.0, projection=True):
+    def __init__(self, models, work_dir, tile=None, max_megapixels=24.0, projection=True,
+                 engine=None):
         self.models = models
         self.projection = projection  # a JPEG's result projected onto its file's DCT intervals
         self.work_dir = work_dir
         self.tile = tile  # None: restore() decides
-        self.speed = fastest_options({}, models.device)  # the engine and layout main_restore uses
+        # the engine and layout main_restore uses (an engine asked for is checked now)
+        self.speed = fastest_options({} if engine is None else {"engine": engine},
+                                     models.device)
+        try:
+            check_engine(self.speed.get("engine", "torch"), "fp32", models.device)
+        except ValueError as exc:
+            raise UserError(f"--engine: {exc}") from None
         self.max_megapixels = max_megapixels
         os.makedirs(os.path.join(work_dir, "outputs"), exist_ok=True)
 
@@ -397,6 +404,9 @@ def build_parser(prog=None):
                              "its file's DCT coefficients, as main_restore does (default: on)")
     parser.add_argument("--max-megapixels", type=non_negative_float, default=24.0,
                         help="refuse uploads larger than this (default 24)")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="who runs the network, as main_restore's --engine (default: "
+                             "openvino on a CPU where it is installed, else torch)")
     return parser
 
 
@@ -431,7 +441,7 @@ def _serve(args):
         work_dir = tempfile.mkdtemp(prefix="fbcnn-demo-")
         atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
         demo = Demo(models, work_dir, tile=args.tile, max_megapixels=args.max_megapixels,
-                    projection=args.projection)
+                    projection=args.projection, engine=args.engine)
         samples = prepare_samples(os.path.join(work_dir, "samples"))
         page = build_ui(demo, samples)
         try:

@@ -338,3 +338,14 @@ def test_the_bundled_lite_models_are_described_with_their_limits(tiny_path):
     lite = models.describe("fbcnn_color_lite")
     assert "1.44 M parameters" in lite and LITE_NOTE in lite
     assert LITE_NOTE not in models.describe("tiny")
+
+
+def test_the_engine_is_main_restores_unless_asked(tiny_path, tmp_path, monkeypatch):
+    import models.engines as engines
+    models = ModelChoices({"tiny": tiny_path})
+    assert Demo(models, str(tmp_path)).speed == fastest_options({}, "cpu")
+    assert Demo(models, str(tmp_path), engine="torch").speed == {"engine": "torch",
+                                                                "channels_last": True}
+    monkeypatch.setattr(engines, "openvino_available", lambda: False)
+    with pytest.raises(UserError, match="requirements-openvino.txt"):
+        Demo(models, str(tmp_path), engine="openvino")
