@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.jpeg import label_to_qf, qf_to_label
-from models.engines import check_engine, openvino_fns
+from models.engines import check_engine, openvino_fns, resolve_engine
 from utils.errors import UserError
 from utils.image import tensor2uint, tensor2uint16, uint2tensor
 
@@ -408,8 +408,8 @@ def restore(model, img, qf=None, device="cpu", precision="fp32", tile=None, tile
     `tile_cache_gib`: the encoder cache of blind tiled passes (default
     `default_tile_cache_gib`; 0 recomputes every tile's encoder).
     `x8`: the self-ensemble of the 8 rotations and mirrorings, averaged; the QF reported (and,
-    when blind, fed to the other seven passes) is the identity pass's. `engine`: "torch" or
-    "openvino" (`models.engines`, CPU, fp32 or bf16).
+    when blind, fed to the other seven passes) is the identity pass's. `engine`: "torch",
+    "openvino" (`models.engines`, CPU, fp32 or bf16) or "auto" (`models.engines.resolve_engine`).
     """
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth {bit_depth}: 8 or 16")
@@ -444,6 +444,7 @@ def restore_batch(model, imgs, qfs=None, device="cpu", precision="fp32", channel
                         precision=precision, channels_last=channels_last, compile=compile,
                         bit_depth=bit_depth, engine=engine) for k, img in enumerate(imgs)]
     device = torch.device(device)
+    engine = resolve_engine(engine, precision, tiled=False, device=device)
     _set_memory_format(model.net, channels_last)
     fns = _network_fns(model.net, compile, engine, precision)
     x = torch.cat([uint2tensor(img) for img in imgs]).to(device)
@@ -477,13 +478,14 @@ def _run(model, img, qf, *, device, precision, tile, tile_overlap, channels_last
     check_options(precision, tile, tile_overlap, engine, device)
     device = torch.device(device)
     net = model.net
+    planned = plan_tile(img.shape, device, tile, tile_overlap, max_untiled_megapixels, net)
+    engine = resolve_engine(engine, precision, tiled=planned[0] is not None, device=device)
     _set_memory_format(net, channels_last)
     fns = _network_fns(net, compile, engine, precision)
     x = uint2tensor(img).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     qf_input = None if qf is None else torch.full((x.shape[0], 1), qf_to_label(qf), device=device)
-    planned = plan_tile(img.shape, device, tile, tile_overlap, max_untiled_megapixels, net)
     if planned[0] != tile:
         tile, tile_overlap = planned
         LOG.info("%dx%d image is over %.1f megapixels: tiling it (%d pixels, overlap %d) to "

@@ -78,8 +78,9 @@ def add_speed_args(parser, engine_default="torch"):
                    help="network arithmetic: fp32 (IEEE), tf32 (TF32 convolutions and matmuls), or "
                         "bf16/fp16 autocast (default fp32)")
     g.add_argument("--engine", choices=ENGINES, default=None,
-                   help="who runs the network: torch (PyTorch), or openvino on the CPU (fp32 "
-                        "or bf16; " + INSTALL_OPENVINO + "); default: " + engine_default)
+                   help="who runs the network: torch (PyTorch), openvino on the CPU (fp32 or "
+                        "bf16; " + INSTALL_OPENVINO + "), or auto (openvino where it measured "
+                        "faster: untiled images and bf16); default: " + engine_default)
     g.add_argument("--tile", type=tile_size, default=None, metavar="N",
                    help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "
                         "the whole image; default: whole images, tiled only on CPU above the "

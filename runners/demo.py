@@ -406,7 +406,7 @@ def build_parser(prog=None):
                         help="refuse uploads larger than this (default 24)")
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="who runs the network, as main_restore's --engine (default: "
-                             "openvino on a CPU where it is installed, else torch)")
+                             "auto on a CPU where openvino is installed, else torch)")
     return parser
 
 

@@ -109,8 +109,8 @@ def build_parser(prog=None):
                    "as a JSON list of {file, header_qf, network_qf, dominant_qf} (an existing "
                    "file only with --overwrite)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary")
-    add_speed_args(p, engine_default="openvino where it is installed (CPU), else torch with "
-                      "--channels-last")
+    add_speed_args(p, engine_default="auto where openvino is installed (CPU), else torch; "
+                      "with --channels-last")
     return p
 
 

@@ -11,7 +11,7 @@ import torch
 
 import models.engines as engines
 from models.engines import (INSTALL_OPENVINO, check_engine, fastest_options,
-                            openvino_available, openvino_fns)
+                            openvino_available, openvino_fns, resolve_engine)
 from models.inference import forward_tiled, restore
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
@@ -138,15 +138,20 @@ def test_engine_options_are_checked():
 
 def test_main_restores_defaults_are_the_fastest_installed(monkeypatch):
     monkeypatch.setattr(engines, "openvino_available", lambda: True)
-    assert fastest_options({}, "cpu") == {"engine": "openvino"}
-    assert fastest_options({"precision": "bf16"}, "cpu") == {"precision": "bf16",
-                                                            "engine": "openvino"}
-    # what OpenVINO cannot run, or what the user chose, stays PyTorch's
-    assert fastest_options({"precision": "fp16"}, "cpu") == {"precision": "fp16",
-                                                            "channels_last": True}
+    assert fastest_options({}, "cpu") == {"engine": "auto", "channels_last": True}
     assert fastest_options({"engine": "torch"}, "cpu") == {"engine": "torch",
                                                           "channels_last": True}
+    assert fastest_options({"engine": "openvino"}, "cpu") == {"engine": "openvino"}
     assert fastest_options({"compile": True}, "cpu") == {"compile": True}
     assert fastest_options({}, "cuda") == {}
+    # auto: OpenVINO untiled or in bf16, PyTorch for tiled fp32, fp16 and off the CPU
+    assert resolve_engine("auto", "fp32", tiled=False) == "openvino"
+    assert resolve_engine("auto", "fp32", tiled=True) == "torch"
+    assert resolve_engine("auto", "bf16", tiled=True) == "openvino"
+    assert resolve_engine("auto", "fp16", tiled=False) == "torch"
+    assert resolve_engine("auto", "fp32", tiled=False, device="cuda") == "torch"
+    assert resolve_engine("torch", "fp32") == "torch"
     monkeypatch.setattr(engines, "openvino_available", lambda: False)
     assert fastest_options({}, "cpu") == {"channels_last": True}
+    assert resolve_engine("auto", "fp32") == "torch"
+    check_engine("auto")  # auto runs without OpenVINO: on PyTorch

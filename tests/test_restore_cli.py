@@ -348,7 +348,7 @@ def test_qf_modes_and_speed_flags_reach_restore(tmp_path, photo, monkeypatch, ca
     # main_restore's own: the fastest fp32 engine installed, channels_last for PyTorch
     fast = qf_used()
     assert (fast["engine"], fast["channels_last"]) == (
-        ("openvino", False) if openvino_available() else ("torch", True))
+        ("auto", True) if openvino_available() else ("torch", True))
     assert qf_used()["x8"] is False
 
     code, _, err = run([str(tmp_path / "b.png"), "-o", str(tmp_path / "out"), "--qf", "header",
