@@ -11,6 +11,7 @@ are restored as they are.
 """
 from data.jpeg_projection import (ProjectionUnavailable, make_twin, project, read_coefficients,
                                   twin_shares)
+from models.engines import resolve_engine
 from models.inference import plan_tile, restore, restore_batch
 from utils.jpeg_header import is_jpeg
 
@@ -53,7 +54,12 @@ def restore_consistent_batch(model, imgs, coefficients, qfs=None, device="cpu", 
                              **options):
     """`(restored, predicted QF)` per image of `imgs` (same size, one model), each made
     consistent with its file's `coefficients` (None: restored only); `qfs` as for
-    `restore_batch`, `options` as for `restore`."""
+    `restore_batch`, `options` as for `restore`. The engine "auto" is resolved once, for the
+    image: its twin runs on the same engine (a photo tiled on PyTorch loads no OpenVINO)."""
+    if options.get("engine") == "auto" and model.net is not None:  # one engine for the image
+        tiled = plan_tile(imgs[0].shape, device, options.get("tile"), net=model.net)[0]
+        options = {**options, "engine": resolve_engine(
+            "auto", options.get("precision", "fp32"), tiled=tiled is not None, device=device)}
     results = _network(model, imgs, qfs, device, bit_depth, options)
     if model.net is None:  # the jpeg pseudo-model: the input is already the file's image
         return results
