@@ -298,11 +298,6 @@ def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0, qf_only=False)
     return out[..., :h, :w], qf
 
 
-def _release_cached_memory(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False):
     """Untiled or tiled pass, falling back to tiles when CUDA runs out of memory: first without
     the encoder cache, then with smaller tiles. `qf_only`: the encoder and QF head alone.
@@ -315,7 +310,7 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
             pass  # leaving the except clause frees the failed pass's tensors first
         tile = DEFAULT_TILE.get(device.type, DEFAULT_TILE["cuda"])
         overlap = fit_overlap(tile, overlap)
-        _release_cached_memory(device)
+        torch.cuda.empty_cache()  # a CUDA out-of-memory error brought us here
         LOG.warning("out of memory on a %dx%d image; retrying with %d-pixel tiles (overlap %d)",
                     x.shape[-1], x.shape[-2], tile, overlap)
     while True:
@@ -325,7 +320,7 @@ def _forward(fns, x, qf_input, tile, overlap, device, cache_bytes, qf_only=False
         except torch.cuda.OutOfMemoryError:
             if tile <= MIN_TILE and not cache_bytes:
                 raise
-        _release_cached_memory(device)
+        torch.cuda.empty_cache()  # a CUDA out-of-memory error brought us here
         if cache_bytes:
             cache_bytes = 0
             LOG.warning("out of memory with tiles; retrying without the encoder cache")

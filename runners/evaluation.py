@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from data.jpeg import double_jpeg_file, jpeg_file, shift_crop
-from data.testsets import resolve_testset
+from data.testsets import read_testset, resolve_testset
 from models.consistency import file_coefficients, restore_consistent
 from models.inference import resolve_device
 from models.model_zoo import MODEL_ZOO, load_model
@@ -33,7 +33,7 @@ from runners.pipeline import Pipeline, StageClock
 from utils.dist import all_gather_objects, join_shards, leave_shards
 from utils.errors import UserError
 from utils.fileio import atomic_write_bytes, make_folder
-from utils.image import IMG_EXTENSIONS, ImageReadError, imread_uint, imwrite, read_file_bytes
+from utils.image import imwrite, read_file_bytes
 from utils.logger import setup_logging
 from utils.metrics import mean_score, scores
 
@@ -211,31 +211,6 @@ def _settings(preset, cfg, prefix, x8, projection):
             *[setting(f"qf{q}", {"qf_control": q}, qf_input=q) for q in cfg.qf_control]]
 
 
-def _read_image(path, n_channels):
-    try:
-        return imread_uint(path, n_channels), None
-    except ImageReadError as exc:
-        return None, exc
-
-
-def _read_testset(folder, n_channels, pipe):
-    """The readable images of `folder` as (name, uint8 array); unreadable files are skipped."""
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and (
-        os.path.isfile(os.path.join(folder, n)) or n.lower().endswith(IMG_EXTENSIONS)))
-    images, skipped = [], []
-    read = pipe.map_prepared(lambda name: _read_image(os.path.join(folder, name), n_channels),
-                             names)
-    for name, (img, error) in zip(names, read):
-        if error is None:
-            images.append((name, img))
-        else:
-            LOG.warning("skipped %s", error)
-            skipped.append(name)
-    if not images:
-        raise UserError(f"--testset {folder}: no readable images")
-    return images, skipped
-
-
 def _fmt(value, digits):
     if value is None:
         return "-"  # no image of the setting had this score (SSIM needs 11x11 pixels)
@@ -411,7 +386,7 @@ def _evaluate(preset, cfg, clock, model, speed, testset, testset_dir, prefix, sh
     summaries = []
     with Pipeline(cfg.workers) as pipe:
         with clock("read"):
-            images, skipped = _read_testset(testset_dir, preset.n_channels, pipe)
+            images, skipped = read_testset(testset_dir, preset.n_channels, pipe.map_prepared)
         if preset.mode == "double":  # the crop between the two JPEGs must leave a pixel
             small = [name for name, img in images if min(img.shape[:2]) <= cfg.shift]
             for name in small:

@@ -294,7 +294,7 @@ def _oom_above(monkeypatch, net, max_pixels):
 def test_out_of_memory_falls_back_to_tiles_then_smaller_tiles(model, photo, monkeypatch, caplog):
     expected, expected_qf = restore(model, photo, tile=64, tile_overlap=32)
     released = []
-    monkeypatch.setattr(inference, "_release_cached_memory", released.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(1))
     monkeypatch.setitem(inference.DEFAULT_TILE, "cpu", 128)
     sizes = _oom_above(monkeypatch, model.net, 100 * 100)  # 128-pixel tiles fail, 64 fit
     with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):

@@ -1195,13 +1195,13 @@ def test_loader_workers_are_capped_at_the_machines_cores(option_file, monkeypatc
     dataset = define_dataset(opt["datasets"]["train"], "train", 3)
     sampler = IterationBatchSampler(len(dataset), 4)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    monkeypatch.setattr(training, "_cores", lambda: 3)
+    monkeypatch.setattr(training, "usable_cores", lambda: 3)
     with caplog.at_level(logging.WARNING):
         loader = training.make_loader(dataset, sampler, opt["datasets"]["train"], info)
     assert loader.num_workers == 3
     assert ("datasets.train.dataloader_num_workers 8: this machine has 3 core(s) for 1 training "
             "process(es); using 3 loader process(es) each") in caplog.text
-    monkeypatch.setattr(training, "_cores", lambda: 16)
+    monkeypatch.setattr(training, "usable_cores", lambda: 16)
     assert training.make_loader(dataset, sampler, opt["datasets"]["train"], info).num_workers == 8
 
 
