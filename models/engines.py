@@ -1,7 +1,8 @@
 """Inference engines: who runs the network's arithmetic on a CPU.
 
-This module owns the choice between PyTorch (`torch`, the faithful reference) and OpenVINO
-(`openvino`, an optional extra: `pip install -r requirements-openvino.txt`), and hands
+This module owns the choice between PyTorch (`torch`, the faithful reference), OpenVINO
+(`openvino`, an optional extra: `pip install -r requirements-openvino.txt`) and `auto` (the one
+measured faster for the pass: `resolve_engine`; main_restore's default), and hands
 `models.inference` the network's entry points (`forward`, `encode`, `decode`, `head`,
 `qf_features`, `qf_from_pooled`) as one namespace, so tiles, the QF of the whole image,
 `qf_input`, batching and 16-bit output work the same with either engine.
