@@ -226,8 +226,8 @@ PROJECTION_METHODS = ("calibrated", "clip", "posterior")
 
 
 def _grid_dct(plane, factor, rows=None, cols=None):
-    """The DCT coefficients (R, C, 64) of a full-size float plane (tensor) as an encoder stores
-    it at sampling `factor`: edge-padded to `rows` x `cols` (default: whole blocks of the
+    """The planar DCT coefficients (R, 8, C, 8) of a full-size float plane (tensor) as an encoder
+    stores it at sampling `factor`: edge-padded to `rows` x `cols` (default: whole blocks of the
     sampling), box-averaged to the sampling (libjpeg's downsampling), level-shifted."""
     (fy, fx), (height, width) = factor, plane.shape
     rows = rows or 8 * fy * -(-height // (8 * fy))
@@ -388,7 +388,9 @@ def _project_plane(plane, component, method="calibrated", share=None):
     if method == "posterior":
         correction = _posterior(coefficients, k, step) - coefficients
     else:  # the clip, and the calibrated share of the departure from the file's value
-        departure = coefficients.sub_(k.mul_(step))  # in place: 12 MP planes are large
+        # in place on the plane's own coefficients (12 MP planes are large); `k` may share the
+        # file's memory (a one-block-wide plane needs no copy to be planar): never written
+        departure = coefficients.sub_(k * step)
         correction = _kept(departure, step, None if share is None else _planar(share))
         correction -= departure
     return plane.add_(_to_full_size(_idct(correction), component.factor, *plane.shape))

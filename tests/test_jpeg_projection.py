@@ -305,3 +305,17 @@ def test_the_twin_of_a_large_image_clips_its_window_alone(testsets_dir, gray):
     whole = project(big, coefficients, "clip")[rows, cols].astype(int)
     alone = project(np.ascontiguousarray(big[rows, cols]), window, "clip").astype(int)
     assert np.abs(whole - alone).max() <= (0 if gray else 1)
+
+
+@pytest.mark.parametrize("width", [8, 16, 40])
+def test_projecting_leaves_the_files_coefficients_as_read(photo, width):
+    """A plane one block wide is planar without a copy: the projection must not write into the
+    file's coefficients (it once did), so projecting twice gives the same image."""
+    img = np.ascontiguousarray(photo[:64, :width])
+    data = jpeg_encode(img, 50)
+    coefficients = read_coefficients(data)
+    read = [c.coefficients.copy() for c in coefficients.components]
+    decoded = jpeg_decode(data, 3)
+    first = project(decoded, coefficients, "clip")
+    assert all(np.array_equal(r, c.coefficients) for r, c in zip(read, coefficients.components))
+    np.testing.assert_array_equal(project(decoded, coefficients, "clip"), first)
