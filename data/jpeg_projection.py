@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from utils.jpeg_header import JpegHeaderError, iter_segments
 
 __all__ = ["ProjectionUnavailable", "Component", "JpegCoefficients", "read_coefficients",
-           "project", "Twin", "make_twin", "twin_shares", "posterior_mean",
-           "PROJECTION_METHODS", "rgb_to_ycbcr", "ycbcr_to_rgb", "block_dct",
+           "project", "Twin", "make_twin", "twin_shares", "PROJECTION_METHODS", "block_dct",
            "block_idct"]
 
 # SOF markers: the ones libjpeg decodes to 8x8 DCT coefficients, and why the others are not used
@@ -116,17 +115,6 @@ _FROM_YCBCR = np.array([[1.0, 0.0, 1.402],
 _CHROMA_OFFSET = np.array([0.0, 128.0, 128.0])
 
 
-def rgb_to_ycbcr(rgb):
-    """JFIF's YCbCr planes (y, cb, cr) of float RGB (H, W, 3) in [0, 255]."""
-    ycc = rgb @ _TO_YCBCR.T + _CHROMA_OFFSET
-    return ycc[..., 0], ycc[..., 1], ycc[..., 2]
-
-
-def ycbcr_to_rgb(y, cb, cr):
-    """Inverse of `rgb_to_ycbcr`: float RGB (H, W, 3), not clipped."""
-    return (np.stack([y, cb, cr], axis=-1) - _CHROMA_OFFSET) @ _FROM_YCBCR.T
-
-
 def _frame_check(data):
     """ProjectionUnavailable unless the frame is 8-bit DCT with Huffman coding, 1 or 3
     components."""
@@ -182,7 +170,13 @@ def read_coefficients(data):
 
 
 def _posterior(estimate, k, step):
-    """`posterior_mean` on planar tensors (R, 8, C, 8), `step` (1, 8, 1, 8)."""
+    """Per coefficient (planar tensors (R, 8, C, 8), `step` (1, 8, 1, 8)), the mean of
+    N(estimate, s^2) truncated to [(k - 1/2) q, (k + 1/2) q]. The restoration is read as a noisy
+    measurement of the true coefficient, whose noise variance s^2 is estimated per frequency
+    from the image itself: the mean of (estimate - k q)^2 over its blocks, less the q^2 / 12
+    that the quantization alone explains (a network that returns the truth gives s = 0, and
+    this is the clip). Where the restoration strays by more than the quantization can explain,
+    the result moves towards the file's own value k q; it always stays in the interval."""
     centre, low, high = k * step, (k - 0.5) * step, (k + 0.5) * step
     spread = ((estimate - centre) ** 2).mean(dim=(0, 2), keepdim=True)
     sigma = torch.sqrt(torch.clamp(spread - step ** 2 / 12.0, min=0.0))
@@ -196,23 +190,6 @@ def _posterior(estimate, k, step):
     # sigma 0, or an interval so far in the tail that the ratio is lost: the nearest edge
     usable = (sigma > 0) & (mass > 1e-9) & torch.isfinite(mean)
     return torch.where(usable, torch.minimum(torch.maximum(mean, low), high), clipped)
-
-
-def posterior_mean(estimate, k, step):
-    """Per coefficient, the mean of N(estimate, s^2) truncated to [(k - 1/2) q, (k + 1/2) q]
-    (numpy arrays (R, C, 8, 8), `step` (8, 8)).
-
-    The restoration is read as a noisy measurement of the true coefficient, whose noise variance
-    s^2 is estimated per frequency from the image itself: the mean of (estimate - k q)^2 over
-    its blocks, less the q^2 / 12 that the quantization alone explains (a network that returns
-    the truth gives s = 0, and this is the projection). Where the restoration strays by more
-    than the quantization step can explain, the result moves from it towards the file's own
-    value k q; it always stays in the interval.
-    """
-    estimate, k = (torch.from_numpy(np.asarray(a, dtype=np.float64)).permute(0, 2, 1, 3)
-                   for a in (estimate, k))
-    step = torch.from_numpy(np.asarray(step, dtype=np.float64)).reshape(1, 8, 1, 8)
-    return _posterior(estimate, k, step).permute(0, 2, 1, 3).numpy()
 
 
 def _kept(departure, step, share):
@@ -402,7 +379,7 @@ def project(img, coefficients, method, shares=None):
 
     `method` "clip" is the projection onto the constraint set (each coefficient clipped into
     its interval); "posterior" takes, inside the same intervals, the posterior mean of
-    `posterior_mean`; "calibrated" keeps, per frequency, the `shares` of the departure from
+    `_posterior`; "calibrated" keeps, per frequency, the `shares` of the departure from
     the file's value that a twin taught (`make_twin`, `twin_shares`), then clips. A gray image
     is brought to the file's Y component; a colour image from a gray file gets its Y done and
     its chroma kept. Raises ProjectionUnavailable when the sizes differ.

@@ -10,10 +10,9 @@ from PIL import Image
 
 from data.jpeg import jpeg_decode, jpeg_encode
 from data.jpeg_projection import (CALIBRATION_WINDOW, TWIN_SHIFT, ProjectionUnavailable,
-                                  _project_plane, _window, _window_coefficients, block_dct,
-                                  block_idct, make_twin, posterior_mean, project,
-                                  read_coefficients, rgb_to_ycbcr, twin_shares,
-                                  ycbcr_to_rgb)
+                                  _image, _planes, _posterior, _project_plane, _window,
+                                  _window_coefficients, block_dct, block_idct, make_twin,
+                                  project, read_coefficients, twin_shares)
 from utils.metrics import psnr
 
 
@@ -40,12 +39,17 @@ def test_block_dct_is_orthonormal_and_inverted(rng=np.random.default_rng(0)):
     np.testing.assert_allclose(coefficients[1, 2, 0, 0], 8 * plane[8:16, 16:24].mean())
 
 
-def test_ycbcr_round_trip_and_jfif_values():
-    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], dtype=np.float64)
-    y, cb, cr = rgb_to_ycbcr(rgb)
-    np.testing.assert_allclose(y[0], [76.245, 149.685, 29.07, 128], atol=1e-9)
-    np.testing.assert_allclose(cb[0, 3], 128) and np.testing.assert_allclose(cr[0, 3], 128)
-    np.testing.assert_allclose(ycbcr_to_rgb(y, cb, cr), rgb, atol=1e-3)
+def test_ycbcr_planes_have_jfif_values_and_round_trip(rng=np.random.default_rng(4)):
+    """The projection's own colour conversion: JFIF's values, and back to the same pixels at
+    8 and 16 bits."""
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128]]], dtype=np.uint8)
+    y, cb, cr = (p.double().numpy() for p in _planes(rgb))
+    np.testing.assert_allclose(y[0], [76.245, 149.685, 29.07, 128], atol=1e-4)
+    np.testing.assert_allclose([cb[0, 3], cr[0, 3]], [128, 128], atol=1e-4)
+    photo = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(_image(_planes(photo)), photo)
+    deep = photo.astype(np.uint16) * 257 + rng.integers(0, 257, photo.shape).astype(np.uint16)
+    assert np.abs(_image(_planes(deep), np.uint16).astype(int) - deep).max() <= 1
 
 
 def test_the_file_reads_as_opencv_decodes_it(photo):
@@ -169,9 +173,13 @@ def test_bytes_that_are_not_a_jpeg_are_named():
 
 def test_the_posterior_mean_lies_between_the_clip_and_the_files_value():
     rng = np.random.default_rng(1)
-    k = rng.integers(-5, 6, (30, 40, 8, 8)).astype(float)
-    step = rng.integers(1, 30, (8, 8)).astype(float)
-    estimate = k * step + rng.normal(0, 1, k.shape) * step * rng.uniform(0.1, 3, (8, 8))
+    k = rng.integers(-5, 6, (30, 8, 40, 8)).astype(float)  # planar: block row, u, column, v
+    step = rng.integers(1, 30, (1, 8, 1, 8)).astype(float)
+    estimate = k * step + rng.normal(0, 1, k.shape) * step * rng.uniform(0.1, 3, (1, 8, 1, 8))
+
+    def posterior_mean(estimate, k, step):
+        return _posterior(*(torch.from_numpy(a) for a in (estimate, k, step))).numpy()
+
     post = posterior_mean(estimate, k, step)
     clipped = np.clip(estimate, (k - 0.5) * step, (k + 0.5) * step)
     assert (post >= (k - 0.5) * step - 1e-9).all() and (post <= (k + 0.5) * step + 1e-9).all()
@@ -261,8 +269,8 @@ def test_calibrated_coefficients_lie_in_their_intervals(photo, gray):
     noisy = np.clip(jpeg_decode(data, 1 if gray else 3)
                     + np.random.default_rng(3).normal(0, 4, img.shape), 0, 255).astype(np.uint8)
     out = calibrated(noisy, coefficients, lambda x: cv2.GaussianBlur(x, (0, 0), 0.8))
-    (y, *_), component = ((out.astype(np.float64),) if gray
-                          else rgb_to_ycbcr(out.astype(np.float64))), coefficients.components[0]
+    y = out.astype(np.float64) if gray else _planes(out)[0].double().numpy()
+    component = coefficients.components[0]
     padded = np.pad(y, ((0, 128 - 121), (0, 200 - 195)), mode="edge")
     k, q = component.coefficients, component.table
     outside = np.abs(block_dct(padded - 128) - k * q) - q / 2
