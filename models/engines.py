@@ -21,13 +21,12 @@ import importlib.util
 import logging
 import os
 import tempfile
-import warnings
-import weakref
 
 import numpy as np
 import torch
 from torch import nn
 
+from models.onnx_graphs import FBCNNExport, export_graph
 from utils.errors import UserError
 
 __all__ = ["ENGINES", "OPENVINO_PRECISIONS", "INSTALL_OPENVINO", "openvino_available",
@@ -38,7 +37,9 @@ ENGINES = ("torch", "openvino", "auto")
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 INSTALL_OPENVINO = "pip install -r requirements-openvino.txt"
 LOG = logging.getLogger(f"fbcnn.{__name__}")
-_CONVERTED = weakref.WeakKeyDictionary()  # net -> {(precision, threads): namespace}
+# each network keeps its converted parts in this attribute, {(precision, threads): namespace},
+# so they go with it (a cache keyed by the network but holding it would keep it alive)
+_CONVERTED = "_fbcnn_openvino"
 
 
 def openvino_available():
@@ -93,20 +94,6 @@ def check_engine(engine, precision="fp32", device="cpu"):
                         f"{INSTALL_OPENVINO}")
 
 
-class _Whole(nn.Module):
-    """The network as one graph, `(x, qf_input) -> (restored, qf)`; a negative qf_input means
-    blind (the predicted QF conditions the decoder)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, qf_input):
-        skips, qf = self.net.encode(x)
-        chosen = torch.where(qf_input < 0, qf, qf_input)
-        return self.net.decode(skips, chosen, x.shape[-2:]), qf
-
-
 class _Encoder(nn.Module):
     def __init__(self, net):
         super().__init__()
@@ -145,15 +132,11 @@ def _weights_key(net):
 
 
 def _export(module, example, path):
-    """`module` exported to ONNX at `path` with the batch and the image sides dynamic (a few
-    seconds: the network is traced)."""
+    """`module` traced to ONNX at `path`, the batch and the image sides dynamic."""
     names = [f"in{k}" for k in range(len(example))]
     axes = {name: ({0: "n", 2: "h", 3: "w"} if t.dim() == 4 else {0: "n"})
             for name, t in zip(names, example)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's notices
-        torch.onnx.export(module, example, path, dynamo=False, opset_version=17,
-                          input_names=names, dynamic_axes=axes)
+    export_graph(module, example, path, names, axes)
 
 
 def _model_file(ov, core, module, example, path):
@@ -211,7 +194,7 @@ class _OpenVinoNet:
                 net.float().eval()
                 with torch.no_grad():
                     module, example = {
-                        "whole": lambda: (_Whole(net), (x, qf)),
+                        "whole": lambda: (FBCNNExport(net, qf_input=True), (x, qf)),
                         "encoder": lambda: (_Encoder(net), (x,)),
                         "decoder": lambda: (_Decoder(net),
                                             (*net.encode(x, predict_qf=False)[0], qf))}[name]()
@@ -244,7 +227,7 @@ def openvino_fns(net, precision="fp32"):
     converted once per network, precision and thread count."""
     check_engine("openvino", precision)
     key = (precision, torch.get_num_threads())
-    cache = _CONVERTED.setdefault(net, {})
+    cache = net.__dict__.setdefault(_CONVERTED, {})
     if key not in cache:
         cache[key] = _OpenVinoNet(net, precision, key[1])
     return cache[key]

@@ -11,38 +11,23 @@ arithmetic (`-w % 8`), so they follow the input size. With `--qf-input` the grap
 input `qf_input` (N, 1): a value in [0, 1] (`1 - QF/100`) overrides the predicted QF, as FBCNN's
 flexible control, and a negative value keeps the blind estimate, so one file serves both uses.
 
-The export uses PyTorch's TorchScript-based exporter (`dynamo=False`), which needs only the
-`onnx` package; `--check` also needs `onnxruntime`.
+The graph and the tracing are models/onnx_graphs.py's (PyTorch's TorchScript-based exporter,
+which needs only the `onnx` package); `--check` also needs `onnxruntime`.
 """
 import argparse
 import sys
-import warnings
 
 import torch
-from torch import nn
 
 from models.model_zoo import load_model
+from models.onnx_graphs import DEFAULT_OPSET, FBCNNExport, export_graph
 from runners.cli import bounded_int
 from utils.errors import UserError
 from utils.fileio import atomic_write
 
-__all__ = ["FBCNNExport", "export_onnx", "check_onnx", "main"]
+__all__ = ["export_onnx", "check_onnx", "main"]
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 11  # dynamic padding (opset 9 and 10 pad by constant sizes only)
-
-
-class FBCNNExport(nn.Module):
-    """FBCNN as exported: `(image[, qf_input]) -> (restored, qf)`, blind where qf_input < 0."""
-
-    def __init__(self, net, qf_input=False):
-        super().__init__()
-        self.net, self.with_qf_input = net, qf_input
-
-    def forward(self, image, qf_input=None):
-        skips, qf = self.net.encode(image)
-        condition = qf if qf_input is None else torch.where(qf_input < 0, qf, qf_input)
-        return self.net.decode(skips, condition, image.shape[-2:]), qf
 
 
 def export_onnx(net, path, qf_input=False, opset=DEFAULT_OPSET, example_size=(64, 64)):
@@ -59,16 +44,8 @@ def export_onnx(net, path, qf_input=False, opset=DEFAULT_OPSET, example_size=(64
         input_names.append("qf_input")
         dynamic_axes["qf_input"] = {0: "batch"}
 
-    def write(f):
-        with warnings.catch_warnings(), torch.no_grad():
-            # the TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(wrapper, args, f, dynamo=False, opset_version=opset,
-                              input_names=input_names, output_names=["restored", "qf"],
-                              dynamic_axes=dynamic_axes)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: export_graph(wrapper, args, f, input_names, dynamic_axes,
+                                              ["restored", "qf"], opset))
     return path
 
 
