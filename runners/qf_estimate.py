@@ -17,10 +17,10 @@ from data.dominant_qf import estimate_dominant_qf
 from models.inference import predict_qf, resolve_device
 from runners.cli import shard_device, speed_options
 from runners.restore_io import (FILE_FAILURES, ModelCache, ModelUnavailable, OptionError,
-                                collect_inputs, failure, log_passed_over, warn_unused)
+                                collect_inputs, failure, is_image_name, log_passed_over,
+                                warn_unused)
 from utils.dist import all_gather_objects, join_shards, leave_shards
 from utils.fileio import atomic_write_bytes, display_path
-from utils.image import IMG_EXTENSIONS
 from utils.image_file import read_image
 from utils.jpeg_header import header_qf
 from utils.logger import rank_logging
@@ -34,7 +34,7 @@ def _check_json_path(path, jobs, overwrite):
     """UserError unless `path` may receive --qf-estimate's JSON: never an image or an input
     (`--json *.jpg` unquoted makes the first image the JSON path), an existing file only with
     --overwrite."""
-    if os.path.basename(path).lower().endswith(IMG_EXTENSIONS) or any(
+    if is_image_name(os.path.basename(path)) or any(
             os.path.realpath(path) == os.path.realpath(job.path) for job in jobs):
         raise OptionError(f"--json {path}: is an image or input file, which is never "
                           "overwritten (is a glob after --json unquoted?)")

@@ -24,7 +24,7 @@ from utils.image import IMG_EXTENSIONS, ImageReadError, imencode
 from utils.image_meta import embed_icc
 
 __all__ = ["FORMATS", "DEFAULT_QUALITY", "FILE_FAILURES", "OptionError", "Job",
-           "collect_inputs", "log_passed_over", "ModelUnavailable", "ModelCache",
+           "is_image_name", "collect_inputs", "log_passed_over", "ModelUnavailable", "ModelCache",
            "encode_image", "failure", "plan_outputs", "refusals", "output_lock", "warn_unused"]
 
 LOG = logging.getLogger("fbcnn.runners.restore")
@@ -50,7 +50,8 @@ class Job:
     named: bool = True  # given by name, not found in a folder or by a glob
 
 
-def _is_image_name(name):
+def is_image_name(name):
+    """Whether a folder or glob takes `name` as an image: an image extension, not hidden."""
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
@@ -104,7 +105,7 @@ def collect_inputs(inputs, recursive=False, exclude=None):
                 rel = os.path.relpath(folder, arg)
                 for name in sorted(names):
                     path = os.path.join(folder, name)
-                    if _is_image_name(name) and os.path.isfile(path):
+                    if is_image_name(name) and os.path.isfile(path):
                         add(path, "" if rel == "." else rel)
                         found += 1
                     elif name.startswith(".") or (exclude and os.path.realpath(path)
@@ -120,7 +121,7 @@ def collect_inputs(inputs, recursive=False, exclude=None):
                               + ("" if recursive else " (use --recursive for sub-folders)"))
         elif any(c in arg for c in GLOB_CHARS):
             matches = [m for m in sorted(glob.glob(arg, recursive=recursive))
-                       if os.path.isfile(m) and _is_image_name(os.path.basename(m))]
+                       if os.path.isfile(m) and is_image_name(os.path.basename(m))]
             if not matches:
                 errors.append(f"{arg}: no image files match this pattern")
             for m in matches:
