@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -37,9 +38,10 @@ ENGINES = ("torch", "openvino", "auto")
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 INSTALL_OPENVINO = "pip install -r requirements-openvino.txt"
 LOG = logging.getLogger(f"fbcnn.{__name__}")
-# each network keeps its converted parts in this attribute, {(precision, threads): namespace},
-# so they go with it (a cache keyed by the network but holding it would keep it alive)
-_CONVERTED = "_fbcnn_openvino"
+# net -> {(precision, threads): namespace}. The namespaces hold their network, so an entry
+# lives as long as the process: freeing OpenVINO's compiled models in a garbage-collected cycle
+# crashed the interpreter (a network on which they were kept, collected mid-run)
+_CONVERTED = weakref.WeakKeyDictionary()
 
 
 def openvino_available():
@@ -65,11 +67,9 @@ def fastest_options(options, device):
 
 def resolve_engine(engine, precision="fp32", tiled=False, device="cpu"):
     """The engine that runs a pass: "auto" is OpenVINO where it is installed and runs the
-    precision, for an untiled pass or in bf16, and PyTorch for a tiled fp32 pass. Measured on
-    a 2-core Xeon with AMX (docs/benchmarks.md, "CPU engines"): a 1 MP photo untiled in fp32,
-    OpenVINO 4.20 MP/s against PyTorch channels_last's 3.10; 12 MP in 512-pixel tiles, 2.33
-    against 2.70 (OpenVINO runs a tile's encoder and decoder as two calls); in bf16, 4.09
-    against 3.62."""
+    precision, for an untiled pass or in bf16, and PyTorch for a tiled fp32 pass or off the
+    CPU (what measured faster on a 2-core Xeon with AMX: docs/benchmarks.md, "CPU engines";
+    OpenVINO runs a tile's encoder and decoder as two calls)."""
     if engine != "auto":
         return engine
     usable = (torch.device(device).type == "cpu" and openvino_available()
@@ -227,7 +227,7 @@ def openvino_fns(net, precision="fp32"):
     converted once per network, precision and thread count."""
     check_engine("openvino", precision)
     key = (precision, torch.get_num_threads())
-    cache = net.__dict__.setdefault(_CONVERTED, {})
+    cache = _CONVERTED.setdefault(net, {})
     if key not in cache:
         cache[key] = _OpenVinoNet(net, precision, key[1])
     return cache[key]
