@@ -79,8 +79,8 @@ def masked_qf_loss(qf_est, qf_label, kind="l1"):
 
 @torch.no_grad()
 def regularizer_orth(m):
-    """KAIR: nudge singular values of each conv weight (as a matrix) towards [0.5, 1.5]."""
-    if m.__class__.__name__.find("Conv") != -1:
+    """KAIR: nudge singular values of each trained conv weight (as a matrix) towards [0.5, 1.5]."""
+    if m.__class__.__name__.find("Conv") != -1 and m.weight.requires_grad:
         w = m.weight.data
         c_out, c_in, f1, f2 = w.size()
         mat = w.permute(2, 3, 1, 0).reshape(f1 * f2 * c_in, c_out)
@@ -93,11 +93,11 @@ def regularizer_orth(m):
 
 @torch.no_grad()
 def regularizer_clip(m):
-    """KAIR: nudge conv/linear weights and biases outside [-1.5, 1.5] back by 1e-4."""
+    """KAIR: nudge trained conv/linear weights and biases outside [-1.5, 1.5] back by 1e-4."""
     name = m.__class__.__name__
     if name.find("Conv") != -1 or name.find("Linear") != -1:
         for p in (m.weight, m.bias):
-            if p is not None:
+            if p is not None and p.requires_grad:
                 p.data[p.data > 1.5] -= 1e-4
                 p.data[p.data < -1.5] += 1e-4
 
@@ -115,6 +115,21 @@ def training_precision(precision, device):
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if any(native_bf16().values()) else "fp32"
+
+
+def freeze_untrainable(net, trainable):
+    """Switch off the gradients of `net`'s parameters outside `trainable` (name prefixes; None:
+    train all); a prefix that names no parameter is an error naming `train.trainable`."""
+    if trainable is None:
+        return
+    names = [name for name, _ in net.named_parameters()]
+    for prefix in trainable:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            tops = sorted({name.split(".")[0] for name in names})
+            raise UserError(f"train.trainable: {prefix!r} names no parameter of netG; its "
+                            f"parameters start with {', '.join(tops)}")
+    for name, param in net.named_parameters():
+        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in trainable))
 
 
 class ModelFBCNN:
@@ -139,6 +154,7 @@ class ModelFBCNN:
       cuBLAS use it; bf16 autocast, or fp16 autocast with a gradient scaler, for the forward pass.
       Validation (`test`) is always IEEE fp32, so its numbers compare across runs;
     - channels_last and torch.compile (`train.compile`), off by default;
+    - `train.trainable`: only the parameters under these names train (e.g. the QF head alone);
     - DistributedDataParallel wrapping when the run has several processes;
     - non-finite losses: an iteration whose loss is NaN or infinite (on any process) is skipped (no
       backward, no update, no regularizer) with a warning; `train.max_nonfinite_steps` such
@@ -175,6 +191,7 @@ class ModelFBCNN:
         self.skipped_steps = 0  # skipped iterations since this process started
 
     def _set_network(self, bare):
+        freeze_untrainable(bare, self.opt_train["trainable"])
         bare = bare.to(self.device)
         if self.channels_last:
             bare = bare.to(memory_format=torch.channels_last)

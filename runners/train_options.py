@@ -144,6 +144,10 @@ SCHEMA = Section({
                              "carry a QF label gives the decoder the true labels as `qf_input` "
                              "instead of the predicted QF (not in the original; 0: never)",
                              minimum=0, maximum=1),
+        "trainable": Key("list_str", None, "train only the parameters whose names start with "
+                         "one of these (e.g. [\"qf_pred\"]: the QF head alone, so a fed QF "
+                         "restores exactly as the loaded network); the rest stay as loaded; "
+                         "null: every parameter", nullable=True),
         "G_optimizer_type": Key("str", "adam", "", choices=("adam",)),
         "G_optimizer_lr": Key("float", 2e-5, "learning rate", minimum=0, exclusive_min=True),
         "G_optimizer_betas": Key("list_float", [0.9, 0.999], "Adam betas", minimum=0, length=2),

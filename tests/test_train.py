@@ -789,6 +789,26 @@ def test_gradient_clipping_bounds_the_update(option_file):
     assert free.grad_norm is None
 
 
+def test_trainable_trains_only_the_named_parameters(option_file):
+    model = _tiny_model(option_file, 'train.trainable=["qf_pred"]',
+                        "train.G_regularizer_clipstep=1", "train.G_regularizer_orthstep=1")
+    with torch.no_grad():  # a weight beyond the clip regulariser's bound, outside the QF head
+        model.bare.m_head.weight[0, 0, 0, 0] = 3.0
+    before = {k: v.clone() for k, v in model.bare.state_dict().items()}
+    for step in (1, 2):
+        model.optimize_parameters(step)
+    after = model.bare.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("qf_pred.") for k in changed)
+    assert sum(p.numel() for g in model.G_optimizer.param_groups for p in g["params"]) == sum(
+        v.numel() for k, v in after.items() if k.startswith("qf_pred."))
+
+
+def test_a_trainable_prefix_that_names_nothing_is_refused(option_file):
+    with pytest.raises(UserError, match=r"train\.trainable: 'qf_head' names no parameter.*qf_pred"):
+        _tiny_model(option_file, 'train.trainable=["qf_head"]')
+
+
 def test_step_loss_is_l1_plus_weighted_masked_qf(option_file):
     model = _tiny_model(option_file, "train.QF_lossfn_weight=0.5")
     with torch.no_grad():
