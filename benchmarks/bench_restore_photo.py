@@ -1,9 +1,10 @@
 """A large photo through `main_restore.py`, start to exit, against plain network forwards.
 
-    python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--repeat 2]
+    python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--gray] [--repeat 2]
         [--variant default torch bf16 no-projection] [--json r.json]
 
-Makes one JPEG of `--mp` megapixels (a 4:3 mosaic of LIVE1 crops, OpenCV at `--qf`), then, in
+Makes one JPEG of `--mp` megapixels (a 4:3 mosaic of LIVE1 crops, OpenCV at `--qf`; `--gray`:
+of LIVE1_gray's, a one-channel JPEG, which main_restore gives its gray model), then, in
 one run: the baseline, plain PyTorch eager fp32 forwards of the same network (contiguous, the
 QF predicted per tile) over the image's 512x512 tiles, summed; and for each `--variant` the
 whole command `python main_restore.py PHOTO -o DIR --overwrite [flags]` in a new process, timed
@@ -71,17 +72,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mp", type=float, default=12.0)
     p.add_argument("--qf", type=quality_factor, default=50)
-    p.add_argument("--model", default="fbcnn_color_lite",
-                   help="the network of the baseline; main_restore uses its own default model")
+    p.add_argument("--gray", action="store_true", help="a gray photo (one-channel JPEG)")
+    p.add_argument("--model", default=None,
+                   help="the network of the baseline (default fbcnn_color_lite, or "
+                        "fbcnn_gray_lite with --gray); main_restore uses its own default model")
     p.add_argument("--variant", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    clean = [imread_uint(path) for path in
-             list_images(os.path.join(REPO_ROOT, "testsets", "LIVE1_color"))]
+    channels, testset = (1, "LIVE1_gray") if args.gray else (3, "LIVE1_color")
+    clean = [imread_uint(path, channels) for path in
+             list_images(os.path.join(REPO_ROOT, "testsets", testset))]
     data = jpeg_encode(synthetic_photo(clean, args.mp), args.qf)
-    model = load_model(args.model)
-    img = jpeg_decode(data, 3)
+    model = load_model(args.model or f"fbcnn_{'gray' if args.gray else 'color'}_lite")
+    img = jpeg_decode(data, channels)
     megapixels = img.shape[0] * img.shape[1] / 1e6
     with tempfile.TemporaryDirectory() as folder:
         photo = os.path.join(folder, "photo.jpg")
@@ -100,11 +104,11 @@ def main(argv=None):
     features = native_bf16()
     print(f"\nCPU: {device_name('cpu')}; AVX-512 bf16: {features['avx512_bf16']}, AMX bf16: "
           f"{features['amx_bf16']}. A {img.shape[1]}x{img.shape[0]} ({megapixels:.1f} MP) "
-          f"JPEG at QF {args.qf}; main_restore timed start to exit, best of {args.repeat}.\n")
+          f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}; main_restore timed start to exit, best of {args.repeat}.\n")
     print_table(rows, COLUMNS)
     if args.json:
         write_json(args.json, {"cpu": device_name("cpu"), **features, "megapixels": megapixels,
-                               "qf": args.qf, "rows": rows,
+                               "channels": channels, "qf": args.qf, "rows": rows,
                                "argv": sys.argv[1:] if argv is None else argv})
     return 0
 

@@ -565,11 +565,14 @@ def test_cpu_engine_benchmark_compares_every_engine_with_pytorch_fp32(tmp_path, 
     assert "AVX-512 bf16:" in capsys.readouterr().out
 
 
-def test_photo_benchmark_times_main_restore_against_plain_forwards(tmp_path):
+@pytest.mark.parametrize("gray", [False, True])
+def test_photo_benchmark_times_main_restore_against_plain_forwards(tmp_path, gray):
     path = tmp_path / "photo.json"
     assert bench_restore_photo.main(["--mp", "0.05", "--repeat", "1", "--variant", "torch",
-                                     "--json", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
+                                     "--json", str(path)] + ["--gray"] * gray) == 0
+    result = json.loads(path.read_text())
+    assert result["channels"] == (1 if gray else 3)
+    rows = result["rows"]
     assert [r["variant"] for r in rows] == ["plain forwards", "main_restore torch"]
     assert rows[0]["vs_baseline"] == 1.0
     assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
