@@ -58,6 +58,9 @@ class Degradation:
     single-JPEG sample of a double type, whose (P+16)-pixel patch allows [0, 16].
     `samplings`: the chroma samplings of colour JPEGs (`data.jpeg.SAMPLINGS` keys), one drawn
     uniformly per JPEG; empty (every preset): OpenCV's 4:2:0, and no draw is made.
+    `scale_range` (lo, hi), 0 < lo <= hi <= 1: the clean crop is a window 1/s times as large,
+    s uniform in it (capped by the image), shrunk to the crop by area averaging: new content at
+    coarser scales from few images; empty (every preset): no draw, the original's crops.
     """
     gray: bool
     qf_range: tuple
@@ -72,6 +75,7 @@ class Degradation:
     shift_prob: float = 0.5
     max_shift: int = 8
     samplings: tuple = ()
+    scale_range: tuple = ()
 
     @property
     def double(self):
@@ -90,7 +94,7 @@ DATASET_PRESETS = {
 
 # the fields of a preset that `datasets.train` may override (null keeps the preset's)
 DEGRADATION_OPTIONS = ("qf_range", "qf_uniform_prob", "identity_prob", "double_prob",
-                       "samplings")
+                       "samplings", "scale_range")
 
 
 def dataset_preset(name):
@@ -239,6 +243,17 @@ class DatasetJPEG(Dataset):
                 "qf": torch.tensor([qf_to_label(self.qf)], dtype=torch.float32),
                 "H_path": self.paths_H[index]}
 
+    def _clean_crop(self, img, rng):
+        """The clean crop_size window, taken from a 1/s larger one when `scale_range` is set."""
+        if not self.degradation.scale_range:
+            return random_crop(img, self.crop_size, rng)
+        s = rng.uniform(*self.degradation.scale_range)
+        side = min(int(round(self.crop_size / s)), *img.shape[:2])
+        window = random_crop(img, side, rng)
+        if side == self.crop_size:
+            return window
+        return cv2.resize(window, (self.crop_size, self.crop_size), interpolation=cv2.INTER_AREA)
+
     def _train_item(self, key):
         deg, size = self.degradation, self.patch_size
         rng = self._rng(key.position)
@@ -246,7 +261,7 @@ class DatasetJPEG(Dataset):
         h, w = img.shape[:2]
         if h < self.crop_size or w < self.crop_size:
             raise UserError(self._small_message(self.paths_H[index], h, w))
-        patch_H = augment_img(random_crop(img, self.crop_size, rng), int(rng.integers(8)))
+        patch_H = augment_img(self._clean_crop(img, rng), int(rng.integers(8)))
         if deg.gray and patch_H.ndim == 3:
             patch_H = rgb_to_training_gray(patch_H, rng, deg.y_prob)
         # the identity draw is made only when asked for, so faithful runs keep their streams

@@ -87,6 +87,11 @@ SCHEMA = Section({
             "samplings": Key("list_str", None, "chroma samplings of the colour training JPEGs, "
                              "one drawn per JPEG (`444`, `422`, `420`); null: OpenCV's 4:2:0 "
                              "alone, as the original", nullable=True, choices=tuple(SAMPLINGS)),
+            "scale_range": Key("list_float", None, "[lo, hi], 0 < lo <= hi <= 1: each clean "
+                               "crop is a window 1/s as large, s uniform in [lo, hi], shrunk "
+                               "to the crop by area averaging (more content from few images); "
+                               "null: the original's crops", nullable=True, length=2,
+                               minimum=0, exclusive_min=True, maximum=1),
             "cache": Key("str", "none", "`memory`: decode every training image once and keep it "
                          "in RAM (small sets only)", choices=("none", "memory")),
         }),
@@ -234,6 +239,10 @@ def _cross_checks(opt, origin, world_size, check_paths):
     if channels == 3 and opt["n_channels"] != 3:
         raise UserError(f"{origin('n_channels')}: dataset type {train_set['dataset_type']!r} "
                         f"trains on colour, so n_channels must be 3")
+    scale_range = train_set["scale_range"]
+    if scale_range is not None and scale_range[0] > scale_range[1]:
+        raise UserError(f"{origin('datasets.train.scale_range')}: [lo, hi] with lo <= hi, "
+                        f"got {scale_range}")
     qf_range = train_set["qf_range"]
     if qf_range is not None and qf_range[0] > qf_range[1]:
         raise UserError(f"{origin('datasets.train.qf_range')}: [low, high] with low <= high, "

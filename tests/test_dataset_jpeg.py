@@ -402,3 +402,31 @@ def test_samplings_are_drawn_per_jpeg_and_leave_the_presets_streams_alone(tmp_pa
     entry = {"dataset_type": "jpeg", "dataroot_H": str(tmp_path), "H_size": P, "cache": "none",
              "samplings": ["444", "420"]}
     assert define_dataset(entry, "train", 3).degradation.samplings == ("444", "420")
+
+
+def test_scale_range_shrinks_a_larger_window_to_the_crop_by_area(tmp_path):
+    """Columns alternating 0 and 255: any crop keeps both, a window twice the crop shrunk by
+    area averaging to it is flat mid-gray (each output pixel averages two of each); a window the
+    image cannot hold is capped at the image."""
+    crop = P + 8  # a single type's crop
+    stripes = np.zeros((2 * crop + 6, 2 * crop + 6, 3), np.uint8)
+    stripes[:, 1::2] = 255
+    cv2.imwrite(str(tmp_path / "stripes.png"), stripes)
+    base = dataclasses.replace(DATASET_PRESETS["jpeg"], shift_prob=0.0)
+    plain = DatasetJPEG(str(tmp_path), base, patch_size=P, seed=0)
+    halved = DatasetJPEG(str(tmp_path), dataclasses.replace(base, scale_range=(0.5, 0.5)),
+                         patch_size=P, seed=0)
+    for position in range(4):
+        H = plain[SampleKey(0, position, False)]["H"]
+        assert {int(H.min()), int(H.max())} == {0, 255}
+        H = halved[SampleKey(0, position, False)]["H"]
+        assert H.shape == (3, P, P) and 127 <= int(H.min()) <= int(H.max()) <= 128
+    small = tmp_path / "small"
+    small.mkdir()
+    cv2.imwrite(str(small / "s.png"), stripes[:crop + 2, :crop + 2])
+    capped = DatasetJPEG(str(small), dataclasses.replace(base, scale_range=(0.5, 0.5)),
+                         patch_size=P, seed=0)
+    assert capped[SampleKey(0, 0, False)]["H"].shape == (3, P, P)
+    entry = {"dataset_type": "jpeg", "dataroot_H": str(tmp_path), "H_size": P, "cache": "none",
+             "scale_range": [0.5, 1.0]}
+    assert define_dataset(entry, "train", 3).degradation.scale_range == (0.5, 1.0)
