@@ -121,10 +121,15 @@ def cache_dir():
     return os.path.join(base, "fbcnn", "openvino")
 
 
+# part of every kept file's name: 2 since the parts are traced outside autocast (files of 1
+# that a bf16 pass had converted took bf16 inputs), so those are never read again
+_FILE_FORMAT = 2
+
+
 def _weights_key(net):
     """A digest of the network's layout and weights: the name of its converted parts."""
-    digest = hashlib.sha256(repr((type(net).__name__, net.in_nc, net.out_nc, net.nc,
-                                  net.nb)).encode())
+    digest = hashlib.sha256(repr((_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc,
+                                  net.nc, net.nb)).encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -192,14 +197,16 @@ class _OpenVinoNet:
             qf = torch.full((1, 1), 0.5)
             try:
                 net.float().eval()
-                with torch.no_grad():
+                # outside any autocast (a bf16 pass converts its parts under one), so the kept
+                # file is fp32 and serves every precision through OpenVINO's own hint
+                with torch.no_grad(), torch.autocast("cpu", enabled=False):
                     module, example = {
                         "whole": lambda: (FBCNNExport(net, qf_input=True), (x, qf)),
                         "encoder": lambda: (_Encoder(net), (x,)),
                         "decoder": lambda: (_Decoder(net),
                                             (*net.encode(x, predict_qf=False)[0], qf))}[name]()
-                path = os.path.join(cache_dir(), f"{self.key}-{name}.xml")
-                path, model = _model_file(self.ov, self.core, module, example, path)
+                    path = os.path.join(cache_dir(), f"{self.key}-{name}.xml")
+                    path, model = _model_file(self.ov, self.core, module, example, path)
             finally:
                 net.to(dtype)
             # from the file, OpenVINO's CACHE_DIR keeps the compiled blob for the next run too

@@ -101,6 +101,30 @@ def test_converted_parts_are_kept_and_read_back(tmp_path, monkeypatch, random_ne
 
 
 @needs_openvino
+def test_parts_converted_in_a_bf16_pass_are_fp32_graphs(tmp_path, monkeypatch, random_net,
+                                                        photo):
+    """`restore(precision="bf16")` runs under bf16 autocast; the parts it converts first must
+    not trace that autocast into the graph, or the kept file (shared by every precision) would
+    take bf16 inputs: a tiled bf16 pass failed on its first run, and an fp32 pass after it would
+    have run bf16 arithmetic."""
+    monkeypatch.setenv("FBCNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "_CONVERTED", type(engines._CONVERTED)())
+    img = (photo[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    model = load_model("fbcnn_color_lite")
+    model.net = random_net
+    first, _ = restore(model, img, engine="openvino", precision="bf16", tile=64)
+    kept = sorted(name for name in os.listdir(tmp_path / "cache") if name.endswith(".xml"))
+    assert [name.split("-")[-1] for name in kept] == ["decoder.xml", "encoder.xml"]
+    for name in kept:
+        assert 'element_type="bf16"' not in (tmp_path / "cache" / name).read_text()
+    monkeypatch.setattr(engines, "_CONVERTED", type(engines._CONVERTED)())
+    with torch.no_grad():
+        fp32, _ = forward_tiled(openvino_fns(random_net, "fp32"), photo, None, 64, 16)
+        reference, _ = forward_tiled(random_net, photo, None, 64, 16)
+    assert (fp32 - reference).abs().max() < 1e-4
+
+
+@needs_openvino
 def test_a_cache_that_cannot_be_written_costs_time_not_the_run(tmp_path, monkeypatch,
                                                               random_net, photo, caplog):
     blocker = tmp_path / "a_file"
