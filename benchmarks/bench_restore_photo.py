@@ -104,7 +104,8 @@ def main(argv=None):
     features = native_bf16()
     print(f"\nCPU: {device_name('cpu')}; AVX-512 bf16: {features['avx512_bf16']}, AMX bf16: "
           f"{features['amx_bf16']}. A {img.shape[1]}x{img.shape[0]} ({megapixels:.1f} MP) "
-          f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}; main_restore timed start to exit, best of {args.repeat}.\n")
+          f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}; main_restore timed start to "
+          f"exit, best of {args.repeat}.\n")
     print_table(rows, COLUMNS)
     if args.json:
         write_json(args.json, {"cpu": device_name("cpu"), **features, "megapixels": megapixels,

@@ -122,14 +122,18 @@ def freeze_untrainable(net, trainable):
     train all); a prefix that names no parameter is an error naming `train.trainable`."""
     if trainable is None:
         return
+
+    def under(name, prefixes):
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
     names = [name for name, _ in net.named_parameters()]
     for prefix in trainable:
-        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+        if not any(under(name, [prefix]) for name in names):
             tops = sorted({name.split(".")[0] for name in names})
             raise UserError(f"train.trainable: {prefix!r} names no parameter of netG; its "
                             f"parameters start with {', '.join(tops)}")
     for name, param in net.named_parameters():
-        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in trainable))
+        param.requires_grad_(under(name, trainable))
 
 
 class ModelFBCNN:
