@@ -57,7 +57,9 @@ def restore_consistent_batch(model, imgs, coefficients, qfs=None, device="cpu", 
     `restore_batch`, `options` as for `restore`. The engine "auto" is resolved once, for the
     image: its twin runs on the same engine (a photo tiled on PyTorch loads no OpenVINO)."""
     if options.get("engine") == "auto" and model.net is not None:  # one engine for the image
-        tiled = plan_tile(imgs[0].shape, device, options.get("tile"), net=model.net)[0]
+        tiled = plan_tile(imgs[0].shape, device, options.get("tile"),
+                          options.get("tile_overlap", 32),
+                          options.get("max_untiled_megapixels"), model.net)[0]
         options = {**options, "engine": resolve_engine(
             "auto", options.get("precision", "fp32"), tiled=tiled is not None, device=device)}
     results = _network(model, imgs, qfs, device, bit_depth, options)

@@ -180,3 +180,23 @@ def test_main_restores_defaults_are_the_fastest_installed(monkeypatch):
     assert resolve_engine("auto", "fp32") == "torch"
     check_engine("auto")  # auto runs without OpenVINO: on PyTorch
 
+
+
+def test_auto_is_resolved_for_the_image_with_every_tiling_option(monkeypatch, photo):
+    """restore_consistent resolves `auto` once per image from the tiling restore will use, the
+    caller's limits included (a photo over `max_untiled_megapixels` is a tiled pass)."""
+    import models.consistency as consistency
+
+    seen = []
+
+    def record(engine, precision="fp32", tiled=False, device="cpu"):
+        seen.append(tiled)
+        return "torch"
+
+    monkeypatch.setattr(consistency, "resolve_engine", record)
+    img = (photo[0].permute(1, 2, 0) * 255).round().byte().numpy()
+    model = load_model("fbcnn_color_lite")
+    for limit in (None, 0.001):
+        consistency.restore_consistent_batch(model, [img], [None], engine="auto",
+                                             max_untiled_megapixels=limit)
+    assert seen == [False, True]
