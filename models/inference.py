@@ -195,21 +195,32 @@ class _Span:
         return slice(self.start, self.start + self.size)
 
 
-def tile_starts(length, tile, overlap):
-    """Origins (multiples of 8) of `tile`-pixel tiles covering [0, length), spread evenly so
-    that neighbours overlap by at least `overlap`; `length` and `tile` are multiples of 8."""
+def _layout(length, tile, overlap):
+    """`(size, starts)` of the tiles along one axis: the fewest tiles of at most `tile` pixels
+    whose neighbours overlap by at least `overlap`, each as small as that allows (a multiple of
+    8), so that the work added is the overlaps, not the spare pixels of tiles wider than needed;
+    their origins (multiples of 8) spread evenly. `length` and `tile` are multiples of 8."""
     if length <= tile:
-        return [0]
+        return length, [0]
     n = 1 + -(-(length - tile) // (tile - overlap))  # fewest tiles with stride <= tile - overlap
-    span = (length - tile) // 8
-    return [8 * (k * span // (n - 1)) for k in range(n)]
+    size = 8 * -(-(length + (n - 1) * overlap) // (8 * n))
+    while True:  # a step or two at most: the origins are rounded down to the 8-pixel grid
+        starts = [8 * (k * ((length - size) // 8) // (n - 1)) for k in range(n)]
+        if all(b - a <= size - overlap for a, b in zip(starts, starts[1:])):
+            return size, starts
+        size += 8  # size == tile fits: n was counted for it
+
+
+def tile_starts(length, tile, overlap):
+    """Origins (multiples of 8) of the tiles covering [0, length), spread evenly so that
+    neighbours overlap by at least `overlap` (`_layout`); `length` and `tile` are multiples of 8."""
+    return _layout(length, tile, overlap)[1]
 
 
 def tile_spans(length, tile, overlap):
     """The tiles along one axis with their normalised blending weights (see the module doc)."""
-    size = min(tile, length)
+    size, starts = _layout(length, tile, overlap)
     margin, ramp = overlap // 4, overlap // 2
-    starts = tile_starts(length, tile, overlap)
     index = torch.arange(size, dtype=torch.float64)
     raw = []
     for start in starts:

@@ -82,7 +82,11 @@ def test_tile_spans_cover_align_and_sum_to_one(length, tile, overlap_eighths):
     spans = tile_spans(length, tile, overlap)
     starts = [s.start for s in spans]
     assert starts == tile_starts(length, tile, overlap) and starts == sorted(set(starts))
-    assert all(s.start % 8 == 0 and s.size == min(tile, length) for s in spans)
+    size, n = spans[0].size, len(spans)
+    assert all(s.start % 8 == 0 and s.size == size <= min(tile, length) for s in spans)
+    # the fewest tiles of `tile` pixels, each no wider than the overlaps need (up to the grid)
+    assert n == 1 + max(0, -(-(length - tile) // (tile - overlap)))
+    assert n * size - (n - 1) * overlap - length <= 8 * n
     assert starts[0] == 0 and spans[-1].start + spans[-1].size == length
     assert all(a.start + a.size - b.start >= overlap for a, b in zip(spans, spans[1:]))
     total = torch.zeros(length, dtype=torch.float64)
@@ -300,7 +304,8 @@ def test_out_of_memory_falls_back_to_tiles_then_smaller_tiles(model, photo, monk
     with caplog.at_level(logging.WARNING, logger="fbcnn.models.inference"):
         # no encoder cache (the lite plan's 1 GiB would be dropped first: the test below)
         restored, qf = restore(model, photo, tile_cache_gib=0)
-    assert sizes[0] == (200, 264) and sizes[1] == (128, 128) and set(sizes[2:]) == {(64, 64)}
+    # 128-pixel tiles fitted to 200x264 (2 rows of 120, 3 columns of 112), then 64-pixel ones
+    assert sizes[0] == (200, 264) and sizes[1] == (120, 112) and set(sizes[2:]) == {(64, 64)}
     assert len(released) == 2 and len(caplog.records) == 2
     assert "64-pixel tiles" in caplog.records[-1].getMessage()
     assert np.array_equal(restored, expected) and qf == expected_qf
