@@ -62,7 +62,7 @@ class CpuPlan:
 
 # By the width of the network's first level, nc[0] (what sets its memory per pixel): the
 # measurements that chose them are in docs/benchmarks.md, "Tiles on the CPU".
-CPU_PLANS = {16: CpuPlan(tile=512, max_untiled_megapixels=1.5, tile_cache_gib=1.0),
+CPU_PLANS = {16: CpuPlan(tile=768, max_untiled_megapixels=1.5, tile_cache_gib=1.0),
              64: CpuPlan(tile=512, max_untiled_megapixels=2.0, tile_cache_gib=0.0)}
 
 

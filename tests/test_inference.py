@@ -258,13 +258,13 @@ def test_each_width_has_its_cpu_plan():
     without; a width between takes the next wider plan, a wider one a proportionally smaller
     limit; the plan decides where an image is first tiled."""
     lite, released = _model().net, _model(nc=(64, 128, 256, 512), nb=1).net
-    assert cpu_plan(lite) == CpuPlan(512, 1.5, 1.0)
+    assert cpu_plan(lite) == CpuPlan(768, 1.5, 1.0)
     assert cpu_plan(released) == CpuPlan(512, 2.0, 0.0)
     assert cpu_plan(SimpleNamespace(nc=[32, 64, 128, 256])) == CpuPlan(512, 2.0, 0.0)
     assert cpu_plan(SimpleNamespace(nc=[128, 256, 512, 1024])) == CpuPlan(512, 1.0, 0.0)
     assert cpu_plan(None) == CpuPlan(512, 2.0, 0.0)  # unknown: the released width's
     shape = (1200, 1500)  # 1.8 MP: over the lite limit, under the released one
-    assert plan_tile(shape, "cpu", net=lite) == (512, 32)
+    assert plan_tile(shape, "cpu", net=lite) == (768, 32)
     assert plan_tile(shape, "cpu", net=released) == (None, 32)
 
 
