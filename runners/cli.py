@@ -82,18 +82,19 @@ def add_speed_args(parser, engine_default="torch"):
                         "bf16; " + INSTALL_OPENVINO + "), or auto (openvino where it measured "
                         "faster: untiled images and bf16); default: " + engine_default)
     g.add_argument("--tile", type=tile_size, default=None, metavar="N",
-                   help="restore in N x N tiles (a multiple of 8, at least 16) with one QF for "
-                        "the whole image; default: whole images, tiled only on CPU above the "
-                        "network's limit (1.5 megapixels for the lite models) or on CUDA when "
-                        "memory runs out")
+                   help="restore in tiles of at most N x N pixels (a multiple of 8, at least 16; "
+                        "each side cut into as few tiles as N allows, sized to the image) with "
+                        "one QF for the whole image; default: whole images, tiled only on CPU "
+                        "above the network's limit (1.5 megapixels for the lite models) or on "
+                        "CUDA when memory runs out")
     g.add_argument("--tile-overlap", type=_overlap, default=None, metavar="M",
                    help="pixels shared by neighbouring tiles, a multiple of 8 at most N/2 "
                         "(default 32, or N/2 rounded down to a multiple of 8 for tiles under "
                         "64)")
     g.add_argument("--tile-cache-gib", type=non_negative_float, default=None, metavar="GIB",
                    help="memory for keeping each tile's encoder output between the QF pass and "
-                        "the restoring pass of blind tiling (default 1 on CUDA, 0 on CPU; 0 "
-                        "recomputes it)")
+                        "the restoring pass of blind tiling (default 1 on CUDA; on CPU 1 for "
+                        "the lite models, 0 for the released ones; 0 recomputes it)")
     g.add_argument("--channels-last", action="store_true", default=None,
                    help="NHWC memory layout for the network")
     g.add_argument("--compile", action="store_true", default=None,

@@ -393,7 +393,7 @@ def build_parser(prog=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help=DEVICE_HELP)
     parser.add_argument("--tile", type=tile_size, default=None, metavar="N",
-                        help="restore every image in tiles of this many pixels (default: "
+                        help="restore every image in tiles of at most this many pixels (default: "
                              "untiled, but on CPU each model's tiles above its limit, "
                              f"{CPU_PLANS[16].max_untiled_megapixels:g} megapixels for the lite "
                              f"models and {CPU_PLANS[64].max_untiled_megapixels:g} for the "
