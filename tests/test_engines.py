@@ -12,7 +12,8 @@ import torch
 import models.engines as engines
 from models.engines import (INSTALL_OPENVINO, check_engine, fastest_options,
                             openvino_available, openvino_fns, resolve_engine)
-from models.inference import forward_tiled, restore
+from models.inference import restore
+from models.tiling import forward_tiled
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
 from runners import restore as main_restore

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 import models.inference as inference
 from data.jpeg import jpeg, label_to_qf, qf_to_label
-from models.inference import (CpuPlan, check_options, cpu_plan, fit_overlap, forward_tiled,
-                              plan_tile, predict_qf, restore, restore_batch, tf32_allowed,
-                              tile_spans, tile_starts)
+from models.inference import (CpuPlan, check_options, cpu_plan, fit_overlap, plan_tile,
+                              predict_qf, restore, restore_batch, tf32_allowed)
+from models.tiling import forward_tiled, tile_spans, tile_starts
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from runners.evaluation import COLOR, main

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from data.jpeg import double_jpeg, jpeg, jpeg_encode, label_to_qf, qf_to_label, shift_crop
-from models.inference import forward_tiled, restore
+from models.inference import restore
+from models.tiling import forward_tiled
 from models.model_zoo import LoadedModel
 from models.network_fbcnn import FBCNN
 from utils import metrics
