@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+import models.consistency as consistency
 import models.engines as engines
 from models.engines import (INSTALL_OPENVINO, check_engine, fastest_options,
                             openvino_available, openvino_fns, resolve_engine)
 from models.inference import restore
-from models.tiling import forward_tiled
 from models.model_zoo import load_model
 from models.network_fbcnn import FBCNN
+from models.tiling import forward_tiled
 from runners import restore as main_restore
 from utils.errors import UserError
 from utils.image import imread_uint
@@ -182,12 +183,9 @@ def test_main_restores_defaults_are_the_fastest_installed(monkeypatch):
     check_engine("auto")  # auto runs without OpenVINO: on PyTorch
 
 
-
 def test_auto_is_resolved_for_the_image_with_every_tiling_option(monkeypatch, photo):
     """restore_consistent resolves `auto` once per image from the tiling restore will use, the
     caller's limits included (a photo over `max_untiled_megapixels` is a tiled pass)."""
-    import models.consistency as consistency
-
     seen = []
 
     def record(engine, precision="fp32", tiled=False, device="cpu"):
