@@ -108,8 +108,8 @@ class _Decoder(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x1, x2, x3, x4, b, qf):
-        return self.net.decode((x1, x2, x3, x4, b), qf, x1.shape[-2:])
+    def forward(self, x1, x2, x3, x4, b, qf, x=None):  # x: the input, with a global skip
+        return self.net.decode((x1, x2, x3, x4, b), qf, x1.shape[-2:], x)
 
 
 def cache_dir():
@@ -128,8 +128,9 @@ _FILE_FORMAT = 2
 
 def _weights_key(net):
     """A digest of the network's layout and weights: the name of its converted parts."""
-    digest = hashlib.sha256(repr((_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc,
-                                  net.nc, net.nb)).encode())
+    layout = (_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc, net.nc, net.nb)
+    digest = hashlib.sha256(repr(layout + (("global_skip",) if net.global_skip else ()))
+                            .encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -204,7 +205,8 @@ class _OpenVinoNet:
                         "whole": lambda: (FBCNNExport(net, qf_input=True), (x, qf)),
                         "encoder": lambda: (_Encoder(net), (x,)),
                         "decoder": lambda: (_Decoder(net),
-                                            (*net.encode(x, predict_qf=False)[0], qf))}[name]()
+                                            (*net.encode(x, predict_qf=False)[0], qf,
+                                             *[x][:net.global_skip]))}[name]()
                     path = os.path.join(cache_dir(), f"{self.key}-{name}.xml")
                     path, model = _model_file(self.ov, self.core, module, example, path)
             finally:
@@ -225,8 +227,9 @@ class _OpenVinoNet:
         pooled = self.qf_features(skips[-1]).mean((2, 3)) if predict_qf else None
         return skips, (self.qf_from_pooled(pooled) if predict_qf else None)
 
-    def decode(self, skips, qf, size):
-        return self._part("decoder", *skips, qf)[0][..., :size[0], :size[1]]
+    def decode(self, skips, qf, size, x=None):
+        inputs = (*skips, qf, x) if self.net.global_skip else (*skips, qf)
+        return self._part("decoder", *inputs)[0][..., :size[0], :size[1]]
 
 
 def openvino_fns(net, precision="fp32"):

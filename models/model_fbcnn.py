@@ -385,6 +385,7 @@ class ModelFBCNN:
         kwargs = infer_fbcnn_kwargs(self.bare.state_dict(), "netG")
         kwargs["act_mode"] = net_act_mode(self.bare)
         kwargs["downsample_mode"] = self.opt["netG"]["downsample_mode"]
+        kwargs["global_skip"] = self.bare.global_skip
         return kwargs
 
     # scheduler settings that come from the options: a resumed run takes them from its options

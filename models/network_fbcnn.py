@@ -8,6 +8,8 @@ Deliberate differences from the original code, all identical for the released we
 - `qf_pred`'s first Linear takes `nc[3]` inputs instead of a hard-coded 512, so other widths work.
 - `avgpool`/`maxpool` downsampling is a 2x2 pool followed by a 3x3 conv that changes the width
   (the original dropped that conv and crashed on the next block).
+- `global_skip=True` (off for the released weights, which have none) adds the input to the
+  output, so the identity is the zero residual: an option for the small models trained here.
 """
 import torch.nn.functional as F
 from torch import nn
@@ -89,7 +91,7 @@ class FBCNN(nn.Module):
     """
 
     def __init__(self, in_nc=3, out_nc=3, nc=(64, 128, 256, 512), nb=4, act_mode="R",
-                 downsample_mode="strideconv", upsample_mode="convtranspose"):
+                 downsample_mode="strideconv", upsample_mode="convtranspose", global_skip=False):
         super().__init__()
         nc = list(nc)
         if len(nc) != 4 or any(int(c) != c or c < 1 for c in nc):
@@ -99,7 +101,10 @@ class FBCNN(nn.Module):
         _check_choice("act_mode", act_mode, ACT_MODES)
         _check_choice("downsample_mode", downsample_mode, DOWNSAMPLE_MODES)
         _check_choice("upsample_mode", upsample_mode, UPSAMPLE_MODES)
+        if global_skip and in_nc != out_nc:
+            raise ValueError(f"FBCNN: global_skip needs in_nc == out_nc, got {in_nc}, {out_nc}")
         self.in_nc, self.out_nc, self.nc, self.nb = in_nc, out_nc, nc, nb
+        self.global_skip = bool(global_skip)
         w = EMBED_WIDTH
 
         def res_blocks(c):
@@ -165,8 +170,10 @@ class FBCNN(nn.Module):
         """The QF head after global pooling: (N, nc[3]) pooled features -> qf, (N, 1)."""
         return self.qf_pred[self.nb + 2:](pooled)
 
-    def decode(self, skips, qf, size):
-        """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1))."""
+    def decode(self, skips, qf, size, x=None):
+        """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1)).
+        `x`, the input the skips were encoded from, is added to the output with `global_skip`
+        (and needed then)."""
         x1, x2, x3, x4, b = skips
         emb = self.qf_embed(qf)
         d = self.m_body_decoder(b) + x4
@@ -178,10 +185,14 @@ class FBCNN(nn.Module):
             for block in stage[1:]:
                 d = block(d, gamma, beta)
             d = d + skip
-        d = self.m_tail(d)
-        return d[..., :size[0], :size[1]]
+        d = self.m_tail(d)[..., :size[0], :size[1]]
+        if self.global_skip:
+            if x is None:
+                raise ValueError("FBCNN with global_skip: decode needs the input x")
+            d = d + x[..., :size[0], :size[1]]
+        return d
 
     def forward(self, x, qf_input=None):
         skips, qf = self.encode(x)
-        restored = self.decode(skips, qf if qf_input is None else qf_input, x.shape[-2:])
+        restored = self.decode(skips, qf if qf_input is None else qf_input, x.shape[-2:], x)
         return restored, qf

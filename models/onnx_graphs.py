@@ -27,7 +27,7 @@ class FBCNNExport(nn.Module):
     def forward(self, image, qf_input=None):
         skips, qf = self.net.encode(image)
         condition = qf if qf_input is None else torch.where(qf_input < 0, qf, qf_input)
-        return self.net.decode(skips, condition, image.shape[-2:]), qf
+        return self.net.decode(skips, condition, image.shape[-2:], image), qf
 
 
 def export_graph(module, args, f, input_names, dynamic_axes, output_names=None,

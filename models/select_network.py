@@ -26,7 +26,8 @@ logger = logging.getLogger(f"fbcnn.{__name__}")
 def _build_fbcnn(opt_net):
     return FBCNN(in_nc=opt_net["in_nc"], out_nc=opt_net["out_nc"], nc=opt_net["nc"],
                  nb=opt_net["nb"], act_mode=opt_net["act_mode"],
-                 downsample_mode=opt_net["downsample_mode"], upsample_mode=opt_net["upsample_mode"])
+                 downsample_mode=opt_net["downsample_mode"], upsample_mode=opt_net["upsample_mode"],
+                 global_skip=opt_net["global_skip"])
 
 
 NETWORKS = {"fbcnn": _build_fbcnn}
@@ -121,7 +122,7 @@ def merge_bn(net):
         raise ValueError("merge_bn needs a network with BatchNorm (act_mode BR or BL)")
     merged = FBCNN(in_nc=net.in_nc, out_nc=net.out_nc, nc=net.nc, nb=net.nb,
                    act_mode=act_mode.replace("B", ""), downsample_mode=_mode(net, "down"),
-                   upsample_mode=_mode(net, "up"))
+                   upsample_mode=_mode(net, "up"), global_skip=net.global_skip)
     branches = {name: m for name, m in net.named_modules() if _is_bn_branch(m)}
     state = {k: v for k, v in net.state_dict().items()
              if not any(k.startswith(name + ".") for name in branches)}

@@ -130,7 +130,7 @@ def forward_tiled(fns, x, qf_input, tile, overlap, cache_bytes=0, qf_only=False)
                 skips = encode(r, c)
                 if qf is None:
                     pooled = pooled + pooled_features(skips, r, c)
-        y = fns.decode(skips, qf_input, (r.size, c.size)).float()
+        y = fns.decode(skips, qf_input, (r.size, c.size), x[..., r.slice, c.slice]).float()
         skips = None
         if out is None:
             out = torch.zeros((x.shape[0], y.shape[1], *x.shape[-2:]), device=dev)

@@ -89,7 +89,8 @@ def widen_fbcnn(net, nc, noise=0.0, seed=0):
     if down is None or up is None:
         raise ValueError("widen_fbcnn: only strided-convolution downsampling and transposed-"
                          "convolution upsampling (the released layout) can be widened")
-    new = FBCNN(net.in_nc, net.out_nc, nc, net.nb, act, down, up).to(next(net.parameters()).dtype)
+    new = FBCNN(net.in_nc, net.out_nc, nc, net.nb, act, down, up, net.global_skip)
+    new = new.to(next(net.parameters()).dtype)
     w = _Widener(net.nc, nc, noise, torch.Generator().manual_seed(seed))
     w.layer(net.m_head, new.m_head, 0, None)
     for k, (old, grown) in enumerate(((net.m_down1, new.m_down1), (net.m_down2, new.m_down2),

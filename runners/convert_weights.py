@@ -60,6 +60,9 @@ def convert(src, dst, overwrite=False, fp16=False, widen=None, noise=0.0):
     state = load_state_dict_file(src)
     stored = read_fbcnn_kwargs(src)
     net = build_from_state_dict(state, source=src, kwargs=stored)  # refuses non-FBCNN files
+    if net.global_skip and dst_format != "safetensors":
+        raise UserError(f"IN {display_path(src)} has a global skip, which a .pth cannot say "
+                        f"(the original's code would run it without); keep it .safetensors")
     kwargs = stored or infer_fbcnn_kwargs(state, src)
     if widen:
         try:

@@ -121,6 +121,8 @@ SCHEMA = Section({
                              choices=("convtranspose", "upconv", "pixelshuffle")),
         "downsample_mode": Key("str", "strideconv", "",
                                choices=("strideconv", "avgpool", "maxpool")),
+        "global_skip": Key("bool", False, "add the input to the output, so the identity is the "
+                           "zero residual (not in the released models: docs/training.md 8.10)"),
         "init_type": Key("str", "orthogonal", "weight init of Conv/Linear layers, as KAIR",
                          choices=_INIT_TYPES),
         "init_bn_type": Key("str", "uniform", "BatchNorm init, as KAIR",

@@ -10,6 +10,7 @@ from models.network_fbcnn import FBCNN
 from runners import convert_weights
 from tests.conftest import TouchOnUnpickle
 from utils.checkpoint import save_network
+from utils.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +32,8 @@ def test_round_trip_pth_safetensors_pth_keeps_every_tensor_and_the_architecture(
     st, back = tmp_path / "w.safetensors", tmp_path / "back.pth"
     assert convert_weights.main([str(tmp_path / "100_G.pth"), str(st)]) == 0
     kwargs = {"in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1, "act_mode": "BR",
-              "downsample_mode": "strideconv", "upsample_mode": "convtranspose"}
+              "downsample_mode": "strideconv", "upsample_mode": "convtranspose",
+              "global_skip": False}
     assert read_fbcnn_kwargs(str(st)) == kwargs
     with safe_open(str(st), framework="pt") as f:
         assert f.metadata()["converted_from"] == "100_G.pth"
@@ -115,3 +117,19 @@ def test_pickled_code_in_a_pth_is_never_run(tmp_path):
     torch.save({**state, "m_head.weight": TouchOnUnpickle(sentinel)}, tmp_path / "evil.pth")
     assert convert_weights.main([str(tmp_path / "evil.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert not sentinel.exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_global_skip_survives_conversion_and_refuses_a_pth(tmp_path):
+    torch.manual_seed(0)
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1, global_skip=True).eval()
+    kwargs = {**infer_fbcnn_kwargs(net.state_dict()), "global_skip": True}
+    src = save_network(str(tmp_path / "skip.safetensors"), net.state_dict(), kwargs)
+    convert_weights.convert(src, str(tmp_path / "skip16.safetensors"), fp16=True)
+    loaded = load_model(str(tmp_path / "skip16.safetensors")).net
+    assert loaded.global_skip
+    x = torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        assert (loaded.float()(x)[0] - net(x)[0]).abs().max() < 1e-2
+    with pytest.raises(UserError, match="global skip"):
+        convert_weights.convert(src, str(tmp_path / "skip.pth"))
+

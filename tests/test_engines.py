@@ -38,11 +38,18 @@ def photo(testsets_dir):
 
 
 @needs_openvino
-@pytest.mark.parametrize("weights", ["random", "fbcnn_color_lite", "fbcnn_gray_lite"])
+@pytest.mark.parametrize("weights", ["random", "random_global_skip", "fbcnn_color_lite",
+                                     "fbcnn_gray_lite"])
 def test_openvino_fp32_equals_pytorch_fp32_within_1e_4(weights, random_net, photo):
     """Blind and with a QF, untiled and tiled (blind tiles: the encoder, the QF of the whole
     image, then the decoder), the float outputs and the predicted QF."""
-    net = random_net if weights == "random" else load_model(weights).net.float().eval()
+    if weights.startswith("random"):
+        net = random_net
+        if weights.endswith("skip"):  # the same weights, the input added to the output
+            net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True).eval()
+            net.load_state_dict(random_net.state_dict())
+    else:
+        net = load_model(weights).net.float().eval()
     x = photo[:, :1] if net.in_nc == 1 else photo
     fns = openvino_fns(net, "fp32")
     with torch.no_grad():
@@ -100,6 +107,9 @@ def test_converted_parts_are_kept_and_read_back(tmp_path, monkeypatch, random_ne
     # other weights are other files
     other = FBCNN(3, 3, [8, 16, 32, 64], nb=1)
     assert engines._weights_key(other) != engines._weights_key(random_net)
+    skip = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True)  # the same weights, skip added
+    skip.load_state_dict(random_net.state_dict())
+    assert engines._weights_key(skip) != engines._weights_key(random_net)
 
 
 @needs_openvino

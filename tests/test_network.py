@@ -101,6 +101,26 @@ def test_variants_build_and_run(act_mode, down, up, keys):
     assert restored.shape == (1, 3, 24, 17)
 
 
+def test_global_skip_adds_the_input_to_the_same_weights_output():
+    """With `global_skip` the output is the plain network's plus the input (no new weights),
+    so a zero tail is the identity; the split decode needs the input to add it."""
+    torch.manual_seed(0)
+    plain = FBCNN(**TINY).eval()
+    skip = FBCNN(**TINY, global_skip=True).eval()
+    skip.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.rand(2, 3, 13, 21)  # not a multiple of 8: padded and cropped
+    with torch.no_grad():
+        expected, qf = plain(x)
+        got, got_qf = skip(x)
+        torch.testing.assert_close(got, expected + x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_qf, qf, rtol=0, atol=0)
+        skip.m_tail.weight.zero_()
+        skip.m_tail.bias.zero_()
+        torch.testing.assert_close(skip(x)[0], x, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="needs the input"):
+            skip.decode(skip.encode(x)[0], qf, x.shape[-2:])
+
+
 def test_pixelshuffle_upsampling_width():
     net = FBCNN(nc=[8, 16, 32, 64], nb=1, upsample_mode="pixelshuffle")
     assert net.m_up3[0][0].out_channels == 32 * 4
@@ -109,7 +129,7 @@ def test_pixelshuffle_upsampling_width():
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(act_mode="X"), "act_mode"), (dict(downsample_mode="bilinear"), "downsample_mode"),
     (dict(upsample_mode="nearest"), "upsample_mode"), (dict(nc=[8, 16, 32]), "nc"),
-    (dict(nb=0), "nb"),
+    (dict(nb=0), "nb"), (dict(in_nc=3, out_nc=1, global_skip=True), "global_skip"),
 ])
 def test_invalid_arguments_name_the_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -2,6 +2,7 @@
 tiles, weights summing to one) and the tiled pass equal to the untiled one wherever the
 receptive field fits the blending margin. The tiled paths of `restore` are tested against the
 faithful one in tests/test_inference.py."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,9 +50,10 @@ def _receptive_radius(net, size=192):
     return int(max((rows - size // 2).abs().max(), (cols - size // 2).abs().max()))
 
 
-def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin():
+@pytest.mark.parametrize("global_skip", [False, True])
+def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin(global_skip):
     torch.manual_seed(1)
-    net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1).eval()
+    net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1, global_skip=global_skip).eval()
     radius = _receptive_radius(net)
     assert 40 < radius < 96  # the layout's own: 3 downsamplings, one block per stage
     margin = -(-(radius + 8) // 8) * 8  # + 8: tile cuts fall on 8-pixel cells

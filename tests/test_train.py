@@ -179,7 +179,7 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
         assert f.metadata()["iteration"] == "6"
     assert read_fbcnn_kwargs(path) == {"in_nc": 3, "out_nc": 3, "nc": [8, 16, 32, 64], "nb": 1,
                                        "act_mode": "R", "downsample_mode": "strideconv",
-                                       "upsample_mode": "convtranspose"}
+                                       "upsample_mode": "convtranspose", "global_skip": False}
     loaded = load_model(path)
     assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in net.state_dict().items())
     first = load_state_dict_file(os.path.join(reference_run, "models", "2_G.safetensors"))
@@ -408,7 +408,7 @@ def test_validation_keeps_same_named_images_of_two_subfolders_apart(option_file,
 
 def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     common = ["netG.act_mode=BR", "merge_bn=true", "merge_bn_startpoint=3",
-              "train.checkpoint_keep=1", "train.checkpoint_test=4"]
+              "train.checkpoint_keep=1", "train.checkpoint_test=4", "netG.global_skip=true"]
     _run(option_file, tmp_path, "train.total_iter=2", *common)
     assert "merge_bn_startpoint 3 is after train.total_iter 2" in _log(
         os.path.join(tmp_path, "tiny"))
@@ -418,9 +418,10 @@ def test_merge_bn_and_checkpoint_keep(option_file, tmp_path):
     _run(option_file, tmp_path, "train.total_iter=4", *common)
     _run(option_file, tmp_path, "train.total_iter=5", *common)
     assert ckpt.complete_checkpoints(models) == [5]
-    assert read_fbcnn_kwargs(os.path.join(models, "5_G.safetensors"))["act_mode"] == "R"
-    net = build_from_state_dict(load_state_dict_file(os.path.join(models, "5_G.safetensors")))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    kwargs = read_fbcnn_kwargs(os.path.join(models, "5_G.safetensors"))
+    assert kwargs["act_mode"] == "R" and kwargs["global_skip"]  # the fold keeps the skip
+    net = load_model(os.path.join(models, "5_G.safetensors")).net
+    assert net.global_skip and not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     log = _log(os.path.join(tmp_path, "tiny"))
     assert "BatchNorm folded" in log and "resuming from iteration 4" in log
     assert all(np.isfinite(v) for _, v in _losses(os.path.join(tmp_path, "tiny")))
@@ -1007,7 +1008,8 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
     assert read_fbcnn_kwargs(weights) == {"in_nc": in_nc, "out_nc": in_nc,  # ...saved folded
                                           "nc": [16, 32, 64, 128], "nb": 4, "act_mode": "R",
                                           "downsample_mode": "strideconv",
-                                          "upsample_mode": "convtranspose"}
+                                          "upsample_mode": "convtranspose",
+                                          "global_skip": False}
     net = load_model(weights).net
     # gray: the head conv has 2 x 16 x 9 fewer weights, the tail conv 2 x 16 x 9 + 2 biases
     assert sum(p.numel() for p in net.parameters()) == 5_375_652 - (3 - in_nc) * (288 + 1)
