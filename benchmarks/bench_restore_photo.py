@@ -1,7 +1,7 @@
 """A large photo through `main_restore.py`, start to exit, against plain network forwards.
 
     python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--gray] [--repeat 2]
-        [--variant default torch bf16 no-projection] [--json r.json]
+        [--variant default torch bf16 no-projection] [--breakdown] [--json r.json]
 
 Makes one JPEG of `--mp` megapixels (a 4:3 mosaic of LIVE1 crops, OpenCV at `--qf`; `--gray`:
 of LIVE1_gray's, a one-channel JPEG, which main_restore gives its gray model), then, in
@@ -13,9 +13,16 @@ and writing the PNG included), the best of `--repeat` runs after one untimed run
 the OpenVINO engine's cache of the converted network). Variants: `default` (main_restore's own
 defaults), `torch` (`--engine torch`), `bf16` (`--precision bf16`), `no-projection`. Each row
 gives its ratio to the baseline; the header names the CPU and its bf16 instructions.
+
+`--breakdown`: one more run of each variant under cProfile, split into its parts (start-up and
+imports, the network over the photo and the calibration's twin window, the twin and the
+projection around it, writing the output, and the rest: options, model, decoding, the file's
+coefficients), and what the network would have left for main_restore to take 0.85 times the
+baseline with the other parts as they are.
 """
 import argparse
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -68,6 +75,37 @@ def whole_command(photo, out, flags, repeat):
     return best
 
 
+# the parts of a run, by the functions whose cumulative time they are
+_PARTS = {"main": ("runners/restore.py", "main"), "write": ("runners/restore.py", "_write"),
+          "network": ("models/consistency.py", "_network"),
+          "consistent": ("models/consistency.py", "restore_consistent_batch")}
+BREAKDOWN_COLUMNS = [("variant", "variant", "{}"), ("startup", "start-up, imports", "{:.2f}"),
+                     ("network", "network", "{:.2f}"), ("projection", "twin, projection",
+                                                          "{:.2f}"),
+                     ("write", "writing", "{:.2f}"), ("rest", "rest", "{:.2f}"),
+                     ("seconds", "total", "{:.2f}"),
+                     ("network_left", "network left for 0.85x", "{:.2f}")]
+
+
+def breakdown(photo, out, flags):
+    """Seconds per part of one `main_restore.py` run under cProfile (see the docstring)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "profile")
+        command = [sys.executable, "-m", "cProfile", "-o", path,
+                   os.path.join(REPO_ROOT, "main_restore.py"), photo, "-o", out, "--overwrite",
+                   "--quiet", *flags]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        stats = pstats.Stats(path).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    seconds = {part: sum(row[3] for (file, _, name), row in stats.items()
+                         if name == func and file.replace(os.sep, "/").endswith(suffix))
+               for part, (suffix, func) in _PARTS.items()}
+    return {"seconds": wall, "startup": wall - seconds["main"], "network": seconds["network"],
+            "projection": seconds["consistent"] - seconds["network"], "write": seconds["write"],
+            "rest": seconds["main"] - seconds["consistent"] - seconds["write"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mp", type=float, default=12.0)
@@ -78,6 +116,8 @@ def main(argv=None):
                         "fbcnn_gray_lite with --gray); main_restore uses its own default model")
     p.add_argument("--variant", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split one run of each variant into its parts (cProfile)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     channels, testset = (1, "LIVE1_gray") if args.gray else (3, "LIVE1_color")
@@ -101,15 +141,25 @@ def main(argv=None):
                          or f"(defaults: {fastest_options({}, 'cpu')})", "seconds": seconds,
                          "vs_baseline": seconds / baseline})
             print(f"{name}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        parts = []
+        for name in args.variant if args.breakdown else ():
+            part = breakdown(photo, os.path.join(folder, "out"), VARIANTS[name])
+            part["network_left"] = 0.85 * baseline - (part["seconds"] - part["network"])
+            parts.append({"variant": f"main_restore {name}", **part})
     features = native_bf16()
     print(f"\nCPU: {device_name('cpu')}; AVX-512 bf16: {features['avx512_bf16']}, AMX bf16: "
           f"{features['amx_bf16']}. A {img.shape[1]}x{img.shape[0]} ({megapixels:.1f} MP) "
           f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}; main_restore timed start to "
           f"exit, best of {args.repeat}.\n")
     print_table(rows, COLUMNS)
+    if parts:
+        print("\nOne run of each under cProfile, in seconds; the network's part covers the "
+              "photo and the calibration's twin window:\n")
+        print_table(parts, BREAKDOWN_COLUMNS)
     if args.json:
         write_json(args.json, {"cpu": device_name("cpu"), **features, "megapixels": megapixels,
                                "channels": channels, "qf": args.qf, "rows": rows,
+                               "breakdown": parts,
                                "argv": sys.argv[1:] if argv is None else argv})
     return 0
 
