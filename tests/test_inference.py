@@ -61,9 +61,9 @@ def _record_decodes(monkeypatch, net):
     seen = []
     decode = net.decode
 
-    def recording(skips, qf, size):
+    def recording(skips, qf, size, x=None):
         seen.append(qf.detach().float().clone())
-        return decode(skips, qf, size)
+        return decode(skips, qf, size, x)
 
     monkeypatch.setattr(net, "decode", recording)
     return seen

@@ -220,7 +220,8 @@ def test_safetensors_metadata_tells_what_the_keys_cannot(tmp_path):
 ])
 def test_infer_kwargs_round_trip(kwargs):
     full = dict(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1, act_mode="R",
-                downsample_mode="strideconv", upsample_mode="convtranspose")
+                downsample_mode="strideconv", upsample_mode="convtranspose",
+                global_skip=False)  # no keys of its own: only metadata turns it on
     full.update(kwargs)
     assert infer_fbcnn_kwargs(FBCNN(**full).state_dict()) == full
 

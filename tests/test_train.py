@@ -1121,19 +1121,23 @@ def test_init_gain_qf_head_sets_the_qf_head_apart_from_the_other_qf_paths():
                                    atol=1e-5, rtol=0)
 
 
-def test_registry_and_merge_bn_equivalence():
+@pytest.mark.parametrize("global_skip", [False, True])
+def test_registry_and_merge_bn_equivalence(global_skip):
     with pytest.raises(UserError, match="'dncnn' is unknown; known: fbcnn"):
         define_G({"net_type": "dncnn"})
     net = define_G({"net_type": "fbcnn", "in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1,
                     "act_mode": "BR", "downsample_mode": "strideconv",
-                    "upsample_mode": "convtranspose", "init_type": "orthogonal",
+                    "upsample_mode": "convtranspose", "global_skip": global_skip,
+                    "init_type": "orthogonal",
                     "init_bn_type": "uniform", "init_gain": 0.2,
                     "init_gain_linear": None, "init_gain_qf_head": None})
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init
         net.eval()
-        (e1, q1), (e2, q2) = net(x), merge_bn(net).eval()(x)
+        merged = merge_bn(net).eval()
+        (e1, q1), (e2, q2) = net(x), merged(x)
+    assert merged.global_skip == global_skip
     torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(q1, q2, atol=1e-6, rtol=1e-5)
 
