@@ -206,7 +206,7 @@ class _OpenVinoNet:
                         "encoder": lambda: (_Encoder(net), (x,)),
                         "decoder": lambda: (_Decoder(net),
                                             (*net.encode(x, predict_qf=False)[0], qf,
-                                             *[x][:net.global_skip]))}[name]()
+                                             *((x,) if net.global_skip else ())))}[name]()
                     path = os.path.join(cache_dir(), f"{self.key}-{name}.xml")
                     path, model = _model_file(self.ov, self.core, module, example, path)
             finally:
