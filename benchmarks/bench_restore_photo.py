@@ -62,10 +62,15 @@ def plain_forwards(model, img, tile=512):
     return seconds
 
 
+def _command(photo, out, flags):
+    """main_restore.py's arguments for `photo`, written to `out` with `flags`."""
+    return [os.path.join(REPO_ROOT, "main_restore.py"), photo, "-o", out, "--overwrite",
+            "--quiet", *flags]
+
+
 def whole_command(photo, out, flags, repeat):
     """Best wall seconds of `main_restore.py` on `photo`, after one untimed run."""
-    command = [sys.executable, os.path.join(REPO_ROOT, "main_restore.py"), photo, "-o", out,
-               "--overwrite", "--quiet", *flags]
+    command = [sys.executable, *_command(photo, out, flags)]
     best = float("inf")
     for run in range(repeat + 1):
         start = time.perf_counter()
@@ -91,9 +96,7 @@ def breakdown(photo, out, flags):
     """Seconds per part of one `main_restore.py` run under cProfile (see the docstring)."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "profile")
-        command = [sys.executable, "-m", "cProfile", "-o", path,
-                   os.path.join(REPO_ROOT, "main_restore.py"), photo, "-o", out, "--overwrite",
-                   "--quiet", *flags]
+        command = [sys.executable, "-m", "cProfile", "-o", path, *_command(photo, out, flags)]
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start

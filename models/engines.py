@@ -128,9 +128,8 @@ _FILE_FORMAT = 2
 
 def _weights_key(net):
     """A digest of the network's layout and weights: the name of its converted parts."""
-    layout = (_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc, net.nc, net.nb)
-    digest = hashlib.sha256(repr(layout + (("global_skip",) if net.global_skip else ()))
-                            .encode())
+    digest = hashlib.sha256(repr((_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc,
+                                  net.nc, net.nb, net.global_skip)).encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

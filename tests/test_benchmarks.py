@@ -576,13 +576,8 @@ def test_photo_benchmark_times_main_restore_against_plain_forwards(tmp_path, gra
     assert [r["variant"] for r in rows] == ["plain forwards", "main_restore torch"]
     assert rows[0]["vs_baseline"] == 1.0
     assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
-    part, = result["breakdown"]  # the parts found (each function was called) and summing up
-    assert part["network"] > 0 and part["projection"] > 0 and part["write"] > 0
-    assert part["startup"] > 0 and part["rest"] > 0
-    assert sum(part[k] for k in ("startup", "network", "projection", "write", "rest")) == \
-        pytest.approx(part["seconds"])
-    assert part["network_left"] == pytest.approx(
-        0.85 * rows[0]["seconds"] - part["seconds"] + part["network"])
+    part, = result["breakdown"]  # every part found: a renamed function would leave it at 0
+    assert all(part[k] > 0 for k in ("startup", "network", "projection", "write", "rest"))
 
 
 def test_the_readme_figure_is_main_restores_restoration(tmp_path, capsys):
