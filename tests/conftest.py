@@ -100,3 +100,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def option_file(tmp_path_factory):
+    """The tiny training run's option file (tests/train_support.py)."""
+    from tests.train_support import write_tiny_options
+    return write_tiny_options(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(option_file, tmp_path_factory):
+    """The uninterrupted 6-iteration tiny run every other run is compared with: its folder."""
+    from tests.train_support import run_tiny
+    root = tmp_path_factory.mktemp("reference")
+    assert run_tiny(option_file, root) == {"start": 0, "end": 6}
+    return os.path.join(root, "tiny")
