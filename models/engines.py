@@ -129,7 +129,7 @@ _FILE_FORMAT = 2
 def _weights_key(net):
     """A digest of the network's layout and weights: the name of its converted parts."""
     digest = hashlib.sha256(repr((_FILE_FORMAT, type(net).__name__, net.in_nc, net.out_nc,
-                                  net.nc, net.nb, net.global_skip)).encode())
+                                  net.nc, net.nb, net.global_skip, net.skip_gate)).encode())
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

@@ -229,8 +229,13 @@ class ModelFBCNN:
                 self.G_optimizer, t["G_scheduler_milestones"], t["G_scheduler_gamma"])
 
     def load_network(self, path):
-        """Load a pretrained state dict (`path.pretrained_netG`) into netG, strictly."""
+        """Load a pretrained state dict (`path.pretrained_netG`) into netG, strictly; a netG with
+        a skip gate takes weights without one with its gate closed (the same function)."""
         state = load_state_dict_file(path)
+        if self.bare.skip_gate and "to_skip_gate.weight" not in state:
+            state = {**state, **{f"to_skip_gate.{k}": torch.zeros_like(v)
+                                 for k, v in self.bare.to_skip_gate.state_dict().items()}}
+            logger.info("path.pretrained_netG %s has no skip gate: it starts closed", path)
         try:
             self.bare.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -10,6 +10,8 @@ Deliberate differences from the original code, all identical for the released we
   (the original dropped that conv and crashed on the next block).
 - `global_skip=True` (off for the released weights, which have none) adds the input to the
   output, so the identity is the zero residual: an option for the small models trained here.
+  `skip_gate=True` scales that input by a gate learned from the QF embedding (`to_skip_gate`,
+  one Linear that starts at zero, closed): a network without it gains it without changing.
 """
 import torch.nn.functional as F
 from torch import nn
@@ -91,7 +93,8 @@ class FBCNN(nn.Module):
     """
 
     def __init__(self, in_nc=3, out_nc=3, nc=(64, 128, 256, 512), nb=4, act_mode="R",
-                 downsample_mode="strideconv", upsample_mode="convtranspose", global_skip=False):
+                 downsample_mode="strideconv", upsample_mode="convtranspose", global_skip=False,
+                 skip_gate=False):
         super().__init__()
         nc = list(nc)
         if len(nc) != 4 or any(int(c) != c or c < 1 for c in nc):
@@ -103,8 +106,10 @@ class FBCNN(nn.Module):
         _check_choice("upsample_mode", upsample_mode, UPSAMPLE_MODES)
         if global_skip and in_nc != out_nc:
             raise ValueError(f"FBCNN: global_skip needs in_nc == out_nc, got {in_nc}, {out_nc}")
+        if skip_gate and not global_skip:
+            raise ValueError("FBCNN: skip_gate gates the global skip: it needs global_skip")
         self.in_nc, self.out_nc, self.nc, self.nb = in_nc, out_nc, nc, nb
-        self.global_skip = bool(global_skip)
+        self.global_skip, self.skip_gate = bool(global_skip), bool(skip_gate)
         w = EMBED_WIDTH
 
         def res_blocks(c):
@@ -138,6 +143,14 @@ class FBCNN(nn.Module):
         self.to_beta_2 = nn.Sequential(nn.Linear(w, nc[1]), nn.Tanh())
         self.to_gamma_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Sigmoid())
         self.to_beta_1 = nn.Sequential(nn.Linear(w, nc[0]), nn.Tanh())
+        if self.skip_gate:
+            self.to_skip_gate = nn.Linear(w, 1)
+            self.close_skip_gate()
+
+    def close_skip_gate(self):
+        """Zero the gate's weights: the input is added times 0, the plain network's output."""
+        nn.init.zeros_(self.to_skip_gate.weight)
+        nn.init.zeros_(self.to_skip_gate.bias)
 
     def head(self, x):
         """Pad to a multiple of 8 (replicating the edges) and apply the first convolution: the
@@ -173,7 +186,7 @@ class FBCNN(nn.Module):
     def decode(self, skips, qf, size, x=None):
         """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1)).
         `x`, the input the skips were encoded from, is added to the output with `global_skip`
-        (and needed then)."""
+        (and needed then), times the gate `to_skip_gate(embedding)` with `skip_gate`."""
         x1, x2, x3, x4, b = skips
         emb = self.qf_embed(qf)
         d = self.m_body_decoder(b) + x4
@@ -189,7 +202,8 @@ class FBCNN(nn.Module):
         if self.global_skip:
             if x is None:
                 raise ValueError("FBCNN with global_skip: decode needs the input x")
-            d = d + x[..., :size[0], :size[1]]
+            x = x[..., :size[0], :size[1]]
+            d = d + (self.to_skip_gate(emb)[:, :, None, None] * x if self.skip_gate else x)
         return d
 
     def forward(self, x, qf_input=None):

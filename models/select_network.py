@@ -27,7 +27,7 @@ def _build_fbcnn(opt_net):
     return FBCNN(in_nc=opt_net["in_nc"], out_nc=opt_net["out_nc"], nc=opt_net["nc"],
                  nb=opt_net["nb"], act_mode=opt_net["act_mode"],
                  downsample_mode=opt_net["downsample_mode"], upsample_mode=opt_net["upsample_mode"],
-                 global_skip=opt_net["global_skip"])
+                 global_skip=opt_net["global_skip"], skip_gate=opt_net["skip_gate"])
 
 
 NETWORKS = {"fbcnn": _build_fbcnn}
@@ -102,6 +102,8 @@ def init_weights(net, init_type="orthogonal", init_bn_type="uniform", gain=0.2, 
         for m in net.qf_pred.modules():
             if isinstance(m, nn.Linear):
                 _init_layer(m, init_type, init_bn_type, qf_head_gain, None)
+    if getattr(net, "skip_gate", False):
+        net.close_skip_gate()  # the gate starts closed whatever the init
     return net
 
 
@@ -122,7 +124,8 @@ def merge_bn(net):
         raise ValueError("merge_bn needs a network with BatchNorm (act_mode BR or BL)")
     merged = FBCNN(in_nc=net.in_nc, out_nc=net.out_nc, nc=net.nc, nb=net.nb,
                    act_mode=act_mode.replace("B", ""), downsample_mode=_mode(net, "down"),
-                   upsample_mode=_mode(net, "up"), global_skip=net.global_skip)
+                   upsample_mode=_mode(net, "up"), global_skip=net.global_skip,
+                   skip_gate=net.skip_gate)
     branches = {name: m for name, m in net.named_modules() if _is_bn_branch(m)}
     state = {k: v for k, v in net.state_dict().items()
              if not any(k.startswith(name + ".") for name in branches)}

@@ -89,7 +89,7 @@ def widen_fbcnn(net, nc, noise=0.0, seed=0):
     if down is None or up is None:
         raise ValueError("widen_fbcnn: only strided-convolution downsampling and transposed-"
                          "convolution upsampling (the released layout) can be widened")
-    new = FBCNN(net.in_nc, net.out_nc, nc, net.nb, act, down, up, net.global_skip)
+    new = FBCNN(net.in_nc, net.out_nc, nc, net.nb, act, down, up, net.global_skip, net.skip_gate)
     new = new.to(next(net.parameters()).dtype)
     w = _Widener(net.nc, nc, noise, torch.Generator().manual_seed(seed))
     w.layer(net.m_head, new.m_head, 0, None)
@@ -115,4 +115,6 @@ def widen_fbcnn(net, nc, noise=0.0, seed=0):
         for kind in ("gamma", "beta"):
             w.layer(getattr(net, f"to_{kind}_{name}")[0], getattr(new, f"to_{kind}_{name}")[0],
                     level, None)
+    if net.skip_gate:
+        new.to_skip_gate.load_state_dict(net.to_skip_gate.state_dict())  # reads the embedding
     return new

@@ -123,6 +123,9 @@ SCHEMA = Section({
                                choices=("strideconv", "avgpool", "maxpool")),
         "global_skip": Key("bool", False, "add the input to the output, so the identity is the "
                            "zero residual (not in the released models: docs/training.md 8.10)"),
+        "skip_gate": Key("bool", False, "scale the global skip's input by a gate learned from the "
+                         "QF embedding, starting closed (needs `global_skip`; docs/training.md "
+                         "8.11)"),
         "init_type": Key("str", "orthogonal", "weight init of Conv/Linear layers, as KAIR",
                          choices=_INIT_TYPES),
         "init_bn_type": Key("str", "uniform", "BatchNorm init, as KAIR",
@@ -230,6 +233,9 @@ def _cross_checks(opt, origin, world_size, check_paths):
         raise UserError(f"{origin('task')}: {task!r} is not a folder name (the run goes to "
                         "<path.root>/<task>/)")
 
+    if net["skip_gate"] and not net["global_skip"]:
+        raise UserError(f"{origin('netG.skip_gate')}: gates the global skip, so it needs "
+                        "netG.global_skip true")
     channels = dataset_channels(train_set["dataset_type"])
     if net["in_nc"] != channels:
         raise UserError(f"{origin('netG.in_nc')}: dataset type {train_set['dataset_type']!r} "

@@ -38,16 +38,20 @@ def photo(testsets_dir):
 
 
 @needs_openvino
-@pytest.mark.parametrize("weights", ["random", "random_global_skip", "fbcnn_color_lite",
-                                     "fbcnn_gray_lite"])
+@pytest.mark.parametrize("weights", ["random", "random_global_skip", "random_skip_gate",
+                                     "fbcnn_color_lite", "fbcnn_gray_lite"])
 def test_openvino_fp32_equals_pytorch_fp32_within_1e_4(weights, random_net, photo):
     """Blind and with a QF, untiled and tiled (blind tiles: the encoder, the QF of the whole
     image, then the decoder), the float outputs and the predicted QF."""
     if weights.startswith("random"):
         net = random_net
-        if weights.endswith("skip"):  # the same weights, the input added to the output
-            net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True).eval()
-            net.load_state_dict(random_net.state_dict())
+        if weights != "random":  # the same weights, the input added (gated) to the output
+            gate = weights.endswith("gate")
+            net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True, skip_gate=gate).eval()
+            net.load_state_dict(random_net.state_dict(), strict=not gate)
+            if gate:
+                torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5,
+                                      generator=torch.Generator().manual_seed(3))
     else:
         net = load_model(weights).net.float().eval()
     x = photo[:, :1] if net.in_nc == 1 else photo
@@ -110,6 +114,9 @@ def test_converted_parts_are_kept_and_read_back(tmp_path, monkeypatch, random_ne
     skip = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True)  # the same weights, skip added
     skip.load_state_dict(random_net.state_dict())
     assert engines._weights_key(skip) != engines._weights_key(random_net)
+    closed = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True, skip_gate=True)
+    closed.load_state_dict(random_net.state_dict(), strict=False)  # the gate is not a weight of
+    assert engines._weights_key(closed) != engines._weights_key(random_net)  # the plain one
 
 
 @needs_openvino

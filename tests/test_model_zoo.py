@@ -217,11 +217,12 @@ def test_safetensors_metadata_tells_what_the_keys_cannot(tmp_path):
 @pytest.mark.parametrize("kwargs", [
     dict(), dict(act_mode="BR"), dict(downsample_mode="avgpool", upsample_mode="upconv"),
     dict(upsample_mode="pixelshuffle", nb=3), dict(in_nc=1, out_nc=3, nc=[4, 8, 12, 16]),
+    dict(global_skip=True, skip_gate=True),  # the gate's keys say both
 ])
 def test_infer_kwargs_round_trip(kwargs):
     full = dict(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1, act_mode="R",
                 downsample_mode="strideconv", upsample_mode="convtranspose",
-                global_skip=False)  # no keys of its own: only metadata turns it on
+                global_skip=False, skip_gate=False)  # an ungated skip: only metadata says
     full.update(kwargs)
     assert infer_fbcnn_kwargs(FBCNN(**full).state_dict()) == full
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.model_zoo import MODEL_ZOO, load_model
-from models.network_fbcnn import FBCNN
+from models.network_fbcnn import EMBED_WIDTH, FBCNN
 from tests.conftest import REFERENCE
 from utils import REPO_ROOT
 
@@ -121,6 +121,43 @@ def test_global_skip_adds_the_input_to_the_same_weights_output():
             skip.decode(skip.encode(x)[0], qf, x.shape[-2:])
 
 
+def gated(plain, weight_std=0.0, bias=0.0, seed=1):
+    """`plain`'s weights in a network with a gated global skip whose gate has random weights of
+    spread `weight_std` and the bias `bias`."""
+    net = FBCNN(**TINY, global_skip=True, skip_gate=True).eval()
+    net.load_state_dict({**plain.state_dict(), **{
+        "to_skip_gate.weight": torch.randn(1, EMBED_WIDTH,
+                                           generator=torch.Generator().manual_seed(seed)) *
+        weight_std, "to_skip_gate.bias": torch.tensor([bias])}}, strict=True)
+    return net
+
+
+def test_skip_gate_starts_closed_and_scales_the_input_by_the_embeddings_gate():
+    """Closed (as built: zero weights) the gated network computes the plain one's output; with
+    bias 1 the ungated skip's; in general the plain output plus gate(embedding(qf)) times the
+    input, the gate read per image from the QF the decoder is given."""
+    torch.manual_seed(0)
+    plain = FBCNN(**TINY).eval()
+    skip = FBCNN(**TINY, global_skip=True).eval()
+    skip.load_state_dict(plain.state_dict())
+    built = FBCNN(**TINY, global_skip=True, skip_gate=True)
+    assert not built.to_skip_gate.weight.any() and not built.to_skip_gate.bias.any()
+    x = torch.rand(2, 3, 13, 21)
+    qf = torch.tensor([[0.9], [0.1]])
+    with torch.no_grad():
+        expected, expected_qf = plain(x, qf)
+        got, got_qf = gated(plain)(x, qf)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got_qf, expected_qf, rtol=0, atol=0)
+        torch.testing.assert_close(gated(plain, bias=1.0)(x, qf)[0], skip(x, qf)[0], rtol=0,
+                                   atol=0)
+        net = gated(plain, weight_std=0.5, bias=0.2)
+        gate = net.to_skip_gate(net.qf_embed(qf))
+        assert gate[0].item() != pytest.approx(gate[1].item(), abs=1e-3)  # it follows the QF
+        torch.testing.assert_close(net(x, qf)[0], expected + gate[:, :, None, None] * x,
+                                   rtol=0, atol=1e-6)
+
+
 def test_pixelshuffle_upsampling_width():
     net = FBCNN(nc=[8, 16, 32, 64], nb=1, upsample_mode="pixelshuffle")
     assert net.m_up3[0][0].out_channels == 32 * 4
@@ -130,6 +167,7 @@ def test_pixelshuffle_upsampling_width():
     (dict(act_mode="X"), "act_mode"), (dict(downsample_mode="bilinear"), "downsample_mode"),
     (dict(upsample_mode="nearest"), "upsample_mode"), (dict(nc=[8, 16, 32]), "nc"),
     (dict(nb=0), "nb"), (dict(in_nc=3, out_nc=1, global_skip=True), "global_skip"),
+    (dict(skip_gate=True), "needs global_skip"),
 ])
 def test_invalid_arguments_name_the_argument(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

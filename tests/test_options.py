@@ -196,6 +196,16 @@ def test_gray_net_validates_on_gray_reads_of_a_jpeg_test_entry(tmp_path):
     assert opt["datasets"]["test"]["qf"] == 10 and opt["netG"]["in_nc"] == 1
 
 
+def test_a_skip_gate_without_the_global_skip_is_refused(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["netG"] = {"skip_gate": True}
+    with pytest.raises(UserError, match=r"netG.skip_gate: gates the global skip, so it needs "
+                                        r"netG.global_skip true"):
+        validate(raw)
+    raw["netG"]["global_skip"] = True
+    assert validate(raw)["netG"]["skip_gate"]
+
+
 def test_override_values_are_json_or_strings():
     assert parse_override("train.total_iter=10") == (["train", "total_iter"], 10)
     assert parse_override("netG.nc=[8,16,32,64]") == (["netG", "nc"], [8, 16, 32, 64])

@@ -50,10 +50,13 @@ def _receptive_radius(net, size=192):
     return int(max((rows - size // 2).abs().max(), (cols - size // 2).abs().max()))
 
 
-@pytest.mark.parametrize("global_skip", [False, True])
-def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin(global_skip):
+@pytest.mark.parametrize("global_skip, skip_gate", [(False, False), (True, False), (True, True)])
+def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin(global_skip, skip_gate):
     torch.manual_seed(1)
-    net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1, global_skip=global_skip).eval()
+    net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1, global_skip=global_skip,
+                skip_gate=skip_gate).eval()
+    if skip_gate:  # open it: a gate of the image's QF on each tile
+        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5)
     radius = _receptive_radius(net)
     assert 40 < radius < 96  # the layout's own: 3 downsamplings, one block per stage
     margin = -(-(radius + 8) // 8) * 8  # + 8: tile cuts fall on 8-pixel cells

@@ -375,10 +375,14 @@ def test_an_interrupted_run_says_where_it_will_resume(option_file, tmp_path, mon
         os.path.join(tmp_path, "tiny"))
 
 
-def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path):
+@pytest.mark.parametrize("gated", [False, True])
+def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_path, gated):
+    """Also for a netG with a skip gate from weights without one: the gate starts closed, so
+    the first loss is the pretrained network's own."""
     pretrained = os.path.join(reference_run, "models", "6_G.safetensors")
+    gate = ["netG.global_skip=true", "netG.skip_gate=true"] if gated else []
     run_tiny(option_file, tmp_path, "train.total_iter=1", "datasets.test=null",
-         f"path.pretrained_netG={pretrained}")
+             f"path.pretrained_netG={pretrained}", *gate)
     (_, logged), = run_losses(os.path.join(tmp_path, "tiny"))
     opt = load_options(option_file)
     dataset = define_dataset(opt["datasets"]["train"], "train", 3, seed=11)
@@ -388,7 +392,9 @@ def test_pretrained_netG_is_the_starting_point(option_file, reference_run, tmp_p
         E, qf = net(batch["L"].float() / 255)
     expected = F.l1_loss(E, batch["H"].float() / 255) + 0.001 * F.l1_loss(qf, batch["qf"])
     assert logged == pytest.approx(float(expected), rel=1e-5)
-    assert "starting from pretrained netG" in run_log(os.path.join(tmp_path, "tiny"))
+    log = run_log(os.path.join(tmp_path, "tiny"))
+    assert "starting from pretrained netG" in log
+    assert ("has no skip gate: it starts closed" in log) == gated
 
 
 def test_an_original_run_folder_resumes_at_its_iteration_with_a_fresh_optimiser(option_file,

@@ -165,23 +165,26 @@ def test_init_gain_qf_head_sets_the_qf_head_apart_from_the_other_qf_paths():
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("global_skip", [False, True])
-def test_registry_and_merge_bn_equivalence(global_skip):
+@pytest.mark.parametrize("global_skip, skip_gate", [(False, False), (True, False), (True, True)])
+def test_registry_and_merge_bn_equivalence(global_skip, skip_gate):
     with pytest.raises(UserError, match="'dncnn' is unknown; known: fbcnn"):
         define_G({"net_type": "dncnn"})
     net = define_G({"net_type": "fbcnn", "in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1,
                     "act_mode": "BR", "downsample_mode": "strideconv",
                     "upsample_mode": "convtranspose", "global_skip": global_skip,
-                    "init_type": "orthogonal",
+                    "skip_gate": skip_gate, "init_type": "orthogonal",
                     "init_bn_type": "uniform", "init_gain": 0.2,
                     "init_gain_linear": None, "init_gain_qf_head": None})
+    if skip_gate:
+        assert not net.to_skip_gate.weight.any()  # the init leaves the gate closed
+        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5)
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init
         net.eval()
         merged = merge_bn(net).eval()
         (e1, q1), (e2, q2) = net(x), merged(x)
-    assert merged.global_skip == global_skip
+    assert (merged.global_skip, merged.skip_gate) == (global_skip, skip_gate)
     torch.testing.assert_close(e1, e2, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(q1, q2, atol=1e-6, rtol=1e-5)
 

@@ -26,6 +26,19 @@ def test_widened_network_computes_the_same_function(trained, nc):
             assert (a - b).abs().max() < 1e-5 and (qa - qb).abs().max() < 1e-6
 
 
+def test_a_gated_skip_is_widened_with_its_gate(trained):
+    gated = FBCNN(3, 3, trained.nc, trained.nb, global_skip=True, skip_gate=True).eval()
+    gated.load_state_dict(trained.state_dict(), strict=False)  # all but the gate
+    torch.nn.init.normal_(gated.to_skip_gate.weight, std=0.1,
+                          generator=torch.Generator().manual_seed(2))
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    wide = widen_fbcnn(gated, [16, 32, 32, 64]).eval()
+    assert wide.skip_gate
+    with torch.no_grad():
+        (a, _), (b, _) = gated(x), wide(x)
+    assert (a - b).abs().max() < 1e-5
+
+
 def test_noise_makes_the_copies_differ_a_little(trained):
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     noisy = widen_fbcnn(trained, [16, 32, 32, 64], noise=0.01, seed=3).eval()
