@@ -10,8 +10,9 @@ Deliberate differences from the original code, all identical for the released we
   (the original dropped that conv and crashed on the next block).
 - `global_skip=True` (off for the released weights, which have none) adds the input to the
   output, so the identity is the zero residual: an option for the small models trained here.
-  `skip_gate=True` scales that input by a gate learned from the QF embedding (`to_skip_gate`,
-  one Linear that starts at zero, closed): a network without it gains it without changing.
+  `skip_gate=True` blends instead: `(1 - g) * output + g * input`, the gate g learned from the
+  QF embedding (`to_skip_gate`, one Linear that starts at zero, closed: a network without it
+  gains it without changing; open, g = 1, the identity).
 """
 import torch.nn.functional as F
 from torch import nn
@@ -148,7 +149,7 @@ class FBCNN(nn.Module):
             self.close_skip_gate()
 
     def close_skip_gate(self):
-        """Zero the gate's weights: the input is added times 0, the plain network's output."""
+        """Zero the gate's weights: g = 0, the plain network's output."""
         nn.init.zeros_(self.to_skip_gate.weight)
         nn.init.zeros_(self.to_skip_gate.bias)
 
@@ -186,7 +187,8 @@ class FBCNN(nn.Module):
     def decode(self, skips, qf, size, x=None):
         """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1)).
         `x`, the input the skips were encoded from, is added to the output with `global_skip`
-        (and needed then), times the gate `to_skip_gate(embedding)` with `skip_gate`."""
+        (and needed then); with `skip_gate` blended with the output by the gate
+        `g = to_skip_gate(embedding)`: `(1 - g) * output + g * x`."""
         x1, x2, x3, x4, b = skips
         emb = self.qf_embed(qf)
         d = self.m_body_decoder(b) + x4
@@ -203,7 +205,7 @@ class FBCNN(nn.Module):
             if x is None:
                 raise ValueError("FBCNN with global_skip: decode needs the input x")
             x = x[..., :size[0], :size[1]]
-            d = d + (self.to_skip_gate(emb)[:, :, None, None] * x if self.skip_gate else x)
+            d = d + (self.to_skip_gate(emb)[:, :, None, None] * (x - d) if self.skip_gate else x)
         return d
 
     def forward(self, x, qf_input=None):

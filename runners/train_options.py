@@ -123,9 +123,9 @@ SCHEMA = Section({
                                choices=("strideconv", "avgpool", "maxpool")),
         "global_skip": Key("bool", False, "add the input to the output, so the identity is the "
                            "zero residual (not in the released models: docs/training.md 8.10)"),
-        "skip_gate": Key("bool", False, "scale the global skip's input by a gate learned from the "
-                         "QF embedding, starting closed (needs `global_skip`; docs/training.md "
-                         "8.11)"),
+        "skip_gate": Key("bool", False, "gate the global skip: blend output and input by a gate "
+                         "learned from the QF embedding, starting closed (needs `global_skip`; "
+                         "docs/training.md 8.11)"),
         "init_type": Key("str", "orthogonal", "weight init of Conv/Linear layers, as KAIR",
                          choices=_INIT_TYPES),
         "init_bn_type": Key("str", "uniform", "BatchNorm init, as KAIR",
