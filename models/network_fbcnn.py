@@ -11,15 +11,18 @@ Deliberate differences from the original code, all identical for the released we
 - `global_skip=True` (off for the released weights, which have none) adds the input to the
   output, so the identity is the zero residual: an option for the small models trained here.
   `skip_gate=True` blends instead: `(1 - g) * output + g * input`, the gate g learned from the
-  QF embedding (`to_skip_gate`, one Linear that starts at zero, closed: a network without it
-  gains it without changing; open, g = 1, the identity).
+  QF embedding (`gate`: `SKIP_GATE_SCALE` times one Linear, `to_skip_gate`, that starts at zero,
+  closed: a network without it gains it without changing; open, g = 1, the identity).
 """
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FBCNN", "ResBlock", "QFAttention", "EMBED_WIDTH"]
+__all__ = ["FBCNN", "ResBlock", "QFAttention", "EMBED_WIDTH", "SKIP_GATE_SCALE"]
 
 EMBED_WIDTH = 512  # width of the QF predictor and embedding MLPs, fixed in the released model
+# the skip gate is this times its Linear: Adam moves each weight by about the learning rate a
+# step, so a fine-tune at 5e-5 for 4,000 iterations moved the unscaled gate 0.04, not to 1
+SKIP_GATE_SCALE = 20.0
 ACT_MODES = ("R", "BR", "L", "BL")
 DOWNSAMPLE_MODES = ("strideconv", "avgpool", "maxpool")
 UPSAMPLE_MODES = ("convtranspose", "upconv", "pixelshuffle")
@@ -153,6 +156,10 @@ class FBCNN(nn.Module):
         nn.init.zeros_(self.to_skip_gate.weight)
         nn.init.zeros_(self.to_skip_gate.bias)
 
+    def gate(self, emb):
+        """The skip gate g, (N, 1), of the QF embedding `emb` (`qf_embed(qf)`)."""
+        return SKIP_GATE_SCALE * self.to_skip_gate(emb)
+
     def head(self, x):
         """Pad to a multiple of 8 (replicating the edges) and apply the first convolution: the
         encoder's first skip, by far its cheapest part (tiled inference recomputes it)."""
@@ -188,7 +195,7 @@ class FBCNN(nn.Module):
         """Reconstruct from the encoder's skips, conditioned on `qf` (`1 - QF/100`, (N, 1)).
         `x`, the input the skips were encoded from, is added to the output with `global_skip`
         (and needed then); with `skip_gate` blended with the output by the gate
-        `g = to_skip_gate(embedding)`: `(1 - g) * output + g * x`."""
+        `g = gate(embedding)`: `(1 - g) * output + g * x`."""
         x1, x2, x3, x4, b = skips
         emb = self.qf_embed(qf)
         d = self.m_body_decoder(b) + x4
@@ -205,7 +212,7 @@ class FBCNN(nn.Module):
             if x is None:
                 raise ValueError("FBCNN with global_skip: decode needs the input x")
             x = x[..., :size[0], :size[1]]
-            d = d + (self.to_skip_gate(emb)[:, :, None, None] * (x - d) if self.skip_gate else x)
+            d = d + (self.gate(emb)[:, :, None, None] * (x - d) if self.skip_gate else x)
         return d
 
     def forward(self, x, qf_input=None):

@@ -50,7 +50,7 @@ def test_openvino_fp32_equals_pytorch_fp32_within_1e_4(weights, random_net, phot
             net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True, skip_gate=gate).eval()
             net.load_state_dict(random_net.state_dict(), strict=not gate)
             if gate:
-                torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5,
+                torch.nn.init.normal_(net.to_skip_gate.weight, std=0.02,
                                       generator=torch.Generator().manual_seed(3))
     else:
         net = load_model(weights).net.float().eval()

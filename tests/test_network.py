@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.model_zoo import MODEL_ZOO, load_model
-from models.network_fbcnn import EMBED_WIDTH, FBCNN
+from models.network_fbcnn import EMBED_WIDTH, FBCNN, SKIP_GATE_SCALE
 from tests.conftest import REFERENCE
 from utils import REPO_ROOT
 
@@ -123,12 +123,12 @@ def test_global_skip_adds_the_input_to_the_same_weights_output():
 
 def gated(plain, weight_std=0.0, bias=0.0, seed=1):
     """`plain`'s weights in a network with a gated global skip whose gate has random weights of
-    spread `weight_std` and the bias `bias`."""
+    spread `weight_std` and gives `bias` where they are zero (both in units of the gate)."""
     net = FBCNN(**TINY, global_skip=True, skip_gate=True).eval()
-    net.load_state_dict({**plain.state_dict(), **{
-        "to_skip_gate.weight": torch.randn(1, EMBED_WIDTH,
-                                           generator=torch.Generator().manual_seed(seed)) *
-        weight_std, "to_skip_gate.bias": torch.tensor([bias])}}, strict=True)
+    weight = torch.randn(1, EMBED_WIDTH, generator=torch.Generator().manual_seed(seed))
+    net.load_state_dict({**plain.state_dict(),
+                         "to_skip_gate.weight": weight * weight_std / SKIP_GATE_SCALE,
+                         "to_skip_gate.bias": torch.tensor([bias / SKIP_GATE_SCALE])}, strict=True)
     return net
 
 
@@ -149,7 +149,7 @@ def test_skip_gate_starts_closed_and_blends_output_and_input_by_the_embeddings_g
         torch.testing.assert_close(got_qf, expected_qf, rtol=0, atol=0)
         torch.testing.assert_close(gated(plain, bias=1.0)(x, qf)[0], x, rtol=0, atol=1e-6)
         net = gated(plain, weight_std=0.5, bias=0.2)
-        gate = net.to_skip_gate(net.qf_embed(qf))
+        gate = net.gate(net.qf_embed(qf))
         assert gate[0].item() != pytest.approx(gate[1].item(), abs=1e-3)  # it follows the QF
         g = gate[:, :, None, None]
         torch.testing.assert_close(net(x, qf)[0], (1 - g) * expected + g * x, rtol=0, atol=1e-6)

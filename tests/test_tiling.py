@@ -56,7 +56,7 @@ def test_tile_output_equals_untiled_when_receptive_field_fits_the_margin(global_
     net = FBCNN(in_nc=1, out_nc=1, nc=(4, 4, 4, 4), nb=1, global_skip=global_skip,
                 skip_gate=skip_gate).eval()
     if skip_gate:  # open it: a gate of the image's QF on each tile
-        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5)
+        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.002)
     radius = _receptive_radius(net)
     assert 40 < radius < 96  # the layout's own: 3 downsamplings, one block per stage
     margin = -(-(radius + 8) // 8) * 8  # + 8: tile cuts fall on 8-pixel cells

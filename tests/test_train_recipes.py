@@ -177,7 +177,7 @@ def test_registry_and_merge_bn_equivalence(global_skip, skip_gate):
                     "init_gain_linear": None, "init_gain_qf_head": None})
     if skip_gate:
         assert not net.to_skip_gate.weight.any()  # the init leaves the gate closed
-        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.5)
+        torch.nn.init.normal_(net.to_skip_gate.weight, std=0.02)
     x = torch.rand(3, 1, 24, 24)
     with torch.no_grad():
         net(x)  # training-mode pass moves the running statistics away from their init

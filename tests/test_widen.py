@@ -29,7 +29,7 @@ def test_widened_network_computes_the_same_function(trained, nc):
 def test_a_gated_skip_is_widened_with_its_gate(trained):
     gated = FBCNN(3, 3, trained.nc, trained.nb, global_skip=True, skip_gate=True).eval()
     gated.load_state_dict(trained.state_dict(), strict=False)  # all but the gate
-    torch.nn.init.normal_(gated.to_skip_gate.weight, std=0.1,
+    torch.nn.init.normal_(gated.to_skip_gate.weight, std=0.01,
                           generator=torch.Generator().manual_seed(2))
     x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     wide = widen_fbcnn(gated, [16, 32, 32, 64]).eval()
