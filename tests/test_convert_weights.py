@@ -33,7 +33,7 @@ def test_round_trip_pth_safetensors_pth_keeps_every_tensor_and_the_architecture(
     assert convert_weights.main([str(tmp_path / "100_G.pth"), str(st)]) == 0
     kwargs = {"in_nc": 1, "out_nc": 1, "nc": [8, 16, 32, 64], "nb": 1, "act_mode": "BR",
               "downsample_mode": "strideconv", "upsample_mode": "convtranspose",
-              "global_skip": False}
+              "global_skip": False, "skip_gate": False}
     assert read_fbcnn_kwargs(str(st)) == kwargs
     with safe_open(str(st), framework="pt") as f:
         assert f.metadata()["converted_from"] == "100_G.pth"

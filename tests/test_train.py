@@ -115,7 +115,8 @@ def test_saved_network_loads_like_the_test_scripts_and_matches_validation(option
         assert f.metadata()["iteration"] == "6"
     assert read_fbcnn_kwargs(path) == {"in_nc": 3, "out_nc": 3, "nc": [8, 16, 32, 64], "nb": 1,
                                        "act_mode": "R", "downsample_mode": "strideconv",
-                                       "upsample_mode": "convtranspose", "global_skip": False}
+                                       "upsample_mode": "convtranspose", "global_skip": False,
+                                       "skip_gate": False}
     loaded = load_model(path)
     assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in net.state_dict().items())
     first = load_state_dict_file(os.path.join(reference_run, "models", "2_G.safetensors"))

@@ -53,7 +53,7 @@ def test_lite_option_files_train_and_save_the_lite_network(name, in_nc, tmp_path
                                           "nc": [16, 32, 64, 128], "nb": 4, "act_mode": "R",
                                           "downsample_mode": "strideconv",
                                           "upsample_mode": "convtranspose",
-                                          "global_skip": False}
+                                          "global_skip": False, "skip_gate": False}
     net = load_model(weights).net
     # gray: the head conv has 2 x 16 x 9 fewer weights, the tail conv 2 x 16 x 9 + 2 biases
     assert sum(p.numel() for p in net.parameters()) == 5_375_652 - (3 - in_nc) * (288 + 1)
