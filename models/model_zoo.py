@@ -273,7 +273,8 @@ def infer_fbcnn_kwargs(state_dict, source="state dict"):
           state_dict["m_body_encoder.0.res.0.weight"].shape[0]]
     return dict(in_nc=head.shape[1], out_nc=tail.shape[0], nc=[int(c) for c in nc], nb=nb,
                 act_mode=act_mode, downsample_mode=downsample_mode, upsample_mode=upsample_mode,
-                global_skip="to_skip_gate.weight" in state_dict,  # ungated, no key: metadata
+                # an ungated skip has no key of its own: the metadata says when it is on
+                global_skip="to_skip_gate.weight" in state_dict,
                 skip_gate="to_skip_gate.weight" in state_dict)
 
 

@@ -34,6 +34,19 @@ class TouchOnUnpickle:
         return (os.system, (f"touch {self.path}",))
 
 
+def with_skip_gate(net, std, seed):
+    """A copy of `net` (a plain FBCNN) with a skip gate whose Linear weights are drawn with
+    spread `std` (bias 0; `std` 0: closed): the same weights, output and input blended by a
+    gate of the QF."""
+    import torch
+    from models.network_fbcnn import FBCNN
+    gated = FBCNN(net.in_nc, net.out_nc, net.nc, net.nb, global_skip=True, skip_gate=True)
+    gated.load_state_dict(net.state_dict(), strict=False)  # every weight but the gate's
+    torch.nn.init.normal_(gated.to_skip_gate.weight, std=std,
+                          generator=torch.Generator().manual_seed(seed))
+    return gated.eval()
+
+
 def closed_port():
     """A local port nothing listens on: a download from it fails at once."""
     import socket

@@ -20,6 +20,7 @@ from models.tiling import forward_tiled
 from runners import restore as main_restore
 from utils.errors import UserError
 from utils.image import imread_uint
+from tests.conftest import with_skip_gate
 
 needs_openvino = pytest.mark.skipif(not openvino_available(),
                                     reason=f"openvino not installed ({INSTALL_OPENVINO})")
@@ -45,13 +46,11 @@ def test_openvino_fp32_equals_pytorch_fp32_within_1e_4(weights, random_net, phot
     image, then the decoder), the float outputs and the predicted QF."""
     if weights.startswith("random"):
         net = random_net
-        if weights != "random":  # the same weights, the input added (gated) to the output
-            gate = weights.endswith("gate")
-            net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True, skip_gate=gate).eval()
-            net.load_state_dict(random_net.state_dict(), strict=not gate)
-            if gate:
-                torch.nn.init.normal_(net.to_skip_gate.weight, std=0.02,
-                                      generator=torch.Generator().manual_seed(3))
+        if weights == "random_global_skip":  # the same weights, the input added to the output
+            net = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True).eval()
+            net.load_state_dict(random_net.state_dict())
+        elif weights == "random_skip_gate":  # the same weights, output and input blended
+            net = with_skip_gate(random_net, std=0.02, seed=3)
     else:
         net = load_model(weights).net.float().eval()
     x = photo[:, :1] if net.in_nc == 1 else photo
@@ -114,9 +113,9 @@ def test_converted_parts_are_kept_and_read_back(tmp_path, monkeypatch, random_ne
     skip = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True)  # the same weights, skip added
     skip.load_state_dict(random_net.state_dict())
     assert engines._weights_key(skip) != engines._weights_key(random_net)
-    closed = FBCNN(3, 3, [8, 16, 32, 64], nb=1, global_skip=True, skip_gate=True)
-    closed.load_state_dict(random_net.state_dict(), strict=False)  # the gate is not a weight of
-    assert engines._weights_key(closed) != engines._weights_key(random_net)  # the plain one
+    # closed, a gate computes the plain network's output, but its decoder takes the input too
+    closed = with_skip_gate(random_net, std=0.0, seed=0)
+    assert engines._weights_key(closed) != engines._weights_key(random_net)
 
 
 @needs_openvino

@@ -5,6 +5,7 @@ import torch
 
 from models.network_fbcnn import FBCNN
 from runners.export_onnx import export_onnx, main
+from tests.conftest import with_skip_gate
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -22,19 +23,9 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _gated(net):
-    """`net`'s weights with a skip gate opened at random: output and input blended."""
-    gated = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1, global_skip=True,
-                  skip_gate=True).eval()
-    gated.load_state_dict(net.state_dict(), strict=False)
-    torch.nn.init.normal_(gated.to_skip_gate.weight, std=0.02,
-                          generator=torch.Generator().manual_seed(5))
-    return gated
-
-
 @pytest.mark.parametrize("gate", [False, True])
 def test_export_matches_pytorch_at_two_sizes(tmp_path, tiny_net, gate):
-    tiny_net = _gated(tiny_net) if gate else tiny_net
+    tiny_net = with_skip_gate(tiny_net, std=0.02, seed=5) if gate else tiny_net
     path = export_onnx(tiny_net, str(tmp_path / "fbcnn.onnx"), example_size=(64, 64))
     model = onnx.load(path)
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

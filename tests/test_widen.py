@@ -6,6 +6,7 @@ from models.model_zoo import load_model, read_fbcnn_kwargs
 from models.network_fbcnn import FBCNN
 from models.widen import widen_fbcnn
 from runners import convert_weights
+from tests.conftest import with_skip_gate
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,7 @@ def test_widened_network_computes_the_same_function(trained, nc):
 
 
 def test_a_gated_skip_is_widened_with_its_gate(trained):
-    gated = FBCNN(3, 3, trained.nc, trained.nb, global_skip=True, skip_gate=True).eval()
-    gated.load_state_dict(trained.state_dict(), strict=False)  # all but the gate
-    torch.nn.init.normal_(gated.to_skip_gate.weight, std=0.01,
-                          generator=torch.Generator().manual_seed(2))
+    gated = with_skip_gate(trained, std=0.01, seed=2)
     x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
     wide = widen_fbcnn(gated, [16, 32, 32, 64]).eval()
     assert wide.skip_gate
