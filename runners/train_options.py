@@ -122,10 +122,10 @@ SCHEMA = Section({
         "downsample_mode": Key("str", "strideconv", "",
                                choices=("strideconv", "avgpool", "maxpool")),
         "global_skip": Key("bool", False, "add the input to the output, so the identity is the "
-                           "zero residual (not in the released models: docs/training.md 8.10)"),
+                           "zero residual (not in the released models: docs/lite_trials.md 8.10)"),
         "skip_gate": Key("bool", False, "gate the global skip: blend output and input by a gate "
                          "learned from the QF embedding, starting closed (needs `global_skip`; "
-                         "docs/training.md 8.11)"),
+                         "docs/lite_trials.md 8.11)"),
         "init_type": Key("str", "orthogonal", "weight init of Conv/Linear layers, as KAIR",
                          choices=_INIT_TYPES),
         "init_bn_type": Key("str", "uniform", "BatchNorm init, as KAIR",
