@@ -1,7 +1,7 @@
 """A large photo through `main_restore.py`, start to exit, against plain network forwards.
 
-    python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--gray] [--repeat 2]
-        [--variant default torch bf16 no-projection] [--breakdown] [--json r.json]
+    python -m benchmarks.bench_restore_photo [--mp 12] [--qf 50] [--gray] [--model NAME|FILE]
+        [--repeat 2] [--variant default torch bf16 no-projection] [--breakdown] [--json r.json]
 
 Makes one JPEG of `--mp` megapixels (a 4:3 mosaic of LIVE1 crops, OpenCV at `--qf`; `--gray`:
 of LIVE1_gray's, a one-channel JPEG, which main_restore gives its gray model), then, in
@@ -10,9 +10,12 @@ QF predicted per tile) over the image's 512x512 tiles, summed; and for each `--v
 whole command `python main_restore.py PHOTO -o DIR --overwrite [flags]` in a new process, timed
 from start to exit (Python's start-up, importing torch, decoding, the network, the projection
 and writing the PNG included), the best of `--repeat` runs after one untimed run (which fills
-the OpenVINO engine's cache of the converted network). Variants: `default` (main_restore's own
-defaults), `torch` (`--engine torch`), `bf16` (`--precision bf16`), `no-projection`. Each row
-gives its ratio to the baseline; the header names the CPU and its bf16 instructions.
+the OpenVINO engine's cache of the converted network). `--model` is the network of both: the
+baseline's, and main_restore's (its `--model`, or `--gray-model` with `--gray`); without it,
+the bundled lite model of the photo's kind, main_restore's default offline. Variants:
+`default` (main_restore's own defaults), `torch` (`--engine torch`), `bf16` (`--precision
+bf16`), `no-projection`. Each row gives its ratio to the baseline; the header names the CPU,
+its bf16 instructions and the model.
 
 `--breakdown`: one more run of each variant under cProfile, split into its parts (start-up and
 imports, the network over the photo and the calibration's twin window, the twin and the
@@ -115,8 +118,8 @@ def main(argv=None):
     p.add_argument("--qf", type=quality_factor, default=50)
     p.add_argument("--gray", action="store_true", help="a gray photo (one-channel JPEG)")
     p.add_argument("--model", default=None,
-                   help="the network of the baseline (default fbcnn_color_lite, or "
-                        "fbcnn_gray_lite with --gray); main_restore uses its own default model")
+                   help="the network of the baseline and of main_restore (default "
+                        "fbcnn_color_lite, or fbcnn_gray_lite with --gray)")
     p.add_argument("--variant", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--breakdown", action="store_true",
@@ -127,7 +130,10 @@ def main(argv=None):
     clean = [imread_uint(path, channels) for path in
              list_images(os.path.join(REPO_ROOT, "testsets", testset))]
     data = jpeg_encode(synthetic_photo(clean, args.mp), args.qf)
-    model = load_model(args.model or f"fbcnn_{'gray' if args.gray else 'color'}_lite")
+    model_name = args.model or f"fbcnn_{'gray' if args.gray else 'color'}_lite"
+    model = load_model(model_name)
+    model_flags = [] if args.model is None else ["--gray-model" if args.gray else "--model",
+                                                 args.model]
     img = jpeg_decode(data, channels)
     megapixels = img.shape[0] * img.shape[1] / 1e6
     with tempfile.TemporaryDirectory() as folder:
@@ -138,22 +144,22 @@ def main(argv=None):
         rows = [{"variant": "plain forwards", "flags": "eager fp32, 512x512 tiles",
                  "seconds": baseline, "vs_baseline": 1.0}]
         for name in args.variant:
-            seconds = whole_command(photo, os.path.join(folder, "out"), VARIANTS[name],
-                                    args.repeat)
+            seconds = whole_command(photo, os.path.join(folder, "out"),
+                                    [*model_flags, *VARIANTS[name]], args.repeat)
             rows.append({"variant": f"main_restore {name}", "flags": " ".join(VARIANTS[name])
                          or f"(defaults: {fastest_options({}, 'cpu')})", "seconds": seconds,
                          "vs_baseline": seconds / baseline})
             print(f"{name}: {seconds:.2f} s", file=sys.stderr, flush=True)
         parts = []
         for name in args.variant if args.breakdown else ():
-            part = breakdown(photo, os.path.join(folder, "out"), VARIANTS[name])
+            part = breakdown(photo, os.path.join(folder, "out"), [*model_flags, *VARIANTS[name]])
             part["network_left"] = 0.85 * baseline - (part["seconds"] - part["network"])
             parts.append({"variant": f"main_restore {name}", **part})
     features = native_bf16()
     print(f"\nCPU: {device_name('cpu')}; AVX-512 bf16: {features['avx512_bf16']}, AMX bf16: "
           f"{features['amx_bf16']}. A {img.shape[1]}x{img.shape[0]} ({megapixels:.1f} MP) "
-          f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}; main_restore timed start to "
-          f"exit, best of {args.repeat}.\n")
+          f"{'gray ' if args.gray else ''}JPEG at QF {args.qf}, model {model_name}; main_restore "
+          f"timed start to exit, best of {args.repeat}.\n")
     print_table(rows, COLUMNS)
     if parts:
         print("\nOne run of each under cProfile, in seconds; the network's part covers the "
@@ -161,8 +167,8 @@ def main(argv=None):
         print_table(parts, BREAKDOWN_COLUMNS)
     if args.json:
         write_json(args.json, {"cpu": device_name("cpu"), **features, "megapixels": megapixels,
-                               "channels": channels, "qf": args.qf, "rows": rows,
-                               "breakdown": parts,
+                               "channels": channels, "qf": args.qf, "model": model_name,
+                               "rows": rows, "breakdown": parts,
                                "argv": sys.argv[1:] if argv is None else argv})
     return 0
 

@@ -18,10 +18,11 @@ from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.engines import openvino_available
 from models.inference import predict_qf, restore
-from models.model_zoo import load_model, read_fbcnn_kwargs
+from models.model_zoo import infer_fbcnn_kwargs, load_model, read_fbcnn_kwargs
 from models.network_fbcnn import FBCNN
 from safetensors import safe_open
 from tests.conftest import REPO_ROOT
+from utils.checkpoint import save_network
 from utils.errors import UserError
 from utils.image import imread_uint, imwrite
 from utils.metrics import psnr
@@ -578,6 +579,29 @@ def test_photo_benchmark_times_main_restore_against_plain_forwards(tmp_path, gra
     assert rows[1]["vs_baseline"] == pytest.approx(rows[1]["seconds"] / rows[0]["seconds"])
     part, = result["breakdown"]  # every part found: a renamed function would leave it at 0
     assert all(part[k] > 0 for k in ("startup", "network", "projection", "write", "rest"))
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_photo_benchmark_runs_main_restore_with_the_model_it_is_given(tmp_path, monkeypatch,
+                                                                      gray):
+    """`--model FILE`: the baseline's network and main_restore's (`--gray-model` for a gray
+    photo), every timed run given it."""
+    torch.manual_seed(0)
+    n = 1 if gray else 3
+    net = FBCNN(in_nc=n, out_nc=n, nc=[8, 16, 32, 64], nb=1).eval()
+    model = str(tmp_path / "tiny.safetensors")
+    save_network(model, net.state_dict(), infer_fbcnn_kwargs(net.state_dict()))
+    commands, real_run = [], subprocess.run
+    monkeypatch.setattr(bench_restore_photo.subprocess, "run",
+                        lambda command, **kw: commands.append(command) or real_run(command, **kw))
+    path = tmp_path / "photo.json"
+    assert bench_restore_photo.main(["--mp", "0.05", "--repeat", "1", "--variant", "torch",
+                                     "--model", model, "--breakdown", "--json", str(path)]
+                                    + ["--gray"] * gray) == 0
+    flag = "--gray-model" if gray else "--model"
+    assert len(commands) == 3  # the untimed run, the timed one, the profiled one
+    assert all(command[command.index(flag) + 1] == model for command in commands)
+    assert json.loads(path.read_text())["model"] == model
 
 
 def test_the_readme_figure_is_main_restores_restoration(tmp_path, capsys):
