@@ -12,18 +12,7 @@ import runners.restore as cli
 from data.jpeg import jpeg_decode, jpeg_encode
 from utils import fileio
 
-from tests.restore_support import (IDENTITY, read_rgb, run, textured_photo, tiny_model_files,
-                                   write_jpeg)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return tiny_model_files(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def photo():
-    return textured_photo()
+from tests.restore_cli.restore_support import IDENTITY, read_rgb, run, write_jpeg
 
 
 def test_files_folders_globs_and_recursive(tmp_path, photo, capsys):

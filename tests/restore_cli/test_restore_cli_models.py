@@ -22,18 +22,8 @@ from utils.checkpoint import save_network
 from utils.image import imread_uint
 from utils.metrics import psnr
 
-from tests.restore_support import (IDENTITY, TINY, read_rgb, restored_and_projected, run,
-                                   textured_photo, tiny_model_files, write_jpeg)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return tiny_model_files(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def photo():
-    return textured_photo()
+from tests.restore_cli.restore_support import (IDENTITY, TINY, read_rgb, restored_and_projected,
+                                               run, write_jpeg)
 
 
 def test_gray_jpeg_goes_to_the_gray_model(tmp_path, photo, tiny_models, capsys):

@@ -12,19 +12,9 @@ from models.model_zoo import load_model
 from utils.image import imread_uint
 from utils.image_meta import apply_orientation, read_icc_profile
 
-from tests.restore_support import (IDENTITY, exif_segment, icc_profile, icc_segment, png_iccp,
-                                   read_rgb, restored_and_projected, run, textured_photo,
-                                   tiny_model_files, write_jpeg)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return tiny_model_files(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def photo():
-    return textured_photo()
+from tests.restore_cli.restore_support import (IDENTITY, exif_segment, icc_profile, icc_segment,
+                                               png_iccp, read_rgb, restored_and_projected, run,
+                                               write_jpeg)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
