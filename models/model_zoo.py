@@ -28,6 +28,7 @@ from models.network_fbcnn import FBCNN
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.fileio import atomic_write
+from utils.weight_codec import decode_int8, is_int8_encoded
 
 __all__ = ["RELEASE_URL", "MODEL_ZOO", "ZooEntry", "LoadedModel", "download", "available_models",
            "default_model", "model_folder", "local_weight_file", "resolve_weights", "sha256_file",
@@ -228,7 +229,8 @@ def _strip_wrappers(state_dict):
 
 
 def load_state_dict_file(path):
-    """Load a state dict from `.safetensors` or a torch file, never running pickled code."""
+    """Load a state dict from `.safetensors` or a torch file, never running pickled code; an
+    int8-encoded file (`utils.weight_codec`) comes back decoded, in float32."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such weight file")
     try:
@@ -244,6 +246,11 @@ def load_state_dict_file(path):
     state_dict = _strip_wrappers(state_dict)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path}: expected a state dict of tensors")
+    if is_int8_encoded(state_dict):
+        try:
+            state_dict = decode_int8(state_dict)
+        except ValueError as exc:
+            raise UserError(f"{path}: broken int8 weights ({exc})") from None
     return state_dict
 
 

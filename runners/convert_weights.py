@@ -2,14 +2,16 @@
 
 This module owns the command
 
-    python -m runners.convert_weights IN OUT [--overwrite] [--fp16] [--widen NC NC NC NC]
+    python -m runners.convert_weights IN OUT [--overwrite] [--fp16 | --int8] [--widen NC NC NC NC]
 
 - `.pth`/`.pt` -> `.safetensors` (read with `weights_only=True`, wrappers and `module.`
   prefixes taken off), with the FBCNN constructor arguments in the metadata (`fbcnn_kwargs`);
 - `.safetensors` -> `.pth`: a plain state dict in the network's key order, which the original's
   `load_state_dict(..., strict=True)` accepts;
-- `--fp16`: a half-size `.safetensors` (the shipped lite models); `--widen`: the network grown
-  to wider levels with the same function (`models.widen`), `--noise` breaking its symmetry.
+- `--fp16`: a half-size `.safetensors` (the shipped lite models); `--int8`: a quarter-size one,
+  weights in 8 bits with a scale per output channel (`utils.weight_codec`; loading decodes it);
+  `--widen`: the network grown to wider levels with the same function (`models.widen`),
+  `--noise` breaking its symmetry.
 The weights are checked first by building the FBCNN they describe and loading them strictly;
 the output is written atomically, replacing a file only with `--overwrite`. The keys cannot
 tell ReLU from LeakyReLU, nor average from max pooling: a `.pth` reads as `R`/`BR`, `avgpool`.
@@ -26,6 +28,7 @@ from runners.cli import run_cli
 from utils.checkpoint import save_network
 from utils.errors import UserError
 from utils.fileio import atomic_write, display_path
+from utils.weight_codec import encode_int8
 
 __all__ = ["convert", "main"]
 
@@ -43,16 +46,20 @@ def _format(path, what):
                     f"expected .pth, .pt or .safetensors")
 
 
-def convert(src, dst, overwrite=False, fp16=False, widen=None, noise=0.0):
-    """Convert the FBCNN weights in `src` to the other format at `dst` (with `fp16`, to fp16
-    safetensors from either format; with `widen`, four level widths, grown to them by
-    `models.widen.widen_fbcnn` with `noise`); returns the FBCNN constructor arguments written.
+def convert(src, dst, overwrite=False, fp16=False, widen=None, noise=0.0, int8=False):
+    """Convert the FBCNN weights in `src` to the other format at `dst` (with `fp16` or `int8`,
+    to fp16 or int8-encoded safetensors from either format; with `widen`, four level widths,
+    grown to them by `models.widen.widen_fbcnn` with `noise`); returns the FBCNN constructor
+    arguments written.
     UserError when there is nothing to convert, `src` is not an FBCNN state dict, or `dst`
     exists and `overwrite` is false."""
     src_format, dst_format = _format(src, "IN"), _format(dst, "OUT")
-    if fp16 and dst_format != "safetensors":
-        raise UserError(f"--fp16: OUT {display_path(dst)} must be a .safetensors file")
-    if src_format == dst_format and not fp16 and not widen:
+    if fp16 and int8:
+        raise UserError("--fp16 and --int8: choose one storage")
+    for flag, on in (("--fp16", fp16), ("--int8", int8)):
+        if on and dst_format != "safetensors":
+            raise UserError(f"{flag}: OUT {display_path(dst)} must be a .safetensors file")
+    if src_format == dst_format and not fp16 and not int8 and not widen:
         raise UserError(f"IN and OUT are both {src_format} files: nothing to convert "
                         f"(.pth/.pt <-> .safetensors)")
     if not overwrite and os.path.lexists(dst):
@@ -75,7 +82,8 @@ def convert(src, dst, overwrite=False, fp16=False, widen=None, noise=0.0):
     state = {k: state[k].detach().cpu().contiguous() for k in net.state_dict()}
     try:
         if dst_format == "safetensors":
-            save_network(dst, state, kwargs, metadata={"converted_from": os.path.basename(src)},
+            save_network(dst, encode_int8(state) if int8 else state, kwargs,
+                         metadata={"converted_from": os.path.basename(src)},
                          dtype=torch.float16 if fp16 else None, replace=overwrite)
         else:
             atomic_write(dst, lambda f: torch.save(state, f), replace=overwrite)
@@ -94,6 +102,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--fp16", action="store_true",
                    help="store a .safetensors OUT in fp16 (IN may be .safetensors too)")
+    p.add_argument("--int8", action="store_true",
+                   help="store a .safetensors OUT with 8-bit weights, a scale per output "
+                        "channel (a quarter of fp32's size; loading decodes it)")
     p.add_argument("--widen", type=int, nargs=4, metavar="NC",
                    help="grow the network to these four level widths, same function")
     p.add_argument("--noise", type=float, default=0.0,
@@ -103,7 +114,7 @@ def main(argv=None):
 
     def body():
         kwargs = convert(args.input, args.output, overwrite=args.overwrite, fp16=args.fp16,
-                         widen=args.widen, noise=args.noise)
+                         widen=args.widen, noise=args.noise, int8=args.int8)
         print(f"wrote {args.output} (FBCNN in_nc {kwargs['in_nc']}, nc {kwargs['nc']}, "
               f"nb {kwargs['nb']}, act_mode {kwargs['act_mode']})")
 

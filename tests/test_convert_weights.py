@@ -11,6 +11,7 @@ from runners import convert_weights
 from tests.conftest import TouchOnUnpickle
 from utils.checkpoint import save_network
 from utils.errors import UserError
+from utils.weight_codec import decode_int8, encode_int8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,6 +79,31 @@ def test_fp16_writes_half_size_safetensors_from_either_format(tmp_path, capsys):
     assert convert_weights.main([src, str(tmp_path / "lite.pth"), "--fp16"]) == 2
     assert "--fp16: OUT" in capsys.readouterr().err
     assert convert_weights.main([src, str(tmp_path / "same.safetensors")]) == 2  # nothing to do
+
+
+def test_int8_writes_a_quarter_size_file_that_loads_as_the_decoded_weights(tmp_path, capsys):
+    """--int8: 8-bit weights with a scale per output channel; the loaded network holds exactly
+    the decoded tensors, its output near the fp32 network's; --fp16 with it is refused."""
+    torch.manual_seed(0)
+    net = FBCNN(in_nc=3, out_nc=3, nc=[8, 16, 32, 64], nb=1).eval()
+    kwargs = infer_fbcnn_kwargs(net.state_dict())
+    src = save_network(str(tmp_path / "18000_G.safetensors"), net.state_dict(), kwargs)
+    out = tmp_path / "lite.safetensors"
+    assert convert_weights.main([src, str(out), "--int8"]) == 0
+    assert read_fbcnn_kwargs(str(out)) == kwargs
+    assert os.path.getsize(out) < 0.27 * os.path.getsize(src)
+    loaded = load_model(str(out)).net
+    decoded = decode_int8(encode_int8(net.state_dict()))
+    assert all(torch.equal(loaded.state_dict()[k], decoded[k]) for k in decoded)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        diff = (loaded(x)[0] - net(x)[0]).abs().max()
+    assert 0 < diff < 0.01
+    capsys.readouterr()
+    assert convert_weights.main([src, str(tmp_path / "both.safetensors"), "--int8", "--fp16"]) == 2
+    assert capsys.readouterr().err == "error: --fp16 and --int8: choose one storage\n"
+    assert convert_weights.main([src, str(tmp_path / "lite.pth"), "--int8"]) == 2
+    assert "--int8: OUT" in capsys.readouterr().err
 
 
 def test_an_existing_output_is_replaced_only_with_overwrite(tmp_path, capsys):
