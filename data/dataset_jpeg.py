@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from data.graphics import graphic
 from data.jpeg import augment_img, crop, jpeg, qf_to_label, random_crop, random_offset, sample_qf
 from utils.errors import UserError
 from utils.fileio import display_path
@@ -61,6 +62,9 @@ class Degradation:
     `scale_range` (lo, hi), 0 < lo <= hi <= 1: the clean crop is a window 1/s times as large,
     s uniform in it (capped by the image), shrunk to the crop by area averaging: new content at
     coarser scales from few images; empty (every preset): no draw, the original's crops.
+    `graphics_prob`: the share of clean patches replaced by a graphic made from them
+    (`data.graphics`: dithers, posterized images, lines, stripes, text); 0 (every preset): no
+    draw, photographs only.
     """
     gray: bool
     qf_range: tuple
@@ -76,6 +80,7 @@ class Degradation:
     max_shift: int = 8
     samplings: tuple = ()
     scale_range: tuple = ()
+    graphics_prob: float = 0.0
 
     @property
     def double(self):
@@ -94,7 +99,7 @@ DATASET_PRESETS = {
 
 # the fields of a preset that `datasets.train` may override (null keeps the preset's)
 DEGRADATION_OPTIONS = ("qf_range", "qf_uniform_prob", "identity_prob", "double_prob",
-                       "samplings", "scale_range")
+                       "samplings", "scale_range", "graphics_prob")
 
 
 def dataset_preset(name):
@@ -262,9 +267,11 @@ class DatasetJPEG(Dataset):
         if h < self.crop_size or w < self.crop_size:
             raise UserError(self._small_message(self.paths_H[index], h, w))
         patch_H = augment_img(self._clean_crop(img, rng), int(rng.integers(8)))
+        # drawn only when asked for, as the identity below: faithful runs keep their streams
+        if deg.graphics_prob > 0 and rng.random() < deg.graphics_prob:
+            patch_H = graphic(patch_H, rng)
         if deg.gray and patch_H.ndim == 3:
             patch_H = rgb_to_training_gray(patch_H, rng, deg.y_prob)
-        # the identity draw is made only when asked for, so faithful runs keep their streams
         if not key.double and deg.identity_prob > 0 and rng.random() < deg.identity_prob:
             patch_L, label = patch_H, qf_to_label(100)
         else:

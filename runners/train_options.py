@@ -92,6 +92,11 @@ SCHEMA = Section({
                                "to the crop by area averaging (more content from few images); "
                                "null: the original's crops", nullable=True, length=2,
                                minimum=0, exclusive_min=True, maximum=1),
+            "graphics_prob": Key("float", None, "share of the clean patches replaced by a "
+                                 "graphic made from them (dithers, posterized images, lines, "
+                                 "stripes, text: `data/graphics.py`), content photographs never "
+                                 "show; null: 0, photographs only, as the original",
+                                 nullable=True, minimum=0, maximum=1),
             "cache": Key("str", "none", "`memory`: decode every training image once and keep it "
                          "in RAM (small sets only)", choices=("none", "memory")),
         }),

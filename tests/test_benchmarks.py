@@ -13,8 +13,10 @@ import torch
 
 from benchmarks import (bench_cpu_engines, bench_inference, bench_loader, bench_projection,
                         bench_restore_photo, bench_test_script, bench_train, eval_fbcnn_d,
-                        eval_qf_head, figure_restored, gpu_session, gpu_train_lite, no_harm)
+                        eval_qf_head, figure_restored, gpu_session, gpu_train_lite,
+                        make_graphics_set, no_harm)
 from benchmarks.benchlib import PeakMemory, fbcnn_conv_flops
+from data.graphics import GRAPHIC_KINDS, neutral_copy
 from data.jpeg import double_jpeg, jpeg, shift_crop
 from models.engines import openvino_available
 from models.inference import predict_qf, restore
@@ -613,3 +615,20 @@ def test_the_readme_figure_is_main_restores_restoration(tmp_path, capsys):
     # the original's crop, enlarged, below the label band
     np.testing.assert_array_equal(figure[24:, 256:][::2, ::2], clean[12:64, :64])
     assert "QF 10: JPEG " in capsys.readouterr().out
+
+
+def test_the_graphics_set_is_a_function_of_its_seed_with_neutral_copies(tmp_path, capsys):
+    args = ["--per-kind", "1", "--size", "48"]
+    assert make_graphics_set.main([str(tmp_path / "a"), *args]) == 0
+    assert capsys.readouterr().out == f"wrote 10 graphics to {tmp_path / 'a'}\n"
+    assert make_graphics_set.main([str(tmp_path / "b"), *args]) == 0
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(f"{k}_0{s}.png" for k in GRAPHIC_KINDS for s in ("", "_neutral"))
+    for name in names:
+        a, b = (imread_uint(str(tmp_path / d / name)) for d in "ab")
+        assert a.shape == (48, 48, 3) and np.array_equal(a, b)
+        if "neutral" in name:
+            assert np.array_equal(a, neutral_copy(imread_uint(
+                str(tmp_path / "a" / name.replace("_neutral", "")))))
+    assert make_graphics_set.main([str(tmp_path / "a"), *args]) == 2  # never over a set
+    assert "not empty; give a new folder" in capsys.readouterr().err

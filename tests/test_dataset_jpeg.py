@@ -430,3 +430,28 @@ def test_scale_range_shrinks_a_larger_window_to_the_crop_by_area(tmp_path):
     entry = {"dataset_type": "jpeg", "dataroot_H": str(tmp_path), "H_size": P, "cache": "none",
              "scale_range": [0.5, 1.0]}
     assert define_dataset(entry, "train", 3).degradation.scale_range == (0.5, 1.0)
+
+
+def test_graphics_prob_replaces_that_share_of_clean_patches_and_draws_nothing_at_zero(image_dir):
+    """With `graphics_prob` 1 every clean patch is a graphic and its input the JPEG of it; at 0
+    (every preset) the samples are the preset's, bit for bit."""
+    fixed = dataclasses.replace(DATASET_PRESETS["jpeg"], qf_range=(40, 40), qf_choices=(40,),
+                                shift_prob=0.0)
+    plain = DatasetJPEG(str(image_dir), fixed, patch_size=P, seed=0)
+    zero = DatasetJPEG(str(image_dir), dataclasses.replace(fixed, graphics_prob=0.0),
+                       patch_size=P, seed=0)
+    every = DatasetJPEG(str(image_dir), dataclasses.replace(fixed, graphics_prob=1.0),
+                        patch_size=P, seed=0)
+    few_levels = 0
+    for position in range(12):
+        key = SampleKey(position % 4, position, False)
+        a, b, g = plain[key], zero[key], every[key]
+        assert torch.equal(a["L"], b["L"]) and torch.equal(a["H"], b["H"])
+        assert not torch.equal(a["H"], g["H"])
+        H = g["H"].permute(1, 2, 0).numpy()
+        few_levels += len(np.unique(H.reshape(-1, 3), axis=0)) <= 27
+        assert float(g["qf"]) == pytest.approx(qf_to_label(40))
+    assert few_levels >= 6  # the smooth photos have hundreds of colours; most graphics few
+    entry = {"dataset_type": "jpeg", "dataroot_H": str(image_dir), "H_size": P, "cache": "none",
+             "graphics_prob": 0.1}
+    assert define_dataset(entry, "train", 3).degradation.graphics_prob == 0.1
