@@ -104,7 +104,11 @@ def evaluate(testset, args, work):
 
 
 def _row(testset, variant, qf, names, jpeg_psnr, scores, seconds):
-    gains = np.array(scores) - np.array(jpeg_psnr)
+    scores, jpeg_psnr = np.array(scores), np.array(jpeg_psnr)
+    # an exact JPEG (a flat or two-level graphic at a high QF) kept exact gains nothing; made
+    # inexact, it loses without bound (-inf), which is counted among the losers
+    both_exact = np.isinf(scores) & np.isinf(jpeg_psnr)
+    gains = np.where(both_exact, 0.0, scores - np.where(both_exact, 0.0, jpeg_psnr))
     return {"testset": testset, "variant": variant, "qf": qf, "n": len(names),
             "jpeg": float(np.mean(jpeg_psnr)), "psnr": float(np.mean(scores)),
             "lowest": float(np.min(scores)), "gain": float(gains.mean()),

@@ -632,3 +632,10 @@ def test_the_graphics_set_is_a_function_of_its_seed_with_neutral_copies(tmp_path
                 str(tmp_path / "a" / name.replace("_neutral", "")))))
     assert make_graphics_set.main([str(tmp_path / "a"), *args]) == 2  # never over a set
     assert "not empty; give a new folder" in capsys.readouterr().err
+
+
+def test_no_harm_counts_an_exact_jpeg_kept_exact_as_no_gain_and_one_made_inexact_as_a_loss():
+    row = no_harm._row("Graphics", "default", 95, ["kept", "lost", "photo"],
+                       [np.inf, np.inf, 30.0], [np.inf, 40.0, 31.0], 1.0)
+    assert row["images"] == {"kept": 0.0, "lost": -np.inf, "photo": 1.0}
+    assert row["losers"] == 1 and row["worst"] == -np.inf
