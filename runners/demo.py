@@ -61,8 +61,9 @@ NO_MODEL_HELP = ("**No model available.** Put `fbcnn_color.pth` (the released we
                  "(`fbcnn_color` downloads the released weights, about 288 MB).")
 LITE_NOTE = ("A lite model trained on a 2-core CPU (docs/models.md): it removes fewer "
              "artifacts than the released models. With the projection onto the file's DCT (on "
-             "by default) it leaves JPEGs of every quality, QF 10 to 100, at least as good as "
-             "they came (on LIVE1 and Classic5 no image lost more than 0.1 dB).")
+             "by default) it leaves photos' JPEGs of every quality, QF 10 to 100, at least as "
+             "good as they came (on LIVE1 and Classic5 no image lost more than 0.1 dB); "
+             "graphics (screenshots, scans, line art) it can make worse.")
 CSS = "#error { color: var(--error-text-color); }"
 OUTPUT_MAX_AGE_S = 3600  # restored PNGs older than this are deleted from the work folder
 
